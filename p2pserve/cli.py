@@ -1,0 +1,62 @@
+"""The `p2pserve` command line. Each subcommand lives beside the code it drives and is
+imported only when used, so `p2pserve --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import P2PServeError
+
+# name -> "module:attribute" of a click command
+COMMANDS = {
+    "run": "p2pserve.run_cli:run",
+    "plan": "p2pserve.planner.cli:plan",
+    "bootstrap": "bootstrap.cli:bootstrap",
+    "worker": "node.cli:worker",
+    "query": "p2pserve.query_cli:query",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith((module.split(".")[0], "p2pserve")):
+                raise
+            return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="p2pserve")
+def cli():
+    """Serve Llama-family models from a peer-to-peer swarm of unequal machines."""
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except P2PServeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
