@@ -43,8 +43,11 @@ def cli():
 
 
 def main(argv=None):
+    from .options import expand_list_flags
+
     try:
-        cli.main(args=argv, standalone_mode=False)
+        argv = expand_list_flags(list(sys.argv[1:] if argv is None else argv))
+        cli.main(args=argv, prog_name="p2pserve", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:

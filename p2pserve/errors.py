@@ -11,3 +11,7 @@ class ConfigError(P2PServeError):
 
 class WeightsError(P2PServeError):
     """Weights are missing, of the wrong shape, or of an unsupported architecture."""
+
+
+class NetworkError(P2PServeError):
+    """A peer cannot be reached, or a connection or stream to it failed."""

@@ -1,0 +1,53 @@
+"""Build one TP rank of one stage from a weight source, reading only its own slices."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import MLP, Attention, Block, RMSNorm, StageModel
+from .tp import shard_for
+from .weights import WeightSource
+
+
+def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp: int = 1,
+               group=None, device="cpu", dtype=torch.float32) -> StageModel:
+    """Layers ``[start, end)`` for TP rank ``rank`` of ``tp``; embedding and head on rank 0 only."""
+    config = source.config
+    shard = shard_for(config, rank, tp)
+    hd = config.head_dim
+
+    def get(name, rows=None, cols=None):
+        return source.get(name, rows=rows, cols=cols).to(device=device, dtype=dtype)
+
+    def rows(heads):
+        return heads[0] * hd, heads[1] * hd
+
+    blocks = []
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        wqkv = torch.cat([
+            get(p + "self_attn.q_proj.weight", rows=rows(shard.q_heads)),
+            get(p + "self_attn.k_proj.weight", rows=rows(shard.kv_heads)),
+            get(p + "self_attn.v_proj.weight", rows=rows(shard.kv_heads)),
+        ])
+        wo = get(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads))
+        w13 = torch.cat([
+            get(p + "mlp.gate_proj.weight", rows=shard.ffn),
+            get(p + "mlp.up_proj.weight", rows=shard.ffn),
+        ])
+        w2 = get(p + "mlp.down_proj.weight", cols=shard.ffn)
+        blocks.append(Block(
+            Attention(config, shard, wqkv, wo),
+            MLP(w13, w2),
+            RMSNorm(get(p + "input_layernorm.weight"), config.rms_norm_eps),
+            RMSNorm(get(p + "post_attention_layernorm.weight"), config.rms_norm_eps),
+            group,
+        ))
+    leader = rank == 0
+    embed = get("model.embed_tokens.weight") if leader and start == 0 else None
+    norm = head = None
+    if leader and end == config.n_layers:
+        norm = RMSNorm(get("model.norm.weight"), config.rms_norm_eps)
+        tied = config.tie_word_embeddings and embed is not None
+        head = embed if tied else get("lm_head.weight")
+    return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()

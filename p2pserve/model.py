@@ -1,0 +1,282 @@
+"""One pipeline stage of a Llama-family decoder, on one TP rank.
+
+A stage holds decoder layers ``[start, end)``; stage 0 also holds the embedding and the
+last stage the final norm and LM head. Only a stage's TP rank 0 (its *leader*) holds
+those two: it embeds and samples, and the layers in between run on every rank.
+
+The KV cache is a preallocated buffer of *slots* (one per live sequence) laid out
+``[slot, position, kv_head, head_dim]``, the layout flash-attn's
+``flash_attn_with_kvcache`` reads, with the length of each sequence kept by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .tp import Shard
+
+try:  # GPU fast path; SDPA everywhere else
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - not installed on CPU machines
+    flash_attn_with_kvcache = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Which cache slots a forward pass extends, and from which position.
+
+    Every sequence in a batch adds the same number of tokens ``T`` (one for a decode
+    step, a chunk for a prefill); ``starts[i]`` is how many tokens slot ``slots[i]``
+    already holds.
+    """
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    n_tokens: int
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with the config's rope scaling (as transformers computes them)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(config))
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B or 1, T, 1, D]. Hugging Face's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (n_slots, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, shard: Shard, wqkv, wo):
+        super().__init__()
+        self.n_q = shard.n_q_heads
+        self.n_kv = shard.n_kv_heads
+        self.group = config.group_size
+        self.head_dim = config.head_dim
+        self.wqkv = nn.Parameter(wqkv, requires_grad=False)
+        self.wo = nn.Parameter(wo, requires_grad=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, batch: Batch, mask):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        qkv = F.linear(x, self.wqkv)
+        q, k, v = qkv.split([self.n_q * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_q, hd), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv, hd), cos, sin)
+        v = v.view(B, T, self.n_kv, hd)
+        if flash_attn_with_kvcache is not None and x.is_cuda:
+            out = self._flash(q, k, v, batch)
+        else:
+            out = self._sdpa(q, k, v, batch, mask)
+        return F.linear(out.reshape(B, T, self.n_q * hd), self.wo)
+
+    def _flash(self, q, k, v, batch: Batch):
+        # Writes k/v into the cache slots in place and attends causally over each slot.
+        slots = torch.tensor(batch.slots, dtype=torch.int32, device=q.device)
+        seqlens = torch.tensor(batch.starts, dtype=torch.int32, device=q.device)
+        return flash_attn_with_kvcache(
+            q, self.cache.k, self.cache.v, k=k, v=v,
+            cache_seqlens=seqlens, cache_batch_idx=slots, causal=True,
+        )
+
+    def _sdpa(self, q, k, v, batch: Batch, mask):
+        B, T = q.shape[0], q.shape[1]
+        ck, cv = self.cache.k, self.cache.v
+        if B == 1:
+            slot, start = batch.slots[0], batch.starts[0]
+            end = start + T
+            ck[slot, start:end] = k[0]
+            cv[slot, start:end] = v[0]
+            keys, values = ck[slot : slot + 1, :end], cv[slot : slot + 1, :end]
+        else:
+            slots = torch.tensor(batch.slots, device=q.device)
+            pos = torch.tensor(batch.starts, device=q.device)[:, None] + torch.arange(T, device=q.device)
+            ck[slots[:, None], pos] = k
+            cv[slots[:, None], pos] = v
+            end = max(batch.starts) + T
+            keys, values = ck[slots, :end], cv[slots, :end]
+        # [B, L, H, D] -> [B, H, L, D]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+        if T == 1:
+            # One query per sequence: the query heads of a KV group share its keys, so
+            # attend as [B, kv_heads, group, D] against [B, kv_heads, L, D], no repeat.
+            q = q.view(B, self.n_kv, self.group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return out.reshape(B, 1, self.n_q, self.head_dim)
+        q = q.transpose(1, 2)
+        keys = keys.repeat_interleave(self.group, dim=1)
+        values = values.repeat_interleave(self.group, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, w13, w2):
+        super().__init__()
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm, group):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
+        self.group = group  # the stage's TP process group, None when TP is 1
+
+    def forward(self, x, cos, sin, batch, mask):
+        h = self.attn(self.attn_norm(x), cos, sin, batch, mask)
+        if self.group is not None:
+            dist.all_reduce(h, group=self.group)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.group is not None:
+            dist.all_reduce(h, group=self.group)
+        return x + h
+
+
+class StageModel(nn.Module):
+    """Layers ``[start, end)`` of the model on one TP rank, plus embedding / head on the leader."""
+
+    def __init__(self, config: ModelConfig, start: int, end: int, shard: Shard, blocks,
+                 embed=None, norm=None, head=None):
+        super().__init__()
+        self.config = config
+        self.start, self.end = start, end
+        self.shard = shard
+        self.blocks = nn.ModuleList(blocks)
+        self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
+        self.norm = norm
+        self.head = None if head is None else nn.Parameter(head, requires_grad=False)
+        self.cos = self.sin = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.config.n_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].attn.wqkv.dtype if len(self.blocks) else self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].attn.wqkv.device if len(self.blocks) else self.embed.device
+
+    def allocate_cache(self, n_slots: int, max_len: int) -> None:
+        """(Re)allocate the KV cache: ``n_slots`` sequences of up to ``max_len`` tokens."""
+        device, dtype = self.device, self.dtype
+        for block in self.blocks:
+            block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads,
+                                       self.config.head_dim, device, dtype)
+        self.cos, self.sin = rope_tables(self.config, max_len, device, dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)
+
+    def forward_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """x: [B, T, hidden] entering layer ``start``; returns it leaving layer ``end - 1``."""
+        T = batch.n_tokens
+        if batch.size == 1:
+            s = batch.starts[0]
+            cos, sin = self.cos[None, s : s + T, None], self.sin[None, s : s + T, None]
+        else:
+            pos = torch.tensor(batch.starts, device=x.device)[:, None] + torch.arange(T, device=x.device)
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+        mask = self._mask(batch, x.device)
+        for block in self.blocks:
+            x = block(x, cos, sin, batch, mask)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the last position of each sequence: [B, vocab] float32."""
+        return F.linear(self.norm(x[:, -1]), self.head).float()
+
+    @staticmethod
+    def _mask(batch: Batch, device):
+        """SDPA mask (True = attend), or None where the causal/no-mask fast path applies."""
+        T = batch.n_tokens
+        if batch.size == 1 and (T == 1 or batch.starts[0] == 0):
+            return None
+        end = max(batch.starts) + T
+        starts = torch.tensor(batch.starts, device=device)
+        key_pos = torch.arange(end, device=device)
+        query_pos = starts[:, None] + torch.arange(T, device=device)  # [B, T]
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, T, L]
+        return mask[:, None]  # [B, 1, T, L]: broadcasts over heads (and a KV group's queries)

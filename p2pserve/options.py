@@ -1,0 +1,77 @@
+"""Command-line options shared by `run`, `query` and `bootstrap`: one definition, one check."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .errors import ConfigError
+from .sampling import SamplingParams
+
+
+def plan_options(f):
+    @click.option("--hetero-config", type=int, multiple=True, metavar="TP",
+                  help="TP degree of each stage, e.g. --hetero-config 2 1 (space-separated).")
+    @click.option("--pp-partition", type=int, multiple=True, metavar="N",
+                  help="Layers of each stage, e.g. --pp-partition 20 10.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def generation_options(f):
+    @click.option("--max-new-tokens", type=int, default=128, show_default=True)
+    @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+    @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+    @click.option("--top-p", type=float, default=1.0, show_default=True)
+    @click.option("--seed", type=int, default=None, help="Makes a sampled answer reproducible.")
+    @click.option("--chat/--no-chat", default=True, show_default=True,
+                  help="Wrap the prompt in the model's chat template.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def sampling_from_options(opts: dict) -> tuple[SamplingParams, bool]:
+    """Pop the generation options out of ``opts``; validate them once."""
+    params = SamplingParams(
+        temperature=opts.pop("temperature"), top_k=opts.pop("top_k"), top_p=opts.pop("top_p"),
+        seed=opts.pop("seed"), max_new_tokens=opts.pop("max_new_tokens"),
+    )
+    return params, opts.pop("chat")
+
+
+LIST_FLAGS = ("--hetero-config", "--pp-partition")
+
+
+def expand_list_flags(argv: list[str]) -> list[str]:
+    """Let users type HexGen's lists as they do there: ``--pp-partition 20 10``.
+
+    click options take one value each, so ``--pp-partition 20 10`` becomes
+    ``--pp-partition 20 --pp-partition 10`` (commas work too: ``--pp-partition 20,10``).
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline = arg.partition("=")
+        if flag in LIST_FLAGS:
+            values = inline.split(",") if eq else []
+            i += 1
+            while not eq and i < len(argv) and all(v.strip().isdigit() or v.strip().lstrip("-").isdigit()
+                                                   for v in argv[i].split(",") if v.strip()) and argv[i].strip():
+                values += argv[i].split(",")
+                i += 1
+            if not values:
+                raise ConfigError(f"{flag} needs at least one integer, e.g. {flag} 20 10")
+            for v in values:
+                if v.strip():
+                    out += [flag, v.strip()]
+            continue
+        out.append(arg)
+        i += 1
+    return out

