@@ -15,3 +15,7 @@ class WeightsError(P2PServeError):
 
 class NetworkError(P2PServeError):
     """A peer cannot be reached, or a connection or stream to it failed."""
+
+
+class Busy(P2PServeError):
+    """A peer has no room for another session right now; retrying later may succeed."""

@@ -33,6 +33,7 @@ from .weights import open_weights
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 OP_BEGIN = 3
+WANT_LOGITS = 2  # header want_token value: send the token and the logits back to rank 0
 HEADER = 8  # float64 pipeline header: op, n_tokens, start, want_token, temperature, top_k, top_p, seed
 
 
@@ -60,6 +61,7 @@ class Generation:
     prompt_tokens: int
     ttft: float  # seconds from request to first token
     decode_time: float  # seconds from first to last token
+    prompt_logits: torch.Tensor | None = None  # [vocab] at the last prompt position, if asked for
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -117,10 +119,10 @@ def _capacity(need: int, current: int, limit: int) -> int:
     return min(size, limit)
 
 
-def _header(op, n_tokens=0, start=0, want=False, params: SamplingParams | None = None) -> torch.Tensor:
+def _header(op, n_tokens=0, start=0, want=0, params: SamplingParams | None = None) -> torch.Tensor:
     p = params or SamplingParams()
     seed = -1 if p.seed is None else p.seed
-    return torch.tensor([op, n_tokens, start, float(want), p.temperature, p.top_k, p.top_p, seed],
+    return torch.tensor([op, n_tokens, start, want, p.temperature, p.top_k, p.top_p, seed],
                         dtype=torch.float64)
 
 
@@ -199,13 +201,15 @@ class _Rank:
             elif op == OP_BEGIN:
                 params = _params_from_header(hl)
             else:
-                n, start, want = int(hl[1]), int(hl[2]), bool(hl[3])
+                n, start, want = int(hl[1]), int(hl[2]), int(hl[3])
                 x = self._recv((1, n, hidden), self.model.dtype, self.prev_leader)
                 out = self.runner.forward(Batch((0,), (start,), n), x)
                 if self.next_leader is None:
                     if want:
                         tok = sample(out[0], params, start + n)
                         self._send(torch.tensor([tok], dtype=torch.int64), 0)
+                    if want == WANT_LOGITS:
+                        self._send(out[0].float().cpu(), 0)
                 else:
                     self._send(h, self.next_leader)
                     self._send(out, self.next_leader)
@@ -221,21 +225,33 @@ class _Rank:
         if self.next_leader is not None:
             self._send(_header(OP_BEGIN, params=params), self.next_leader)
 
-    def generate(self, prompt, params, stop_on_eos) -> Iterator[int | Generation]:
+    def generate(self, prompt, params, stop_on_eos, capture_logits=False) -> Iterator[int | Generation]:
         self.begin(len(prompt) + params.max_new_tokens, params)
-        return generation_loop(self.step, prompt, params, self.model.config.eos_token_ids, stop_on_eos)
+        self.capture_logits = capture_logits
+        self.captured_logits = None
+        for item in generation_loop(self.step, prompt, params, self.model.config.eos_token_ids, stop_on_eos):
+            if isinstance(item, Generation):
+                item.prompt_logits = self.captured_logits
+            yield item
 
     def step(self, tokens: list[int], start: int, want: bool) -> int | None:
         n = len(tokens)
         x = torch.tensor([tokens], dtype=torch.int64)
         out = self.runner.forward(Batch((0,), (start,), n), x)
+        capture = want and self.capture_logits and self.captured_logits is None
         if self.next_leader is None:
+            if capture:
+                self.captured_logits = out[0].float().cpu()
             return sample(out[0], self.params, start + n) if want else None
-        self._send(_header(OP_STEP, n, start, want), self.next_leader)
+        want_code = WANT_LOGITS if capture else int(want)
+        self._send(_header(OP_STEP, n, start, want_code), self.next_leader)
         self._send(out, self.next_leader)
         if not want:
             return None
-        return int(self._recv(1, torch.int64, self.last_leader).item())
+        token = int(self._recv(1, torch.int64, self.last_leader).item())
+        if capture:
+            self.captured_logits = self._recv(self.model.config.vocab_size, torch.float32, self.last_leader).cpu()
+        return token
 
     def stop(self) -> None:
         if self.next_leader is not None:
@@ -266,8 +282,8 @@ def _serve_driver(r: _Rank, conn) -> None:
         if cmd == "stop":
             r.stop()
             return
-        prompt, params, stop_on_eos = arg
-        for item in r.generate(prompt, params, stop_on_eos):
+        prompt, params, stop_on_eos, capture_logits = arg
+        for item in r.generate(prompt, params, stop_on_eos, capture_logits):
             conn.send(("done", item) if isinstance(item, Generation) else ("token", item))
 
 
@@ -337,13 +353,13 @@ class LocalPipeline:
         raise P2PServeError(f"rank {rank} of the pipeline failed: {detail or f'exit code {dead[0][1]}'}")
 
     def stream(self, prompt: list[int], params: SamplingParams, *, stop_on_eos: bool = True,
-               step_timeout: float = 300) -> Iterator[int | Generation]:
+               capture_logits: bool = False, step_timeout: float = 300) -> Iterator[int | Generation]:
         """Yield each token as it is sampled, then the finished Generation."""
         _check_length(self.config, len(prompt), params)
         if self._local is not None:
-            yield from self._local.generate(prompt, params, stop_on_eos)
+            yield from self._local.generate(prompt, params, stop_on_eos, capture_logits)
             return
-        self._conn.send(("generate", (list(prompt), params, stop_on_eos)))
+        self._conn.send(("generate", (list(prompt), params, stop_on_eos, capture_logits)))
         while True:
             deadline = time.monotonic() + step_timeout
             while not self._conn.poll(0.2):
@@ -356,8 +372,8 @@ class LocalPipeline:
                 return
 
     def generate(self, prompt: list[int], params: SamplingParams, *, stop_on_eos: bool = True,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
-        for item in self.stream(prompt, params, stop_on_eos=stop_on_eos):
+                 capture_logits: bool = False, on_token: Callable[[int], None] | None = None) -> Generation:
+        for item in self.stream(prompt, params, stop_on_eos=stop_on_eos, capture_logits=capture_logits):
             if isinstance(item, Generation):
                 return item
             if on_token is not None:

@@ -1,0 +1,266 @@
+"""The bootstrap (head) peer: registry of workers, router, and the query protocol.
+
+A query arrives from a client; the bootstrap tokenizes it, picks a chain, opens a
+session on the chain's stage 0 (which opens the rest of the chain itself), and streams
+the tokens stage 0 reports back to the client as text. It keeps the session's tokens,
+so that when a stage dies mid-answer it replays prompt + generated tokens through
+another chain and the client sees one unbroken answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+import trio
+
+from p2pserve.config import ModelConfig
+from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.plan import Plan
+from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, Hop
+from p2pserve.records import RecordError, verify_record
+from p2pserve.sampling import SamplingParams
+from p2pserve.wire import (
+    RemoteError,
+    StreamClosed,
+    WireError,
+    error_frame,
+    read_frame,
+    reset_stream,
+    write_frame,
+)
+
+from .registry import Registry
+
+log = logging.getLogger("p2pserve.bootstrap")
+
+FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
+TOKEN_TIMEOUT = 30.0  # seconds between tokens before a stage counts as failed
+MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
+
+
+class QueryFailed(P2PServeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Bootstrap:
+    def __init__(self, host, config: ModelConfig, tokenizer, plans: list[Plan], *, policy: str = "round-robin"):
+        self.host = host
+        self.config = config
+        self.tokenizer = tokenizer
+        self.plans = plans
+        self.policy = policy
+        self.registry = Registry(config.name, config.fingerprint(), config.n_layers)
+        self.stats = {"queries": 0, "failovers": 0}
+
+    # ---- workers ---------------------------------------------------------------------
+
+    def plan_info(self) -> dict:
+        return {"type": "plan", "model": self.config.name, "fingerprint": self.config.fingerprint(),
+                "config": self.config.to_dict(), "plans": [p.to_dict() for p in self.plans]}
+
+    async def handle_plan(self, stream) -> None:
+        try:
+            await read_frame(stream, timeout=10)
+            await write_frame(stream, self.plan_info())
+            await stream.close()
+        except (WireError, EOFError):
+            await reset_stream(stream)
+
+    async def handle_announce(self, stream) -> None:
+        """One worker's heartbeat stream: every frame a freshly signed record."""
+        peer = stream.muxed_conn.peer_id.to_base58()
+        try:
+            while True:
+                msg = await read_frame(stream, timeout=HEARTBEAT * MISSED_HEARTBEATS)
+                try:
+                    record = verify_record(msg.get("record", b""))
+                except RecordError as e:
+                    await write_frame(stream, error_frame("bad_request", str(e)))
+                    continue
+                if record.peer_id != peer:
+                    await write_frame(stream, error_frame("bad_request", "a record must be announced by its own peer"))
+                    continue
+                if record.fingerprint != self.config.fingerprint() or record.model != self.config.name:
+                    await write_frame(stream, error_frame(
+                        "unknown_model", f"this swarm serves {self.config.name} (fingerprint "
+                                         f"{self.config.fingerprint()}), not {record.model} ({record.fingerprint})"))
+                    continue
+                if peer not in self.registry.entries:
+                    log.info("worker %s joined: layers %d-%d", peer, record.start, record.end)
+                self.registry.update(record)
+        except (WireError, EOFError, Exception) as e:
+            log.info("worker %s left: %s", peer, e)
+        finally:
+            self.registry.remove(peer)
+            await reset_stream(stream)
+
+    # ---- queries ---------------------------------------------------------------------
+
+    def resolve_model(self, name: str | None) -> int | None:
+        """The pipeline a model name pins (HexGen's ``name_N``), None for any."""
+        if not name or name == self.config.name:
+            return None
+        m = re.fullmatch(rf"{re.escape(self.config.name)}_(\d+)", name)
+        if m:
+            return int(m.group(1))
+        raise QueryFailed("unknown_model", f"unknown model {name!r}: this swarm serves {self.config.name!r}")
+
+    def encode(self, msg: dict) -> list[int]:
+        if "tokens" in msg:
+            ids = [int(t) for t in msg["tokens"]]
+        elif "messages" in msg:
+            ids = self.tokenizer.encode_chat(list(msg["messages"]))
+        elif msg.get("chat", True):
+            ids = self.tokenizer.encode_chat([{"role": "user", "content": str(msg.get("prompt", ""))}])
+        else:
+            ids = self.tokenizer.encode(str(msg.get("prompt", "")))
+        if not ids:
+            raise QueryFailed("bad_request", "the prompt is empty")
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise QueryFailed("bad_request", f"token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    async def handle_query(self, stream) -> None:
+        try:
+            msg = await read_frame(stream, timeout=30)
+            self.stats["queries"] += 1
+            try:
+                pipeline = self.resolve_model(msg.get("model"))
+                params = SamplingParams.from_dict(msg.get("params") or {})
+                prompt = self.encode(msg)
+            except ConfigError as e:
+                raise QueryFailed("bad_request", str(e)) from None
+            need = len(prompt) + params.max_new_tokens
+            if need > self.config.max_position_embeddings:
+                raise QueryFailed("bad_request", f"prompt ({len(prompt)} tokens) + max_new_tokens "
+                                                 f"({params.max_new_tokens}) is above {self.config.name}'s "
+                                                 f"context of {self.config.max_position_embeddings}")
+            await self.answer(stream, prompt, params, pipeline, bool(msg.get("stop_on_eos", True)))
+        except QueryFailed as e:
+            await _try_send(stream, error_frame(e.code, str(e)))
+        except (WireError, EOFError) as e:
+            log.info("query stream failed: %s", e)
+            await reset_stream(stream)
+
+    async def answer(self, client, prompt: list[int], params: SamplingParams, pipeline: int | None,
+                     stop_on_eos: bool) -> None:
+        """Generate on some chain, failing over to another until the answer is complete."""
+        decoder = self.tokenizer.stream()
+        eos = set(self.config.eos_token_ids)
+        generated: list[int] = []
+        failed: set[str] = set()
+        t0 = time.monotonic()
+        recoveries: list[float] = []  # seconds from each failure to the next token
+        t_fail = None
+        for attempt in range(MAX_ATTEMPTS):
+            chain = await self._choose(pipeline, frozenset(failed), first=attempt == 0)
+            remaining = params.max_new_tokens - len(generated)
+            sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
+            try:
+                async for token in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
+                    if t_fail is not None:
+                        recoveries.append(round(time.monotonic() - t_fail, 3))
+                        t_fail = None
+                    generated.append(token)
+                    text = "" if token in eos else decoder.push(token)
+                    await write_frame(client, {"type": "token", "token": token, "text": text})
+                await write_frame(client, {"type": "done", "n_tokens": len(generated),
+                                           "text": decoder.flush(), "failovers": attempt,
+                                           "recovery_s": recoveries, "time_s": time.monotonic() - t0})
+                await client.close()
+                return
+            except _ChainFailed as e:
+                log.warning("chain failed after %d tokens: %s", len(generated), e)
+                self.stats["failovers"] += 1
+                failed |= e.peers
+                t_fail = t_fail or time.monotonic()
+                continue
+        raise QueryFailed("no_pipeline", f"gave up after {MAX_ATTEMPTS} failed chains")
+
+    async def _choose(self, pipeline, exclude: frozenset[str], first: bool) -> list[Hop]:
+        """A chain for the next attempt; after a failure, wait (bounded) for the registry
+        to drop the dead worker or for a replacement to appear."""
+        deadline = trio.current_time() + (0 if first else HEARTBEAT * MISSED_HEARTBEATS + 1)
+        while True:
+            chain = self.registry.pick(pipeline, exclude, self.policy)
+            if chain is not None:
+                return [Hop(r.peer_id, tuple(r.addrs), r.start, r.end) for r in chain]
+            if trio.current_time() >= deadline:
+                if pipeline is not None and self.registry.chains():
+                    raise QueryFailed("no_pipeline", f"pipeline {pipeline} of {self.config.name} does not exist "
+                                                     f"(there are {len(self.registry.chains())})")
+                raise QueryFailed("no_pipeline", f"no complete pipeline: {self.registry.missing()}")
+            await trio.sleep(0.2)
+
+    async def _run_chain(self, chain: list[Hop], prompt: list[int], params: SamplingParams, stop_on_eos: bool):
+        from libp2p.peer.id import ID
+
+        from p2pserve.host import connect
+
+        first = chain[0]
+        all_peers = frozenset(h.peer_id for h in chain)
+        stream = None
+        try:
+            peer = ID.from_base58(first.peer_id)
+            if not self.host.get_network().connections.get(peer):
+                addr = first.addrs[0]
+                await connect(self.host, addr if "/p2p/" in addr else f"{addr}/p2p/{first.peer_id}", timeout=10)
+            stream = await self.host.new_stream(peer, [SESSION])
+            await write_frame(stream, {
+                "type": "open", "session": uuid.uuid4().hex, "chain": [h.to_dict() for h in chain],
+                "index": 0, "params": params.to_dict(), "prompt": prompt,
+                "eos": list(self.config.eos_token_ids), "stop_on_eos": stop_on_eos,
+            })
+            reply = await read_frame(stream, timeout=FIRST_TOKEN_TIMEOUT)
+            if reply.get("type") != "ready":
+                raise _ChainFailed(all_peers, f"stage 0 answered {reply.get('type')!r} to 'open'")
+            timeout = FIRST_TOKEN_TIMEOUT
+            while True:
+                msg = await read_frame(stream, timeout=timeout)
+                timeout = TOKEN_TIMEOUT
+                if msg.get("type") == "token":
+                    yield int(msg["token"])
+                elif msg.get("type") == "done":
+                    await stream.close()
+                    return
+                else:
+                    raise _ChainFailed(all_peers, f"unexpected frame {msg.get('type')!r}")
+        except RemoteError as e:
+            if e.code in ("bad_request", "shape", "unknown_model"):
+                raise QueryFailed(e.code, e.message) from None
+            if e.code == "busy":
+                raise _ChainFailed(frozenset(), e.message) from None
+            raise _ChainFailed(await self._suspects(chain), e.message) from None
+        except (WireError, EOFError, P2PServeError, OSError) as e:
+            if isinstance(e, QueryFailed):
+                raise
+            raise _ChainFailed(await self._suspects(chain), str(e)) from None
+        finally:
+            if stream is not None:
+                await reset_stream(stream)
+
+    async def _suspects(self, chain: list[Hop]) -> frozenset[str]:
+        """Peers of a failed chain to avoid: those that left the view, else the whole chain."""
+        await trio.sleep(0.3)  # a killed worker's announce stream closes within milliseconds
+        live = {r.peer_id for r in self.registry.live()}
+        gone = frozenset(h.peer_id for h in chain if h.peer_id not in live)
+        return gone or frozenset(h.peer_id for h in chain)
+
+
+class _ChainFailed(Exception):
+    def __init__(self, peers: frozenset[str], message: str):
+        super().__init__(message)
+        self.peers = peers
+
+
+async def _try_send(stream, frame: dict) -> None:
+    try:
+        await write_frame(stream, frame, timeout=5)
+        await stream.close()
+    except Exception:
+        await reset_stream(stream)

@@ -1,0 +1,346 @@
+"""The worker peer: holds one stage of a model and serves inference sessions through it.
+
+A session is one stream from upstream (the bootstrap for stage 0, the previous stage
+otherwise). Its first frame, 'open', names the whole chain; a stage that is not last
+opens the next hop itself, so activations go worker to worker and never through the
+bootstrap. Frames on a session stream:
+
+    down   open  {session, chain, index, params, prompt, stop_on_eos, max_len}
+           step  {start, want} + tensor "x" ([T] token ids to stage 0 are not sent:
+                 stage 0 drives the loop itself; [T, hidden] states elsewhere)
+           close {}
+    up     ready {}            the whole rest of the chain is open
+           token {token, pos}  the last stage's sample, relayed back to stage 0
+           (stage 0 to the bootstrap additionally: token …, done {n_tokens})
+           error {code, message}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+import trio
+
+from p2pserve import __version__
+from p2pserve.errors import Busy, P2PServeError
+from p2pserve.protocols import ANNOUNCE, HEARTBEAT, SESSION, Hop
+from p2pserve.records import RECORD_TTL, WorkerRecord, announce, sign_record
+from p2pserve.sampling import SamplingParams
+from p2pserve.wire import (
+    RemoteError,
+    StreamClosed,
+    WireError,
+    check_tensor,
+    error_frame,
+    read_frame,
+    recv_message,
+    reset_stream,
+    send_message,
+    write_frame,
+)
+
+from .executor import BatchingExecutor, SlotPool, StepRequest
+
+log = logging.getLogger("p2pserve.worker")
+
+PREFILL_CHUNK = 256  # tokens per prefill step: long prompts do not stall others' decodes
+IDLE_TIMEOUT = 120.0  # seconds a session may wait for its next frame before it is freed
+STEP_TIMEOUT = 60.0  # seconds a stage waits for the rest of the chain to answer one step
+
+
+class SessionError(P2PServeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    id: str
+    slot: int
+    chain: list[Hop]
+    index: int
+    params: SamplingParams
+    open_msg: dict
+    down: object = None  # stream to the next stage, None on the last
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == len(self.chain) - 1
+
+
+class StageServer:
+    """One worker's stage: its sessions, their KV slots, and the batcher in front of the model."""
+
+    def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
+                 max_sessions: int, max_len: int, max_waiting: int | None = None):
+        self.host = host
+        self.runner = runner
+        self.model_name, self.fingerprint = model_name, fingerprint
+        self.start, self.end = start, end
+        self.config = runner.model.config
+        self.max_len = max_len
+        runner.allocate(max_sessions, max_len)
+        self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
+        self.executor = BatchingExecutor(runner)
+        self.sessions: dict[str, Session] = {}
+        self.draining = False
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.config.n_layers
+
+    def load(self) -> dict:
+        return {"sessions": len(self.sessions), "queue": self.slots.waiting,
+                "max_sessions": self.slots.n_slots}
+
+    async def serve(self) -> None:
+        """Run the batcher; the stream handler is installed by the caller."""
+        await self.executor.run()
+
+    # ---- one session ------------------------------------------------------------------
+
+    async def handle(self, stream) -> None:
+        """Stream handler for SESSION: one session, from 'open' to close."""
+        session = None
+        try:
+            session = await self._open(stream)
+            if self.is_first:
+                await self._drive(stream, session)
+            else:
+                await self._relay(stream, session)
+        except SessionError as e:
+            await self._send_error(stream, e.code, str(e))
+        except Busy as e:
+            await self._send_error(stream, "busy", str(e))
+        except RemoteError as e:  # a later stage refused or failed: pass it upstream
+            await self._send_error(stream, e.code, e.message)
+        except (WireError, EOFError) as e:
+            log.info("session %s ended: %s", session and session.id, e)
+            await reset_stream(stream)
+        finally:
+            if session is not None:
+                await self._close(session)
+
+    async def _send_error(self, stream, code: str, message: str) -> None:
+        try:
+            await write_frame(stream, error_frame(code, message), timeout=5)
+            await stream.close()
+        except Exception:
+            await reset_stream(stream)
+
+    async def _open(self, stream) -> Session:
+        msg = await read_frame(stream, timeout=30)
+        if msg.get("type") != "open":
+            raise SessionError("bad_request", f"expected an 'open' frame, got {msg.get('type')!r}")
+        if self.draining:
+            raise Busy("this worker is leaving the swarm; choose another")
+        try:
+            chain = [Hop.from_dict(h) for h in msg["chain"]]
+            index = int(msg["index"])
+            params = SamplingParams.from_dict(msg["params"])
+            sid = str(msg["session"])
+            me = chain[index]
+        except (KeyError, TypeError, ValueError, IndexError, P2PServeError) as e:
+            raise SessionError("bad_request", f"malformed 'open' frame: {e}") from None
+        if (me.start, me.end) != (self.start, self.end) or me.peer_id != self.host.get_id().to_base58():
+            raise SessionError("bad_request", f"this worker holds layers {self.start}-{self.end}, "
+                                              f"not {me.start}-{me.end} of peer {me.peer_id}")
+        if sid in self.sessions:
+            raise SessionError("bad_request", f"session {sid} is already open here")
+        prompt = msg.get("prompt") or []
+        need = len(prompt) + params.max_new_tokens if self.is_first else int(msg.get("max_len", 0))
+        if need > self.max_len:
+            raise SessionError("bad_request", f"the session needs {need} positions; this worker holds "
+                                              f"at most {self.max_len} per session")
+        slot = await self.slots.acquire()
+        session = Session(sid, slot, chain, index, params, msg)
+        self.sessions[sid] = session
+        try:
+            if not session.is_last:
+                session.down = await self._open_next(msg, session)
+            await write_frame(stream, {"type": "ready"})
+        except BaseException:
+            await self._close(session)
+            raise
+        return session
+
+    async def _open_next(self, msg: dict, session: Session):
+        nxt = session.chain[session.index + 1]
+        peer = await self._connect(nxt)
+        try:
+            down = await self.host.new_stream(peer, [SESSION])
+        except Exception as e:
+            raise SessionError("stage_failed", f"cannot open a session on {nxt.peer_id} "
+                                               f"(layers {nxt.start}-{nxt.end}): {e}") from None
+        fwd = {k: v for k, v in msg.items() if k != "prompt"}
+        fwd["index"] = session.index + 1
+        fwd["max_len"] = len(msg.get("prompt") or []) + session.params.max_new_tokens \
+            if self.is_first else msg.get("max_len", 0)
+        await write_frame(down, fwd)
+        reply = await read_frame(down, timeout=STEP_TIMEOUT)  # raises RemoteError on refusal
+        if reply.get("type") != "ready":
+            raise SessionError("bad_request", f"next stage answered {reply.get('type')!r} to 'open'")
+        return down
+
+    async def _connect(self, hop: Hop):
+        from libp2p.peer.id import ID
+
+        from p2pserve.host import connect
+
+        peer = ID.from_base58(hop.peer_id)
+        if self.host.get_network().connections.get(peer):
+            return peer
+        last = None
+        for addr in hop.addrs:
+            try:
+                return await connect(self.host, f"{addr}" if "/p2p/" in addr else f"{addr}/p2p/{hop.peer_id}",
+                                     timeout=10)
+            except P2PServeError as e:
+                last = e
+        raise SessionError("stage_failed", f"cannot reach {hop.peer_id} (layers {hop.start}-{hop.end}): {last}")
+
+    async def _close(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        if session.down is not None:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                try:
+                    await write_frame(session.down, {"type": "close"}, timeout=2)
+                    await session.down.close()
+                except Exception:
+                    await reset_stream(session.down)
+        with trio.CancelScope(shield=True):
+            await self.slots.release(session.slot)
+
+    async def _step(self, session: Session, x: torch.Tensor, start: int, want: bool) -> int | None:
+        """Run x at positions start… through this stage and the rest of the chain."""
+        out = await self.executor.step(StepRequest(session.slot, start, x, want, session.params))
+        if session.is_last:
+            return out
+        try:
+            await send_message(session.down, {"type": "step", "start": start, "want": want}, {"x": out},
+                               timeout=STEP_TIMEOUT)
+            if not want:
+                return None
+            reply = await read_frame(session.down, timeout=STEP_TIMEOUT)
+        except RemoteError:
+            raise
+        except (WireError, EOFError) as e:
+            nxt = session.chain[session.index + 1]
+            raise SessionError("stage_failed", f"stage {session.index + 1} ({nxt.peer_id}, layers "
+                                               f"{nxt.start}-{nxt.end}) failed: {e}") from None
+        if reply.get("type") != "token":
+            raise SessionError("internal", f"expected a token from the next stage, got {reply.get('type')!r}")
+        return int(reply["token"])
+
+    async def _drive(self, stream, session: Session) -> None:
+        """Stage 0: run the whole generation, streaming tokens upstream as they come."""
+        msg = session.open_msg
+        prompt = [int(t) for t in msg.get("prompt") or []]
+        eos = set(int(t) for t in msg.get("eos") or [])
+        stop_on_eos = bool(msg.get("stop_on_eos", True))
+        if not prompt or any(not 0 <= t < self.config.vocab_size for t in prompt):
+            raise SessionError("bad_request", f"the prompt must be 1 or more token ids in [0, {self.config.vocab_size})")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_upstream, stream, nursery.cancel_scope)
+            pos, token = 0, None
+            for i in range(0, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[i : i + PREFILL_CHUNK]
+                token = await self._step(session, torch.tensor(chunk), pos, pos + len(chunk) == len(prompt))
+                pos += len(chunk)
+            n = 0
+            while True:
+                n += 1
+                await write_frame(stream, {"type": "token", "token": token, "pos": pos})
+                if n >= session.params.max_new_tokens or (stop_on_eos and token in eos):
+                    break
+                token = await self._step(session, torch.tensor([token]), pos, True)
+                pos += 1
+            await write_frame(stream, {"type": "done", "n_tokens": n})
+            nursery.cancel_scope.cancel()
+
+    async def _watch_upstream(self, stream, scope) -> None:
+        """The client or bootstrap may cancel (a frame) or vanish (EOF): stop generating."""
+        try:
+            await read_frame(stream, timeout=float("inf"))
+        except Exception:
+            pass
+        scope.cancel()
+
+    async def _relay(self, stream, session: Session) -> None:
+        """A later stage: serve steps from upstream until it closes the session."""
+        hidden = self.config.hidden_size
+        while True:
+            try:
+                msg, tensors = await recv_message(stream, timeout=IDLE_TIMEOUT)
+            except StreamClosed:
+                return
+            kind = msg.get("type")
+            if kind == "close":
+                return
+            if kind != "step":
+                raise SessionError("bad_request", f"unexpected {kind!r} frame in session {session.id}")
+            try:
+                start, want = int(msg["start"]), bool(msg["want"])
+                x = check_tensor(tensors["x"], shape=[None, hidden])
+            except (KeyError, TypeError, ValueError) as e:
+                raise SessionError("bad_request", f"malformed 'step' frame: {e}") from None
+            except WireError as e:
+                raise SessionError("shape", str(e)) from None
+            if not x.is_floating_point():
+                raise SessionError("shape", f"hidden states must be floating point, got {x.dtype}")
+            if start < 0 or start + x.shape[0] > self.max_len:
+                raise SessionError("bad_request", f"positions {start}-{start + x.shape[0]} are outside "
+                                                  f"this session's {self.max_len}")
+            token = await self._step(session, x, start, want)
+            if want:
+                await write_frame(stream, {"type": "token", "token": token, "pos": start + x.shape[0]})
+
+
+# ---- announcing ---------------------------------------------------------------------------
+
+
+def make_record(host, server: StageServer, *, stage: int, tp: int, devices: list[dict],
+                group_id: str, addrs: list[str]) -> WorkerRecord:
+    return WorkerRecord(
+        peer_id=host.get_id().to_base58(), addrs=addrs, model=server.model_name,
+        fingerprint=server.fingerprint, stage=stage, start=server.start, end=server.end, tp=tp,
+        devices=devices, group_id=group_id, version=__version__, load=server.load(),
+        expires_at=time.time() + RECORD_TTL,
+    )
+
+
+async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) -> None:
+    """Heartbeat the bootstrap on one stream (re-dialing if it restarts) and keep the DHT
+    record fresh. Never returns; cancel it to leave."""
+    from p2pserve.host import connect
+
+    last_dht = 0.0
+    while True:
+        try:
+            peer = await connect(host, bootstrap_peer, timeout=10)
+            stream = await host.new_stream(peer, [ANNOUNCE])
+            while True:
+                blob = sign_record(record_fn(), key_pair)
+                await write_frame(stream, {"type": "announce", "record": blob}, timeout=10)
+                if dht is not None and time.monotonic() - last_dht > RECORD_TTL / 3:
+                    with trio.move_on_after(5):
+                        await announce(dht, blob)
+                    last_dht = time.monotonic()
+                await trio.sleep(HEARTBEAT)
+        except (P2PServeError, OSError, EOFError, Exception) as e:  # bootstrap gone: retry
+            log.info("announce to bootstrap failed (%s); retrying", e)
+            await trio.sleep(1.0)
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,44 @@
+"""The p2pserve protocols spoken between peers, and the plain data they carry.
+
+    announce   worker -> bootstrap   a signed WorkerRecord every HEARTBEAT seconds on one
+                                     long-lived stream; the stream dying drops the worker
+    plan       worker -> bootstrap   which model, fingerprint and plan the swarm serves
+    session    upstream -> stage     one inference session through a chain of stages:
+                                     'open' travels down the chain, then 'step' frames
+                                     (hidden states) go down and 'token' frames come back
+    query      client -> bootstrap   a prompt in, a stream of tokens and text out
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .wire import protocol_id
+
+ANNOUNCE = protocol_id("announce")
+PLAN = protocol_id("plan")
+SESSION = protocol_id("session")
+QUERY = protocol_id("query")
+
+HEARTBEAT = 2.0  # seconds between a worker's announcements on its stream
+MISSED_HEARTBEATS = 3  # a worker silent this many heartbeats is dropped
+DEFAULT_PORT = 31337  # the bootstrap's default TCP port
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One stage of a chosen chain, as the session 'open' message names it."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    start: int
+    end: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["addrs"] = list(self.addrs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hop":
+        return cls(str(d["peer_id"]), tuple(d["addrs"]), int(d["start"]), int(d["end"]))
