@@ -9,6 +9,7 @@ another chain and the client sees one unbroken answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -67,6 +68,21 @@ class Bootstrap:
         try:
             await read_frame(stream, timeout=10)
             await write_frame(stream, self.plan_info())
+            await stream.close()
+        except (WireError, EOFError):
+            await reset_stream(stream)
+
+    def status(self) -> dict:
+        chains = self.registry.chains()
+        return {"type": "status", "model": self.config.name, "plans": [p.to_dict() for p in self.plans],
+                "workers": [dataclasses.asdict(r) for r in self.registry.live()],
+                "chains": [[r.peer_id for r in c] for c in chains],
+                "missing": "" if chains else self.registry.missing(), "stats": dict(self.stats)}
+
+    async def handle_status(self, stream) -> None:
+        try:
+            await read_frame(stream, timeout=10)
+            await write_frame(stream, self.status())
             await stream.close()
         except (WireError, EOFError):
             await reset_stream(stream)

@@ -7,6 +7,7 @@
                                      'open' travels down the chain, then 'step' frames
                                      (hidden states) go down and 'token' frames come back
     query      client -> bootstrap   a prompt in, a stream of tokens and text out
+    status     anyone -> bootstrap   the live view: workers, complete chains, what is missing
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ ANNOUNCE = protocol_id("announce")
 PLAN = protocol_id("plan")
 SESSION = protocol_id("session")
 QUERY = protocol_id("query")
+STATUS = protocol_id("status")
 
 HEARTBEAT = 2.0  # seconds between a worker's announcements on its stream
 MISSED_HEARTBEATS = 3  # a worker silent this many heartbeats is dropped

@@ -1,0 +1,96 @@
+"""`p2pserve bootstrap`: start the head peer of a swarm."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from p2pserve.options import plan_options
+from p2pserve.protocols import DEFAULT_PORT
+
+
+@click.command()
+@click.option("--listen", default=f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}", show_default=True,
+              help="Multiaddr to listen on.")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="The model this swarm serves (HF dir or .gguf; default: SmolLM2-135M-Instruct). "
+                   "The bootstrap reads only its config and tokenizer.")
+@plan_options
+@click.option("--policy", type=click.Choice(["latency", "round-robin"]), default="latency", show_default=True,
+              help="How a query picks among complete pipelines.")
+@click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
+@click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
+def bootstrap(listen, model_path, hetero_config, pp_partition, policy, home, verbose):
+    """Start the head peer: DHT server, worker registry, router and query endpoint."""
+    import trio
+
+    from p2pserve.home import home_dir
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    trio.run(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose)
+
+
+def default_plan(n_layers: int, stages: int = 2):
+    """Without a plan: an even split into two TP-1 stages (the planner refines this)."""
+    from p2pserve.plan import Plan
+    from p2pserve.tp import split_evenly
+
+    stages = min(stages, n_layers)
+    return Plan([1] * stages, [b - a for a, b in split_evenly(n_layers, stages)])
+
+
+async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
+                task_status=None):
+    import trio
+
+    from p2pserve.errors import ConfigError
+    from p2pserve.home import dialable, write_bootstrap_addr
+    from p2pserve.host import load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.plan import Plan
+    from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
+    from p2pserve.weights import open_weights
+
+    from .server import Bootstrap
+
+    quiet_libp2p_logs(verbose)
+    source = open_weights(model_path)
+    config = source.config
+    if pp_partition and not hetero_config:
+        hetero_config = (1,) * len(pp_partition)
+    if hetero_config and not pp_partition:
+        raise ConfigError("--hetero-config needs --pp-partition (layers per stage) too")
+    plan = Plan(hetero_config, pp_partition) if pp_partition else default_plan(config.n_layers)
+    plan.check_model(config)
+    tokenizer = source.tokenizer()
+    key = load_or_create_identity(home / "bootstrap.key")
+    async with running_host(key, [listen]) as host:
+        async with running_dht(host, server=True):
+            node = Bootstrap(host, config, tokenizer, [plan],
+                             policy="least-loaded" if policy == "latency" else "round-robin")
+            host.set_stream_handler(ANNOUNCE, node.handle_announce)
+            host.set_stream_handler(PLAN, node.handle_plan)
+            host.set_stream_handler(QUERY, node.handle_query)
+            host.set_stream_handler(STATUS, node.handle_status)
+            addrs = dialable([f"{a}" for a in _full_addrs(host)])
+            write_bootstrap_addr(home, addrs[0])
+            click.echo(f"p2pserve bootstrap serving {config.name} (fingerprint {config.fingerprint()})")
+            click.echo(f"plan: {plan.flags()}")
+            for a in addrs:
+                click.echo(f"  {a}")
+            click.echo("join a worker for each stage with:")
+            for stage in plan.stages:
+                click.echo(f"  p2pserve worker --peer {addrs[0]} --stage {stage.index}")
+            click.echo("ask with:")
+            click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
+            if task_status is not None:
+                task_status.started(node)
+            await trio.sleep_forever()
+
+
+def _full_addrs(host) -> list[str]:
+    from p2pserve.host import host_multiaddrs
+
+    pid = host.get_id().to_base58()
+    return [a if "/p2p/" in a else f"{a}/p2p/{pid}" for a in host_multiaddrs(host)]

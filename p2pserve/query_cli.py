@@ -1,0 +1,47 @@
+"""`p2pserve query`: ask a swarm and print the answer as it streams."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import generation_options, sampling_from_options
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--peer", default=None, help="The bootstrap's multiaddr (default: the one started on this machine).")
+@click.option("--model", default=None, help="Model name (default: the swarm's); NAME_N pins pipeline N.")
+@generation_options
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each token.")
+@click.option("--home", default=None)
+@click.option("--stats/--no-stats", default=False)
+def query(prompt, peer, model, timeout, home, stats, **gen):
+    """Ask the swarm behind --peer to answer PROMPT."""
+    import trio
+
+    from .home import bootstrap_addr, home_dir
+
+    params, chat = sampling_from_options(gen)
+    trio.run(_query, bootstrap_addr(peer, home_dir(home)), prompt, model, chat, params, timeout, stats)
+
+
+async def _query(peer, prompt, model, chat, params, timeout, stats):
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from .client import ask
+    from .host import connect, quiet_libp2p_logs, running_host
+
+    quiet_libp2p_logs()
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+        bootstrap_id = await connect(host, peer, timeout=15)
+        async for frame in ask(host, bootstrap_id, prompt=prompt, model=model, chat=chat, params=params,
+                               timeout=timeout):
+            sys.stdout.write(frame.get("text", ""))
+            sys.stdout.flush()
+            if frame["type"] == "done":
+                sys.stdout.write("\n")
+                if stats:
+                    click.echo(f"[{frame['n_tokens']} tokens in {frame['time_s']:.2f} s; "
+                               f"failovers {frame['failovers']}]", err=True)
