@@ -43,7 +43,8 @@ MAX_MESSAGE = 2**30  # bytes of tensor data in one message
 DEFAULT_TIMEOUT = 30.0  # seconds, per frame
 
 ERROR_CODES = frozenset(
-    {"bad_request", "unknown_session", "unknown_model", "busy", "shape", "internal", "no_pipeline"}
+    {"bad_request", "unknown_session", "unknown_model", "busy", "shape", "internal", "no_pipeline",
+     "stage_failed"}
 )
 
 DTYPES = {

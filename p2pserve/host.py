@@ -1,0 +1,267 @@
+"""The libp2p host every p2pserve peer runs: identity, transport, connections, DHT.
+
+One choice for everyone: TCP, Noise, Yamux (mplex is slow and deadlocks under
+concurrent streams), Ed25519 identities kept in a file so a peer's multiaddr survives
+restarts. How to speak a p2pserve protocol on it:
+
+    host.set_stream_handler(protocol_id("step"), handler)   # accept: handler(stream)
+    stream = await host.new_stream(peer_id, [protocol_id("step")])   # open (~5 ms)
+
+`connect` once per peer (about 7 ms on loopback with the config below) and keep
+connections and streams open across steps. Listening on port 0 works; the real port
+is in `host_multiaddrs(host)` once `running_host` has yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from .errors import ConfigError, NetworkError
+from .records import NAMESPACE, RecordValidator
+
+NOISY_LOGGERS = ("libp2p", "multiaddr", "quic", "zeroconf", "trio-websocket")
+_SEED_BYTES = 32
+_CLOSE_GRACE = 5.0  # seconds to close connections and listeners on the way out
+PEER_ADDRESS_FORM = "/ip4/<ip>/tcp/<port>/p2p/<peer-id>"
+
+
+def quiet_libp2p_logs(verbose: bool = False) -> None:
+    """Silence py-libp2p unless `verbose`. It logs routine, handled events at ERROR
+    level (a refused dial: four "Failed to open TCP stream"; a DHT query to a
+    client-mode peer: a seven-line "Failed to open stream"), so quiet means CRITICAL;
+    p2pserve reports the failures that matter itself."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+# --- identity ---------------------------------------------------------------------------
+
+
+def load_or_create_identity(path: Path) -> KeyPair:
+    """The Ed25519 key pair stored in `path` (its 32-byte private seed, mode 0600),
+    created on first use. The same file gives the same peer id on every start."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            _create_identity_file(path)
+        seed = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot use identity file {path}: {(e.strerror or str(e)).lower()}") from None
+    if len(seed) != _SEED_BYTES:
+        raise ConfigError(
+            f"identity file {path} holds {len(seed)} bytes, expected a {_SEED_BYTES}-byte "
+            "Ed25519 private key; move it away to start with a new identity"
+        )
+    private_key = Ed25519PrivateKey.from_bytes(seed)
+    return KeyPair(private_key, private_key.get_public_key())
+
+
+def _create_identity_file(path: Path) -> None:
+    # Written to a temporary file and linked into place, so two processes starting at
+    # once agree on one identity and nobody ever reads half a key.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seed = create_ed25519_key_pair().private_key.to_bytes()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, seed)
+        os.fsync(fd)
+        os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race; use its key
+    finally:
+        os.unlink(tmp)
+
+
+def peer_id_of(key_pair: KeyPair) -> str:
+    return ID.from_pubkey(key_pair.public_key).to_base58()
+
+
+# --- host -------------------------------------------------------------------------------
+
+
+def make_host(key_pair: KeyPair):
+    """A libp2p host (not yet listening): TCP + Noise + Yamux only.
+
+    The connection config keeps py-libp2p from trying to hold 50-100 connections, and
+    max_connections_per_peer=1 removes its fixed 250 ms "happy eyeballs" wait from every
+    dial (the wait only ends early once the per-peer limit is reached)."""
+    # py-libp2p's yamux sends a window update after every read by default: two extra
+    # encrypted socket writes per received frame. Batching them (go-yamux's half-window
+    # rule) cut a decode-step round trip by ~25% here. Read per call, so set it early.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(
+                key_pair, noise_privkey=create_noise_key_pair().private_key
+            )
+        },
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=ConnectionConfig(
+            min_connections=0, low_watermark=0, max_connections_per_peer=1
+        ),
+    )
+
+
+@asynccontextmanager
+async def running_host(key_pair: KeyPair, listen: list[str]):
+    """A host listening on `listen` (e.g. ["/ip4/127.0.0.1/tcp/0"]) for the duration
+    of the block. NetworkError if it cannot listen on any of them."""
+    addrs = [_multiaddr(a, "listen address", "/ip4/<ip>/tcp/<port>") for a in listen]
+    for addr in addrs:
+        _check_port_free(addr)
+    host = make_host(key_pair)
+    async with host.run(listen_addrs=addrs):
+        try:
+            if not host.get_transport_addrs():
+                # Swarm.listen reports failure by returning False, which host.run ignores.
+                raise NetworkError(f"cannot listen on {', '.join(listen)}")
+            yield host
+        finally:
+            # Leaving host.run() does not close the listening socket: the "stopped"
+            # host would go on accepting connections and handshaking. Close it.
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
+                await host.close()
+
+
+def _check_port_free(addr: multiaddr.Multiaddr) -> None:
+    # py-libp2p listens with SO_REUSEPORT, so a second process on a busy port would
+    # "succeed" and silently get half of the incoming connections. Refuse it here.
+    try:
+        ip, port = addr.value_for_protocol("ip4"), int(addr.value_for_protocol("tcp"))
+    except Exception:
+        return  # not ip4/tcp: let libp2p judge it
+    if port == 0:
+        return
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+        probe.bind((ip, port))
+    except OSError as e:
+        raise NetworkError(f"cannot listen on {addr}: {(e.strerror or str(e)).lower()}") from None
+    finally:
+        probe.close()
+
+
+def host_multiaddrs(host) -> list[str]:
+    """The full `/ip4/…/tcp/…/p2p/<id>` addresses others can dial this host at, with
+    the real port when it listened on port 0. A host listening on 0.0.0.0 (which
+    py-libp2p reports as is) is listed at this machine's outward address and 127.0.0.1."""
+    addrs = []
+    for addr in map(str, host.get_addrs()):
+        if addr.startswith("/ip4/0.0.0.0/"):
+            addrs += [addr.replace("0.0.0.0", ip, 1) for ip in _local_ipv4s()]
+        else:
+            addrs.append(addr)
+    return addrs
+
+
+def _local_ipv4s() -> list[str]:
+    ips = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # picks the outward interface; sends nothing
+            ips.append(s.getsockname()[0])
+        except OSError:
+            pass
+    return [ip for ip in ips if ip != "127.0.0.1"] + ["127.0.0.1"]
+
+
+def parse_peer(address: str) -> PeerInfo:
+    """The peer id and address in a full multiaddr, or ConfigError saying what is wrong."""
+    ma = _multiaddr(address, "peer address", PEER_ADDRESS_FORM)
+    try:
+        return info_from_p2p_addr(ma)
+    except Exception as e:
+        raise ConfigError(
+            f"bad peer address {address!r}: {e}; expected {PEER_ADDRESS_FORM}"
+        ) from None
+
+
+def _multiaddr(text: str, what: str, form: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as e:
+        raise ConfigError(f"bad {what} {text!r}: {e}; expected {form}") from None
+
+
+async def connect(host, address: str, timeout: float = 10.0) -> ID:
+    """Connect to the peer at `address` (a full multiaddr); its peer id.
+    NetworkError "cannot reach <address>: …" if that fails or takes over `timeout` s."""
+    info = parse_peer(address)
+    if info.peer_id not in host.get_connected_peers():
+        # py-libp2p dials one TCP address per peer from everything its peerstore ever
+        # learned (a restarted peer's old port included), and refuses for 60 s to redial
+        # a peer whose last dial failed. An explicit connect dials exactly `address`.
+        host.get_peerstore().clear_addrs(info.peer_id)
+        host.get_network().unblock_peer(info.peer_id)
+    try:
+        with trio.fail_after(timeout):
+            await host.connect(info)
+    except trio.TooSlowError:
+        raise NetworkError(f"cannot reach {address}: no answer within {timeout:g} s") from None
+    except Exception as e:
+        raise NetworkError(f"cannot reach {address}: {_root_cause(e)}") from e
+    return info.peer_id
+
+
+def _root_cause(e: BaseException) -> str:
+    # py-libp2p wraps the OS error several levels deep ("unable to connect … (with exceptions)").
+    while True:
+        inner = getattr(e, "errors", None) or getattr(e, "exceptions", None)  # MultiError, groups
+        inner = inner[-1] if inner else (e.__cause__ or e.__context__)
+        if inner is None:
+            break
+        e = inner
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+# --- DHT --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_dht(host, server: bool, bootstrap_peers: list[str] = (), timeout: float = 10.0):
+    """A Kademlia DHT on `host`, with the p2pserve record validator, for the block.
+
+    `server=True` answers other peers' DHT queries and stores their records. Both
+    modes work for a worker; prefer server mode everywhere: a server adds every peer
+    that queries it to its routing table, client-mode ones included, and then sends
+    them queries they refuse (harmless, but each costs a stream and an error log).
+    Each of `bootstrap_peers` is connected to and put in the routing table at once,
+    so the first put or get already reaches it."""
+    dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
+    dht.register_validator(NAMESPACE, RecordValidator())
+    async with background_trio_service(dht):
+        for address in bootstrap_peers:
+            peer_id = await connect(host, address, timeout)
+            # Identify may not have told us yet that the peer serves the DHT; we know.
+            await dht.add_peer(peer_id, skip_server_mode_check=True)
+        yield dht

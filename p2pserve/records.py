@@ -1,0 +1,210 @@
+"""Worker records: what a worker announces in the DHT, signed with its peer key.
+
+A record says who the worker is (peer id, addresses), what it serves (model,
+fingerprint, stage, layers [start, end), TP degree, devices) and how busy it is. It
+carries its own expiry: the DHT keeps values for a day, far longer than a worker
+lives, so a worker re-announces every RECORD_TTL / 3 and readers drop what expired.
+
+On the wire a record is msgpack {"record": <msgpack of the fields>, "pubkey":
+<libp2p protobuf public key>, "sig": <signature>}. The fields stay as the exact bytes
+that were signed, so verifying never depends on re-encoding them the same way.
+Anyone can check a record without trusting whoever relayed it: the public key must
+hash to the claimed peer id and must have signed the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import msgpack
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
+from libp2p.records.validator import Validator
+
+from .errors import P2PServeError
+
+NAMESPACE = "p2pserve"  # the DHT namespace, the first part of every key
+RECORD_TTL = 30.0  # seconds a record stays valid; workers re-announce every TTL/3
+MAX_LIFETIME = 10 * RECORD_TTL  # a record claiming to live longer is refused
+MAX_RECORD_BYTES = 64 * 1024
+_SIGNED_PREFIX = b"p2pserve-worker-record:"  # so this signature means nothing elsewhere
+
+
+class RecordError(P2PServeError):
+    """A worker record is malformed, badly signed or expired."""
+
+
+@dataclass
+class WorkerRecord:
+    peer_id: str
+    addrs: list[str]
+    model: str
+    fingerprint: str
+    stage: int
+    start: int  # first layer held
+    end: int  # one past the last layer held
+    tp: int
+    devices: list[dict]  # [{"name", "memory", "speed"}, …], one per TP rank
+    group_id: str
+    version: str
+    load: dict  # {"sessions": n, "queue": n}
+    expires_at: float  # unix time
+
+
+_FIELD_TYPES = {
+    "peer_id": str,
+    "addrs": list,
+    "model": str,
+    "fingerprint": str,
+    "stage": int,
+    "start": int,
+    "end": int,
+    "tp": int,
+    "devices": list,
+    "group_id": str,
+    "version": str,
+    "load": dict,
+    "expires_at": (float, int),
+}
+assert set(_FIELD_TYPES) == {f.name for f in dataclasses.fields(WorkerRecord)}
+
+
+def record_key(peer_id: str) -> str:
+    return f"/{NAMESPACE}/worker/{peer_id}"
+
+
+def sign_record(record: WorkerRecord, key_pair) -> bytes:
+    fields = msgpack.packb(dataclasses.asdict(record), use_bin_type=True)
+    return msgpack.packb(
+        {
+            "record": fields,
+            "pubkey": key_pair.public_key.serialize(),
+            "sig": key_pair.private_key.sign(_SIGNED_PREFIX + fields),
+        },
+        use_bin_type=True,
+    )
+
+
+def verify_record(blob: bytes, *, now: float | None = None) -> WorkerRecord:
+    """The record in `blob`, or RecordError saying why it cannot be trusted."""
+    envelope = _unpack_map(blob, "record envelope")
+    fields, pubkey_bytes, sig = (envelope.get(k) for k in ("record", "pubkey", "sig"))
+    if not all(isinstance(v, bytes) for v in (fields, pubkey_bytes, sig)):
+        raise RecordError("malformed record: expected bytes fields record, pubkey and sig")
+    record = _record_from_dict(_unpack_map(fields, "record"))
+    try:
+        pubkey = deserialize_public_key(pubkey_bytes)
+        signer = ID.from_pubkey(pubkey).to_base58()
+    except Exception as e:
+        raise RecordError(f"malformed record: unreadable public key ({e})") from None
+    if signer != record.peer_id:
+        raise RecordError(f"record claims peer {record.peer_id} but its key is peer {signer}")
+    if not pubkey.verify(_SIGNED_PREFIX + fields, sig):
+        raise RecordError(f"record of peer {record.peer_id} has an invalid signature")
+    now = time.time() if now is None else now
+    if record.expires_at <= now:
+        raise RecordError(
+            f"record of peer {record.peer_id} expired {now - record.expires_at:.1f} s ago"
+        )
+    if record.expires_at > now + MAX_LIFETIME:
+        raise RecordError(
+            f"record of peer {record.peer_id} claims to live {record.expires_at - now:.0f} s, "
+            f"more than the {MAX_LIFETIME:.0f} s allowed (is its clock wrong?)"
+        )
+    return record
+
+
+def _unpack_map(data: bytes, what: str) -> dict:
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"malformed {what}: {len(data)} bytes, limit {MAX_RECORD_BYTES}")
+    try:
+        value = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+        raise RecordError(f"malformed {what}: not msgpack ({e})") from None
+    if not isinstance(value, dict):
+        raise RecordError(f"malformed {what}: a msgpack {type(value).__name__}, expected a map")
+    return value
+
+
+def _record_from_dict(d: dict) -> WorkerRecord:
+    # Fields added by newer versions are ignored; missing or mistyped ones are refused.
+    for name, types in _FIELD_TYPES.items():
+        value = d.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RecordError(
+                f"malformed record: field {name!r} is {value!r}, expected {_type_names(types)}"
+            )
+    return WorkerRecord(**{name: d[name] for name in _FIELD_TYPES})
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+class RecordValidator(Validator):
+    """The KadDHT validator of the "p2pserve" namespace: a value is stored or returned
+    only if it is a valid, unexpired worker record under its own peer's key."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        record = verify_record(value)
+        if key != record_key(record.peer_id):
+            raise RecordError(f"record of peer {record.peer_id} stored under foreign key {key}")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        """Index of the record that expires last; invalid ones never win."""
+        best, best_expiry = 0, float("-inf")
+        for i, value in enumerate(values):
+            try:
+                expiry = verify_record(value).expires_at
+            except RecordError:
+                continue
+            if expiry > best_expiry:
+                best, best_expiry = i, expiry
+        return best
+
+
+# --- records in a running KadDHT (libp2p.kad_dht.KadDHT) ---------------------------------
+
+
+async def announce(dht, blob: bytes) -> None:
+    """Store a signed record under its peer's key, locally and at the closest DHT servers."""
+    record = verify_record(blob)
+    await dht.put_value(record_key(record.peer_id), blob)
+
+
+async def fetch_record(dht, peer_id: str) -> WorkerRecord | None:
+    """The current record of `peer_id`, or None if the DHT has no valid one.
+
+    KadDHT.get_value answers from the local store first and never checks it, so a stale
+    copy cached here would hide a fresh one elsewhere for a day: drop it and ask again."""
+    key = record_key(peer_id)
+    for _ in range(2):
+        blob = await dht.get_value(key)
+        if blob is None:
+            return None
+        try:
+            return verify_record(blob)
+        except RecordError:
+            if not dht.value_store.remove(key.encode()):
+                return None
+    return None
+
+
+def stored_records(dht, *, now: float | None = None) -> list[WorkerRecord]:
+    """Every valid worker record held in this node's own DHT store.
+
+    Kademlia cannot list keys across the network; a DHT server close to the keys (in a
+    small swarm, the bootstrap holds every record: workers put to all of their closest
+    servers) can list what it stores. Reads KadDHT's store directly."""
+    prefix = f"/{NAMESPACE}/worker/".encode()
+    records = []
+    for key, (entry, _validity) in list(dht.value_store.store.items()):
+        if key.startswith(prefix):
+            try:
+                records.append(verify_record(entry.value, now=now))
+            except RecordError:
+                pass
+    return records
