@@ -1,0 +1,83 @@
+"""`p2pserve plan`: the best plan for a model on the devices you have, as HexGen flags and TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+from .cost import DTYPES, CostParams, Workload
+from .devices import GiB, parse_devices, parse_link
+from .planfile import dump_plan_toml
+from .search import OBJECTIVES, SwarmPlan, plan_swarm
+from .shapes import KNOWN_MODELS, resolve_model
+
+
+@click.command("plan")
+@click.option("--model", required=True, metavar="PATH_OR_NAME",
+              help=f"A directory with config.json, a config.json, or one of: {', '.join(KNOWN_MODELS)}.")
+@click.option("--devices", "devices_spec", required=True, metavar="SPEC",
+              help="e.g. 4xA6000@m1,2xA5000@m2 or 2xcustom(mem=24GB,tflops=35,bw=900GB/s)@m3.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp16", show_default=True)
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="latency", show_default=True,
+              help="latency: per-token latency (then time to first token); throughput: tokens/s.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--output-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--sessions", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Concurrent sessions over the whole swarm.")
+@click.option("--inter-link", default="1.25GB/s,0.5ms", show_default=True, metavar="BW,LATENCY",
+              help="The network between machines.")
+@click.option("--toml", "toml_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the plan here for the bootstrap.")
+def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions, inter_link, toml_path):
+    """Choose an asymmetric TP x PP plan for MODEL on the devices of a swarm."""
+    config = resolve_model(model)
+    devices = parse_devices(devices_spec)
+    params = CostParams(network=parse_link(inter_link))
+    workload = Workload(prompt_len, output_len, sessions)
+    found = plan_swarm(devices, config, dtype=dtype, workload=workload, objective=objective, params=params)
+    toml = dump_plan_toml(found.report.pipelines, model=config.name, dtype=dtype, objective=objective)
+    if toml_path is not None:
+        try:
+            toml_path.write_text(toml)
+        except OSError as e:
+            raise ConfigError(f"cannot write --toml {toml_path}: {e.strerror or e}") from None
+
+    for i, p in enumerate(found.plans(), 1):
+        click.echo(f"pipeline {i}: {p.flags()}")
+    _print_table(found, config.name, dtype)
+    r = found.report
+    click.echo(f"predicted: time to first token {r.ttft * 1e3:.1f} ms, {r.token_latency * 1e3:.1f} ms per "
+               f"token, {r.throughput:.1f} tokens/s at {sessions} session(s) "
+               f"({'every grouping searched' if found.exhaustive else 'bounded search'})")
+    if found.unused:
+        click.echo("unused: " + ", ".join(_counted(d.label for d in found.unused)))
+    if toml_path is not None:
+        click.echo(f"wrote {toml_path}")
+    else:
+        click.echo("\n" + toml, nl=False)
+
+
+def _counted(labels) -> list[str]:
+    labels = list(labels)
+    return [f"{labels.count(x)}x{x}" for x in dict.fromkeys(labels)]
+
+
+def _print_table(found: SwarmPlan, model_name: str, dtype: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model_name} ({dtype}), objective {found.objective}")
+    for col in ("pipe", "stage", "machine", "devices", "layers", "memory GiB used/avail",
+                "TTFT ms", "ms/token", "tokens/s"):
+        table.add_column(col, justify="left" if col in ("machine", "devices") else "right")
+    for i, p in enumerate(found.report.pipelines, 1):
+        for j, s in enumerate(p.stages):
+            pipe_figures = ([f"{p.ttft * 1e3:.1f}", f"{p.token_latency * 1e3:.1f}", f"{p.throughput:.1f}"]
+                            if j == 0 else ["", "", ""])
+            table.add_row(str(i) if j == 0 else "", str(j), s.group.machine,
+                          ", ".join(_counted(k.name for k in s.group.kinds)),
+                          f"{s.start}-{s.end - 1} ({s.n_layers})",
+                          f"{s.memory_used / GiB:.1f} / {s.memory_available / GiB:.1f}", *pipe_figures)
+    Console(width=120, highlight=False).print(table)
