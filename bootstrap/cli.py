@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from p2pserve.options import plan_options
+from p2pserve.options import plan_from_options, plan_options
 from p2pserve.protocols import DEFAULT_PORT
 
 
@@ -45,10 +45,8 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                 task_status=None):
     import trio
 
-    from p2pserve.errors import ConfigError
     from p2pserve.home import dialable, write_bootstrap_addr
     from p2pserve.host import load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
-    from p2pserve.plan import Plan
     from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
     from p2pserve.weights import open_weights
 
@@ -57,11 +55,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     quiet_libp2p_logs(verbose)
     source = open_weights(model_path)
     config = source.config
-    if pp_partition and not hetero_config:
-        hetero_config = (1,) * len(pp_partition)
-    if hetero_config and not pp_partition:
-        raise ConfigError("--hetero-config needs --pp-partition (layers per stage) too")
-    plan = Plan(hetero_config, pp_partition) if pp_partition else default_plan(config.n_layers)
+    plan = plan_from_options(hetero_config, pp_partition) or default_plan(config.n_layers)
     plan.check_model(config)
     tokenizer = source.tokenizer()
     key = load_or_create_identity(home / "bootstrap.key")

@@ -58,7 +58,21 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap errors; a user-facing one inside is still one line
+        user_errors, _ = group.split(P2PServeError)
+        if user_errors is None:
+            raise
+        click.echo(f"error: {_first_leaf(user_errors)}", err=True)
+        sys.exit(2)
     sys.exit(0)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    e = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 if __name__ == "__main__":

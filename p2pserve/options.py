@@ -22,6 +22,18 @@ def plan_options(f):
     return wrapper
 
 
+def plan_from_options(hetero_config: tuple[int, ...], pp_partition: tuple[int, ...]):
+    """The Plan the flags describe, or None when neither was given. ``--pp-partition``
+    alone means TP 1 for every stage."""
+    from .plan import Plan
+
+    if not hetero_config and not pp_partition:
+        return None
+    if not pp_partition:
+        raise ConfigError("--hetero-config needs --pp-partition too (the layers of each stage)")
+    return Plan(hetero_config or (1,) * len(pp_partition), pp_partition)
+
+
 def generation_options(f):
     @click.option("--max-new-tokens", type=int, default=128, show_default=True)
     @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")

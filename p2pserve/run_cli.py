@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import generation_options, plan_options, sampling_from_options
+from .options import generation_options, plan_from_options, plan_options, sampling_from_options
 
 
 @click.command()
@@ -21,10 +21,9 @@ from .options import generation_options, plan_options, sampling_from_options
 def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
     from .local import Generation, LocalPipeline
-    from .plan import Plan
 
     params, chat = sampling_from_options(gen)
-    plan = Plan(hetero_config, pp_partition) if hetero_config or pp_partition else None
+    plan = plan_from_options(hetero_config, pp_partition)
     with LocalPipeline(model_path, plan, dtype=dtype, device=device) as pipe:
         tokenizer = pipe.source.tokenizer()
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)

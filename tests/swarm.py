@@ -1,0 +1,127 @@
+"""Start real peers the way a user does (the CLI), on 127.0.0.1, and always stop them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from p2pserve.local import free_port
+
+STARTUP_TIMEOUT = 120.0
+
+
+class Swarm:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.home = self.root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.addr: str | None = None
+        self._n = 0
+
+    def _spawn(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+        log = self.root / f"{name}.log"
+        env = {**os.environ, "P2PSERVE_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "p2pserve.cli", *args], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append((proc, log))
+        return proc, log
+
+    def _wait_for(self, proc, log: Path, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, log.read_text())
+            if m:
+                return m
+            if proc.poll() is not None:
+                raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{log.read_text()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
+
+    def start_bootstrap(self, *args: str) -> str:
+        port = free_port()
+        proc, log = self._spawn(["bootstrap", "--listen", f"/ip4/127.0.0.1/tcp/{port}", *args], "bootstrap")
+        self.addr = self._wait_for(proc, log, rf"(/ip4/127\.0\.0\.1/tcp/{port}/p2p/\w+)").group(1)
+        return self.addr
+
+    def start_worker(self, *args: str) -> subprocess.Popen:
+        self._n += 1
+        name = f"worker{self._n}"
+        proc, log = self._spawn(["worker", "--peer", self.addr, "--group-id", name,
+                                 "--listen", "/ip4/127.0.0.1/tcp/0", *args], name)
+        self._wait_for(proc, log, r"serving layers")
+        return proc
+
+    def log(self, proc) -> str:
+        return next(log.read_text() for p, log in self.procs if p is proc)
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        env = {**os.environ, "P2PSERVE_HOME": str(self.home)}
+        return subprocess.run([sys.executable, "-m", "p2pserve.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+
+    def close(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client:
+    """An in-process libp2p client of the swarm, for asserting on tokens."""
+
+    def __init__(self, host, bootstrap_id):
+        self.host, self.bootstrap_id = host, bootstrap_id
+
+    async def ask(self, **kw):
+        from p2pserve.client import ask_all
+
+        return await ask_all(self.host, self.bootstrap_id, **kw)
+
+    async def status(self) -> dict:
+        from p2pserve.client import status
+
+        return await status(self.host, self.bootstrap_id)
+
+    async def wait_chains(self, n: int = 1, timeout: float = 60.0) -> dict:
+        with trio.fail_after(timeout):
+            while True:
+                st = await self.status()
+                if len(st["chains"]) >= n:
+                    return st
+                await trio.sleep(0.2)
+
+
+def client(addr: str):
+    """``async with client(addr) as c:`` an in-process client connected to the bootstrap."""
+    from contextlib import asynccontextmanager
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pserve.host import connect, quiet_libp2p_logs, running_host
+
+    @asynccontextmanager
+    async def cm():
+        quiet_libp2p_logs()
+        async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+            yield Client(host, await connect(host, addr, timeout=15))
+
+    return cm()
