@@ -140,7 +140,8 @@ class StageServer:
     async def _open(self, stream) -> Session:
         msg = await read_frame(stream, timeout=30)
         if msg.get("type") != "open":
-            raise SessionError("bad_request", f"expected an 'open' frame, got {msg.get('type')!r}")
+            raise SessionError("unknown_session", f"no session is open on this stream: it must start with "
+                                                  f"an 'open' frame, got {msg.get('type')!r}")
         if self.draining:
             raise Busy("this worker is leaving the swarm; choose another")
         try:
