@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS
@@ -31,6 +32,9 @@ class Registry:
     fingerprint: str
     n_layers: int
     entries: dict[str, Entry] = field(default_factory=dict)
+    # sessions this bootstrap routed to each peer and that are still running: fresher
+    # than the load in records, so a burst of queries spreads over replicas at once
+    inflight: Counter = field(default_factory=Counter)
     _rr: itertools.count = field(default_factory=itertools.count)
 
     def update(self, record: WorkerRecord, now: float | None = None) -> None:
@@ -97,16 +101,22 @@ class Registry:
         if pipeline is not None:
             return chains[pipeline] if pipeline < len(chains) else None
         if policy == "least-loaded":
-            return min(chains, key=lambda c: (chain_cost(c), chains.index(c)))
+            return min(enumerate(chains), key=lambda ic: (self.chain_cost(ic[1]), ic[0]))[1]
         return chains[next(self._rr) % len(chains)]
 
+    def chain_cost(self, chain: list[WorkerRecord]) -> float:
+        """Expected seconds per decode step of a chain: each stage's layers at its
+        measured speed, slowed by the sessions it serves, plus one hop per stage.
 
-def chain_cost(chain: list[WorkerRecord]) -> float:
-    """Expected seconds per decode step of a chain: each stage's layers at its measured
-    speed, slowed by the sessions it already serves, plus one hop per stage."""
-    total = 0.0
-    for r in chain:
-        per_layer = float((r.devices[0] if r.devices else {}).get("layer_time", 1e-3))
-        sessions = int(r.load.get("sessions", 0)) + int(r.load.get("queue", 0))
-        total += (r.end - r.start) * per_layer * (1 + 0.1 * sessions) + 1e-3
-    return total
+        A batched decode step costs little more than a single one (weights are read once),
+        so each extra session adds a fraction of a step; queued sessions add whole ones."""
+        total = 0.0
+        for r in chain:
+            per_layer = float((r.devices[0] if r.devices else {}).get("layer_time", 1e-3))
+            sessions = max(int(r.load.get("sessions", 0)), self.inflight[r.peer_id])
+            queued = int(r.load.get("queue", 0))
+            total += (r.end - r.start) * per_layer * (1 + 0.25 * sessions + queued) + HOP_COST
+        return total
+
+
+HOP_COST = 1e-3  # seconds per stage-to-stage hop on a LAN (bench/hop.py measures ~1 ms on loopback)

@@ -38,7 +38,10 @@ from .registry import Registry
 log = logging.getLogger("p2pserve.bootstrap")
 
 FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
-TOKEN_TIMEOUT = 30.0  # seconds between tokens before a stage counts as failed
+# A chain that stops producing tokens for 20x its recent token interval (at least
+# MIN_TOKEN_TIMEOUT, at most TOKEN_TIMEOUT) counts as failed: a frozen peer or a cut link.
+TOKEN_TIMEOUT = 30.0
+MIN_TOKEN_TIMEOUT = 3.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
 
 
@@ -60,14 +63,21 @@ class Bootstrap:
 
     # ---- workers ---------------------------------------------------------------------
 
+    planning = None  # bootstrap.planning.Planning (set by serve): published plans, --stage auto
+
     def plan_info(self) -> dict:
+        if self.planning is not None:
+            self.plans = self.planning.plans()
         return {"type": "plan", "model": self.config.name, "fingerprint": self.config.fingerprint(),
                 "config": self.config.to_dict(), "plans": [p.to_dict() for p in self.plans]}
 
     async def handle_plan(self, stream) -> None:
         try:
-            await read_frame(stream, timeout=10)
-            await write_frame(stream, self.plan_info())
+            request = await read_frame(stream, timeout=10)
+            reply = self.plan_info()
+            if self.planning is not None and "auto" in request:  # a --stage auto worker: where to serve
+                reply = self.planning.answer(reply, stream.muxed_conn.peer_id.to_base58(), request["auto"])
+            await write_frame(stream, reply)
             await stream.close()
         except (WireError, EOFError):
             await reset_stream(stream)
@@ -162,6 +172,11 @@ class Bootstrap:
         except (WireError, EOFError) as e:
             log.info("query stream failed: %s", e)
             await reset_stream(stream)
+        except trio.Cancelled:
+            raise
+        except Exception as e:  # one query's bug must not take the bootstrap down
+            log.exception("query failed")
+            await _try_send(stream, error_frame("internal", f"{type(e).__name__}: {e}"))
 
     async def answer(self, client, prompt: list[int], params: SamplingParams, pipeline: int | None,
                      stop_on_eos: bool) -> None:
@@ -177,6 +192,8 @@ class Bootstrap:
             chain = await self._choose(pipeline, frozenset(failed), first=attempt == 0)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
+            await write_frame(client, {"type": "route", "chain": [h.peer_id for h in chain],
+                                       "layers": [[h.start, h.end] for h in chain], "attempt": attempt})
             try:
                 async for token in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
                     if t_fail is not None:
@@ -221,6 +238,7 @@ class Bootstrap:
         first = chain[0]
         all_peers = frozenset(h.peer_id for h in chain)
         stream = None
+        self.registry.inflight.update(all_peers)
         try:
             peer = ID.from_base58(first.peer_id)
             if not self.host.get_network().connections.get(peer):
@@ -235,10 +253,14 @@ class Bootstrap:
             reply = await read_frame(stream, timeout=FIRST_TOKEN_TIMEOUT)
             if reply.get("type") != "ready":
                 raise _ChainFailed(all_peers, f"stage 0 answered {reply.get('type')!r} to 'open'")
-            timeout = FIRST_TOKEN_TIMEOUT
+            timeout, interval, last = FIRST_TOKEN_TIMEOUT, None, None
             while True:
                 msg = await read_frame(stream, timeout=timeout)
-                timeout = TOKEN_TIMEOUT
+                now = time.monotonic()
+                if last is not None:
+                    interval = now - last if interval is None else 0.8 * interval + 0.2 * (now - last)
+                    timeout = min(TOKEN_TIMEOUT, max(MIN_TOKEN_TIMEOUT, 20 * interval))
+                last = now
                 if msg.get("type") == "token":
                     yield int(msg["token"])
                 elif msg.get("type") == "done":
@@ -257,15 +279,22 @@ class Bootstrap:
                 raise
             raise _ChainFailed(await self._suspects(chain), str(e)) from None
         finally:
+            self.registry.inflight.subtract(all_peers)
             if stream is not None:
                 await reset_stream(stream)
 
     async def _suspects(self, chain: list[Hop]) -> frozenset[str]:
-        """Peers of a failed chain to avoid: those that left the view, else the whole chain."""
-        await trio.sleep(0.3)  # a killed worker's announce stream closes within milliseconds
-        live = {r.peer_id for r in self.registry.live()}
-        gone = frozenset(h.peer_id for h in chain if h.peer_id not in live)
-        return gone or frozenset(h.peer_id for h in chain)
+        """Peers of a failed chain to avoid next: those that leave the live view within a
+        heartbeat window (a killed worker's announce stream closes within milliseconds, a
+        frozen one misses its heartbeats), else the whole chain."""
+        peers = {h.peer_id for h in chain}
+        with trio.move_on_after(HEARTBEAT * MISSED_HEARTBEATS + 1):
+            while True:
+                gone = peers - {r.peer_id for r in self.registry.live()}
+                if gone:
+                    return frozenset(gone)
+                await trio.sleep(0.05)
+        return frozenset(peers)
 
 
 class _ChainFailed(Exception):

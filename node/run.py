@@ -46,7 +46,8 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
 
 
 def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, int, int, int]:
-    """(stage index, start, end, tp) from --layers or --stage and the published plan."""
+    """(stage index, start, end, tp) from --layers, --stage auto and the bootstrap's assignment,
+    or --stage N and the published plan."""
     from p2pserve.plan import Plan
 
     plan = Plan.from_dict(info["plans"][0])
@@ -54,10 +55,16 @@ def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, 
     if opts.layers:
         a, b = parse_layers(opts.layers, n_layers)
         return -1, a, b, n_devices
+    if opts.stage == "auto":
+        a = info.get("assignment")
+        if not isinstance(a, dict) or not 0 <= a.get("start", -1) < a.get("end", -1) <= n_layers:
+            raise ConfigError(f"--stage auto: the bootstrap assigned no layers ({a!r}); is it older than "
+                              f"--stage auto? give --stage N or --layers A:B")
+        return -1, int(a["start"]), int(a["end"]), int(a.get("tp", 1))
     try:
         index = int(opts.stage)
     except ValueError:
-        raise ConfigError(f"--stage {opts.stage!r}: expected a stage index 0..{plan.n_stages - 1}") from None
+        raise ConfigError(f"--stage {opts.stage!r}: expected auto or a stage index 0..{plan.n_stages - 1}") from None
     if not 0 <= index < plan.n_stages:
         raise ConfigError(f"--stage {index}: the plan ({plan.flags()}) has stages 0..{plan.n_stages - 1}")
     s = plan.stages[index]
@@ -73,9 +80,19 @@ def device_list(devices: str, tp: int) -> list[str]:
     return devs
 
 
-async def fetch_plan(host, peer_id) -> dict:
+def plan_request(opts: WorkerOptions, speeds) -> dict:
+    """The PLAN request; a --stage auto worker adds its measured device, to be told where to serve."""
+    from p2pserve.planner.swarm import auto_request
+
+    if opts.stage != "auto" or opts.layers:
+        return {"type": "plan"}
+    return {"type": "plan", "auto": auto_request(speeds[0], n_devices=len(speeds), dtype=opts.dtype,
+                                                 max_sessions=opts.max_sessions, max_seq_len=opts.max_seq_len)}
+
+
+async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
     stream = await host.new_stream(peer_id, [PLAN])
-    await write_frame(stream, {"type": "plan"})
+    await write_frame(stream, request or {"type": "plan"})
     info = await read_frame(stream, timeout=15)
     await stream.close()
     return info
@@ -86,6 +103,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.home import dialable
     from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.local import parse_dtype
+    from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.tpgroup import StageGroup
     from p2pserve.weights import open_weights
 
@@ -94,11 +112,13 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     quiet_libp2p_logs(opts.verbose)
     source = open_weights(opts.model_path)
     config = source.config
+    # measured once per machine and cached: the bootstrap plans with these figures
+    speeds = await trio.to_thread.run_sync(measure_devices, [d.strip() for d in opts.devices.split(",") if d.strip()])
     name = f"worker-{opts.group_id}" if opts.group_id else "worker"
     key = load_or_create_identity(opts.home / f"{name}.key")
     async with running_host(key, [opts.listen]) as host:
         bootstrap_id = await connect(host, opts.peer, timeout=15)
-        info = await fetch_plan(host, bootstrap_id)
+        info = await fetch_plan(host, bootstrap_id, plan_request(opts, speeds))
         if info.get("fingerprint") != config.fingerprint():
             raise P2PServeError(
                 f"refusing to join: this swarm serves {info.get('model')} (fingerprint {info.get('fingerprint')}) "
@@ -113,32 +133,47 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                                  start=start, end=end, max_sessions=opts.max_sessions, max_len=opts.max_seq_len)
             host.set_stream_handler(SESSION, server.handle)
             addrs = dialable(host_multiaddrs(host))
-            device_info = [{"name": d, "memory": 0, "layer_time": 1e-3} for d in devices]
+            device_info = device_entries(measure_devices(devices), config, opts.dtype, first=start == 0,
+                                         last=end == config.n_layers)
 
             def record():
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,
                                    group_id=opts.group_id, addrs=addrs)
 
-            async with running_dht(host, server=False, bootstrap_peers=[opts.peer]) as dht:
+            async with running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.serve)
-                    nursery.start_soon(announce_forever, host, key, opts.peer, record, dht)
+                    announcing = trio.CancelScope()
+
+                    async def keep_announcing():
+                        with announcing:
+                            await announce_forever(host, key, opts.peer, record, dht)
+
+                    nursery.start_soon(keep_announcing)
                     click.echo(f"worker {host.get_id().to_base58()} serving layers {start}-{end} of {config.name} "
                                f"(TP {tp} on {','.join(devices)}) at {addrs[0]}", err=True)
                     task_status.started(server)
-                    await _leave_on_signal(server)
+                    await _wait_for_signal()
+                    # Leave gracefully: closing the announce stream drops this worker from the
+                    # bootstrap's view at once (no new sessions), then current sessions finish.
+                    server.draining = True
+                    announcing.cancel()
+                    await _drain(server)
+                    click.echo(f"worker {host.get_id().to_base58()} left the swarm", err=True)
                     nursery.cancel_scope.cancel()
         finally:
             group.close()
 
 
-async def _leave_on_signal(server) -> None:
-    """SIGTERM / SIGINT: take no new sessions, let current ones finish (bounded), then leave."""
+async def _wait_for_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            break
-    server.draining = True
-    log.warning("leaving: draining %d sessions", len(server.sessions))
+            return
+
+
+async def _drain(server) -> None:
+    """Let current sessions finish (bounded by DRAIN_TIMEOUT)."""
+    log.warning("leaving: %d sessions to finish", len(server.sessions))
     with trio.move_on_after(DRAIN_TIMEOUT):
         while server.sessions:
             await trio.sleep(0.1)

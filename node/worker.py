@@ -109,14 +109,18 @@ class StageServer:
     # ---- one session ------------------------------------------------------------------
 
     async def handle(self, stream) -> None:
-        """Stream handler for SESSION: one session, from 'open' to close."""
+        """Stream handler for SESSION: one session, from 'open' to close. Whatever goes
+        wrong in it ends this session only, with an error frame where the stream allows."""
         session = None
         try:
-            session = await self._open(stream)
-            if self.is_first:
-                await self._drive(stream, session)
-            else:
-                await self._relay(stream, session)
+            try:
+                session = await self._open(stream)
+                if self.is_first:
+                    await self._drive(stream, session)
+                else:
+                    await self._relay(stream, session)
+            except BaseExceptionGroup as group:  # from _drive's nursery: report the first cause
+                raise _first_cause(group) from None
         except SessionError as e:
             await self._send_error(stream, e.code, str(e))
         except Busy as e:
@@ -126,6 +130,11 @@ class StageServer:
         except (WireError, EOFError) as e:
             log.info("session %s ended: %s", session and session.id, e)
             await reset_stream(stream)
+        except trio.Cancelled:
+            raise
+        except Exception as e:  # a bug must not take the worker (and everyone's sessions) down
+            log.exception("session %s failed", session and session.id)
+            await self._send_error(stream, "internal", f"{type(e).__name__}: {e}")
         finally:
             if session is not None:
                 await self._close(session)
@@ -345,3 +354,18 @@ async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) 
 
 def new_session_id() -> str:
     return uuid.uuid4().hex
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    """The first non-cancellation leaf of a (nested) exception group."""
+    leaves = []
+
+    def walk(e):
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])

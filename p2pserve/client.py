@@ -22,6 +22,7 @@ class Answer:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     stats: dict = field(default_factory=dict)
+    routes: list[list[str]] = field(default_factory=list)  # the chain of each attempt (peer ids)
 
 
 async def ask(host, bootstrap_id, *, prompt: str | None = None, tokens: list[int] | None = None,
@@ -54,7 +55,9 @@ async def ask_all(host, bootstrap_id, **kw) -> Answer:
         if frame["type"] == "token":
             answer.tokens.append(int(frame["token"]))
             answer.text += frame.get("text", "")
-        else:
+        elif frame["type"] == "route":
+            answer.routes.append(frame["chain"])
+        elif frame["type"] == "done":
             answer.text += frame.get("text", "")
             answer.stats = frame
     return answer

@@ -38,6 +38,10 @@ async def _query(peer, prompt, model, chat, params, timeout, stats):
         bootstrap_id = await connect(host, peer, timeout=15)
         async for frame in ask(host, bootstrap_id, prompt=prompt, model=model, chat=chat, params=params,
                                timeout=timeout):
+            if frame["type"] == "route":
+                if stats:
+                    click.echo(f"[route: {' -> '.join(p[-8:] for p in frame['chain'])}]", err=True)
+                continue
             sys.stdout.write(frame.get("text", ""))
             sys.stdout.flush()
             if frame["type"] == "done":

@@ -45,19 +45,37 @@ class Swarm:
             time.sleep(0.2)
         raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
 
-    def start_bootstrap(self, *args: str) -> str:
-        port = free_port()
+    def start_bootstrap(self, *args: str, port: int | None = None) -> str:
+        """Start the bootstrap (again, on the same port and identity, if ``port`` is given)."""
+        port = port or free_port()
+        self.bootstrap_args = args
         proc, log = self._spawn(["bootstrap", "--listen", f"/ip4/127.0.0.1/tcp/{port}", *args], "bootstrap")
+        self.bootstrap_proc, self.bootstrap_port = proc, port
         self.addr = self._wait_for(proc, log, rf"(/ip4/127\.0\.0\.1/tcp/{port}/p2p/\w+)").group(1)
         return self.addr
 
-    def start_worker(self, *args: str) -> subprocess.Popen:
+    def start_worker(self, *args: str, wait: bool = True) -> subprocess.Popen:
         self._n += 1
         name = f"worker{self._n}"
         proc, log = self._spawn(["worker", "--peer", self.addr, "--group-id", name,
                                  "--listen", "/ip4/127.0.0.1/tcp/0", *args], name)
-        self._wait_for(proc, log, r"serving layers")
+        if wait:
+            self.wait_serving(proc)
         return proc
+
+    def wait_serving(self, proc) -> str:
+        """Wait until a worker serves; its peer id."""
+        log = next(log for p, log in self.procs if p is proc)
+        return self._wait_for(proc, log, r"worker (\w+) serving layers").group(1)
+
+    def proc_of(self, peer_id: str) -> subprocess.Popen:
+        for proc, log in self.procs:
+            if f"worker {peer_id} serving" in log.read_text():
+                return proc
+        raise KeyError(peer_id)
+
+    def signal(self, proc, sig=signal.SIGKILL) -> None:
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
 
     def log(self, proc) -> str:
         return next(log.read_text() for p, log in self.procs if p is proc)

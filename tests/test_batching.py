@@ -1,0 +1,84 @@
+"""Iteration-level batching: many sessions in one forward pass, each answer exactly its own."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import trio
+
+from node.executor import BatchingExecutor, SlotPool, StepRequest
+from p2pserve.errors import Busy
+from p2pserve.load import load_stage
+from p2pserve.sampling import SamplingParams
+from p2pserve.stage import StageRunner
+from p2pserve.weights import open_weights
+
+from .reference import hf_greedy, hf_model
+from .tiny import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), n_heads=6, n_kv_heads=3, hidden=96)
+
+
+async def test_batched_sessions_of_different_lengths_equal_unbatched_answers(tiny):
+    source = open_weights(tiny)
+    runner = StageRunner(load_stage(source, 0, source.config.n_layers))
+    runner.allocate(8, 96)
+    executor = BatchingExecutor(runner)
+    slots = SlotPool(8, 32)
+    rng = random.Random(0)
+    sessions = [([rng.randrange(3, 250) for _ in range(rng.randrange(2, 30))], rng.randrange(4, 20))
+                for _ in range(12)]
+    ref = hf_model(tiny)
+    expected = [hf_greedy(ref, prompt, n)[0] for prompt, n in sessions]
+    got: dict[int, list[int]] = {}
+    greedy = SamplingParams()
+
+    async def session(i, prompt, n):
+        await trio.sleep(rng.random() * 0.05)  # join at different moments
+        slot = await slots.acquire()
+        try:
+            token = await executor.step(StepRequest(slot, 0, torch.tensor(prompt), True, greedy))
+            out, pos = [token], len(prompt)
+            while len(out) < n:
+                token = await executor.step(StepRequest(slot, pos, torch.tensor([token]), True, greedy))
+                out.append(token)
+                pos += 1
+                if rng.random() < 0.2:
+                    await trio.sleep(0.01)  # miss a batch now and then
+            got[i] = out
+        finally:
+            await slots.release(slot)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.run)
+        async with trio.open_nursery() as clients:
+            for i, (prompt, n) in enumerate(sessions):
+                clients.start_soon(session, i, prompt, n)
+        nursery.cancel_scope.cancel()
+    for i in range(len(sessions)):
+        assert got[i] == expected[i], f"session {i}"
+    print(f"{executor.batched_requests} steps ran in {executor.steps} forward passes")
+    assert executor.batched_requests > 1.5 * executor.steps  # sessions really shared passes
+
+
+async def test_slots_queue_then_refuse_when_the_queue_is_full():
+    pool = SlotPool(n_slots=1, max_waiting=1)
+    first = await pool.acquire()
+    got = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _take(pool, got))
+        await trio.sleep(0.05)
+        assert pool.waiting == 1
+        with pytest.raises(Busy, match="1 sessions and 1 queue places are taken"):
+            await pool.acquire()
+        await pool.release(first)
+    assert got == [first]
+
+
+async def _take(pool, got):
+    got.append(await pool.acquire())

@@ -1,0 +1,158 @@
+"""Serving under failure and load: workers die, leave, or all ask at once; answers stay exact."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from p2pserve.client import QueryError, ask
+from p2pserve.sampling import SamplingParams
+from p2pserve.weights import default_model_path, open_weights
+
+from .reference import cached_hf_model, hf_greedy
+from .swarm import Swarm, client
+
+N = 40
+GREEDY = SamplingParams(max_new_tokens=N)
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+           "What is 2 + 2?"]
+
+
+@pytest.fixture(scope="module")
+def references():
+    tokenizer = open_weights(None).tokenizer()
+    model = cached_hf_model(str(default_model_path()))
+    out = {}
+    for p in PROMPTS:
+        ids = tokenizer.encode_chat([{"role": "user", "content": p}])
+        out[p] = (ids, hf_greedy(model, ids, N)[0])
+    return out
+
+
+def replicated_swarm(root) -> Swarm:
+    """Stage 0 once, stage 1 twice."""
+    swarm = Swarm(root)
+    swarm.start_bootstrap("--pp-partition", "15", "15")
+    procs = [swarm.start_worker("--stage", s, wait=False) for s in ("0", "1", "1")]
+    for p in procs:
+        swarm.wait_serving(p)
+    return swarm
+
+
+async def stream_answer(c, ids, on_token=None):
+    """(tokens, routes, done frame) of one query; ``on_token(n_tokens, routes)`` after each."""
+    tokens, routes, done = [], [], None
+    async for frame in ask(c.host, c.bootstrap_id, tokens=ids, params=GREEDY, stop_on_eos=False):
+        if frame["type"] == "route":
+            routes.append(frame["chain"])
+        elif frame["type"] == "token":
+            tokens.append(frame["token"])
+            if on_token is not None:
+                on_token(len(tokens), routes)
+        else:
+            done = frame
+    return tokens, routes, done
+
+
+async def test_worker_killed_mid_answer_is_replaced_without_loss(tmp_path, references):
+    ids, ref = references[PROMPTS[0]]
+    with replicated_swarm(tmp_path) as swarm:
+        async with client(swarm.addr) as c:
+            await c.wait_chains(2)
+            killed = []
+
+            def kill_stage1_of_route(n, routes):
+                if n == 8 and not killed:
+                    victim = routes[-1][1]
+                    swarm.signal(swarm.proc_of(victim), signal.SIGKILL)
+                    killed.append(victim)
+
+            tokens, routes, done = await stream_answer(c, ids, kill_stage1_of_route)
+    assert tokens == ref
+    assert len(routes) == 2 and killed[0] in routes[0] and killed[0] not in routes[1]
+    print(f"recovered in {done['recovery_s']} s after kill -9 of {killed[0][-8:]}")
+
+
+async def test_no_replacement_means_a_clear_error_after_the_tokens_already_sent(tmp_path, references):
+    ids, ref = references[PROMPTS[1]]
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap("--pp-partition", "15", "15")
+        swarm.start_worker("--stage", "0")
+        w1 = swarm.start_worker("--stage", "1")
+        async with client(swarm.addr) as c:
+            await c.wait_chains(1)
+            got = []
+
+            def kill_after_five(n, routes):
+                got.append(n)
+                if n == 5:
+                    swarm.signal(w1, signal.SIGKILL)
+
+            with pytest.raises(QueryError, match="layers 15-30 of smollm2-135m-instruct have no worker"):
+                await stream_answer(c, ids, kill_after_five)
+    assert max(got) >= 5
+
+
+async def test_sigterm_is_a_graceful_leave(tmp_path, references):
+    ids, ref = references[PROMPTS[2]]
+    with replicated_swarm(tmp_path) as swarm:
+        async with client(swarm.addr) as c:
+            await c.wait_chains(2)
+            leaving = []
+
+            def term_stage1_of_route(n, routes):
+                if n == 5 and not leaving:
+                    leaving.append(routes[-1][1])
+                    swarm.signal(swarm.proc_of(leaving[0]), signal.SIGTERM)
+
+            tokens, routes, _ = await stream_answer(c, ids, term_stage1_of_route)
+            assert tokens == ref
+            assert len(routes) == 1  # it finished its session: no failover was needed
+            proc = swarm.proc_of(leaving[0])
+            with trio.fail_after(40):
+                while proc.poll() is None:
+                    await trio.sleep(0.2)
+            assert proc.returncode == 0
+            st = await c.status()
+            assert leaving[0] not in [w["peer_id"] for w in st["workers"]]
+            assert len(st["chains"]) == 1
+            assert (await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens == ref
+
+
+async def test_bootstrap_restart_does_not_take_workers_down(tmp_path, references):
+    ids, ref = references[PROMPTS[3]]
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap("--pp-partition", "15", "15")
+        swarm.start_worker("--stage", "0")
+        swarm.start_worker("--stage", "1")
+        swarm.signal(swarm.bootstrap_proc, signal.SIGKILL)
+        swarm.bootstrap_proc.wait(timeout=10)
+        addr = swarm.addr
+        assert swarm.start_bootstrap(*swarm.bootstrap_args, port=swarm.bootstrap_port) == addr  # same identity
+        async with client(swarm.addr) as c:
+            await c.wait_chains(1, timeout=30)
+            assert (await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens == ref
+
+
+async def test_32_concurrent_queries_all_complete_exactly_once(tmp_path, references):
+    with replicated_swarm(tmp_path) as swarm:
+        async with client(swarm.addr) as c:
+            await c.wait_chains(2)
+            results: dict[int, tuple] = {}
+
+            async def one(i):
+                prompt = PROMPTS[i % len(PROMPTS)]
+                tokens, routes, done = await stream_answer(c, references[prompt][0])
+                results[i] = (prompt, tokens, routes)
+
+            with trio.fail_after(600):
+                async with trio.open_nursery() as n:
+                    for i in range(32):
+                        n.start_soon(one, i)
+    assert sorted(results) == list(range(32))
+    for i, (prompt, tokens, routes) in results.items():
+        assert tokens == references[prompt][1], f"query {i}"
+    used = {routes[0][1] for _, _, routes in results.values()}
+    assert len(used) == 2, "the burst should spread over both stage-1 replicas"
