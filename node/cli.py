@@ -17,15 +17,20 @@ import click
               help="Comma-separated devices, one per TP rank (e.g. cuda:0,cuda:1); 'cpu' for all CPU ranks.")
 @click.option("--group-id", default="", help="Lets several workers share one machine: own identity and port.")
 @click.option("--listen", default="/ip4/0.0.0.0/tcp/0", show_default=True)
-@click.option("--max-sessions", type=click.IntRange(1, 4096), default=16, show_default=True,
-              help="Concurrent sessions (KV-cache slots); more wait in a bounded queue.")
+@click.option("--max-sessions", type=click.IntRange(1, 4096), default=None,
+              help="Concurrent sessions (KV-cache slots); more wait in a bounded queue. "
+                   "Default: what --kv-memory holds.")
+@click.option("--kv-memory", default=None, metavar="SIZE",
+              help="KV-cache budget, e.g. 2GB (default: 30% of the memory free after loading, at most 64 sessions).")
+@click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=None,
+              help="Sessions that may wait for a slot before new ones are refused as busy (default 4x sessions).")
 @click.option("--max-seq-len", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
               help="Positions per session (prompt + answer).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
-def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, max_seq_len, dtype,
-           home, verbose):
+def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, kv_memory, max_queue,
+           max_seq_len, dtype, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
@@ -39,6 +44,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
     opts = WorkerOptions(
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
         devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
+        kv_memory=kv_memory, max_queue=max_queue,
         max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose,
     )
     trio.run(run_worker, opts)

@@ -31,20 +31,20 @@ def references():
     return out
 
 
-def replicated_swarm(root) -> Swarm:
-    """Stage 0 once, stage 1 twice."""
+def replicated_swarm(root, stage1_replicas: int = 2) -> Swarm:
+    """Stage 0 once, stage 1 ``stage1_replicas`` times."""
     swarm = Swarm(root)
     swarm.start_bootstrap("--pp-partition", "15", "15")
-    procs = [swarm.start_worker("--stage", s, wait=False) for s in ("0", "1", "1")]
+    procs = [swarm.start_worker("--stage", s, wait=False) for s in ["0"] + ["1"] * stage1_replicas]
     for p in procs:
         swarm.wait_serving(p)
     return swarm
 
 
-async def stream_answer(c, ids, on_token=None):
+async def stream_answer(c, ids, on_token=None, params=GREEDY):
     """(tokens, routes, done frame) of one query; ``on_token(n_tokens, routes)`` after each."""
     tokens, routes, done = [], [], None
-    async for frame in ask(c.host, c.bootstrap_id, tokens=ids, params=GREEDY, stop_on_eos=False):
+    async for frame in ask(c.host, c.bootstrap_id, tokens=ids, params=params, stop_on_eos=False):
         if frame["type"] == "route":
             routes.append(frame["chain"])
         elif frame["type"] == "token":
@@ -57,22 +57,29 @@ async def stream_answer(c, ids, on_token=None):
 
 
 async def test_worker_killed_mid_answer_is_replaced_without_loss(tmp_path, references):
+    from p2pserve.local import LocalPipeline
+
     ids, ref = references[PROMPTS[0]]
-    with replicated_swarm(tmp_path) as swarm:
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=2024, max_new_tokens=N)
+    with LocalPipeline(None) as pipe:  # the uninterrupted seeded answer
+        seeded_ref = pipe.generate(ids, seeded, stop_on_eos=False).tokens
+    with replicated_swarm(tmp_path, stage1_replicas=3) as swarm:
         async with client(swarm.addr) as c:
-            await c.wait_chains(2)
-            killed = []
+            await c.wait_chains(3)
+            for params, expected in ((GREEDY, ref), (seeded, seeded_ref)):
+                killed = []
 
-            def kill_stage1_of_route(n, routes):
-                if n == 8 and not killed:
-                    victim = routes[-1][1]
-                    swarm.signal(swarm.proc_of(victim), signal.SIGKILL)
-                    killed.append(victim)
+                def kill_stage1_of_route(n, routes):
+                    if n == 8 and not killed:
+                        victim = routes[-1][1]
+                        swarm.signal(swarm.proc_of(victim), signal.SIGKILL)
+                        killed.append(victim)
 
-            tokens, routes, done = await stream_answer(c, ids, kill_stage1_of_route)
-    assert tokens == ref
-    assert len(routes) == 2 and killed[0] in routes[0] and killed[0] not in routes[1]
-    print(f"recovered in {done['recovery_s']} s after kill -9 of {killed[0][-8:]}")
+                tokens, routes, done = await stream_answer(c, ids, kill_stage1_of_route, params)
+                assert tokens == expected
+                assert len(routes) == 2 and killed[0] in routes[0] and killed[0] not in routes[1]
+                print(f"recovered in {done['recovery_s']} s after kill -9 of {killed[0][-8:]} "
+                      f"({'greedy' if params.greedy else 'seeded sampling'})")
 
 
 async def test_no_replacement_means_a_clear_error_after_the_tokens_already_sent(tmp_path, references):
