@@ -86,7 +86,7 @@ class StageServer:
         self.max_len = max_len
         runner.allocate(max_sessions, max_len)
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
-        self.executor = BatchingExecutor(runner)
+        self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions))
         self.sessions: dict[str, Session] = {}
         self.draining = False
 

@@ -106,8 +106,8 @@ class Swarm:
 class Client:
     """An in-process libp2p client of the swarm, for asserting on tokens."""
 
-    def __init__(self, host, bootstrap_id):
-        self.host, self.bootstrap_id = host, bootstrap_id
+    def __init__(self, host, bootstrap_id, key_pair=None):
+        self.host, self.bootstrap_id, self.key_pair = host, bootstrap_id, key_pair
 
     async def ask(self, **kw):
         from p2pserve.client import ask_all
@@ -139,7 +139,8 @@ def client(addr: str):
     @asynccontextmanager
     async def cm():
         quiet_libp2p_logs()
-        async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
-            yield Client(host, await connect(host, addr, timeout=15))
+        key_pair = create_new_key_pair()
+        async with running_host(key_pair, ["/ip4/127.0.0.1/tcp/0"]) as host:
+            yield Client(host, await connect(host, addr, timeout=15), key_pair)
 
     return cm()

@@ -173,6 +173,29 @@ async def _ask_raw(c, params: dict):
         raise QueryError(e.code, e.message) from None
 
 
+async def test_forged_and_expired_records_are_ignored(swarm2):
+    import dataclasses
+
+    from p2pserve.protocols import ANNOUNCE
+    from p2pserve.records import WorkerRecord, sign_record
+
+    async with client(swarm2.addr) as c:
+        st = await c.wait_chains(1)
+        real = st["workers"][0]
+        me = c.host.get_id().to_base58()
+        mine = WorkerRecord(**{**real, "peer_id": me, "expires_at": time.time() + 20})
+        forged = dataclasses.replace(mine, peer_id=real["peer_id"])  # someone else's id, our key
+        expired = dataclasses.replace(mine, expires_at=time.time() - 1)
+        s = await c.host.new_stream(c.bootstrap_id, [ANNOUNCE])
+        for record, reason in ((forged, "claims peer .* but its key is peer"), (expired, "expired")):
+            await write_frame(s, {"type": "announce", "record": sign_record(record, c.key_pair)})
+            with pytest.raises(RemoteError, match=reason):
+                await read_frame(s)
+        st = await c.status()
+        assert me not in [w["peer_id"] for w in st["workers"]]
+        assert len(st["workers"]) == 2 and len(st["chains"]) == 1
+
+
 def test_unreachable_peer_is_one_clear_line(tmp_path):
     swarm = Swarm(tmp_path)
     r = swarm.cli("query", "--peer", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWGq76WbvTkXVp1zYNGGtJqEHfTJenJ4TdivL1eCMhKgor",
