@@ -185,11 +185,15 @@ class Bootstrap:
         eos = set(self.config.eos_token_ids)
         generated: list[int] = []
         failed: set[str] = set()
+        busy: set[str] = set()
         t0 = time.monotonic()
         recoveries: list[float] = []  # seconds from each failure to the next token
         t_fail = None
         for attempt in range(MAX_ATTEMPTS):
-            chain = await self._choose(pipeline, frozenset(failed), first=attempt == 0)
+            if busy and self.registry.pick(pipeline, frozenset(failed | busy), self.policy) is None:
+                raise QueryFailed("busy", f"every pipeline of {self.config.name} is full ({busy_reason}); "
+                                          f"retry in a moment")
+            chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
             await write_frame(client, {"type": "route", "chain": [h.peer_id for h in chain],
@@ -208,6 +212,10 @@ class Bootstrap:
                 await client.close()
                 return
             except _ChainFailed as e:
+                if e.busy:
+                    busy |= e.peers
+                    busy_reason = str(e)
+                    continue
                 log.warning("chain failed after %d tokens: %s", len(generated), e)
                 self.stats["failovers"] += 1
                 failed |= e.peers
@@ -272,7 +280,7 @@ class Bootstrap:
             if e.code in ("bad_request", "shape", "unknown_model"):
                 raise QueryFailed(e.code, e.message) from None
             if e.code == "busy":
-                raise _ChainFailed(frozenset(), e.message) from None
+                raise _ChainFailed(all_peers, e.message, busy=True) from None
             raise _ChainFailed(await self._suspects(chain), e.message) from None
         except (WireError, EOFError, P2PServeError, OSError) as e:
             if isinstance(e, QueryFailed):
@@ -286,7 +294,8 @@ class Bootstrap:
     async def _suspects(self, chain: list[Hop]) -> frozenset[str]:
         """Peers of a failed chain to avoid next: those that leave the live view within a
         heartbeat window (a killed worker's announce stream closes within milliseconds, a
-        frozen one misses its heartbeats), else the whole chain."""
+        frozen one misses its heartbeats). If none leaves, the chain was slow or hit a
+        passing error, not dead: it stays eligible, and the replay may use it again."""
         peers = {h.peer_id for h in chain}
         with trio.move_on_after(HEARTBEAT * MISSED_HEARTBEATS + 1):
             while True:
@@ -294,13 +303,14 @@ class Bootstrap:
                 if gone:
                     return frozenset(gone)
                 await trio.sleep(0.05)
-        return frozenset(peers)
+        return frozenset()
 
 
 class _ChainFailed(Exception):
-    def __init__(self, peers: frozenset[str], message: str):
+    def __init__(self, peers: frozenset[str], message: str, busy: bool = False):
         super().__init__(message)
         self.peers = peers
+        self.busy = busy  # the chain is healthy but has no room now
 
 
 async def _try_send(stream, frame: dict) -> None:

@@ -163,3 +163,30 @@ async def test_32_concurrent_queries_all_complete_exactly_once(tmp_path, referen
         assert tokens == references[prompt][1], f"query {i}"
     used = {routes[0][1] for _, _, routes in results.values()}
     assert len(used) == 2, "the burst should spread over both stage-1 replicas"
+
+
+async def test_a_full_worker_refuses_with_busy_and_loses_nothing(tmp_path, references):
+    ids, ref = references[PROMPTS[0]]
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap("--pp-partition", "15", "15")
+        swarm.start_worker("--stage", "0")
+        swarm.start_worker("--stage", "1", "--max-sessions", "1", "--max-queue", "0")
+        async with client(swarm.addr) as c:
+            await c.wait_chains(1)
+            outcomes = []
+
+            async def one():
+                try:
+                    outcomes.append((await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens)
+                except QueryError as e:
+                    outcomes.append(e)
+
+            async with trio.open_nursery() as n:
+                for _ in range(2):
+                    n.start_soon(one)
+            answers = [o for o in outcomes if isinstance(o, list)]
+            refusals = [o for o in outcomes if isinstance(o, QueryError)]
+            assert answers == [ref]
+            assert len(refusals) == 1 and refusals[0].code == "busy" and "retry" in str(refusals[0])
+            # the slot came back: the next query is served
+            assert (await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens == ref
