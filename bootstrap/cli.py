@@ -33,7 +33,8 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, home, ver
 
 
 def default_plan(n_layers: int, stages: int = 2):
-    """Without a plan: an even split into two TP-1 stages (the planner refines this)."""
+    """Without a plan, before any worker joined: an even split into two TP-1 stages (then the
+    planner plans from the devices the workers announce, bootstrap/planning.py)."""
     from p2pserve.plan import Plan
     from p2pserve.tp import split_evenly
 
@@ -50,12 +51,14 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
     from p2pserve.weights import open_weights
 
+    from .planning import Planning
     from .server import Bootstrap
 
     quiet_libp2p_logs(verbose)
     source = open_weights(model_path)
     config = source.config
-    plan = plan_from_options(hetero_config, pp_partition) or default_plan(config.n_layers)
+    explicit = plan_from_options(hetero_config, pp_partition)  # else: planned from the workers that join
+    plan = explicit or default_plan(config.n_layers)
     plan.check_model(config)
     tokenizer = source.tokenizer()
     key = load_or_create_identity(home / "bootstrap.key")
@@ -63,6 +66,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
         async with running_dht(host, server=True):
             node = Bootstrap(host, config, tokenizer, [plan],
                              policy="least-loaded" if policy == "latency" else "round-robin")
+            node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
             host.set_stream_handler(ANNOUNCE, node.handle_announce)
             host.set_stream_handler(PLAN, node.handle_plan)
             host.set_stream_handler(QUERY, node.handle_query)

@@ -86,8 +86,9 @@ def plan_request(opts: WorkerOptions, speeds) -> dict:
 
     if opts.stage != "auto" or opts.layers:
         return {"type": "plan"}
+    # without --max-sessions the KV cache is sized after loading (node/budget.py): one must fit
     return {"type": "plan", "auto": auto_request(speeds[0], n_devices=len(speeds), dtype=opts.dtype,
-                                                 max_sessions=opts.max_sessions, max_seq_len=opts.max_seq_len)}
+                                                 max_sessions=opts.max_sessions or 1, max_seq_len=opts.max_seq_len)}
 
 
 async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:

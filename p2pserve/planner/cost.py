@@ -164,10 +164,11 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     ``micro_batch`` how many of them one decode step processes.
     """
     tp = len(kinds)
-    flop_rate = min(k.flops for k in kinds) * dtype.flops_scale
+    on_cpu = any(k.kind == "cpu" for k in kinds)
+    # a CPU's figure is its fp32 rate already: there are no tensor cores to slow to TF32
+    flop_rate = min(k.flops for k in kinds) * (1.0 if on_cpu else dtype.flops_scale)
     bandwidth = min(k.bandwidth for k in kinds)
     link = slowest_link(kinds)
-    on_cpu = any(k.kind == "cpu" for k in kinds)
     overhead = params.cpu_layer_overhead if on_cpu else params.gpu_layer_overhead
     shard = Shard.of(model, tp)
     h, hd, vocab = model.hidden_size, model.head_dim, model.vocab_size

@@ -57,9 +57,9 @@ def measure_device(device: str = "cpu", *, hidden: int = 2048, refresh: bool = F
     import torch
 
     dev = torch.device(device)
-    name, memory = _describe(dev)
+    name, memory = describe_device(dev)
     threads = torch.get_num_threads()
-    key = f"{name}|torch {torch.__version__}|threads {threads}"
+    key = _key(name, torch.__version__, threads)
     path = cache_path()
     cache = _read(path)
     if key in cache and not refresh:
@@ -83,7 +83,20 @@ def measure_device(device: str = "cpu", *, hidden: int = 2048, refresh: bool = F
     return speed
 
 
-def _describe(dev) -> tuple[str, float]:
+def remember(speed: DeviceSpeed) -> None:
+    """Cache ``speed`` as if ``measure_device`` had measured it: to describe a device by hand
+    (less memory than it has, say), or to give tests a known device."""
+    path = cache_path()
+    cache = _read(path)
+    cache[_key(speed.name, speed.torch_version, speed.threads)] = speed.to_dict()
+    _write(path, cache)
+
+
+def _key(name: str, torch_version: str, threads: int) -> str:
+    return f"{name}|torch {torch_version}|threads {threads}"
+
+
+def describe_device(dev) -> tuple[str, float]:
     import torch
 
     if dev.type == "cuda":

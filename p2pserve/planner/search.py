@@ -537,8 +537,8 @@ class ServingStage:
 
 def best_stage_for_new_worker(current_stages: Sequence[ServingStage], device: DeviceType,
                               model: ModelConfig, *, n_devices: int = 1, dtype: str | Dtype = "fp16",
-                              workload: Workload = Workload(),
-                              params: CostParams = CostParams()) -> tuple[int, int, int]:
+                              workload: Workload = Workload(), params: CostParams = CostParams(),
+                              candidates: Sequence[tuple[int, int, int]] | None = None) -> tuple[int, int, int]:
     """The ``(start, end, tp)`` a new worker with ``n_devices`` of ``device`` should serve.
 
     As Petals' servers choose blocks: each layer's capacity is the summed token rate of
@@ -547,6 +547,8 @@ def best_stage_for_new_worker(current_stages: Sequence[ServingStage], device: De
     gaps first, then the weakest layers. Chains join stages end to start, so the range
     starts at an existing stage boundary (or 0) and ends at one (or L), or where the
     worker's memory runs out, which makes a new boundary for the next worker.
+
+    ``candidates``: the only ``(start, end, tp)`` ranges allowed (a fixed plan's stages).
     """
     dtype = dtype_named(dtype) if isinstance(dtype, str) else dtype
     L, b = model.n_layers, workload.sessions
@@ -565,20 +567,42 @@ def best_stage_for_new_worker(current_stages: Sequence[ServingStage], device: De
         table = tables.setdefault((s.device, s.tp), costs(s.device, s.tp))
         capacity[s.start:s.end] += rate(table, s.start, s.end)
     tp = max(1, min(n_devices, model.n_kv_heads))
-    table = costs(device, tp)
-    boundaries = sorted({0, L} | {s.start for s in current_stages} | {s.end for s in current_stages})
+    fixed = candidates is not None
+    if candidates is None:
+        own = tables.setdefault((device, tp), costs(device, tp))
+        candidates = _ranges_from_boundaries(current_stages, L, tp,
+                                             lambda start, n: own[(start == 0, start + n == L)].fits(n))
     best, best_key = None, None
-    for start in boundaries[:-1]:
-        fit = max((n for n in range(1, L - start + 1) if table[(start == 0, start + n == L)].fits(n)), default=0)
-        for end in sorted({e for e in boundaries if start < e <= start + fit} | ({start + fit} if fit else set())):
-            after = capacity.copy()
-            after[start:end] += rate(table, start, end)
-            key = tuple(np.sort(after))
-            if best_key is None or key > best_key:
-                best, best_key = (start, end, tp), key
+    for start, end, c_tp in candidates:
+        table = tables.setdefault((device, c_tp), costs(device, c_tp))
+        if not table[(start == 0, end == L)].fits(end - start):
+            continue
+        after = capacity.copy()
+        after[start:end] += rate(table, start, end)
+        key = tuple(np.sort(after))
+        if best_key is None or key > best_key:
+            best, best_key = (start, end, c_tp), key
+    if best is None and fixed:
+        smallest = min(candidates, key=lambda c: c[1] - c[0], default=None)
+        raise ConfigError(
+            f"{tp}x{device.name} ({device.usable_memory / GiB:.2f} GiB usable) cannot hold any stage of the "
+            f"plan (the smallest is layers {smallest[0]}-{smallest[1]})" if smallest else "the plan has no stages")
     if best is None:
+        table = costs(device, tp)
         need = table[(False, False)].memory.at(1)
         raise ConfigError(
             f"{tp}x{device.name} cannot hold one layer of {model.name} ({dtype.name}): a layer with "
             f"its KV cache needs {need / GiB:.2f} GiB per device, {device.usable_memory / GiB:.2f} GiB usable")
     return best
+
+
+def _ranges_from_boundaries(current_stages: Sequence[ServingStage], L: int, tp: int, fits) -> list[tuple[int, int, int]]:
+    """Chains join stages end to start: a new range starts at an existing boundary (or 0) and
+    ends at one (or L), or where the worker's memory runs out (``fits(start, n)``)."""
+    boundaries = sorted({0, L} | {s.start for s in current_stages} | {s.end for s in current_stages})
+    out = []
+    for start in boundaries[:-1]:
+        fit = max((n for n in range(1, L - start + 1) if fits(start, n)), default=0)
+        ends = {e for e in boundaries if start < e <= start + fit} | ({start + fit} if fit else set())
+        out += [(start, end, tp) for end in sorted(ends)]
+    return out
