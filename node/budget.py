@@ -10,7 +10,7 @@ from p2pserve.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.tp import split_evenly
 
-DEFAULT_SHARE = 0.3  # of the memory free after loading the weights
+DEFAULT_SHARE = 0.25  # of the device's total memory
 MAX_DEFAULT_SESSIONS = 64
 
 
@@ -20,10 +20,12 @@ def kv_bytes_per_session(config: ModelConfig, n_layers: int, tp: int, max_len: i
     return 2 * n_layers * heads * config.head_dim * max_len * torch.empty((), dtype=dtype).element_size()
 
 
-def free_memory(device: str) -> int:
+def total_memory(device: str) -> int:
+    # total, not free: a default that changes with whatever else runs at start-up would
+    # make a worker's capacity a matter of luck
     if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_size(text: str) -> int:
@@ -40,7 +42,7 @@ def max_sessions(config: ModelConfig, n_layers: int, tp: int, max_len: int, dtyp
                  device: str, kv_memory: str | None = None) -> int:
     """Sessions that fit in ``kv_memory`` (or a share of the free memory), at least one."""
     per_session = kv_bytes_per_session(config, n_layers, tp, max_len, dtype)
-    budget = parse_size(kv_memory) if kv_memory else int(free_memory(device) * DEFAULT_SHARE)
+    budget = parse_size(kv_memory) if kv_memory else int(total_memory(device) * DEFAULT_SHARE)
     n = budget // per_session
     if kv_memory and n < 1:
         raise ConfigError(f"--kv-memory {kv_memory} holds no session: one needs "

@@ -37,15 +37,6 @@ def references(tokenizer):
     return out
 
 
-@pytest.fixture(scope="module")
-def swarm2(tmp_path_factory):
-    with Swarm(tmp_path_factory.mktemp("swarm2")) as swarm:
-        swarm.start_bootstrap("--hetero-config", "1", "1", "--pp-partition", "15", "15")
-        swarm.start_worker("--stage", "0")
-        swarm.start_worker("--stage", "1")
-        yield swarm
-
-
 GREEDY = SamplingParams(max_new_tokens=N)
 
 
