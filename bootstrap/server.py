@@ -151,22 +151,32 @@ class Bootstrap:
             raise QueryFailed("bad_request", f"token ids must be in [0, {self.config.vocab_size})")
         return ids
 
+    def prepare(self, msg: dict) -> tuple[list[int], SamplingParams, int | None, bool]:
+        """Check a query once, at the edge: (prompt ids, params, pinned pipeline, stop_on_eos)."""
+        try:
+            pipeline = self.resolve_model(msg.get("model"))
+            params = SamplingParams.from_dict(msg.get("params") or {})
+            prompt = self.encode(msg)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise QueryFailed("bad_request", str(e)) from None
+        need = len(prompt) + params.max_new_tokens
+        if need > self.config.max_position_embeddings:
+            raise QueryFailed("bad_request", f"prompt ({len(prompt)} tokens) + max_new_tokens "
+                                             f"({params.max_new_tokens}) is above {self.config.name}'s "
+                                             f"context of {self.config.max_position_embeddings}")
+        return prompt, params, pipeline, bool(msg.get("stop_on_eos", True))
+
     async def handle_query(self, stream) -> None:
         try:
             msg = await read_frame(stream, timeout=30)
             self.stats["queries"] += 1
-            try:
-                pipeline = self.resolve_model(msg.get("model"))
-                params = SamplingParams.from_dict(msg.get("params") or {})
-                prompt = self.encode(msg)
-            except ConfigError as e:
-                raise QueryFailed("bad_request", str(e)) from None
-            need = len(prompt) + params.max_new_tokens
-            if need > self.config.max_position_embeddings:
-                raise QueryFailed("bad_request", f"prompt ({len(prompt)} tokens) + max_new_tokens "
-                                                 f"({params.max_new_tokens}) is above {self.config.name}'s "
-                                                 f"context of {self.config.max_position_embeddings}")
-            await self.answer(stream, prompt, params, pipeline, bool(msg.get("stop_on_eos", True)))
+            prompt, params, pipeline, stop_on_eos = self.prepare(msg)
+
+            async def emit(frame):
+                await write_frame(stream, frame)
+
+            await self.answer(emit, prompt, params, pipeline, stop_on_eos)
+            await stream.close()
         except QueryFailed as e:
             await _try_send(stream, error_frame(e.code, str(e)))
         except (WireError, EOFError) as e:
@@ -178,9 +188,11 @@ class Bootstrap:
             log.exception("query failed")
             await _try_send(stream, error_frame("internal", f"{type(e).__name__}: {e}"))
 
-    async def answer(self, client, prompt: list[int], params: SamplingParams, pipeline: int | None,
+    async def answer(self, emit, prompt: list[int], params: SamplingParams, pipeline: int | None,
                      stop_on_eos: bool) -> None:
-        """Generate on some chain, failing over to another until the answer is complete."""
+        """Generate on some chain, failing over to another until the answer is complete.
+
+        ``emit(frame)`` delivers each frame to the client: route, token…, done."""
         decoder = self.tokenizer.stream()
         eos = set(self.config.eos_token_ids)
         generated: list[int] = []
@@ -196,8 +208,8 @@ class Bootstrap:
             chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
-            await write_frame(client, {"type": "route", "chain": [h.peer_id for h in chain],
-                                       "layers": [[h.start, h.end] for h in chain], "attempt": attempt})
+            await emit({"type": "route", "chain": [h.peer_id for h in chain],
+                        "layers": [[h.start, h.end] for h in chain], "attempt": attempt})
             try:
                 async for token in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
                     if t_fail is not None:
@@ -205,11 +217,12 @@ class Bootstrap:
                         t_fail = None
                     generated.append(token)
                     text = "" if token in eos else decoder.push(token)
-                    await write_frame(client, {"type": "token", "token": token, "text": text})
-                await write_frame(client, {"type": "done", "n_tokens": len(generated),
-                                           "text": decoder.flush(), "failovers": attempt,
-                                           "recovery_s": recoveries, "time_s": time.monotonic() - t0})
-                await client.close()
+                    await emit({"type": "token", "token": token, "text": text})
+                await emit({"type": "done", "n_tokens": len(generated), "prompt_tokens": len(prompt),
+                            "text": decoder.flush(), "failovers": attempt, "recovery_s": recoveries,
+                            "time_s": time.monotonic() - t0,
+                            "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
+                            else "length"})
                 return
             except _ChainFailed as e:
                 if e.busy:
