@@ -19,9 +19,11 @@ from p2pserve.protocols import DEFAULT_PORT
 @plan_options
 @click.option("--policy", type=click.Choice(["latency", "round-robin"]), default="latency", show_default=True,
               help="How a query picks among complete pipelines.")
+@click.option("--http", "http_bind", default=None, metavar="HOST:PORT",
+              help="Also serve the OpenAI-compatible API here, e.g. --http 0.0.0.0:8000.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
-def bootstrap(listen, model_path, hetero_config, pp_partition, policy, home, verbose):
+def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
 
@@ -29,7 +31,7 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, home, ver
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    trio.run(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose)
+    trio.run(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose, http_bind)
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -43,9 +45,10 @@ def default_plan(n_layers: int, stages: int = 2):
 
 
 async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
-                task_status=None):
+                http_bind=None, task_status=None):
     import trio
 
+    from p2pserve.errors import ConfigError
     from p2pserve.home import dialable, write_bootstrap_addr
     from p2pserve.host import load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
@@ -82,9 +85,18 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                 click.echo(f"  p2pserve worker --peer {addrs[0]} --stage {stage.index}")
             click.echo("ask with:")
             click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
-            if task_status is not None:
-                task_status.started(node)
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                if http_bind:
+                    from .http import serve_http
+
+                    try:
+                        await nursery.start(serve_http, node, http_bind)
+                    except OSError as e:
+                        raise ConfigError(f"--http {http_bind}: cannot listen there ({e.strerror or e})") from None
+                    click.echo(f"OpenAI-compatible API: http://{http_bind}/v1 (model {config.name})")
+                if task_status is not None:
+                    task_status.started(node)
+                await trio.sleep_forever()
 
 
 def _full_addrs(host) -> list[str]:

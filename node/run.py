@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import click
@@ -28,11 +29,13 @@ class WorkerOptions:
     devices: str
     group_id: str
     listen: str
-    max_sessions: int
+    max_sessions: int | None
     max_seq_len: int
     dtype: str
     home: Path
     verbose: bool = False
+    kv_memory: str | None = None
+    max_queue: int | None = None
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -69,6 +72,23 @@ def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, 
         raise ConfigError(f"--stage {index}: the plan ({plan.flags()}) has stages 0..{plan.n_stages - 1}")
     s = plan.stages[index]
     return index, s.start, s.end, s.tp
+
+
+def chain_stages(opts: WorkerOptions, info: dict) -> list[tuple[int, int, int]] | None:
+    """``--stage 1,2``: the (start, end, tp) of each of several consecutive plan stages."""
+    from p2pserve.plan import Plan
+
+    if "," not in opts.stage:
+        return None
+    plan = Plan.from_dict(info["plans"][0])
+    try:
+        indices = [int(x) for x in opts.stage.split(",")]
+    except ValueError:
+        raise ConfigError(f"--stage {opts.stage!r}: expected stage indices like 1,2") from None
+    if any(b != a + 1 for a, b in zip(indices, indices[1:])) or not 0 <= indices[0] or indices[-1] >= plan.n_stages:
+        raise ConfigError(f"--stage {opts.stage}: give consecutive stages of the plan ({plan.flags()}), "
+                          f"e.g. --stage 0,1")
+    return [(plan.stages[i].start, plan.stages[i].end, plan.stages[i].tp) for i in indices]
 
 
 def device_list(devices: str, tp: int) -> list[str]:
@@ -108,6 +128,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.tpgroup import StageGroup
     from p2pserve.weights import open_weights
 
+    from .budget import max_sessions
     from .worker import StageServer, announce_forever, make_record
 
     quiet_libp2p_logs(opts.verbose)
@@ -125,13 +146,26 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 f"refusing to join: this swarm serves {info.get('model')} (fingerprint {info.get('fingerprint')}) "
                 f"but --model {opts.model_path or 'default'} is {config.name} (fingerprint {config.fingerprint()}); "
                 f"point --model at the same weights the bootstrap serves")
-        stage, start, end, tp = choose_layers(opts, info, config.n_layers)
-        devices = device_list(opts.devices, tp)
-        group = await trio.to_thread.run_sync(
-            lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source))
+        chain = chain_stages(opts, info)
+        if chain:  # several stages in this worker: torch.distributed between them, not libp2p
+            from p2pserve.chain import ChainRunner
+
+            stage, start, end, tp = int(opts.stage.split(",")[0]), chain[0][0], chain[-1][1], chain[0][2]
+            devices = device_list(opts.devices, 1) * tp
+            runner = await trio.to_thread.run_sync(
+                lambda: ChainRunner(opts.model_path, chain, parse_dtype(opts.dtype), devices[0]))
+            group = SimpleNamespace(runner=runner, close=runner.close)
+        else:
+            stage, start, end, tp = choose_layers(opts, info, config.n_layers)
+            devices = device_list(opts.devices, tp)
+            group = await trio.to_thread.run_sync(
+                lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source))
         try:
+            sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
+                                                         parse_dtype(opts.dtype), devices[0], opts.kv_memory)
             server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
-                                 start=start, end=end, max_sessions=opts.max_sessions, max_len=opts.max_seq_len)
+                                 start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
+                                 max_waiting=opts.max_queue)
             host.set_stream_handler(SESSION, server.handle)
             addrs = dialable(host_multiaddrs(host))
             device_info = device_entries(measure_devices(devices), config, opts.dtype, first=start == 0,
@@ -152,7 +186,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
 
                     nursery.start_soon(keep_announcing)
                     click.echo(f"worker {host.get_id().to_base58()} serving layers {start}-{end} of {config.name} "
-                               f"(TP {tp} on {','.join(devices)}) at {addrs[0]}", err=True)
+                               f"(TP {tp} on {','.join(devices)}, {sessions} sessions) at {addrs[0]}", err=True)
                     task_status.started(server)
                     await _wait_for_signal()
                     # Leave gracefully: closing the announce stream drops this worker from the

@@ -236,3 +236,18 @@ async def test_a_tp2_stage_in_a_three_worker_swarm(tmp_path, references):
             ids, ref = references[PROMPTS[0]]
             answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
     assert answer.tokens == ref
+
+
+async def test_one_worker_holds_two_consecutive_stages(tmp_path, references):
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap("--hetero-config", "1", "2", "1", "--pp-partition", "7", "11", "12")
+        a = swarm.start_worker("--stage", "0,1", wait=False)  # TP 1 then TP 2, one torch.distributed world
+        b = swarm.start_worker("--stage", "2", wait=False)
+        for p in (a, b):
+            swarm.wait_serving(p)
+        async with client(swarm.addr) as c:
+            st = await c.wait_chains(1)
+            assert sorted((w["start"], w["end"]) for w in st["workers"]) == [(0, 18), (18, 30)]
+            ids, ref = references[PROMPTS[0]]
+            answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
+    assert answer.tokens == ref
