@@ -10,8 +10,8 @@ from p2pserve.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.tp import split_evenly
 
-DEFAULT_SHARE = 0.25  # of the device's total memory
-MAX_DEFAULT_SESSIONS = 64
+DEFAULT_SHARE = 0.1  # of the device's total memory (several workers may share a machine)
+MAX_DEFAULT_SESSIONS = 16
 
 
 def kv_bytes_per_session(config: ModelConfig, n_layers: int, tp: int, max_len: int, dtype: torch.dtype) -> int:

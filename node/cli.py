@@ -23,7 +23,7 @@ import click
               help="Concurrent sessions (KV-cache slots); more wait in a bounded queue. "
                    "Default: what --kv-memory holds.")
 @click.option("--kv-memory", default=None, metavar="SIZE",
-              help="KV-cache budget, e.g. 2GB (default: 25% of the device's memory, at most 64 sessions).")
+              help="KV-cache budget, e.g. 2GB (default: 10% of the device's memory, at most 16 sessions).")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=None,
               help="Sessions that may wait for a slot before new ones are refused as busy (default 4x sessions).")
 @click.option("--max-seq-len", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
