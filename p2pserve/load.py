@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import MLP, Attention, Block, RMSNorm, StageModel
+from .model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
 from .tp import shard_for
 from .weights import WeightSource
 
@@ -19,23 +19,27 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     def get(name, rows=None, cols=None):
         return source.get(name, rows=rows, cols=cols).to(device=device, dtype=dtype)
 
+    def linear(*weights):
+        """Linear weights, their outputs side by side, packed for ``model.linear``."""
+        return pack_linear(torch.cat(weights))
+
     def rows(heads):
         return heads[0] * hd, heads[1] * hd
 
     blocks = []
     for i in range(start, end):
         p = f"model.layers.{i}."
-        wqkv = torch.cat([
+        wqkv = linear(
             get(p + "self_attn.q_proj.weight", rows=rows(shard.q_heads)),
             get(p + "self_attn.k_proj.weight", rows=rows(shard.kv_heads)),
             get(p + "self_attn.v_proj.weight", rows=rows(shard.kv_heads)),
-        ])
-        wo = get(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads))
-        w13 = torch.cat([
+        )
+        wo = linear(get(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads)))
+        w13 = linear(
             get(p + "mlp.gate_proj.weight", rows=shard.ffn),
             get(p + "mlp.up_proj.weight", rows=shard.ffn),
-        ])
-        w2 = get(p + "mlp.down_proj.weight", cols=shard.ffn)
+        )
+        w2 = linear(get(p + "mlp.down_proj.weight", cols=shard.ffn))
         blocks.append(Block(
             Attention(config, shard, wqkv, wo),
             MLP(w13, w2),
@@ -49,5 +53,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     if leader and end == config.n_layers:
         norm = RMSNorm(get("model.norm.weight"), config.rms_norm_eps)
         tied = config.tie_word_embeddings and embed is not None
-        head = embed if tied else get("lm_head.weight")
+        head = linear(embed if tied else get("lm_head.weight"))
+        if tied and not head.is_mkldnn:  # [hidden, vocab]: the embedding is its transpose, no copy
+            embed = head.t()
     return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()

@@ -1,0 +1,274 @@
+"""Decode tokens/s and time to first token of p2pserve plans vs. transformers generate().
+
+    python bench/engine.py [--quick] [--plans 1/30 1,1/15,15 ...] [--dtypes fp32 bf16]
+                           [--reps 3] [--tokens 64]
+
+SmolLM2-135M-Instruct from the default GGUF, the chat prompt "What is the capital of
+France?", ``--tokens`` greedy new tokens without stopping at EOS, on this machine's CPU.
+
+Fairness on a shared machine: no number is compared with one taken at another time. For
+each plan and dtype, after a warm-up, ``--reps`` rounds each run the plan, the one-stage
+plan of the same dtype and transformers, in an order that rotates from round to round;
+every ratio is of medians over the same rounds. Threads are pinned: transformers and
+the one-stage plan use all cores, and each rank of a plan uses cores // (widest TP
+degree), what ``p2pserve run`` gives it (so a TP-3 stage on 2 cores oversubscribes them).
+
+transformers runs fp32 (its CPU baseline); bf16 plans are compared with it too. The
+machine's load average is printed at the start and the end: on a busy machine every
+multi-threaded run slows down (OpenMP threads wait for a core), so read ratios, not speeds.
+Targets (from the issue): the one-stage fp32 plan at least 2x transformers' decode
+tokens/s, and each added pipeline stage costing under 10% of the one-stage decode speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from p2pserve.local import LocalPipeline
+from p2pserve.plan import Plan
+from p2pserve.sampling import SamplingParams
+from p2pserve.weights import default_model_path, open_weights
+
+PROMPT = "What is the capital of France?"
+ALL_PLANS = ["1/30", "1,1/15,15", "2,1/20,10", "1,2,1/7,11,12", "3/30"]
+QUICK_PLANS = ["1/30", "1,1/15,15"]
+CORES = os.cpu_count() or 1
+
+
+def parse_plan(text: str) -> Plan:
+    """``"2,1/20,10"`` (or ``"[2 1]/[20 10]"``): TP degrees / layer counts, HexGen's two lists."""
+    if text.count("/") != 1:
+        raise SystemExit(f"--plans {text!r}: write TP degrees/layer counts, e.g. 2,1/20,10")
+    hetero, partition = (re.findall(r"\d+", side) for side in text.split("/"))
+    return Plan(hetero, partition)
+
+
+def plan_name(plan: Plan) -> str:
+    return f"[{' '.join(map(str, plan.hetero_config))}]/[{' '.join(map(str, plan.pp_partition))}]"
+
+
+def rank_threads(plan: Plan) -> int:
+    return max(1, CORES // max(plan.hetero_config))
+
+
+@dataclass
+class Run:
+    ttft: float  # s
+    decode: float  # tokens/s
+    tokens: list[int]
+
+
+@dataclass
+class Samples:
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float:
+        return statistics.median(r.ttft for r in self.runs)
+
+    @property
+    def decode(self) -> float:
+        return statistics.median(r.decode for r in self.runs)
+
+    @property
+    def spread(self) -> float:
+        speeds = [r.decode for r in self.runs]
+        return (max(speeds) - min(speeds)) / self.decode
+
+
+class FirstTokenClock:
+    """A generate() streamer that notes when the first new token comes out."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first = None
+
+    def put(self, value):
+        self.puts += 1  # the first put is the prompt
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+class Transformers:
+    """The baseline: LlamaForCausalLM.generate(), greedy, exactly ``n`` new tokens."""
+
+    def __init__(self, n_tokens: int, threads: int):
+        from transformers import LlamaForCausalLM
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        path = default_model_path()
+        self.model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                      dtype=torch.float32).eval()
+        self.n = n_tokens
+        self.threads = threads
+
+    @torch.inference_mode()
+    def run(self, prompt: list[int]) -> Run:
+        torch.set_num_threads(self.threads)
+        ids = torch.tensor([prompt])
+        clock = FirstTokenClock()
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=self.n, min_new_tokens=self.n, streamer=clock,
+                                  pad_token_id=self.model.config.eos_token_id)
+        end = time.perf_counter()
+        return Run(clock.first - t0, (self.n - 1) / (end - clock.first), out[0, len(prompt):].tolist())
+
+
+class Engine:
+    """One p2pserve plan, open for the whole measurement."""
+
+    def __init__(self, plan: Plan, dtype: str, n_tokens: int):
+        self.plan, self.dtype = plan, dtype
+        self.threads = rank_threads(plan)
+        self.pipe = LocalPipeline(None, plan, dtype=dtype, threads=self.threads)
+        self.params = SamplingParams(max_new_tokens=n_tokens)
+
+    def run(self, prompt: list[int]) -> Run:
+        torch.set_num_threads(self.threads)  # a one-rank plan shares this process
+        gen = self.pipe.generate(prompt, self.params, stop_on_eos=False)
+        return Run(gen.ttft, gen.decode_tokens_per_s, gen.tokens)
+
+    def close(self):
+        self.pipe.close()
+
+
+def measure(contenders: dict[str, object], prompt: list[int], reps: int) -> dict[str, Samples]:
+    """``reps`` rounds, each running every contender once, the order rotating by round."""
+    names = list(contenders)
+    samples = {name: Samples() for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].runs.append(contenders[name].run(prompt))
+    return samples
+
+
+def same_answer(ours: list[int], theirs: list[int], eos: tuple[int, ...]) -> bool:
+    """Up to our first EOS: min_new_tokens forbids generate() to emit one, so it goes elsewhere."""
+    end = next((i for i, t in enumerate(ours) if t in eos), len(ours))
+    return ours[:end] == theirs[:end]
+
+
+@dataclass
+class Row:
+    plan: Plan
+    dtype: str
+    threads: int
+    ours: Samples
+    one_stage: Samples  # the one-stage plan of the same dtype, in the same rounds
+    hf: Samples  # transformers, in the same rounds
+    same: bool
+
+    @property
+    def vs_hf(self) -> float:
+        return self.ours.decode / self.hf.decode
+
+    @property
+    def vs_one_stage(self) -> float:
+        return self.ours.decode / self.one_stage.decode
+
+    @property
+    def cost_per_added_stage(self) -> float | None:
+        added = self.plan.n_stages - 1
+        return (1 - self.vs_one_stage) / added if added else None
+
+
+def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, console: Console) -> list[Row]:
+    source = open_weights(None)
+    eos = source.config.eos_token_ids
+    prompt = source.tokenizer().encode_chat([{"role": "user", "content": PROMPT}])
+    one = Plan.single(source.config.n_layers)
+    console.print(f"prompt: {len(prompt)} tokens, {n_tokens} new tokens, {reps} rounds, {CORES} cores, "
+                  f"load average {os.getloadavg()[0]:.1f}")
+    console.print("loading transformers (slow: dequantizes the GGUF)…")
+    hf = Transformers(n_tokens, rank_threads(one))
+    hf.run(prompt)  # warm-up
+    rows = []
+    for dtype in dtypes:
+        single = Engine(one, dtype, n_tokens)
+        single.run(prompt)
+        try:
+            for plan in plans:
+                console.print(f"measuring {plan_name(plan)} {dtype}…")
+                if plan == one:
+                    s = measure({"ours": single, "hf": hf}, prompt, reps)
+                    s["one"] = s["ours"]
+                    threads = single.threads
+                else:
+                    engine = Engine(plan, dtype, n_tokens)
+                    try:
+                        engine.run(prompt)
+                        s = measure({"ours": engine, "one": single, "hf": hf}, prompt, reps)
+                    finally:
+                        engine.close()
+                    threads = engine.threads
+                same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
+                rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same))
+        finally:
+            single.close()
+    return rows
+
+
+def report(rows: list[Row], console: Console) -> None:
+    table = Table(title="p2pserve vs transformers generate() (fp32), SmolLM2-135M, CPU; medians",
+                  caption="tf: transformers and 1-stage: the [1]/[30] plan of the same dtype, both measured "
+                          "in the same rounds as the row's plan; vs: ratio of decode tokens/s; spread: "
+                          "(max - min) / median of the plan's decode tokens/s; same answer: greedy tokens "
+                          "equal to transformers' up to the first EOS")
+    for col in ["plan", "dtype", "threads/rank", "TTFT ms", "decode tok/s", "spread", "tf TTFT ms",
+                "tf tok/s", "vs tf", "vs 1-stage", "cost/added stage", "same answer"]:
+        table.add_column(col, justify="left" if col in ("plan", "dtype") else "right")
+    for r in rows:
+        cost = r.cost_per_added_stage
+        table.add_row(
+            plan_name(r.plan), r.dtype, str(r.threads), f"{r.ours.ttft * 1e3:.0f}", f"{r.ours.decode:.1f}",
+            f"{r.ours.spread:.0%}",
+            f"{r.hf.ttft * 1e3:.0f}", f"{r.hf.decode:.1f}", f"{r.vs_hf:.2f}x", f"{r.vs_one_stage:.2f}x",
+            "" if cost is None else f"{cost:.1%}", "yes" if r.same else "no",
+        )
+    console.print(table)
+    for r in rows:
+        if r.plan.world_size == 1 and r.dtype == "fp32":
+            verdict = "met" if r.vs_hf >= 2 else "NOT met"
+            console.print(f"one-stage fp32 decode = {r.vs_hf:.2f}x transformers (target >= 2x: {verdict})")
+    costs = [(r, r.cost_per_added_stage) for r in rows if r.cost_per_added_stage is not None]
+    if costs:
+        worst, cost = max(costs, key=lambda rc: rc[1])
+        verdict = "met" if cost < 0.10 else "NOT met"
+        console.print(f"worst cost per added stage: {cost:.1%} ({plan_name(worst.plan)} {worst.dtype}; "
+                      f"target < 10%: {verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"plans {' '.join(QUICK_PLANS)}, 2 rounds")
+    parser.add_argument("--plans", nargs="+", metavar="TP/LAYERS", help="e.g. 1/30 2,1/20,10 (default: all five)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--reps", type=int, help="measured rounds per plan and dtype (default 3, quick 2)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    args = parser.parse_args()
+    plans = [parse_plan(p) for p in (args.plans or (QUICK_PLANS if args.quick else ALL_PLANS))]
+    reps = args.reps or (2 if args.quick else 3)
+    console = Console(width=150)
+    t0 = time.perf_counter()
+    rows = run_bench(plans, args.dtypes, reps, args.tokens, console)
+    report(rows, console)
+    console.print(f"({time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
