@@ -41,7 +41,7 @@ FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
 # A chain that stops producing tokens for 20x its recent token interval (at least
 # MIN_TOKEN_TIMEOUT, at most TOKEN_TIMEOUT) counts as failed: a frozen peer or a cut link.
 TOKEN_TIMEOUT = 30.0
-MIN_TOKEN_TIMEOUT = 3.0
+MIN_TOKEN_TIMEOUT = 10.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
 
 

@@ -29,10 +29,12 @@ import click
 @click.option("--max-seq-len", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
               help="Positions per session (prompt + answer).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="CPU threads per rank (default: cores / TP degree; use 1 when several workers share few cores).")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
 def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, kv_memory, max_queue,
-           max_seq_len, dtype, home, verbose):
+           max_seq_len, dtype, threads, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
@@ -46,7 +48,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
     opts = WorkerOptions(
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
         devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
-        kv_memory=kv_memory, max_queue=max_queue,
+        kv_memory=kv_memory, max_queue=max_queue, threads=threads,
         max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose,
     )
     trio.run(run_worker, opts)

@@ -36,6 +36,7 @@ class WorkerOptions:
     verbose: bool = False
     kv_memory: str | None = None
     max_queue: int | None = None
+    threads: int | None = None
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -159,7 +160,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             stage, start, end, tp = choose_layers(opts, info, config.n_layers)
             devices = device_list(opts.devices, tp)
             group = await trio.to_thread.run_sync(
-                lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source))
+                lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source,
+                                   threads=opts.threads))
         try:
             sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                          parse_dtype(opts.dtype), devices[0], opts.kv_memory)

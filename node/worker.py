@@ -332,9 +332,15 @@ def make_record(host, server: StageServer, *, stage: int, tp: int, devices: list
 async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) -> None:
     """Heartbeat the bootstrap on one stream (re-dialing if it restarts) and keep the DHT
     record fresh. Never returns; cancel it to leave."""
+    async with trio.open_nursery() as nursery:
+        if dht is not None:  # a slow DHT put must never delay a heartbeat
+            nursery.start_soon(_refresh_dht, dht, key_pair, record_fn)
+        await _heartbeat(host, key_pair, bootstrap_peer, record_fn)
+
+
+async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:
     from p2pserve.host import connect
 
-    last_dht = 0.0
     while True:
         try:
             peer = await connect(host, bootstrap_peer, timeout=10)
@@ -342,14 +348,20 @@ async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) 
             while True:
                 blob = sign_record(record_fn(), key_pair)
                 await write_frame(stream, {"type": "announce", "record": blob}, timeout=10)
-                if dht is not None and time.monotonic() - last_dht > RECORD_TTL / 3:
-                    with trio.move_on_after(5):
-                        await announce(dht, blob)
-                    last_dht = time.monotonic()
                 await trio.sleep(HEARTBEAT)
-        except (P2PServeError, OSError, EOFError, Exception) as e:  # bootstrap gone: retry
+        except Exception as e:  # the bootstrap is gone or restarting: dial again
             log.info("announce to bootstrap failed (%s); retrying", e)
             await trio.sleep(1.0)
+
+
+async def _refresh_dht(dht, key_pair, record_fn) -> None:
+    while True:
+        with trio.move_on_after(10):
+            try:
+                await announce(dht, sign_record(record_fn(), key_pair))
+            except Exception as e:
+                log.info("DHT announce failed: %s", e)
+        await trio.sleep(RECORD_TTL / 3)
 
 
 def new_session_id() -> str:

@@ -54,7 +54,9 @@ def quiet_libp2p_logs(verbose: bool = False) -> None:
     client-mode peer: a seven-line "Failed to open stream"), so quiet means CRITICAL;
     p2pserve reports the failures that matter itself."""
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+        # multiaddr's DEBUG output is thousands of lines a second: INFO is enough for it
+        level = (logging.INFO if name == "multiaddr" else logging.DEBUG) if verbose else logging.CRITICAL
+        logging.getLogger(name).setLevel(level)
 
 
 # --- identity ---------------------------------------------------------------------------

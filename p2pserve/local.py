@@ -306,8 +306,10 @@ class LocalPipeline:
         parse_dtype(dtype)
         cores = os.cpu_count() or 1
         if threads is None:
-            # stages take turns on a single sequence; ranks of one stage run together
-            threads = max(1, cores // max(self.plan.hetero_config))
+            # one thread per rank where cores are few: an idle rank's OpenMP threads spin
+            # and would slow the stage that is working (measured: 275 vs 55 ms/token for
+            # [1 1]/[15 15] on 2 cores)
+            threads = max(1, cores // self.plan.world_size)
         self._procs: list = []
         spec = RankSpec(None if model_path is None else str(model_path), self.plan.to_dict(),
                         dtype, device, f"tcp://127.0.0.1:{free_port()}", threads)

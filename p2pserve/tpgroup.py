@@ -55,14 +55,14 @@ class StageGroup:
     """A loaded stage: ``runner`` for the leader, and the follower processes behind it."""
 
     def __init__(self, model_path, start: int, end: int, tp: int, devices: list[str],
-                 dtype: torch.dtype, source=None):
+                 dtype: torch.dtype, source=None, threads: int | None = None):
         from .local import free_port
 
         if len(devices) == 1 and tp > 1:
             devices = devices * tp
         if len(devices) != tp:
             raise P2PServeError(f"TP degree {tp} needs {tp} devices, got {len(devices)}: {','.join(devices)}")
-        threads = max(1, (os.cpu_count() or 1) // tp)
+        threads = threads or max(1, (os.cpu_count() or 1) // tp)
         self.procs = []
         if tp == 1:
             torch.set_num_threads(threads)

@@ -57,8 +57,10 @@ class Swarm:
     def start_worker(self, *args: str, wait: bool = True) -> subprocess.Popen:
         self._n += 1
         name = f"worker{self._n}"
+        # several workers share this machine's few cores: one thread each unless told
+        threads = [] if "--threads" in args else ["--threads", "1"]
         proc, log = self._spawn(["worker", "--peer", self.addr, "--group-id", name,
-                                 "--listen", "/ip4/127.0.0.1/tcp/0", *args], name)
+                                 "--listen", "/ip4/127.0.0.1/tcp/0", *threads, *args], name)
         if wait:
             self.wait_serving(proc)
         return proc
