@@ -62,6 +62,9 @@ class Planning:
             except ConfigError as e:  # the workers so far cannot hold the model on their own
                 log.info("no plan for the %d workers yet: %s", len(records), e)
                 plans = [self.fallback]
+            except Exception:  # a planner bug must not take the PLAN protocol down
+                log.exception("planning for %d workers failed", len(records))
+                plans = [self.fallback]
             self._planned = (key, plans)
         return self._planned[1]
 
@@ -72,6 +75,9 @@ class Planning:
             return {**plan_info, "assignment": self.assign(peer_id, request)}
         except ConfigError as e:
             return error_frame("bad_request", str(e))
+        except Exception as e:  # a planner bug: the worker is told, the bootstrap keeps serving
+            log.exception("assigning layers to %s failed", peer_id)
+            return error_frame("internal", f"cannot assign layers: {type(e).__name__}: {e}")
 
     def assign(self, peer_id: str, request: object, now: float | None = None) -> dict:
         """Where the worker ``peer_id`` should serve; ConfigError for a bad request or a device

@@ -28,8 +28,8 @@ from .swarm import Swarm, client
 
 CONFIG = open_weights(None).config
 # Small enough that no worker holds the whole model: 0.25 GiB usable beside the 1 GiB a CPU keeps
-SMALL_CPU = DeviceSpeed(name="cpu (test)", flops=5e10, bandwidth=1e10, copy_bandwidth=2e10, memory=1.25 * GiB,
-                        dtype="float32", torch_version=torch.__version__, threads=1)
+SMALL_CPU = DeviceSpeed(name="cpu (test)", flops=5e10, bandwidth=1e10, memory=1.25 * GiB, dtype="float32",
+                        torch_version=torch.__version__, threads=1, layer_overhead=150e-6)
 KV = ("--max-sessions", "4", "--max-seq-len", "512")
 N = 16
 

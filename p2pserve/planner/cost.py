@@ -11,7 +11,8 @@ The model, per decoder layer on a stage's TP leader (rank 0 holds the largest sh
   device of the group; TP divides weights, KV heads and FFN columns as ``p2pserve.tp``
   does (contiguous KV-head groups, so the leader holds ``ceil(kv_heads / tp)`` heads);
 - two all-reduces of the activations: ``latency + 2 (tp-1)/tp * bytes / link_bandwidth`` each;
-- a fixed software overhead (eager PyTorch dispatch), per layer and per step.
+- a fixed software overhead (eager PyTorch dispatch), per layer and per step; per layer it is
+  the device's measured ``layer_overhead`` where there is one (``measure.py``).
 A decode step reads the weights once for the whole batch, and each sequence's KV cache.
 """
 
@@ -77,7 +78,7 @@ class Workload:
 @dataclass(frozen=True)
 class CostParams:
     gpu_layer_overhead: float = 30e-6  # s per layer per forward: eager kernel launches
-    cpu_layer_overhead: float = 60e-6  # same on CPU, measured-ish for torch eager
+    cpu_layer_overhead: float = 150e-6  # same on CPU, torch eager (measure.py measures 100-200 us on EPYC)
     step_overhead: float = 200e-6  # s per stage per step: framing, scheduling, Python
     network: Link = field(default=INTER_MACHINE)  # between machines
 
@@ -169,7 +170,8 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     flop_rate = min(k.flops for k in kinds) * (1.0 if on_cpu else dtype.flops_scale)
     bandwidth = min(k.bandwidth for k in kinds)
     link = slowest_link(kinds)
-    overhead = params.cpu_layer_overhead if on_cpu else params.gpu_layer_overhead
+    default = params.cpu_layer_overhead if on_cpu else params.gpu_layer_overhead
+    overhead = max((k.layer_overhead for k in kinds if k.layer_overhead is not None), default=default)
     shard = Shard.of(model, tp)
     h, hd, vocab = model.hidden_size, model.head_dim, model.vocab_size
     w_bytes = layer_params(model, shard) * dtype.weight_bytes

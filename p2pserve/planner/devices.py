@@ -53,6 +53,7 @@ class DeviceType:
     link: Link  # to the other devices of its machine
     kind: str = "gpu"  # "gpu" | "cpu": picks the software overhead per layer
     reserved: float = 0.5 * GiB  # CUDA context and allocator slack, never usable
+    layer_overhead: float | None = None  # measured s per layer per step beyond bytes; None: CostParams'
 
     @property
     def usable_memory(self) -> float:
@@ -100,7 +101,7 @@ _BY_NORM = {_norm(n): n for n in CATALOGUE} | {k: v for k, v in ALIASES.items()}
 
 def _kind_order(kind: DeviceType) -> tuple:
     return (kind.name, kind.memory, kind.flops, kind.bandwidth, kind.link.bandwidth, kind.link.latency,
-            kind.kind, kind.reserved)
+            kind.kind, kind.reserved, -1.0 if kind.layer_overhead is None else kind.layer_overhead)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,20 @@
-"""Measure the local device: matmul FLOP/s and memory bandwidth, as the cost model uses them.
+"""Measure the local device as the engine uses it: FLOP/s, weight-streaming bytes/s and the
+software cost of a layer, the three figures the cost model needs.
 
-``measure_device("cpu")`` (or ``"cuda:0"``) times a few matmuls of prefill-like shape
-(compute-bound: FLOP/s) and matrix-vector products of decode-like shape (bound by reading
-the weights: bytes/s), about two seconds in all, and caches the result in
-``~/.cache/p2pserve/devices.json`` (``P2PSERVE_CACHE_DIR`` overrides the directory), keyed by
-device name, torch version and thread count. Workers announce these figures in their DHT
+``measure_device("cpu")`` (or ``"cuda:0"``) runs decode steps and a short prefill through
+the engine's own decoder layers (``p2pserve.load`` / ``p2pserve.model``, constant weights):
+
+- a *narrow* model (hidden 64), whose bytes cost nothing: its decode step per layer is the
+  layer's software cost (dispatching ~30 small ops; on a busy CPU, waiting for threads);
+- a *wide* model (hidden ``hidden``, two layers of 67 MB in fp32, past the caches): its decode step
+  per layer, less that software cost, gives the bytes/s the engine streams weights at;
+  its prefill of ``PREFILL_TOKENS`` tokens gives the FLOP/s.
+
+Each figure is the *median* of repeated steps over ``BUDGET_S``: the device as it typically
+runs here, the load of other processes included, not at its rare best. That takes about
+two seconds; the result is cached in ``~/.cache/p2pserve/devices.json``
+(``P2PSERVE_CACHE_DIR`` overrides the directory), keyed by device name, torch version and
+thread count; ``refresh=True`` measures again. Workers announce these figures in their DHT
 records; ``DeviceSpeed.device_type()`` turns them into a planner device.
 """
 
@@ -19,19 +29,20 @@ from pathlib import Path
 
 from .devices import HOST, PCIE4, DeviceType, GiB
 
-BUDGET_S = 0.25  # per timed shape
+BUDGET_S = 0.25  # seconds per timed figure
+PREFILL_TOKENS = 32  # a short prompt: the prefill rate of chat-sized prompts
 
 
 @dataclass(frozen=True)
 class DeviceSpeed:
     name: str
-    flops: float  # matmul FLOP/s in ``dtype``
-    bandwidth: float  # bytes/s, reading weights in a matrix-vector product
-    copy_bandwidth: float  # bytes/s, read + write of a large copy
+    flops: float  # FLOP/s of the engine's prefill in ``dtype``
+    bandwidth: float  # bytes/s the engine streams weights at in a decode step
     memory: float  # bytes
     dtype: str
     torch_version: str
     threads: int
+    layer_overhead: float | None = None  # s per decoder layer per decode step beyond moving bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +55,8 @@ class DeviceSpeed:
         on_cpu = self.name.startswith("cpu")
         # The planner's flop figure is an fp16 rate; a measured rate is already in the dtype served.
         return DeviceType(self.name, self.memory, self.flops, self.bandwidth, HOST if on_cpu else PCIE4,
-                          kind="cpu" if on_cpu else "gpu", reserved=(1 if on_cpu else 0.5) * GiB)
+                          kind="cpu" if on_cpu else "gpu", reserved=(1 if on_cpu else 0.5) * GiB,
+                          layer_overhead=self.layer_overhead)
 
 
 def cache_path() -> Path:
@@ -52,8 +64,8 @@ def cache_path() -> Path:
     return Path(base) / "devices.json"
 
 
-def measure_device(device: str = "cpu", *, hidden: int = 2048, refresh: bool = False) -> DeviceSpeed:
-    """FLOP/s and bandwidth of ``device`` ("cpu", "cuda", "cuda:1"), from the cache if measured."""
+def measure_device(device: str = "cpu", *, hidden: int = 1024, refresh: bool = False) -> DeviceSpeed:
+    """The figures of ``device`` ("cpu", "cuda", "cuda:1"), from the cache if measured."""
     import torch
 
     dev = torch.device(device)
@@ -68,11 +80,12 @@ def measure_device(device: str = "cpu", *, hidden: int = 2048, refresh: bool = F
         except (KeyError, TypeError):
             pass
     dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    overhead, bandwidth, flops = _engine_figures(dev, dtype, hidden)
     speed = DeviceSpeed(
         name=name,
-        flops=_matmul_flops(dev, dtype, hidden),
-        bandwidth=_matvec_bandwidth(dev, dtype, hidden),
-        copy_bandwidth=_copy_bandwidth(dev),
+        flops=flops,
+        bandwidth=bandwidth,
+        layer_overhead=overhead,
         memory=memory,
         dtype=str(dtype).removeprefix("torch."),
         torch_version=torch.__version__,
@@ -117,51 +130,79 @@ def describe_device(dev) -> tuple[str, float]:
     return f"cpu ({model})", memory
 
 
-def _best_time(fn, dev, budget=BUDGET_S) -> float:
-    """The fastest of repeated runs within ``budget`` seconds (after one warm-up)."""
+def _median_time(fn, dev, budget=BUDGET_S, least: int = 3) -> float:
+    """The median of repeated runs within ``budget`` seconds (at least ``least``, after a warm-up)."""
+    import statistics
+
     import torch
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     fn()
     sync()
-    best, deadline = float("inf"), time.perf_counter() + budget
-    while time.perf_counter() < deadline:
+    times, deadline = [], time.perf_counter() + budget
+    while time.perf_counter() < deadline or len(times) < least:
         t = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
-def _matmul_flops(dev, dtype, hidden) -> float:
-    import torch
-    import torch.nn.functional as F
+class _ConstantWeights:
+    """A weight source of constant tensors in a model's Hugging Face shapes: timing needs
+    shapes, not values."""
 
-    rates = []
-    for tokens in (128, 512):  # prefill-like: a prompt's rows against a square weight
-        a = torch.full((tokens, hidden), 0.01, device=dev, dtype=dtype)
-        w = torch.full((hidden, hidden), 0.01, device=dev, dtype=dtype)
-        rates.append(2 * tokens * hidden * hidden / _best_time(lambda a=a, w=w: F.linear(a, w), dev))
-    return max(rates)
+    def __init__(self, config):
+        self.config = config
 
+    def get(self, name: str, rows=None, cols=None):
+        import torch
 
-def _matvec_bandwidth(dev, dtype, hidden) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    # decode-like: one token against an MLP-sized weight, large enough to leave the caches
-    w = torch.full((4 * hidden, 2 * hidden), 0.01, device=dev, dtype=dtype)
-    x = torch.full((1, 2 * hidden), 0.01, device=dev, dtype=dtype)
-    bytes_read = w.numel() * w.element_size()
-    return bytes_read / _best_time(lambda: F.linear(x, w), dev)
+        c, hd = self.config, self.config.head_dim
+        shapes = {"q_proj": (c.n_heads * hd, c.hidden_size), "k_proj": (c.n_kv_heads * hd, c.hidden_size),
+                  "v_proj": (c.n_kv_heads * hd, c.hidden_size), "o_proj": (c.hidden_size, c.n_heads * hd),
+                  "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+                  "down_proj": (c.hidden_size, c.intermediate_size)}
+        t = torch.full(shapes.get(name.split(".")[-2], (c.hidden_size,)), 0.01)
+        t = t if rows is None else t[rows[0]: rows[1]]
+        return t if cols is None else t[:, cols[0]: cols[1]]
 
 
-def _copy_bandwidth(dev) -> float:
+def _probe(dev, dtype, hidden: int, layers: int):
+    """``layers`` middle layers of a Llama of width ``hidden`` on ``dev``, and a step function."""
     import torch
 
-    src = torch.zeros(16 * 2**20, device=dev, dtype=torch.float32)  # 64 MB: past the caches
-    dst = torch.zeros_like(src)
-    return 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), dev, budget=BUDGET_S / 2)
+    from ..config import ModelConfig
+    from ..load import load_stage
+    from ..model import Batch
+
+    heads = max(1, hidden // 64)
+    config = ModelConfig(name="probe", n_layers=layers + 2, hidden_size=hidden, n_heads=heads, n_kv_heads=heads,
+                         head_dim=hidden // heads, intermediate_size=4 * hidden, vocab_size=256)
+    model = load_stage(_ConstantWeights(config), 1, layers + 1, device=dev, dtype=dtype)
+    model.allocate_cache(1, 2 * PREFILL_TOKENS)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) / layers
+
+    @torch.inference_mode()
+    def step(tokens: int):
+        x = torch.full((1, tokens, hidden), 0.01, device=dev, dtype=dtype)
+        # a decode step attends over a prompt's worth of keys, as one after a short prompt does
+        return lambda: model.forward_layers(x, Batch((0,), (PREFILL_TOKENS if tokens == 1 else 0,), tokens))
+
+    return step, weight_bytes, 2 * weight_bytes / dtype.itemsize  # bytes and FLOPs per token per layer
+
+
+def _engine_figures(dev, dtype, hidden: int) -> tuple[float, float, float]:
+    """(seconds of software per layer, weight bytes/s, FLOP/s) of the engine's layers."""
+    narrow_layers, wide_layers = 8, 2
+    narrow, _, _ = _probe(dev, dtype, 64, narrow_layers)
+    overhead = _median_time(narrow(1), dev) / narrow_layers
+    wide, weight_bytes, flops = _probe(dev, dtype, hidden, wide_layers)
+    # what the wide layers take beyond their software cost (never less than a tenth of their time)
+    decode = _median_time(wide(1), dev) / wide_layers
+    prefill = _median_time(wide(PREFILL_TOKENS), dev, least=2) / wide_layers
+    return (overhead, weight_bytes / max(decode - overhead, decode / 10),
+            flops * PREFILL_TOKENS / max(prefill - overhead, prefill / 10))
 
 
 def _read(path: Path) -> dict:

@@ -77,11 +77,12 @@ def speed_kind(speed: object, memory: object, what: str) -> DeviceType:
     """The planner device a peer's DeviceSpeed dict describes; ConfigError if malformed."""
     if not isinstance(speed, dict) or not isinstance(speed.get("name"), str):
         raise ConfigError(f"{what}: 'speed' must be a measured device (DeviceSpeed.to_dict())")
-    figures = {k: _positive(speed, k, what) for k in ("flops", "bandwidth", "copy_bandwidth")}
+    figures = {k: _positive(speed, k, what) for k in ("flops", "bandwidth")}
+    if speed.get("layer_overhead") is not None:  # measured by newer workers only
+        figures["layer_overhead"] = _positive(speed, "layer_overhead", what)
     mem = _positive({"memory": memory}, "memory", what)
     kind = DeviceSpeed(name=speed["name"][:200], memory=mem, dtype=str(speed.get("dtype", "")),
-                       torch_version=str(speed.get("torch_version", "")), threads=int(speed.get("threads") or 1),
-                       **figures).device_type()
+                       torch_version=str(speed.get("torch_version", "")), threads=1, **figures).device_type()
     if kind.usable_memory <= 0:
         raise ConfigError(f"{what}: {mem / 2**30:.2f} GiB is less than the {kind.reserved / 2**30:g} GiB "
                           f"a {kind.kind} keeps for itself")
