@@ -174,21 +174,19 @@ def test_hexgen_hand_plan_fits_its_devices():
 
 
 def test_measure_device_times_the_cpu_once_and_caches_it(tmp_path, monkeypatch):
-    import time
-
     from p2pserve.planner import measure
 
     monkeypatch.setenv("P2PSERVE_CACHE_DIR", str(tmp_path))
-    start = time.perf_counter()
     speed = measure.measure_device("cpu")
-    assert time.perf_counter() - start < 3
     assert speed.name.startswith("cpu")
     assert 1e8 < speed.flops < 1e14 and 1e8 < speed.bandwidth < 1e13 and speed.memory > GiB
     cached = json.loads((tmp_path / "devices.json").read_text())
     [key] = cached
     assert speed.torch_version in key and f"threads {speed.threads}" in key
-    start = time.perf_counter()
     assert measure.measure_device("cpu") == speed
-    assert time.perf_counter() - start < 0.1
+    # the second call reads the cache: a figure planted there comes back
+    cached[key]["flops"] = 12345.0
+    (tmp_path / "devices.json").write_text(json.dumps(cached))
+    assert measure.measure_device("cpu").flops == 12345.0
     kind = speed.device_type()
     assert (kind.flops, kind.bandwidth, kind.kind) == (speed.flops, speed.bandwidth, "cpu")
