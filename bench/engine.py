@@ -218,6 +218,9 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                     threads = engine.threads
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
                 rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same))
+                r = rows[-1]
+                console.print(f"  {r.ours.decode:.1f} tok/s ({r.vs_hf:.2f}x transformers, {r.vs_one_stage:.2f}x "
+                              f"one-stage), TTFT {r.ours.ttft * 1e3:.0f} ms")
         finally:
             single.close()
     return rows
