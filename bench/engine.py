@@ -10,8 +10,8 @@ Fairness on a shared machine: no number is compared with one taken at another ti
 each plan and dtype, after a warm-up, ``--reps`` rounds each run the plan, the one-stage
 plan of the same dtype and transformers, in an order that rotates from round to round;
 every ratio is of medians over the same rounds. Threads are pinned: transformers and
-the one-stage plan use all cores, and each rank of a plan uses cores // (widest TP
-degree), what ``p2pserve run`` gives it (so a TP-3 stage on 2 cores oversubscribes them).
+the one-stage plan use all cores, and each rank of a plan uses what ``p2pserve run``
+gives it, cores // ranks (at least one: TP 3 on 2 cores oversubscribes them).
 
 transformers runs fp32 (its CPU baseline); bf16 plans are compared with it too. The
 machine's load average is printed at the start and the end: on a busy machine every
@@ -57,7 +57,8 @@ def plan_name(plan: Plan) -> str:
 
 
 def rank_threads(plan: Plan) -> int:
-    return max(1, CORES // max(plan.hetero_config))
+    """What ``p2pserve run`` gives each rank: the cores shared out, at least one."""
+    return max(1, CORES // plan.world_size)
 
 
 @dataclass
