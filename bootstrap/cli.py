@@ -49,8 +49,8 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     import trio
 
     from p2pserve.errors import ConfigError
-    from p2pserve.home import dialable, write_bootstrap_addr
-    from p2pserve.host import load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.home import write_bootstrap_addr
+    from p2pserve.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
     from p2pserve.weights import open_weights
 
@@ -74,7 +74,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
             host.set_stream_handler(PLAN, node.handle_plan)
             host.set_stream_handler(QUERY, node.handle_query)
             host.set_stream_handler(STATUS, node.handle_status)
-            addrs = dialable([f"{a}" for a in _full_addrs(host)])
+            addrs = host_multiaddrs(host)
             write_bootstrap_addr(home, addrs[0])
             click.echo(f"p2pserve bootstrap serving {config.name} (fingerprint {config.fingerprint()})")
             click.echo(f"plan: {plan.flags()}")
@@ -97,10 +97,3 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                 if task_status is not None:
                     task_status.started(node)
                 await trio.sleep_forever()
-
-
-def _full_addrs(host) -> list[str]:
-    from p2pserve.host import host_multiaddrs
-
-    pid = host.get_id().to_base58()
-    return [a if "/p2p/" in a else f"{a}/p2p/{pid}" for a in host_multiaddrs(host)]

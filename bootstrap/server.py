@@ -25,7 +25,6 @@ from p2pserve.records import RecordError, verify_record
 from p2pserve.sampling import SamplingParams
 from p2pserve.wire import (
     RemoteError,
-    StreamClosed,
     WireError,
     error_frame,
     read_frame,
@@ -198,6 +197,7 @@ class Bootstrap:
         generated: list[int] = []
         failed: set[str] = set()
         busy: set[str] = set()
+        busy_reason = ""
         t0 = time.monotonic()
         recoveries: list[float] = []  # seconds from each failure to the next token
         t_fail = None

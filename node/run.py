@@ -121,8 +121,6 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
 
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    from p2pserve import __version__
-    from p2pserve.home import dialable
     from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.local import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
@@ -169,7 +167,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue)
             host.set_stream_handler(SESSION, server.handle)
-            addrs = dialable(host_multiaddrs(host))
+            addrs = host_multiaddrs(host)
             device_info = device_entries(measure_devices(devices), config, opts.dtype, first=start == 0,
                                          last=end == config.n_layers)
 

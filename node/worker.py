@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -92,11 +91,7 @@ class StageServer:
 
     @property
     def is_first(self) -> bool:
-        return self.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.config.n_layers
+        return self.runner.model.is_first
 
     def load(self) -> dict:
         return {"sessions": len(self.sessions), "queue": self.slots.waiting,
@@ -362,10 +357,6 @@ async def _refresh_dht(dht, key_pair, record_fn) -> None:
             except Exception as e:
                 log.info("DHT announce failed: %s", e)
         await trio.sleep(RECORD_TTL / 3)
-
-
-def new_session_id() -> str:
-    return uuid.uuid4().hex
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

@@ -23,6 +23,7 @@ from .load import load_stage
 from .model import Batch
 from .plan import Plan
 from .stage import OP_ALLOC, OP_STEP, OP_STOP, StageRunner, follow
+from .tpgroup import stop_ranks
 from .weights import open_weights
 
 
@@ -168,17 +169,6 @@ class ChainRunner:
             dist.send(_header(OP_STOP, device=self._device), self.next_leader)
         self.first.stop()
 
-    def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
-
     def close(self) -> None:
-        if self.procs and self.alive():
-            try:
-                self.stop()
-            except Exception:
-                pass
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        stop_ranks(self.procs, self.stop)
         self.procs = []

@@ -7,7 +7,6 @@ worker or query on the same machine finds it without ``--peer``.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from .errors import ConfigError
@@ -34,26 +33,3 @@ def bootstrap_addr(peer: str | None, home: Path) -> str:
         raise ConfigError(f"no --peer given and no bootstrap address in {path}: start `p2pserve bootstrap` "
                           f"on this machine or pass --peer /ip4/<ip>/tcp/<port>/p2p/<peer-id>")
     return path.read_text().strip()
-
-
-def dialable(addrs: list[str]) -> list[str]:
-    """Replace a wildcard listen address (0.0.0.0) with addresses other peers can dial:
-    this machine's outward-facing IP, and loopback for peers on the same machine."""
-    out = []
-    for a in addrs:
-        if "/ip4/0.0.0.0/" in a:
-            for ip in dict.fromkeys([_primary_ip(), "127.0.0.1"]):
-                out.append(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/"))
-        else:
-            out.append(a)
-    return list(dict.fromkeys(out))
-
-
-def _primary_ip() -> str:
-    # connecting a UDP socket sends nothing; it only asks the kernel for the outward route
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"

@@ -79,17 +79,20 @@ class StageGroup:
             self.procs.append(p)
         self.runner = StageRunner(_init(0, spec), dist.group.WORLD, 0)
 
-    def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
-
     def close(self) -> None:
-        if self.procs and self.alive():
-            try:
-                self.runner.stop()
-            except Exception:
-                pass
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        stop_ranks(self.procs, self.runner.stop)
         self.procs = []
+
+
+def stop_ranks(procs, stop) -> None:
+    """Tell child ranks to stop (``stop()``, if all still live), then reap them, killing
+    any that do not exit within a few seconds."""
+    if procs and all(p.is_alive() for p in procs):
+        try:
+            stop()
+        except Exception:
+            pass
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()

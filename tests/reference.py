@@ -24,6 +24,19 @@ def cached_hf_model(path: str):
     return hf_model(Path(path))
 
 
+def chat_references(prompts: list[str], n: int) -> dict[str, tuple[list[int], list[int]]]:
+    """{prompt: (chat-templated prompt ids, n greedy tokens of transformers)} for SmolLM2."""
+    from p2pserve.weights import default_model_path, open_weights
+
+    tokenizer = open_weights(None).tokenizer()
+    model = cached_hf_model(str(default_model_path()))
+    out = {}
+    for p in prompts:
+        ids = tokenizer.encode_chat([{"role": "user", "content": p}])
+        out[p] = (ids, hf_greedy(model, ids, n)[0])
+    return out
+
+
 @torch.inference_mode()
 def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """``n`` greedy tokens (no stop on EOS) and the logits at the last prompt position."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from p2pserve.errors import ConfigError
 from p2pserve.local import LocalPipeline

@@ -9,9 +9,8 @@ import trio
 
 from p2pserve.client import QueryError, ask
 from p2pserve.sampling import SamplingParams
-from p2pserve.weights import default_model_path, open_weights
 
-from .reference import cached_hf_model, hf_greedy
+from .reference import chat_references
 from .swarm import Swarm, client
 
 N = 40
@@ -22,13 +21,7 @@ PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a hai
 
 @pytest.fixture(scope="module")
 def references():
-    tokenizer = open_weights(None).tokenizer()
-    model = cached_hf_model(str(default_model_path()))
-    out = {}
-    for p in PROMPTS:
-        ids = tokenizer.encode_chat([{"role": "user", "content": p}])
-        out[p] = (ids, hf_greedy(model, ids, N)[0])
-    return out
+    return chat_references(PROMPTS, N)
 
 
 def replicated_swarm(root, stage1_replicas: int = 2) -> Swarm:

@@ -11,10 +11,9 @@ import trio
 from p2pserve.host import connect
 from p2pserve.protocols import SESSION
 from p2pserve.sampling import SamplingParams
-from p2pserve.weights import default_model_path, open_weights
 from p2pserve.wire import RemoteError, read_frame, send_message, write_frame
 
-from .reference import cached_hf_model, hf_greedy
+from .reference import chat_references
 from .swarm import Swarm, client
 from .tiny import make_tiny_llama
 
@@ -23,18 +22,8 @@ PROMPTS = ["What is the capital of France?", "Name three colours."]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return open_weights(None).tokenizer()
-
-
-@pytest.fixture(scope="module")
-def references(tokenizer):
-    model = cached_hf_model(str(default_model_path()))
-    out = {}
-    for p in PROMPTS:
-        ids = tokenizer.encode_chat([{"role": "user", "content": p}])
-        out[p] = (ids, hf_greedy(model, ids, N)[0])
-    return out
+def references():
+    return chat_references(PROMPTS, N)
 
 
 GREEDY = SamplingParams(max_new_tokens=N)
