@@ -53,7 +53,6 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     if leader and end == config.n_layers:
         norm = RMSNorm(get("model.norm.weight"), config.rms_norm_eps)
         tied = config.tie_word_embeddings and embed is not None
-        head = linear(embed if tied else get("lm_head.weight"))
-        if tied and not head.is_mkldnn:  # [hidden, vocab]: the embedding is its transpose, no copy
-            embed = head.t()
+        # tied and dense: the head is the embedding itself, no copy
+        head = pack_linear(embed if tied else get("lm_head.weight"))
     return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()

@@ -9,8 +9,8 @@ The KV cache is a preallocated buffer of *slots* (one per live sequence) laid ou
 ``flash_attn_with_kvcache`` reads, with the length of each sequence kept by the caller.
 
 A decode step is one matrix-vector product per weight, bound by how fast the weights
-stream from memory: ``pack_linear`` keeps every linear weight in the layout the CPU's
-kernels stream fastest, and ``linear`` applies it.
+stream from memory: ``pack_linear`` keeps every linear weight in the layout the fastest
+kernel at hand streams best (``kernels.gemv`` on CPU), and ``linear`` applies it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .tp import Shard
 
@@ -39,25 +40,36 @@ if torch.backends.mkldnn.is_available():
     _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
+def _for_kernel(weight: torch.Tensor) -> bool:
+    return weight.is_cpu and weight.dtype == torch.float32 and kernels.available()
+
+
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest.
 
-    On CPU, fp32 and bf16 weights go to oneDNN's packed layout: its matrix-vector product
-    streams weights on every core (MKL's fp32 one does not scale past one core here, and
-    torch's bf16 ``F.linear`` runs at half the speed), and its GEMMs prefill 2x faster
-    than MKL's. Other weights are transposed to ``[in, out]``, which ``x @ w`` streams
-    faster than ``F.linear`` streams ``[out, in]``.
+    On CPU, fp32 weights stay dense ``[out, in]`` for ``kernels.gemv``, which streams them
+    faster than any library GEMV here (oneDNN's GEMM takes batches). bf16 weights, and fp32
+    ones without that kernel, go to oneDNN's packed layout: its matrix-vector product streams
+    weights on every core (MKL's fp32 one does not scale past one core here, and torch's
+    bf16 ``F.linear`` runs at half the speed). Everything else stays dense for ``F.linear``.
     """
+    if _for_kernel(weight):
+        return weight.contiguous()
     if weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_linear is not None:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-    return weight.t().contiguous()
+    return weight.contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for a weight ``W`` packed by ``pack_linear``."""
+    """``x @ W.T`` for a weight ``W`` prepared by ``pack_linear``."""
     if weight.is_mkldnn:
         return _onednn_linear(x, weight, None, "none", [], "")
-    return x @ weight
+    if _for_kernel(weight):
+        if x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
+            return kernels.gemv(x, weight)
+        if _onednn_linear is not None:
+            return _onednn_linear(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
 
 
 @dataclass(frozen=True)
