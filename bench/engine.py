@@ -11,7 +11,8 @@ each plan and dtype, after a warm-up, ``--reps`` rounds each run the plan, the o
 plan of the same dtype and transformers, in an order that rotates from round to round;
 every ratio is of medians over the same rounds. Threads are pinned: transformers and
 the one-stage plan use all cores, and each rank of a plan uses what ``p2pserve run``
-gives it, cores // ranks (at least one: TP 3 on 2 cores oversubscribes them).
+gives it: cores // its stage's TP degree, as stages take turns (at least one: TP 3 on
+2 cores oversubscribes them). The column "threads/rank" lists it per stage.
 
 transformers runs fp32 (its CPU baseline); bf16 plans are compared with it too. The
 machine's load average is printed at the start and the end: on a busy machine every
@@ -56,9 +57,14 @@ def plan_name(plan: Plan) -> str:
     return f"[{' '.join(map(str, plan.hetero_config))}]/[{' '.join(map(str, plan.pp_partition))}]"
 
 
-def rank_threads(plan: Plan) -> int:
-    """What ``p2pserve run`` gives each rank: the cores shared out, at least one."""
-    return max(1, CORES // plan.world_size)
+def rank_threads(plan: Plan) -> int | None:
+    """Threads per rank: a one-rank plan all cores; otherwise None, ``p2pserve run``'s own
+    choice (cores // the rank's TP degree)."""
+    return CORES if plan.world_size == 1 else None
+
+
+def threads_label(plan: Plan) -> str:
+    return " ".join(str(max(1, CORES // s.tp)) for s in plan.stages)
 
 
 @dataclass
@@ -139,7 +145,8 @@ class Engine:
         self.params = SamplingParams(max_new_tokens=n_tokens)
 
     def run(self, prompt: list[int]) -> Run:
-        torch.set_num_threads(self.threads)  # a one-rank plan shares this process
+        if self.threads:  # a one-rank plan shares this process
+            torch.set_num_threads(self.threads)
         gen = self.pipe.generate(prompt, self.params, stop_on_eos=False)
         return Run(gen.ttft, gen.decode_tokens_per_s, gen.tokens)
 
@@ -168,7 +175,7 @@ def same_answer(ours: list[int], theirs: list[int], eos: tuple[int, ...]) -> boo
 class Row:
     plan: Plan
     dtype: str
-    threads: int
+    threads: str
     ours: Samples
     one_stage: Samples  # the one-stage plan of the same dtype, in the same rounds
     hf: Samples  # transformers, in the same rounds
@@ -196,7 +203,7 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
     console.print(f"prompt: {len(prompt)} tokens, {n_tokens} new tokens, {reps} rounds, {CORES} cores, "
                   f"load average {os.getloadavg()[0]:.1f}")
     console.print("loading transformers (slow: dequantizes the GGUF)…")
-    hf = Transformers(n_tokens, rank_threads(one))
+    hf = Transformers(n_tokens, CORES)
     hf.run(prompt)  # warm-up
     rows = []
     for dtype in dtypes:
@@ -208,7 +215,7 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                 if plan == one:
                     s = measure({"ours": single, "hf": hf}, prompt, reps)
                     s["one"] = s["ours"]
-                    threads = single.threads
+                    threads = threads_label(plan)
                 else:
                     engine = Engine(plan, dtype, n_tokens)
                     try:
@@ -216,7 +223,7 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                         s = measure({"ours": engine, "one": single, "hf": hf}, prompt, reps)
                     finally:
                         engine.close()
-                    threads = engine.threads
+                    threads = threads_label(plan)
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
                 rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same))
                 r = rows[-1]

@@ -139,7 +139,7 @@ class RankSpec:
     dtype: str
     device: str
     init_method: str
-    threads: int
+    threads: int | None  # None: default_threads of the rank's stage
 
 
 class _Rank:
@@ -148,7 +148,7 @@ class _Rank:
     def __init__(self, rank: int, spec: RankSpec, source=None):
         self.rank = rank
         self.plan = Plan.from_dict(spec.plan)
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(spec.threads or default_threads(self.plan.stage_of_rank(rank).tp))
         device = spec.device
         if device == "cuda":
             device = f"cuda:{rank % torch.cuda.device_count()}"
@@ -293,6 +293,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_threads(tp: int) -> int:
+    """Torch threads for a rank of a stage of TP degree ``tp``: stages take turns on a
+    sequence, so each may use every core, but the ranks of a TP group compute at once and
+    share them (``p2pserve/__init__.py``'s GOMP_SPINCOUNT is why a waiting stage does not
+    steal the working one's cores)."""
+    return max(1, (os.cpu_count() or 1) // tp)
+
+
 class LocalPipeline:
     """A plan running on this machine. ``generate`` is the whole public surface."""
 
@@ -304,12 +312,6 @@ class LocalPipeline:
         self.plan.check_model(self.config)
         device = resolve_device(device)
         parse_dtype(dtype)
-        cores = os.cpu_count() or 1
-        if threads is None:
-            # one thread per rank where cores are few: an idle rank's OpenMP threads spin
-            # and would slow the stage that is working (measured: 275 vs 55 ms/token for
-            # [1 1]/[15 15] on 2 cores)
-            threads = max(1, cores // self.plan.world_size)
         self._procs: list = []
         spec = RankSpec(None if model_path is None else str(model_path), self.plan.to_dict(),
                         dtype, device, f"tcp://127.0.0.1:{free_port()}", threads)
