@@ -98,7 +98,8 @@ async def main(args):
     rows = []
     with Swarm(Path(tempfile.mkdtemp(prefix="p2pserve-bench-"))) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--policy", "latency")
-        procs = [swarm.start_worker("--stage", s, wait=False) for s in ("0", "1", "1")]
+        threads = str(os.cpu_count() or 1)  # every core per worker: stages take turns
+        procs = [swarm.start_worker("--stage", s, "--threads", threads, wait=False) for s in ("0", "1", "1")]
         for p in procs:
             swarm.wait_serving(p)
         async with client(swarm.addr) as c:

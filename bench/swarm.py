@@ -241,8 +241,10 @@ def main() -> None:
             if len(hop_line) != 2:
                 sys.exit("bench/hop.py --serve did not start")
             swarm.start_bootstrap("--hetero-config", *map(str, PLAN[0]), "--pp-partition", *map(str, PLAN[1]))
-            swarm.start_worker("--stage", "0")
-            swarm.start_worker("--stage", "1")
+            # every core for each worker, as for the ranks of `p2pserve run`: the stages take turns
+            threads = str(os.cpu_count() or 1)
+            swarm.start_worker("--stage", "0", "--threads", threads)
+            swarm.start_worker("--stage", "1", "--threads", threads)
             pipes["run 15+15"] = LocalPipeline(None, Plan(*PLAN))
             pipes["run 15+15 t1"] = LocalPipeline(None, Plan(*PLAN), threads=1)
             pipes["run 30"] = LocalPipeline(None)
