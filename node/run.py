@@ -12,7 +12,7 @@ import click
 import trio
 
 from p2pserve.errors import ConfigError, P2PServeError
-from p2pserve.protocols import PLAN, SESSION
+from p2pserve.protocols import LINK, PLAN, SESSION
 from p2pserve.wire import read_frame, write_frame
 
 log = logging.getLogger("p2pserve.worker")
@@ -167,6 +167,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue)
             host.set_stream_handler(SESSION, server.handle)
+            host.set_stream_handler(LINK, server.handle_link)
             addrs = host_multiaddrs(host)
             device_info = device_entries(measure_devices(devices), config, opts.dtype, first=start == 0,
                                          last=end == config.n_layers)

@@ -13,13 +13,16 @@ bootstrap. Frames on a session stream:
            token {token, pos}  the last stage's sample, relayed back to stage 0
            (stage 0 to the bootstrap additionally: token …, done {n_tokens})
            error {code, message}
+
+Decode steps (one token, a token wanted) do not use the session stream: they go on the
+LINK stream between the two workers, batched with every other session's (``link.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -33,6 +36,7 @@ from p2pserve.wire import (
     RemoteError,
     StreamClosed,
     WireError,
+    WireTimeout,
     check_tensor,
     error_frame,
     read_frame,
@@ -43,6 +47,7 @@ from p2pserve.wire import (
 )
 
 from .executor import BatchingExecutor, SlotPool, StepRequest
+from .link import LinkError, Links, serve_link
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -66,6 +71,7 @@ class Session:
     params: SamplingParams
     open_msg: dict
     down: object = None  # stream to the next stage, None on the last
+    last_active: float = field(default_factory=time.monotonic)  # for the idle timeout
 
     @property
     def is_last(self) -> bool:
@@ -87,6 +93,7 @@ class StageServer:
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
         self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions))
         self.sessions: dict[str, Session] = {}
+        self.links = Links(host)
         self.draining = False
 
     @property
@@ -94,12 +101,16 @@ class StageServer:
         return self.runner.model.is_first
 
     def load(self) -> dict:
+        links = self.links.stats()
         return {"sessions": len(self.sessions), "queue": self.slots.waiting,
-                "max_sessions": self.slots.n_slots}
+                "max_sessions": self.slots.n_slots,
+                "link_frames": links["frames"], "link_steps": links["steps"]}
 
     async def serve(self) -> None:
-        """Run the batcher; the stream handler is installed by the caller."""
-        await self.executor.run()
+        """Run the batcher and the links; the stream handlers are installed by the caller."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.links.run)
+            await self.executor.run()
 
     # ---- one session ------------------------------------------------------------------
 
@@ -228,9 +239,23 @@ class StageServer:
 
     async def _step(self, session: Session, x: torch.Tensor, start: int, want: bool) -> int | None:
         """Run x at positions start… through this stage and the rest of the chain."""
+        session.last_active = time.monotonic()
         out = await self.executor.step(StepRequest(session.slot, start, x, want, session.params))
         if session.is_last:
             return out
+        nxt = session.chain[session.index + 1]
+        if want and x.shape[0] == 1:  # a decode step: batched with the others on the link
+            try:
+                link = await self.links.get(_peer_id(nxt), lambda: self._connect(nxt))
+                return await link.step(session.id, start, out, timeout=STEP_TIMEOUT)
+            except LinkError as e:
+                if e.code == "stage_failed":
+                    raise SessionError(e.code, f"stage {session.index + 1} ({nxt.peer_id}, layers "
+                                               f"{nxt.start}-{nxt.end}) failed: {e}") from None
+                raise RemoteError(e.code, str(e)) from None
+            except P2PServeError as e:
+                raise SessionError("stage_failed", f"cannot reach stage {session.index + 1} ({nxt.peer_id}, "
+                                                   f"layers {nxt.start}-{nxt.end}): {e}") from None
         try:
             await send_message(session.down, {"type": "step", "start": start, "want": want}, {"x": out},
                                timeout=STEP_TIMEOUT)
@@ -240,12 +265,48 @@ class StageServer:
         except RemoteError:
             raise
         except (WireError, EOFError) as e:
-            nxt = session.chain[session.index + 1]
             raise SessionError("stage_failed", f"stage {session.index + 1} ({nxt.peer_id}, layers "
                                                f"{nxt.start}-{nxt.end}) failed: {e}") from None
         if reply.get("type") != "token":
             raise SessionError("internal", f"expected a token from the next stage, got {reply.get('type')!r}")
         return int(reply["token"])
+
+    # ---- the link: decode steps of many sessions from one upstream peer ----------------
+
+    async def handle_link(self, stream) -> None:
+        """Stream handler for LINK."""
+        upstream = stream.muxed_conn.peer_id.to_base58()
+        await serve_link(stream, lambda items, x: self._link_steps(upstream, items, x))
+
+    async def _link_steps(self, upstream: str, items: list, x: torch.Tensor) -> list:
+        results: list = [None] * len(items)
+
+        async def one(i: int, item) -> None:
+            try:
+                sid, start = str(item["session"]), int(item["start"])
+            except (KeyError, TypeError, ValueError) as e:
+                results[i] = {"code": "bad_request", "message": f"malformed step: {e}"}
+                return
+            session = self.sessions.get(sid)
+            if session is None or session.index == 0 or session.chain[session.index - 1].peer_id != upstream:
+                results[i] = {"code": "unknown_session", "message": f"no session {sid} from this peer here"}
+                return
+            if start < 0 or start + 1 > self.max_len:
+                results[i] = {"code": "bad_request", "message": f"position {start} is outside this "
+                                                                f"session's {self.max_len}"}
+                return
+            try:
+                results[i] = await self._step(session, x[i : i + 1], start, True)
+            except (SessionError, RemoteError) as e:
+                results[i] = {"code": e.code, "message": str(e) if isinstance(e, SessionError) else e.message}
+            except Exception as e:  # a bug fails this step, not the link
+                log.exception("link step of session %s failed", sid)
+                results[i] = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
+
+        async with trio.open_nursery() as nursery:
+            for i, item in enumerate(items):
+                nursery.start_soon(one, i, item)
+        return results
 
     async def _drive(self, stream, session: Session) -> None:
         """Stage 0: run the whole generation, streaming tokens upstream as they come."""
@@ -289,6 +350,10 @@ class StageServer:
                 msg, tensors = await recv_message(stream, timeout=IDLE_TIMEOUT)
             except StreamClosed:
                 return
+            except WireTimeout:
+                if time.monotonic() - session.last_active < IDLE_TIMEOUT:
+                    continue  # quiet here, busy on the link
+                raise
             kind = msg.get("type")
             if kind == "close":
                 return
@@ -357,6 +422,12 @@ async def _refresh_dht(dht, key_pair, record_fn) -> None:
             except Exception as e:
                 log.info("DHT announce failed: %s", e)
         await trio.sleep(RECORD_TTL / 3)
+
+
+def _peer_id(hop: Hop):
+    from libp2p.peer.id import ID
+
+    return ID.from_base58(hop.peer_id)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

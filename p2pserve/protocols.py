@@ -6,6 +6,8 @@
     session    upstream -> stage     one inference session through a chain of stages:
                                      'open' travels down the chain, then 'step' frames
                                      (hidden states) go down and 'token' frames come back
+    link       stage -> next stage  the decode steps of all sessions between two workers,
+                                     batched: one 'steps' frame down, one 'tokens' frame back
     query      client -> bootstrap   a prompt in, a stream of tokens and text out
     status     anyone -> bootstrap   the live view: workers, complete chains, what is missing
 """
@@ -19,6 +21,7 @@ from .wire import protocol_id
 ANNOUNCE = protocol_id("announce")
 PLAN = protocol_id("plan")
 SESSION = protocol_id("session")
+LINK = protocol_id("link")
 QUERY = protocol_id("query")
 STATUS = protocol_id("status")
 

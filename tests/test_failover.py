@@ -151,11 +151,23 @@ async def test_32_concurrent_queries_all_complete_exactly_once(tmp_path, referen
                 async with trio.open_nursery() as n:
                     for i in range(32):
                         n.start_soon(one, i)
+            # Every decode step crossed stage 0's links exactly once, sessions batched into
+            # shared frames (the worker's record carries its link counters).
+            decode_steps = sum(len(tokens) - 1 for _, tokens, _ in results.values())
+            with trio.fail_after(30):
+                while True:
+                    st = await c.status()
+                    load = next(w["load"] for w in st["workers"] if w["start"] == 0)
+                    if load["link_steps"] >= decode_steps:
+                        break
+                    await trio.sleep(0.5)
     assert sorted(results) == list(range(32))
     for i, (prompt, tokens, routes) in results.items():
         assert tokens == references[prompt][1], f"query {i}"
     used = {routes[0][1] for _, _, routes in results.values()}
     assert len(used) == 2, "the burst should spread over both stage-1 replicas"
+    assert load["link_steps"] == decode_steps
+    assert load["link_frames"] * 2 < load["link_steps"], f"decode steps were not batched on the link: {load}"
 
 
 async def test_a_full_worker_refuses_with_busy_and_loses_nothing(tmp_path, references):

@@ -9,7 +9,7 @@ import torch
 import trio
 
 from p2pserve.host import connect
-from p2pserve.protocols import SESSION
+from p2pserve.protocols import LINK, SESSION
 from p2pserve.sampling import SamplingParams
 from p2pserve.wire import RemoteError, read_frame, send_message, write_frame
 
@@ -116,6 +116,18 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         with pytest.raises(RemoteError) as e:
             await read_frame(s)
         assert e.value.code == "shape" and "576" in e.value.message
+
+        # on the LINK stream: a step of a session this peer did not open is refused by
+        # item, and a tensor of the wrong shape closes the link
+        s = await c.host.new_stream(peer, [LINK])
+        await send_message(s, {"type": "steps", "id": 7, "items": [{"session": "nope", "start": 0}]},
+                           {"x": torch.zeros(1, 576)})
+        reply = await read_frame(s)
+        assert reply["id"] == 7 and reply["results"][0]["code"] == "unknown_session"
+        await send_message(s, {"type": "steps", "id": 8, "items": [{"session": "nope", "start": 0}]},
+                           {"x": torch.zeros(2, 576)})
+        with pytest.raises(Exception):
+            await read_frame(s, timeout=10)
 
         # an 'open' for layers this worker does not hold
         s = await session_stream()

@@ -1,0 +1,211 @@
+"""Decode steps of many sessions, batched on one stream between two workers.
+
+A session opens, prefills and closes on its own SESSION stream (see ``worker.py``). Its
+one-token decode steps, though, travel on a LINK stream that a worker keeps to each
+next-stage peer it talks to: the steps of every session that became ready together
+(the sessions of one batched forward pass) go down as one frame, and their tokens come
+back as one frame. On a loopback swarm a libp2p frame costs ~0.5 ms of Python on each
+side, so sixteen sessions pay for one frame per hop instead of sixteen.
+
+Frames on a LINK stream:
+
+    down  steps  {id, items: [{session, start}]} + tensor "x" [B, hidden], row i for item i
+    up    tokens {id, results: [token | {code, message}]}, in item order
+
+A failed item (unknown session, a later stage's refusal) fails that session only; a
+broken stream fails every step in flight on it, and the next step dials a new one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from p2pserve.errors import P2PServeError
+from p2pserve.protocols import LINK
+from p2pserve.wire import WireError, read_frame, recv_message, reset_stream, send_message, write_frame
+
+log = logging.getLogger("p2pserve.link")
+
+MAX_ITEMS = 256  # steps per frame; more wait for the next frame
+
+
+class LinkError(P2PServeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Pending:
+    session: str
+    start: int
+    x: torch.Tensor  # [hidden]
+    done: trio.Event = field(default_factory=trio.Event)
+    token: int | None = None
+    error: LinkError | None = None
+
+
+class Link:
+    """This worker's end of the LINK stream to one next-stage peer."""
+
+    def __init__(self, stream, nursery, on_close):
+        self.stream = stream
+        self._queue: list[_Pending] = []
+        self._wake = trio.Event()
+        self._in_flight: dict[int, list[_Pending]] = {}
+        self._ids = itertools.count()
+        self._on_close = on_close
+        self.closed = False
+        self.frames_sent = 0
+        self.steps_sent = 0
+        nursery.start_soon(self._sender)
+        nursery.start_soon(self._receiver)
+
+    async def step(self, session: str, start: int, x: torch.Tensor, timeout: float) -> int:
+        """Send one session's decode step (x: [1, hidden]) down the chain; its token."""
+        if self.closed:
+            raise LinkError("stage_failed", "the link to the next stage is closed")
+        p = _Pending(session, start, x.reshape(-1))
+        self._queue.append(p)
+        self._wake.set()
+        with trio.move_on_after(timeout) as scope:
+            await p.done.wait()
+        if scope.cancelled_caught:
+            raise LinkError("stage_failed", f"no token from the next stage within {timeout:g} s")
+        if p.error is not None:
+            raise p.error
+        return p.token
+
+    async def _sender(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await trio.sleep(0)  # let every session woken by the same forward pass queue its step
+                while self._queue:
+                    items, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
+                    fid = next(self._ids)
+                    self._in_flight[fid] = items
+                    x = torch.stack([p.x for p in items])
+                    await send_message(self.stream, {"type": "steps", "id": fid,
+                                                     "items": [{"session": p.session, "start": p.start}
+                                                               for p in items]}, {"x": x})
+                    self.frames_sent += 1
+                    self.steps_sent += len(items)
+        except Exception as e:
+            self._fail(f"sending to the next stage failed: {e}")
+
+    async def _receiver(self) -> None:
+        try:
+            while True:
+                msg = await read_frame(self.stream, timeout=float("inf"))
+                items = self._in_flight.pop(msg.get("id"), None)
+                results = msg.get("results")
+                if msg.get("type") != "tokens" or items is None or not isinstance(results, list) \
+                        or len(results) != len(items):
+                    raise WireError(f"unexpected reply on the link: {str(msg)[:200]}")
+                for p, r in zip(items, results):
+                    if isinstance(r, dict):
+                        p.error = LinkError(str(r.get("code", "internal")), str(r.get("message", r)))
+                    else:
+                        p.token = int(r)
+                    p.done.set()
+        except Exception as e:
+            self._fail(f"the next stage's link failed: {e}")
+
+    def _fail(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._on_close(self)
+        for items in [self._queue, *self._in_flight.values()]:
+            for p in items:
+                if not p.done.is_set():
+                    p.error = LinkError("stage_failed", why)
+                    p.done.set()
+        self._queue, self._in_flight = [], {}
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        self._fail("the link was closed")
+        await reset_stream(self.stream)
+
+
+class Links:
+    """A worker's links to next-stage peers, opened on first use, one per peer."""
+
+    def __init__(self, host):
+        self.host = host
+        self._links: dict[str, Link] = {}
+        self._opening: dict[str, trio.Lock] = {}
+        self._nursery = None
+
+    async def run(self) -> None:
+        """Own the links' tasks; lives in the worker's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await trio.sleep_forever()
+
+    async def get(self, peer_id, connect) -> Link:
+        """The link to ``peer_id`` (a libp2p ID), dialing it with ``connect()`` if needed."""
+        key = peer_id.to_base58()
+        lock = self._opening.setdefault(key, trio.Lock())
+        async with lock:
+            link = self._links.get(key)
+            if link is None or link.closed:
+                peer = await connect()
+                stream = await self.host.new_stream(peer, [LINK])
+                while self._nursery is None:
+                    await trio.sleep(0.01)
+                link = Link(stream, self._nursery, lambda lk, key=key: self._forget(key, lk))
+                self._links[key] = link
+            return link
+
+    def _forget(self, key: str, link: Link) -> None:
+        if self._links.get(key) is link:
+            del self._links[key]
+
+    def stats(self) -> dict:
+        links = list(self._links.values())
+        return {"links": len(links), "frames": sum(lk.frames_sent for lk in links),
+                "steps": sum(lk.steps_sent for lk in links)}
+
+
+async def serve_link(stream, run_steps) -> None:
+    """Stream handler body for LINK: answer each 'steps' frame with one 'tokens' frame.
+
+    ``run_steps(items, x)`` runs the batch through this stage and the rest of the chain
+    and returns one result per item (a token, or {code, message}); it must not raise.
+    Frames are served concurrently, each replied to as soon as its batch is done. A
+    malformed frame ends the link (the sender fails its steps and dials anew)."""
+    write_lock = trio.Lock()
+
+    async def one(msg, x, cancel_scope):
+        results = await run_steps(msg["items"], x)
+        try:
+            async with write_lock:
+                await write_frame(stream, {"type": "tokens", "id": msg["id"], "results": results})
+        except WireError as e:
+            log.info("link closed while replying: %s", e)
+            cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        try:
+            while True:
+                msg, tensors = await recv_message(stream, timeout=float("inf"))
+                items, x = msg.get("items"), tensors.get("x")
+                if msg.get("type") != "steps" or not isinstance(items, list) or x is None:
+                    raise WireError(f"expected a 'steps' frame with items and tensor x, got {str(msg)[:200]}")
+                if x.dim() != 2 or x.shape[0] != len(items) or not x.is_floating_point():
+                    raise WireError(f"'steps' tensor x is {x.dtype} {list(x.shape)} for {len(items)} items; "
+                                    f"expected floating point [{len(items)}, hidden]")
+                nursery.start_soon(one, msg, x, nursery.cancel_scope)
+        except (WireError, EOFError) as e:
+            log.info("link closed: %s", e)
+        nursery.cancel_scope.cancel()
+    await reset_stream(stream)
