@@ -316,8 +316,14 @@ class StageServer:
         stop_on_eos = bool(msg.get("stop_on_eos", True))
         if not prompt or any(not 0 <= t < self.config.vocab_size for t in prompt):
             raise SessionError("bad_request", f"the prompt must be 1 or more token ids in [0, {self.config.vocab_size})")
+        # Tokens go upstream from a task of their own: the next step is queued at once,
+        # so the sessions woken by one forward pass make the next one together instead of
+        # trickling in behind each other's frame writes (~0.5 ms of Python each).
+        up_send, up_recv = trio.open_memory_channel(float("inf"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_upstream, stream, nursery.cancel_scope)
+            writer_done = trio.Event()
+            nursery.start_soon(self._write_upstream, stream, up_recv, writer_done)
             pos, token = 0, None
             for i in range(0, len(prompt), PREFILL_CHUNK):
                 chunk = prompt[i : i + PREFILL_CHUNK]
@@ -326,13 +332,22 @@ class StageServer:
             n = 0
             while True:
                 n += 1
-                await write_frame(stream, {"type": "token", "token": token, "pos": pos})
+                up_send.send_nowait({"type": "token", "token": token, "pos": pos})
                 if n >= session.params.max_new_tokens or (stop_on_eos and token in eos):
                     break
                 token = await self._step(session, torch.tensor([token]), pos, True)
                 pos += 1
-            await write_frame(stream, {"type": "done", "n_tokens": n})
+            up_send.send_nowait({"type": "done", "n_tokens": n})
+            up_send.close()
+            await writer_done.wait()
             nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _write_upstream(stream, frames, done: trio.Event) -> None:
+        async with frames:
+            async for frame in frames:
+                await write_frame(stream, frame)
+        done.set()
 
     async def _watch_upstream(self, stream, scope) -> None:
         """The client or bootstrap may cancel (a frame) or vanish (EOF): stop generating."""
