@@ -85,8 +85,9 @@ class Link:
         try:
             while True:
                 await self._wake.wait()
+                # No extra checkpoint needed: the sessions woken by one forward pass all run
+                # in the scheduler batch that woke this task, so their steps are queued.
                 self._wake = trio.Event()
-                await trio.sleep(0)  # let every session woken by the same forward pass queue its step
                 while self._queue:
                     items, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
                     fid = next(self._ids)
