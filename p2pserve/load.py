@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
+from .shm import all_reduce_for
 from .tp import shard_for
 from .weights import WeightSource
 
@@ -26,6 +27,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     def rows(heads):
         return heads[0] * hd, heads[1] * hd
 
+    all_reduce = all_reduce_for(group, device)
     blocks = []
     for i in range(start, end):
         p = f"model.layers.{i}."
@@ -45,7 +47,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             MLP(w13, w2),
             RMSNorm(get(p + "input_layernorm.weight"), config.rms_norm_eps),
             RMSNorm(get(p + "post_attention_layernorm.weight"), config.rms_norm_eps),
-            group,
+            all_reduce,
         ))
     leader = rank == 0
     embed = get("model.embed_tokens.weight") if leader and start == 0 else None

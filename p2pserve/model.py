@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -232,20 +231,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm, group):
+    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm, all_reduce=None):
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
-        self.group = group  # the stage's TP process group, None when TP is 1
+        self.all_reduce = all_reduce  # sums over the stage's TP group in place; None when TP is 1
 
     def forward(self, x, cos, sin, batch, mask):
         h = self.attn(self.attn_norm(x), cos, sin, batch, mask)
-        if self.group is not None:
-            dist.all_reduce(h, group=self.group)
+        if self.all_reduce is not None:
+            self.all_reduce(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
-        if self.group is not None:
-            dist.all_reduce(h, group=self.group)
+        if self.all_reduce is not None:
+            self.all_reduce(h)
         return x + h
 
 

@@ -1,0 +1,71 @@
+"""The shared-memory TP all-reduce: the sums gloo gives, on every rank, for every size."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from p2pserve import shm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, size: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    # a group of ranks 1.. (rank 0 stays out, as another stage's rank would)
+    group = dist.new_group(list(range(1, size)))
+    if rank == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    reduce = shm.ShmAllReduce(group, capacity=1000)
+    out = []
+    for step, (shape, dtype) in enumerate([((1, 1, 96), torch.float32), ((3, 7, 96), torch.float32),
+                                           ((2, 600), torch.float32), ((1, 1, 96), torch.bfloat16),
+                                           ((1, 1, 96), torch.float32)] * 3):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        h = torch.randn(shape, generator=g).to(dtype)
+        mine = h.clone()
+        reduce(h)  # 1200 floats: above the capacity, dist.all_reduce takes over
+        ref = mine.clone()
+        dist.all_reduce(ref, group=group)
+        out.append((h, ref))
+    results.put((rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_shm_all_reduce_equals_gloo_on_every_rank(tp):
+    if os.name != "posix":
+        pytest.skip("POSIX shared memory only")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    size = tp + 1
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, size, port, results)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in range(tp))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert sorted(got) == list(range(1, size))
+    first = got[1]
+    for rank, out in got.items():
+        for i, (h, ref) in enumerate(out):
+            tol = dict(atol=1e-5, rtol=1e-5) if h.dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+            torch.testing.assert_close(h, ref, **tol, msg=f"rank {rank} call {i}")
+            assert torch.equal(h, first[i][0]), f"rank {rank} call {i}: ranks must hold identical sums"
