@@ -1,6 +1,6 @@
 """Throughput under load, and failover recovery, on a real swarm on 127.0.0.1.
 
-    python bench/load.py [--tokens 32] [--sessions 1 4 16] [--no-failover]
+    python bench/load.py [--tokens 32] [--sessions 1 4 16] [--reps 2] [--threads N] [--no-failover]
 
 Starts a bootstrap and three workers (stage 0 once, stage 1 twice: SmolLM2-135M,
 [1 1]/[15 15]) through the CLI, then for each concurrency c sends c queries at once and
@@ -98,7 +98,7 @@ async def main(args):
     rows = []
     with Swarm(Path(tempfile.mkdtemp(prefix="p2pserve-bench-"))) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--policy", "latency")
-        threads = str(os.cpu_count() or 1)  # every core per worker: stages take turns
+        threads = str(args.threads or os.cpu_count() or 1)  # default every core per worker: stages take turns
         procs = [swarm.start_worker("--stage", s, "--threads", threads, wait=False) for s in ("0", "1", "1")]
         for p in procs:
             swarm.wait_serving(p)
@@ -126,4 +126,6 @@ if __name__ == "__main__":
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-failover", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: all cores; 3 workers share this machine)")
     trio.run(main, p.parse_args())
