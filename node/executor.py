@@ -132,6 +132,7 @@ class BatchingExecutor:
                     r.error = e
 
     def _forward(self, group: list[StepRequest]) -> None:
+        group.sort(key=lambda r: r.slot)  # consecutive slots attend to a view of the cache
         batch = Batch(tuple(r.slot for r in group), tuple(r.start for r in group), group[0].n_tokens)
         x = torch.stack([r.x for r in group])
         out = self.runner.forward(batch, x)

@@ -200,7 +200,11 @@ class Attention(nn.Module):
             ck[slots[:, None], pos] = k
             cv[slots[:, None], pos] = v
             end = max(batch.starts) + T
-            keys, values = ck[slots, :end], cv[slots, :end]
+            first = batch.slots[0]
+            if batch.slots == tuple(range(first, first + B)):  # a view, not a gathered copy
+                keys, values = ck[first : first + B, :end], cv[first : first + B, :end]
+            else:
+                keys, values = ck[slots, :end], cv[slots, :end]
         # [B, L, H, D] -> [B, H, L, D]
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         if T == 1:
