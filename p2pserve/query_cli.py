@@ -15,8 +15,10 @@ from .options import generation_options, sampling_from_options
 @click.option("--model", default=None, help="Model name (default: the swarm's); NAME_N pins pipeline N.")
 @generation_options
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each token.")
-@click.option("--home", default=None)
-@click.option("--stats/--no-stats", default=False)
+@click.option("--home", default=None,
+              help="State directory where a local bootstrap wrote its address (default $P2PSERVE_HOME or ~/.p2pserve).")
+@click.option("--stats/--no-stats", default=False,
+              help="Print the chain each attempt took and the answer's timing on stderr.")
 def query(prompt, peer, model, timeout, home, stats, **gen):
     """Ask the swarm behind --peer to answer PROMPT."""
     import trio
