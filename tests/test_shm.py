@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,7 +39,9 @@ def _rank(rank: int, size: int, port: int, results) -> None:
         reduce(h)  # 1200 floats: above the capacity, dist.all_reduce takes over
         ref = mine.clone()
         dist.all_reduce(ref, group=group)
-        out.append((h, ref))
+        # numpy arrays travel by value: a tensor would be shared through a file descriptor
+        # that dies with this process
+        out.append((h.float().numpy().copy(), ref.float().numpy().copy(), dtype == torch.float32))
     results.put((rank, out))
     dist.barrier()
     dist.destroy_process_group()
@@ -65,7 +68,7 @@ def test_shm_all_reduce_equals_gloo_on_every_rank(tp):
     assert sorted(got) == list(range(1, size))
     first = got[1]
     for rank, out in got.items():
-        for i, (h, ref) in enumerate(out):
-            tol = dict(atol=1e-5, rtol=1e-5) if h.dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
-            torch.testing.assert_close(h, ref, **tol, msg=f"rank {rank} call {i}")
-            assert torch.equal(h, first[i][0]), f"rank {rank} call {i}: ranks must hold identical sums"
+        for i, (h, ref, fp32) in enumerate(out):
+            tol = dict(atol=1e-5, rtol=1e-5) if fp32 else dict(atol=0.1, rtol=0.02)
+            np.testing.assert_allclose(h, ref, **tol, err_msg=f"rank {rank} call {i}")
+            assert np.array_equal(h, first[i][0]), f"rank {rank} call {i}: ranks must hold identical sums"
