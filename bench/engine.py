@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from p2pserve.local import LocalPipeline
+from p2pserve.local import LocalPipeline, default_threads
 from p2pserve.plan import Plan
 from p2pserve.sampling import SamplingParams
 from p2pserve.weights import default_model_path, open_weights
@@ -64,7 +64,7 @@ def rank_threads(plan: Plan) -> int | None:
 
 
 def threads_label(plan: Plan) -> str:
-    return " ".join(str(max(1, CORES // s.tp)) for s in plan.stages)
+    return " ".join(str(default_threads(s.tp)) for s in plan.stages)
 
 
 @dataclass

@@ -9,9 +9,9 @@ does, and in this process:
   swarm        an in-process libp2p client asks the bootstrap for `--tokens` greedy
                tokens (no stop on EOS); each token frame's arrival is timed
   run 15+15    LocalPipeline with the same plan (`p2pserve run --pp-partition 15 15`),
-               whose ranks get cores // widest TP = all cores each, as `p2pserve run` does
-  run 15+15 t1 the same with one thread per rank (a diagnostic: two ranks of all-core
-               OpenMP pools oversubscribe a small machine)
+               whose ranks get cores // their stage's TP = all cores each, as `p2pserve run` does
+  run 15+15 t1 the same with one thread per rank (a diagnostic: the swarm's workers share
+               the cores with the bootstrap and the client)
   run 30       LocalPipeline with one stage (`p2pserve run`)
   transformers LlamaForCausalLM.generate on the same weights, a streamer timing each token
 

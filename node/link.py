@@ -12,8 +12,9 @@ Frames on a LINK stream:
     down  steps  {id, items: [{session, start}]} + tensor "x" [B, hidden], row i for item i
     up    tokens {id, results: [token | {code, message}]}, in item order
 
-A failed item (unknown session, a later stage's refusal) fails that session only; a
-broken stream fails every step in flight on it, and the next step dials a new one.
+A failed item (unknown session, a later stage's refusal) raises RemoteError for that
+session only; a broken stream fails every step in flight on it with StreamClosed (a
+missing reply with WireTimeout), as a session stream would, and the next step dials anew.
 """
 
 from __future__ import annotations
@@ -25,19 +26,22 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from p2pserve.errors import P2PServeError
 from p2pserve.protocols import LINK
-from p2pserve.wire import WireError, read_frame, recv_message, reset_stream, send_message, write_frame
+from p2pserve.wire import (
+    RemoteError,
+    StreamClosed,
+    WireError,
+    WireTimeout,
+    read_frame,
+    recv_message,
+    reset_stream,
+    send_message,
+    write_frame,
+)
 
 log = logging.getLogger("p2pserve.link")
 
 MAX_ITEMS = 256  # steps per frame; more wait for the next frame
-
-
-class LinkError(P2PServeError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -47,7 +51,7 @@ class _Pending:
     x: torch.Tensor  # [hidden]
     done: trio.Event = field(default_factory=trio.Event)
     token: int | None = None
-    error: LinkError | None = None
+    error: Exception | None = None  # RemoteError for this item, StreamClosed/WireTimeout for the link
 
 
 class Link:
@@ -69,14 +73,14 @@ class Link:
     async def step(self, session: str, start: int, x: torch.Tensor, timeout: float) -> int:
         """Send one session's decode step (x: [1, hidden]) down the chain; its token."""
         if self.closed:
-            raise LinkError("stage_failed", "the link to the next stage is closed")
+            raise StreamClosed("the link to the next stage is closed")
         p = _Pending(session, start, x.reshape(-1))
         self._queue.append(p)
         self._wake.set()
         with trio.move_on_after(timeout) as scope:
             await p.done.wait()
         if scope.cancelled_caught:
-            raise LinkError("stage_failed", f"no token from the next stage within {timeout:g} s")
+            raise WireTimeout(f"no token from the next stage within {timeout:g} s")
         if p.error is not None:
             raise p.error
         return p.token
@@ -112,7 +116,7 @@ class Link:
                     raise WireError(f"unexpected reply on the link: {str(msg)[:200]}")
                 for p, r in zip(items, results):
                     if isinstance(r, dict):
-                        p.error = LinkError(str(r.get("code", "internal")), str(r.get("message", r)))
+                        p.error = RemoteError(str(r.get("code", "internal")), str(r.get("message", r)))
                     else:
                         p.token = int(r)
                     p.done.set()
@@ -127,7 +131,7 @@ class Link:
         for items in [self._queue, *self._in_flight.values()]:
             for p in items:
                 if not p.done.is_set():
-                    p.error = LinkError("stage_failed", why)
+                    p.error = StreamClosed(why)
                     p.done.set()
         self._queue, self._in_flight = [], {}
         self._wake.set()
@@ -160,7 +164,10 @@ class Links:
             link = self._links.get(key)
             if link is None or link.closed:
                 peer = await connect()
-                stream = await self.host.new_stream(peer, [LINK])
+                try:
+                    stream = await self.host.new_stream(peer, [LINK])
+                except Exception as e:
+                    raise StreamClosed(f"cannot open a link to {key}: {e}") from e
                 while self._nursery is None:
                     await trio.sleep(0.01)
                 link = Link(stream, self._nursery, lambda lk, key=key: self._forget(key, lk))

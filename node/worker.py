@@ -47,7 +47,7 @@ from p2pserve.wire import (
 )
 
 from .executor import BatchingExecutor, SlotPool, StepRequest
-from .link import LinkError, Links, serve_link
+from .link import Links, serve_link
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -244,25 +244,16 @@ class StageServer:
         if session.is_last:
             return out
         nxt = session.chain[session.index + 1]
-        if want and x.shape[0] == 1:  # a decode step: batched with the others on the link
-            try:
+        try:
+            if want and x.shape[0] == 1:  # a decode step: batched with the others on the link
                 link = await self.links.get(_peer_id(nxt), lambda: self._connect(nxt))
                 return await link.step(session.id, start, out, timeout=STEP_TIMEOUT)
-            except LinkError as e:
-                if e.code == "stage_failed":
-                    raise SessionError(e.code, f"stage {session.index + 1} ({nxt.peer_id}, layers "
-                                               f"{nxt.start}-{nxt.end}) failed: {e}") from None
-                raise RemoteError(e.code, str(e)) from None
-            except P2PServeError as e:
-                raise SessionError("stage_failed", f"cannot reach stage {session.index + 1} ({nxt.peer_id}, "
-                                                   f"layers {nxt.start}-{nxt.end}): {e}") from None
-        try:
             await send_message(session.down, {"type": "step", "start": start, "want": want}, {"x": out},
                                timeout=STEP_TIMEOUT)
             if not want:
                 return None
             reply = await read_frame(session.down, timeout=STEP_TIMEOUT)
-        except RemoteError:
+        except (RemoteError, SessionError):  # the next stage refused; or _connect says who is unreachable
             raise
         except (WireError, EOFError) as e:
             raise SessionError("stage_failed", f"stage {session.index + 1} ({nxt.peer_id}, layers "
