@@ -149,11 +149,13 @@ class Links:
         self._links: dict[str, Link] = {}
         self._opening: dict[str, trio.Lock] = {}
         self._nursery = None
+        self._started = trio.Event()
 
     async def run(self) -> None:
         """Own the links' tasks; lives in the worker's nursery."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started.set()
             await trio.sleep_forever()
 
     async def get(self, peer_id, connect) -> Link:
@@ -168,8 +170,7 @@ class Links:
                     stream = await self.host.new_stream(peer, [LINK])
                 except Exception as e:
                     raise StreamClosed(f"cannot open a link to {key}: {e}") from e
-                while self._nursery is None:
-                    await trio.sleep(0.01)
+                await self._started.wait()
                 link = Link(stream, self._nursery, lambda lk, key=key: self._forget(key, lk))
                 self._links[key] = link
             return link
