@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--hop-steps", type=int, default=500)
     parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--worker-threads", type=int, default=None)
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     sys.path.insert(0, str(ROOT))
@@ -242,7 +243,7 @@ def main() -> None:
                 sys.exit("bench/hop.py --serve did not start")
             swarm.start_bootstrap("--hetero-config", *map(str, PLAN[0]), "--pp-partition", *map(str, PLAN[1]))
             # every core for each worker, as for the ranks of `p2pserve run`: the stages take turns
-            threads = str(os.cpu_count() or 1)
+            threads = str(args.worker_threads or os.cpu_count() or 1)
             swarm.start_worker("--stage", "0", "--threads", threads)
             swarm.start_worker("--stage", "1", "--threads", threads)
             pipes["run 15+15"] = LocalPipeline(None, Plan(*PLAN))

@@ -104,7 +104,8 @@ class StageServer:
         links = self.links.stats()
         return {"sessions": len(self.sessions), "queue": self.slots.waiting,
                 "max_sessions": self.slots.n_slots,
-                "link_frames": links["frames"], "link_steps": links["steps"]}
+                "link_frames": links["frames"], "link_steps": links["steps"],
+                "forwards": self.executor.steps, "forward_steps": self.executor.batched_requests}
 
     async def serve(self) -> None:
         """Run the batcher and the links; the stream handlers are installed by the caller."""
