@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -82,3 +84,40 @@ async def test_slots_queue_then_refuse_when_the_queue_is_full():
 
 async def _take(pool, got):
     got.append(await pool.acquire())
+
+
+class _ThreadRecorder:
+    """A runner whose forward notes the thread it ran on (and may be slow)."""
+
+    def __init__(self):
+        self.model = type("M", (), {"is_last": False})()
+        self.threads: list[tuple[int, int]] = []  # (tokens per row, thread id)
+        self.delay = 0.0
+
+    def forward(self, batch, x):
+        self.threads.append((batch.n_tokens, threading.get_ident()))
+        time.sleep(self.delay)
+        return x
+
+
+async def test_short_decode_passes_run_on_the_loop_thread_prefills_and_slow_passes_in_a_worker_thread():
+    runner = _ThreadRecorder()
+    executor = BatchingExecutor(runner)
+    loop_thread = threading.get_ident()
+
+    async def step(n_tokens):
+        await executor.step(StepRequest(0, 0, torch.zeros(n_tokens), False, None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.run)
+        await step(5)  # a prefill chunk: a thread, so heartbeats go on
+        await step(1)  # a short decode pass: the loop's thread
+        runner.delay = executor.INLINE_LIMIT + 0.02
+        await step(1)  # measured slow, still inline (the first to show it)
+        await step(1)  # after a slow pass: a thread
+        runner.delay = 0.0
+        await step(1)  # fast again (in its thread), so the next one is inline
+        await step(1)
+        nursery.cancel_scope.cancel()
+    on_loop = [(n, t == loop_thread) for n, t in runner.threads]
+    assert on_loop == [(5, False), (1, True), (1, True), (1, False), (1, False), (1, True)]

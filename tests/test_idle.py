@@ -1,0 +1,78 @@
+"""A later stage frees a session whose stream goes quiet, unless its steps come on the link."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import trio
+
+from node import worker
+from node.worker import Session, StageServer
+from p2pserve.load import load_stage
+from p2pserve.protocols import Hop
+from p2pserve.sampling import SamplingParams
+from p2pserve.stage import StageRunner
+from p2pserve.weights import open_weights
+from p2pserve.wire import WireTimeout
+
+from .tiny import make_tiny_llama
+
+IDLE = 0.3  # seconds, this test's idle timeout
+
+
+class _QuietStream:
+    """A session stream on which upstream never sends another frame."""
+
+    async def read(self, n=None):
+        await trio.sleep_forever()
+
+    async def reset(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), n_layers=2)
+
+
+def _last_stage(tiny):
+    source = open_weights(tiny)
+    n = source.config.n_layers
+    runner = StageRunner(load_stage(source, 1, n))
+    server = StageServer(None, runner, model_name="tiny", fingerprint="f", start=1, end=n,
+                         max_sessions=2, max_len=64)
+    chain = [Hop("upstream-peer", (), 0, 1), Hop("me", (), 1, n)]
+    session = Session("s1", 0, chain, 1, SamplingParams(), {})
+    server.sessions[session.id] = session
+    return server, session
+
+
+@pytest.mark.parametrize("busy_for", [0.0, 1.2])
+async def test_relay_idle_timeout_counts_link_steps_as_activity(tiny, monkeypatch, busy_for):
+    monkeypatch.setattr(worker, "IDLE_TIMEOUT", IDLE)
+    server, session = _last_stage(tiny)
+    hidden = server.config.hidden_size
+    tokens = []
+
+    async def link_steps():  # decode steps of this session arriving on the LINK stream
+        pos, t_end = 0, trio.current_time() + busy_for
+        while trio.current_time() < t_end:
+            results = await server._link_steps("upstream-peer", [{"session": session.id, "start": pos}],
+                                               torch.randn(1, hidden))
+            tokens.append(results[0])
+            pos += 1
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.executor.run)
+        nursery.start_soon(link_steps)
+        t0 = time.monotonic()
+        with pytest.raises(WireTimeout):
+            await server._relay(_QuietStream(), session)  # the session stream itself stays silent
+        quiet_for = time.monotonic() - t0
+        nursery.cancel_scope.cancel()
+    assert all(isinstance(t, int) for t in tokens) and len(tokens) >= busy_for / 0.1
+    # freed one to two idle periods after the last activity, never while steps still came
+    assert busy_for + IDLE * 0.9 <= quiet_for <= busy_for + 2 * IDLE + 0.5, quiet_for
