@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -101,6 +102,7 @@ def _figures(t0: float, stamps: list[float]) -> dict:
 
 async def measure(args, addr, pipe, ids):
     from p2pserve.client import QueryError
+    from p2pserve.compute import compute_thread
     from p2pserve.planner import measure_device
     from p2pserve.sampling import SamplingParams
     from tests.swarm import client
@@ -109,14 +111,15 @@ async def measure(args, addr, pipe, ids):
     speeds, run, swarm, together = [], [], [], []
     async with client(addr) as c:
         await c.wait_chains(1, timeout=60)
-        await trio.to_thread.run_sync(time_local, pipe, ids, params)  # warm-up: allocations, streams
+        compute = compute_thread()  # one thread for this process's torch work (p2pserve/compute.py)
+        await compute.run(partial(time_local, pipe, ids, params))  # warm-up: allocations, streams
         await time_swarm(c, ids, params)
-        systems = [lambda: trio.to_thread.run_sync(time_local, pipe, ids, params),
+        systems = [lambda: compute.run(partial(time_local, pipe, ids, params)),
                    lambda: time_swarm(c, ids, params),
                    lambda: time_swarm_together(c, ids, params, 2)]
         for rep in range(args.reps):
             for attempt in range(3):
-                speed = await trio.to_thread.run_sync(lambda: measure_device("cpu", refresh=True))
+                speed = await compute.run(lambda: measure_device("cpu", refresh=True))
                 results = {}
                 try:
                     for i in list(range(3))[rep % 3:] + list(range(3))[: rep % 3]:
@@ -226,7 +229,11 @@ def main() -> None:
         swarm.start_bootstrap(*flags)
         swarm.start_worker("--stage", "0")
         swarm.start_worker("--stage", "1")
-        with LocalPipeline(None, Plan([1], [source.config.n_layers]), threads=torch.get_num_threads()) as pipe:
+        from p2pserve.compute import compute_thread
+
+        # built (and later timed) on the one compute thread: no second OpenMP team here
+        with compute_thread().call(lambda: LocalPipeline(None, Plan([1], [source.config.n_layers]),
+                                                         threads=torch.get_num_threads())) as pipe:
             speeds, *measured = trio.run(measure, args, swarm.addr, pipe, ids)
     predicted = [predict(speed, source.config, len(ids), args.tokens) for speed in speeds]
     report(args, speeds, predicted, list(zip(*measured)), len(ids))

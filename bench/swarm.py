@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,6 +125,9 @@ async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
     from p2pserve.sampling import SamplingParams
     from tests.swarm import client
 
+    from p2pserve.compute import compute_thread
+
+    compute = compute_thread()  # where main() built the in-process systems
     hop = _load_hop()
     params = SamplingParams(max_new_tokens=args.tokens)
     results = {name: [] for name in ("swarm", *pipes, "transformers")}
@@ -144,8 +148,8 @@ async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
 
         systems = {
             "swarm": lambda: time_swarm(c, ids, params),
-            **{name: (lambda p=p: trio.to_thread.run_sync(time_local, p, ids, params)) for name, p in pipes.items()},
-            "transformers": lambda: trio.to_thread.run_sync(time_transformers, hf, ids, args.tokens),
+            **{name: (lambda p=p: compute.run(partial(time_local, p, ids, params))) for name, p in pipes.items()},
+            "transformers": lambda: compute.run(partial(time_transformers, hf, ids, args.tokens)),
         }
         for name, run in systems.items():  # warm-up: first-use costs (allocations, streams)
             await run()
@@ -222,6 +226,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from p2pserve.host import quiet_libp2p_logs
+    from p2pserve.compute import compute_thread
     from p2pserve.local import LocalPipeline
     from p2pserve.plan import Plan
     from p2pserve.weights import default_model_path, open_weights
@@ -246,10 +251,13 @@ def main() -> None:
             threads = str(args.worker_threads or os.cpu_count() or 1)
             swarm.start_worker("--stage", "0", "--threads", threads)
             swarm.start_worker("--stage", "1", "--threads", threads)
+            # this process's own torch work (the one-stage pipeline, transformers) on one
+            # thread: a second OpenMP team would slow both (p2pserve/compute.py)
+            compute = compute_thread()
             pipes["run 15+15"] = LocalPipeline(None, Plan(*PLAN))
             pipes["run 15+15 t1"] = LocalPipeline(None, Plan(*PLAN), threads=1)
-            pipes["run 30"] = LocalPipeline(None)
-            hf = hf_model(default_model_path())
+            pipes["run 30"] = compute.call(lambda: LocalPipeline(None))
+            hf = compute.call(lambda: hf_model(default_model_path()))
             results, rtts = trio.run(measure, args, swarm.addr, hop_line[0], int(hop_line[1]), pipes, hf, ids)
     finally:
         for pipe in pipes.values():

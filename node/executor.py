@@ -4,28 +4,24 @@ Every session's step (a prefill chunk or a one-token decode) is a request. The b
 takes everything that is ready, runs all decode steps as one forward pass and at most
 one prefill chunk beside them, and hands each session its own result.
 
-Where the forward pass runs: a pass with a prefill chunk (or a slow decode pass, a big
-model on a CPU) runs in a worker thread, so the trio loop keeps serving frames and
-heartbeats meanwhile. A short decode-only pass runs on the loop's own thread, once every
-other task has had its turn (the frames the last pass produced are on the wire): handing
-it to a thread costs ~0.3 ms each way, and the thread then waits for the GIL behind the
-loop's Python between its ops. Measured on the 2-worker loopback swarm: stage compute
-19.0 -> 13.4 ms and 21.5 -> 16.9 ms per token, 37-44 -> 35-37 ms per token.
+Every forward pass runs on the process's one compute thread (``p2pserve/compute.py``:
+a second OpenMP team in the process made libgomp stop spinning, ~1.7x slower decode
+steps), so the trio loop keeps serving frames and heartbeats meanwhile.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import trio
-import trio.testing
 
+from p2pserve.compute import compute_thread
+from p2pserve.errors import Busy
 from p2pserve.model import Batch
 from p2pserve.sampling import SamplingParams, sample
 from p2pserve.stage import StageRunner
-
-from p2pserve.errors import Busy
 
 
 @dataclass
@@ -83,15 +79,13 @@ class BatchingExecutor:
 
     GATHER_FRACTION = 0.15  # of the last forward pass's time
     MAX_GATHER = 0.005  # seconds
-    INLINE_LIMIT = 0.05  # seconds: a decode pass faster than this runs on the loop's thread
-    FLUSH_WAIT = 0.001  # seconds, at most, for the other tasks to block before an inline pass
 
-    def __init__(self, runner: StageRunner, max_batch: int = 64, sessions=lambda: 0):
+    def __init__(self, runner: StageRunner, max_batch: int = 64, sessions=lambda: 0, compute=None):
         self.runner = runner
+        self.compute = compute or compute_thread()
         self.max_batch = max_batch
         self.sessions = sessions
         self._last_forward = 0.0
-        self._last_decode = 0.0  # seconds, the last decode-only pass
         self._send, self._recv = trio.open_memory_channel(float("inf"))
         self.steps = 0  # forward passes run (for stats and tests)
         self.batched_requests = 0
@@ -119,18 +113,9 @@ class BatchingExecutor:
             groups = ([decodes] if decodes else []) + ([[prefill]] if prefill is not None else [])
             taken = {id(r) for g in groups for r in g}
             pending = [r for r in pending if id(r) not in taken]
-            inline = prefill is None and self._last_decode < self.INLINE_LIMIT
-            if inline:  # let the frames and wake-ups the last pass caused go first
-                with trio.move_on_after(self.FLUSH_WAIT):
-                    await trio.testing.wait_all_tasks_blocked()
             t0 = trio.current_time()
-            if inline:
-                self._compute(groups)
-            else:
-                await trio.to_thread.run_sync(self._compute, groups)
+            await self.compute.run(partial(self._compute, groups))
             self._last_forward = trio.current_time() - t0
-            if prefill is None:
-                self._last_decode = self._last_forward
             for group in groups:
                 for r in group:
                     r.done.set()

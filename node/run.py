@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -121,6 +122,7 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
 
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from p2pserve.compute import compute_thread
     from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.local import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
@@ -134,7 +136,9 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     source = open_weights(opts.model_path)
     config = source.config
     # measured once per machine and cached: the bootstrap plans with these figures
-    speeds = await trio.to_thread.run_sync(measure_devices, [d.strip() for d in opts.devices.split(",") if d.strip()])
+    # Every torch computation of this process runs on its one compute thread (see compute.py).
+    compute = compute_thread()
+    speeds = await compute.run(partial(measure_devices, [d.strip() for d in opts.devices.split(",") if d.strip()]))
     name = f"worker-{opts.group_id}" if opts.group_id else "worker"
     key = load_or_create_identity(opts.home / f"{name}.key")
     async with running_host(key, [opts.listen]) as host:
@@ -151,25 +155,26 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
 
             stage, start, end, tp = int(opts.stage.split(",")[0]), chain[0][0], chain[-1][1], chain[0][2]
             devices = device_list(opts.devices, 1) * tp
-            runner = await trio.to_thread.run_sync(
+            runner = await compute.run(
                 lambda: ChainRunner(opts.model_path, chain, parse_dtype(opts.dtype), devices[0]))
             group = SimpleNamespace(runner=runner, close=runner.close)
         else:
             stage, start, end, tp = choose_layers(opts, info, config.n_layers)
             devices = device_list(opts.devices, tp)
-            group = await trio.to_thread.run_sync(
+            group = await compute.run(
                 lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source,
                                    threads=opts.threads))
         try:
             sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                          parse_dtype(opts.dtype), devices[0], opts.kv_memory)
+            await compute.run(partial(group.runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
-                                 max_waiting=opts.max_queue)
+                                 max_waiting=opts.max_queue, allocated=True)
             host.set_stream_handler(SESSION, server.handle)
             host.set_stream_handler(LINK, server.handle_link)
             addrs = host_multiaddrs(host)
-            device_info = device_entries(measure_devices(devices), config, opts.dtype, first=start == 0,
+            device_info = device_entries(await compute.run(partial(measure_devices, devices)), config, opts.dtype, first=start == 0,
                                          last=end == config.n_layers)
 
             def record():

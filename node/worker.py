@@ -82,14 +82,15 @@ class StageServer:
     """One worker's stage: its sessions, their KV slots, and the batcher in front of the model."""
 
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
-                 max_sessions: int, max_len: int, max_waiting: int | None = None):
+                 max_sessions: int, max_len: int, max_waiting: int | None = None, allocated: bool = False):
         self.host = host
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
         self.start, self.end = start, end
         self.config = runner.model.config
         self.max_len = max_len
-        runner.allocate(max_sessions, max_len)
+        if not allocated:  # a worker allocates on its compute thread (p2pserve/compute.py)
+            runner.allocate(max_sessions, max_len)
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
         self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions))
         self.sessions: dict[str, Session] = {}

@@ -11,6 +11,7 @@ import torch
 import trio
 
 from node.executor import BatchingExecutor, SlotPool, StepRequest
+from p2pserve.compute import ComputeThread
 from p2pserve.errors import Busy
 from p2pserve.load import load_stage
 from p2pserve.sampling import SamplingParams
@@ -87,37 +88,50 @@ async def _take(pool, got):
 
 
 class _ThreadRecorder:
-    """A runner whose forward notes the thread it ran on (and may be slow)."""
+    """A runner whose forward notes the thread it ran on."""
 
     def __init__(self):
         self.model = type("M", (), {"is_last": False})()
-        self.threads: list[tuple[int, int]] = []  # (tokens per row, thread id)
-        self.delay = 0.0
+        self.threads: list[int] = []
 
     def forward(self, batch, x):
-        self.threads.append((batch.n_tokens, threading.get_ident()))
-        time.sleep(self.delay)
+        self.threads.append(threading.get_ident())
         return x
 
 
-async def test_short_decode_passes_run_on_the_loop_thread_prefills_and_slow_passes_in_a_worker_thread():
+async def test_every_pass_runs_on_the_one_compute_thread_never_the_loops():
+    """A second OpenMP team in the process makes libgomp stop spinning (compute.py)."""
     runner = _ThreadRecorder()
-    executor = BatchingExecutor(runner)
-    loop_thread = threading.get_ident()
+    compute = ComputeThread()
+    executor = BatchingExecutor(runner, compute=compute)
 
     async def step(n_tokens):
         await executor.step(StepRequest(0, 0, torch.zeros(n_tokens), False, None))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(executor.run)
-        await step(5)  # a prefill chunk: a thread, so heartbeats go on
-        await step(1)  # a short decode pass: the loop's thread
-        runner.delay = executor.INLINE_LIMIT + 0.02
-        await step(1)  # measured slow, still inline (the first to show it)
-        await step(1)  # after a slow pass: a thread
-        runner.delay = 0.0
-        await step(1)  # fast again (in its thread), so the next one is inline
-        await step(1)
+        for n in (5, 1, 1, 3, 1):  # prefill chunks and decode steps alike
+            await step(n)
         nursery.cancel_scope.cancel()
-    on_loop = [(n, t == loop_thread) for n, t in runner.threads]
-    assert on_loop == [(5, False), (1, True), (1, True), (1, False), (1, False), (1, True)]
+    compute.close()
+    assert runner.threads == [compute.ident] * 5
+    assert compute.ident != threading.get_ident()
+
+
+async def test_compute_thread_returns_raises_and_finishes_a_job_before_a_cancel_lands():
+    compute = ComputeThread()
+    assert await compute.run(lambda: 6 * 7) == 42
+    with pytest.raises(ZeroDivisionError):
+        await compute.run(lambda: 1 / 0)
+    finished = []
+
+    def slow():
+        time.sleep(0.3)
+        finished.append(True)
+        return "done"
+
+    with trio.move_on_after(0.05) as scope:
+        await compute.run(slow)
+    assert scope.cancelled_caught and finished == [True]  # not abandoned mid-computation
+    assert await compute.run(lambda: "next") == "next"  # and the thread goes on serving
+    compute.close()
