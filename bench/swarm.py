@@ -1,6 +1,6 @@
 """The two-worker swarm against `p2pserve run` with the same plan, one stage, and transformers.
 
-    python bench/swarm.py [--tokens 64] [--reps 5] [--hop-steps 500]
+    python bench/swarm.py [--tokens 64] [--reps 5] [--hop-steps 500] [--stream-interval S]
 
 Starts a bootstrap and two workers (--hetero-config 1 1 --pp-partition 15 15 of the
 default model, SmolLM2-135M-Instruct) through the CLI on 127.0.0.1, exactly as a user
@@ -17,7 +17,11 @@ does, and in this process:
 
 Repetitions are interleaved (the order rotates every round) so that load from other
 processes falls on all alike. Time to first token is counted from the request to the
-first token; per-token latency is the median interval between consecutive tokens.
+first token; per-token latency (ms/token) is TPOT as vLLM's benchmarks define it, (last
+token - first token) / (tokens - 1), the median over the rounds; "p90 gap" is the 90th
+percentile of the gaps between token arrivals: the swarm streams the tokens of each
+--stream-interval (bootstrap flag, 0.1 s by default) in one frame, so its gaps are that
+interval and zero, while the others deliver each token alone.
 
 One hop: bench/hop.py's echo server in a second process, and its `step_round_trips`:
 a [1, 1, 576] float32 frame round trip over a libp2p stream and, as the baseline, over a
@@ -169,7 +173,7 @@ def summarize(runs):
     intervals = sorted(i for r in runs for i in r[1])
     return {
         "ttft": statistics.median(ttfts),
-        "token": statistics.median(intervals),
+        "token": statistics.median(sum(r[1]) / len(r[1]) for r in runs),  # TPOT of each run
         "p90": intervals[int(0.9 * len(intervals))],
         "tokens": runs[0][2],
         "same": all(r[2] == runs[0][2] for r in runs),
@@ -183,10 +187,12 @@ def report(args, results, rtts, n_prompt):
     s = {name: summarize(runs) for name, runs in results.items()}
     ref = s["transformers"]["tokens"]
     load = f"{args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    interval = "default" if args.stream_interval is None else f"{args.stream_interval:g} s"
+    print(f"bootstrap --stream-interval {interval}")
     print(f"SmolLM2-135M-Instruct fp32 on CPU, plan {plan.flags()}; prompt {n_prompt} tokens, "
           f"{args.tokens} greedy tokens (no stop on EOS), {args.reps} interleaved rounds after one warm-up; "
           f"load average {load} on {os.cpu_count()} cores")
-    print(f"{'':34s} {'TTFT ms':>9s} {'ms/token':>9s} {'p90 ms':>8s} {'tok/s':>7s}  tokens = transformers'")
+    print(f"{'':34s} {'TTFT ms':>9s} {'ms/token':>9s} {'p90 gap':>8s} {'tok/s':>7s}  tokens = transformers'")
     labels = {"swarm": "swarm (bootstrap + 2 workers)", "run 15+15": "p2pserve run --pp-partition 15 15",
               "run 15+15 t1": "run 15 15 with 1 thread per rank", "run 30": "p2pserve run (one stage)",
               "transformers": "transformers generate"}
@@ -221,6 +227,8 @@ def main() -> None:
     parser.add_argument("--hop-steps", type=int, default=500)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--worker-threads", type=int, default=None)
+    parser.add_argument("--stream-interval", type=float, default=None,
+                        help="the bootstrap's --stream-interval (default: its own default)")
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     sys.path.insert(0, str(ROOT))
@@ -246,7 +254,9 @@ def main() -> None:
             hop_line = hop_server.stdout.readline().split()
             if len(hop_line) != 2:
                 sys.exit("bench/hop.py --serve did not start")
-            swarm.start_bootstrap("--hetero-config", *map(str, PLAN[0]), "--pp-partition", *map(str, PLAN[1]))
+            swarm.start_bootstrap("--hetero-config", *map(str, PLAN[0]), "--pp-partition", *map(str, PLAN[1]),
+                                  *(["--stream-interval", str(args.stream_interval)]
+                                    if args.stream_interval is not None else []))
             # every core for each worker, as for the ranks of `p2pserve run`: the stages take turns
             threads = str(args.worker_threads or os.cpu_count() or 1)
             swarm.start_worker("--stage", "0", "--threads", threads)

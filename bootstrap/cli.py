@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import click
 
@@ -21,9 +22,12 @@ from p2pserve.protocols import DEFAULT_PORT
               help="How a query picks among complete pipelines.")
 @click.option("--http", "http_bind", default=None, metavar="HOST:PORT",
               help="Also serve the OpenAI-compatible API here, e.g. --http 0.0.0.0:8000.")
+@click.option("--stream-interval", type=click.FloatRange(0, 1), default=0.1, show_default=True, metavar="SECONDS",
+              help="Stage 0 sends an answer's tokens at most this often (the first at once); the tokens "
+                   "of one interval go in one frame. 0 sends each token as it comes.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
-def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, home, verbose):
+def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, stream_interval, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
 
@@ -31,7 +35,8 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    trio.run(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose, http_bind)
+    trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,
+                     http_bind, stream_interval=stream_interval))
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -45,7 +50,7 @@ def default_plan(n_layers: int, stages: int = 2):
 
 
 async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
-                http_bind=None, task_status=None):
+                http_bind=None, task_status=None, *, stream_interval: float = 0.1):
     import trio
 
     from p2pserve.errors import ConfigError
@@ -68,7 +73,8 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     async with running_host(key, [listen]) as host:
         async with running_dht(host, server=True):
             node = Bootstrap(host, config, tokenizer, [plan],
-                             policy="least-loaded" if policy == "latency" else "round-robin")
+                             policy="least-loaded" if policy == "latency" else "round-robin",
+                             stream_interval=stream_interval)
             node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
             host.set_stream_handler(ANNOUNCE, node.handle_announce)
             host.set_stream_handler(PLAN, node.handle_plan)

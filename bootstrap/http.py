@@ -81,10 +81,14 @@ def make_app(node: Bootstrap) -> Starlette:
         model = body.get("model") or node.config.name
         send, recv = trio.open_memory_channel(float("inf"))
 
+        async def emit(frames):
+            for frame in frames:
+                await send.send(frame)
+
         async def run():
             async with send:
                 try:
-                    await node.answer(send.send, prompt, params, pipeline, stop_on_eos)
+                    await node.answer(emit, prompt, params, pipeline, stop_on_eos)
                 except QueryFailed as e:
                     await send.send({"type": "error", "code": e.code, "message": str(e)})
 

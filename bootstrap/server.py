@@ -30,6 +30,7 @@ from p2pserve.wire import (
     read_frame,
     reset_stream,
     write_frame,
+    write_frames,
 )
 
 from .registry import Registry
@@ -42,6 +43,9 @@ FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
 TOKEN_TIMEOUT = 30.0
 MIN_TOKEN_TIMEOUT = 10.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
+# Stage 0 sends tokens at most once per this many seconds (the first at once): each frame
+# costs Python at stage 0, here and at the client, on cores that compute the next token.
+STREAM_INTERVAL = 0.1
 
 
 class QueryFailed(P2PServeError):
@@ -51,8 +55,10 @@ class QueryFailed(P2PServeError):
 
 
 class Bootstrap:
-    def __init__(self, host, config: ModelConfig, tokenizer, plans: list[Plan], *, policy: str = "round-robin"):
+    def __init__(self, host, config: ModelConfig, tokenizer, plans: list[Plan], *, policy: str = "round-robin",
+                 stream_interval: float = STREAM_INTERVAL):
         self.host = host
+        self.stream_interval = stream_interval
         self.config = config
         self.tokenizer = tokenizer
         self.plans = plans
@@ -171,8 +177,8 @@ class Bootstrap:
             self.stats["queries"] += 1
             prompt, params, pipeline, stop_on_eos = self.prepare(msg)
 
-            async def emit(frame):
-                await write_frame(stream, frame)
+            async def emit(frames):  # the frames of one chunk of tokens go in one write
+                await write_frames(stream, frames)
 
             await self.answer(emit, prompt, params, pipeline, stop_on_eos)
             await stream.close()
@@ -191,7 +197,8 @@ class Bootstrap:
                      stop_on_eos: bool) -> None:
         """Generate on some chain, failing over to another until the answer is complete.
 
-        ``emit(frame)`` delivers each frame to the client: route, token…, done."""
+        ``emit(frames)`` delivers a list of frames to the client: route, token…, done;
+        the tokens that arrived together come in one list."""
         decoder = self.tokenizer.stream()
         eos = set(self.config.eos_token_ids)
         generated: list[int] = []
@@ -208,21 +215,24 @@ class Bootstrap:
             chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
-            await emit({"type": "route", "chain": [h.peer_id for h in chain],
-                        "layers": [[h.start, h.end] for h in chain], "attempt": attempt})
+            await emit([{"type": "route", "chain": [h.peer_id for h in chain],
+                         "layers": [[h.start, h.end] for h in chain], "attempt": attempt}])
             try:
-                async for token in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
+                async for tokens in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
                     if t_fail is not None:
                         recoveries.append(round(time.monotonic() - t_fail, 3))
                         t_fail = None
-                    generated.append(token)
-                    text = "" if token in eos else decoder.push(token)
-                    await emit({"type": "token", "token": token, "text": text})
-                await emit({"type": "done", "n_tokens": len(generated), "prompt_tokens": len(prompt),
+                    frames = []
+                    for token in tokens:
+                        generated.append(token)
+                        text = "" if token in eos else decoder.push(token)
+                        frames.append({"type": "token", "token": token, "text": text})
+                    await emit(frames)
+                await emit([{"type": "done", "n_tokens": len(generated), "prompt_tokens": len(prompt),
                             "text": decoder.flush(), "failovers": attempt, "recovery_s": recoveries,
                             "time_s": time.monotonic() - t0,
                             "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
-                            else "length"})
+                            else "length"}])
                 return
             except _ChainFailed as e:
                 if e.busy:
@@ -270,6 +280,7 @@ class Bootstrap:
                 "type": "open", "session": uuid.uuid4().hex, "chain": [h.to_dict() for h in chain],
                 "index": 0, "params": params.to_dict(), "prompt": prompt,
                 "eos": list(self.config.eos_token_ids), "stop_on_eos": stop_on_eos,
+                "stream_interval": self.stream_interval,
             })
             reply = await read_frame(stream, timeout=FIRST_TOKEN_TIMEOUT)
             if reply.get("type") != "ready":
@@ -282,8 +293,14 @@ class Bootstrap:
                     interval = now - last if interval is None else 0.8 * interval + 0.2 * (now - last)
                     timeout = min(TOKEN_TIMEOUT, max(MIN_TOKEN_TIMEOUT, 20 * interval))
                 last = now
-                if msg.get("type") == "token":
-                    yield int(msg["token"])
+                if msg.get("type") == "tokens":
+                    try:
+                        tokens = [int(t) for t in msg["tokens"]]
+                    except (KeyError, TypeError, ValueError):
+                        tokens = []
+                    if not tokens or any(not 0 <= t < self.config.vocab_size for t in tokens):
+                        raise _ChainFailed(all_peers, f"stage 0 sent invalid tokens {msg['tokens']!r}")
+                    yield tokens
                 elif msg.get("type") == "done":
                     await stream.close()
                     return

@@ -5,13 +5,14 @@ otherwise). Its first frame, 'open', names the whole chain; a stage that is not 
 opens the next hop itself, so activations go worker to worker and never through the
 bootstrap. Frames on a session stream:
 
-    down   open  {session, chain, index, params, prompt, stop_on_eos, max_len}
+    down   open  {session, chain, index, params, prompt, stop_on_eos, max_len, stream_interval}
            step  {start, want} + tensor "x" ([T] token ids to stage 0 are not sent:
                  stage 0 drives the loop itself; [T, hidden] states elsewhere)
            close {}
     up     ready {}            the whole rest of the chain is open
            token {token, pos}  the last stage's sample, relayed back to stage 0
-           (stage 0 to the bootstrap additionally: token …, done {n_tokens})
+           (stage 0 to the bootstrap instead: tokens {tokens: [..]} …, done {n_tokens};
+           tokens at most one frame per stream_interval seconds, see _write_upstream)
            error {code, message}
 
 Decode steps (one token, a token wanted) do not use the session stream: they go on the
@@ -44,6 +45,7 @@ from p2pserve.wire import (
     reset_stream,
     send_message,
     write_frame,
+    write_frames,
 )
 
 from .executor import BatchingExecutor, SlotPool, StepRequest
@@ -54,6 +56,7 @@ log = logging.getLogger("p2pserve.worker")
 PREFILL_CHUNK = 256  # tokens per prefill step: long prompts do not stall others' decodes
 IDLE_TIMEOUT = 120.0  # seconds a session may wait for its next frame before it is freed
 STEP_TIMEOUT = 60.0  # seconds a stage waits for the rest of the chain to answer one step
+MAX_STREAM_INTERVAL = 1.0  # seconds stage 0 may hold tokens back to send them together
 
 
 class SessionError(P2PServeError):
@@ -71,6 +74,7 @@ class Session:
     params: SamplingParams
     open_msg: dict
     down: object = None  # stream to the next stage, None on the last
+    stream_interval: float = 0.0  # stage 0: seconds between token frames to the bootstrap
     last_active: float = field(default_factory=time.monotonic)  # for the idle timeout
 
     @property
@@ -167,6 +171,7 @@ class StageServer:
             params = SamplingParams.from_dict(msg["params"])
             sid = str(msg["session"])
             me = chain[index]
+            interval = _stream_interval(msg.get("stream_interval", 0.0))
         except (KeyError, TypeError, ValueError, IndexError, P2PServeError) as e:
             raise SessionError("bad_request", f"malformed 'open' frame: {e}") from None
         if (me.start, me.end) != (self.start, self.end) or me.peer_id != self.host.get_id().to_base58():
@@ -180,7 +185,7 @@ class StageServer:
             raise SessionError("bad_request", f"the session needs {need} positions; this worker holds "
                                               f"at most {self.max_len} per session")
         slot = await self.slots.acquire()
-        session = Session(sid, slot, chain, index, params, msg)
+        session = Session(sid, slot, chain, index, params, msg, stream_interval=interval)
         self.sessions[sid] = session
         try:
             if not session.is_last:
@@ -316,7 +321,7 @@ class StageServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_upstream, stream, nursery.cancel_scope)
             writer_done = trio.Event()
-            nursery.start_soon(self._write_upstream, stream, up_recv, writer_done)
+            nursery.start_soon(_write_upstream, stream, up_recv, writer_done, session.stream_interval)
             pos, token = 0, None
             for i in range(0, len(prompt), PREFILL_CHUNK):
                 chunk = prompt[i : i + PREFILL_CHUNK]
@@ -325,7 +330,7 @@ class StageServer:
             n = 0
             while True:
                 n += 1
-                up_send.send_nowait({"type": "token", "token": token, "pos": pos})
+                up_send.send_nowait(token)
                 if n >= session.params.max_new_tokens or (stop_on_eos and token in eos):
                     break
                 token = await self._step(session, torch.tensor([token]), pos, True)
@@ -334,13 +339,6 @@ class StageServer:
             up_send.close()
             await writer_done.wait()
             nursery.cancel_scope.cancel()
-
-    @staticmethod
-    async def _write_upstream(stream, frames, done: trio.Event) -> None:
-        async with frames:
-            async for frame in frames:
-                await write_frame(stream, frame)
-        done.set()
 
     async def _watch_upstream(self, stream, scope) -> None:
         """The client or bootstrap may cancel (a frame) or vanish (EOF): stop generating."""
@@ -430,6 +428,50 @@ async def _refresh_dht(dht, key_pair, record_fn) -> None:
             except Exception as e:
                 log.info("DHT announce failed: %s", e)
         await trio.sleep(RECORD_TTL / 3)
+
+
+def _stream_interval(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_STREAM_INTERVAL:
+        raise ValueError(f"stream_interval must be 0-{MAX_STREAM_INTERVAL:g} seconds, got {value!r}")
+    return float(value)
+
+
+async def _write_upstream(stream, items, done: trio.Event, interval: float) -> None:
+    """Stage 0's tokens (ints, then the 'done' frame) to the bootstrap, as 'tokens' frames.
+
+    A token goes at once if the last write was ``interval`` seconds ago or more; otherwise
+    it waits for that moment, and the tokens that come meanwhile share its frame. The
+    first token is never held (time to first token is unchanged); 'done' goes with the
+    tokens before it. Every write costs ~0.5 ms of Python at each of stage 0, the
+    bootstrap and the client, beside the cores that compute the next token."""
+    last_write = float("-inf")
+    async with items:
+        closed = False
+        while not closed:
+            try:
+                batch = [await items.receive()]
+            except trio.EndOfChannel:
+                break
+            with trio.move_on_at(last_write + interval):
+                while isinstance(batch[-1], int):
+                    try:
+                        batch.append(await items.receive())
+                    except trio.EndOfChannel:
+                        closed = True
+                        break
+            while not closed and isinstance(batch[-1], int):
+                try:
+                    batch.append(items.receive_nowait())
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    closed = True
+            tokens = [t for t in batch if isinstance(t, int)]
+            frames = [{"type": "tokens", "tokens": tokens}] if tokens else []
+            frames += [f for f in batch if isinstance(f, dict)]
+            await write_frames(stream, frames)
+            last_write = trio.current_time()
+    done.set()
 
 
 def _peer_id(hop: Hop):

@@ -130,12 +130,23 @@ async def reset_stream(stream) -> None:
 
 async def write_frame(stream, msg: dict, timeout: float = DEFAULT_TIMEOUT, *, max_size: int = MAX_FRAME):
     """Send one frame. A frame above `max_size` is refused before a byte is sent."""
-    if not isinstance(msg, dict):
-        raise TypeError(f"a frame is a dict, got {type(msg).__name__}")
-    body = msgpack.packb(msg, use_bin_type=True)
-    if len(body) > max_size:
-        raise FrameError(f"frame of {len(body)} bytes exceeds the limit of {max_size} bytes")
-    await _write(stream, _LENGTH.pack(len(body)) + body, timeout)
+    await write_frames(stream, [msg], timeout, max_size=max_size)
+
+
+async def write_frames(stream, msgs: list[dict], timeout: float = DEFAULT_TIMEOUT, *,
+                       max_size: int = MAX_FRAME) -> None:
+    """Send several frames in one write: the reader sees them as separate frames, but the
+    muxer, Noise and the socket handle them once (~0.5 ms of Python per libp2p write on
+    each side). Nothing is sent if any frame is refused."""
+    parts = []
+    for msg in msgs:
+        if not isinstance(msg, dict):
+            raise TypeError(f"a frame is a dict, got {type(msg).__name__}")
+        body = msgpack.packb(msg, use_bin_type=True)
+        if len(body) > max_size:
+            raise FrameError(f"frame of {len(body)} bytes exceeds the limit of {max_size} bytes")
+        parts += (_LENGTH.pack(len(body)), body)
+    await _write(stream, b"".join(parts), timeout)
 
 
 async def _write(stream, data: bytes, timeout: float) -> None:

@@ -136,9 +136,24 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         with pytest.raises(RemoteError, match="holds layers 15-30"):
             await read_frame(s)
 
+        # stage 0 asked to hold tokens back for longer than it allows
+        first_peer = ID.from_base58(first["peer_id"])
+        await connect(c.host, first["addrs"][0] if "/p2p/" in first["addrs"][0]
+                      else f"{first['addrs'][0]}/p2p/{first['peer_id']}")
+        s = await c.host.new_stream(first_peer, [SESSION])
+        await write_frame(s, {"type": "open", "session": "t3", "chain": chain, "index": 0, "prompt": ids_of(references),
+                              "params": GREEDY.to_dict(), "stream_interval": 30})
+        with pytest.raises(RemoteError, match="stream_interval must be 0-1 seconds, got 30") as e:
+            await read_frame(s)
+        assert e.value.code == "bad_request"
+
         # and everyone else is still served, exactly
         ids, ref = references[PROMPTS[1]]
         assert (await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens == ref
+
+
+def ids_of(references) -> list[int]:
+    return references[PROMPTS[1]][0]
 
 
 async def test_out_of_range_parameters_are_refused(swarm2):

@@ -1,0 +1,64 @@
+"""Stage 0 streams an answer's tokens to the bootstrap at most once per stream interval."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import trio
+
+from node.worker import _write_upstream
+
+
+class _Recorder:
+    """A stream that notes when each write came and what frames it carried."""
+
+    def __init__(self):
+        self.writes: list[tuple[float, list[dict]]] = []
+
+    async def write(self, data: bytes) -> None:
+        frames, i = [], 0
+        while i < len(data):
+            (n,) = struct.unpack(">I", data[i : i + 4])
+            frames.append(msgpack.unpackb(data[i + 4 : i + 4 + n]))
+            i += 4 + n
+        self.writes.append((trio.current_time(), frames))
+
+
+async def _stream(interval: float, n_tokens: int, every: float) -> _Recorder:
+    stream, done = _Recorder(), trio.Event()
+    send, recv = trio.open_memory_channel(float("inf"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_upstream, stream, recv, done, interval)
+        t0 = trio.current_time()
+        for t in range(n_tokens):
+            await trio.sleep_until(t0 + t * every)
+            send.send_nowait(t)
+        await trio.sleep(every / 2)
+        send.send_nowait({"type": "done", "n_tokens": n_tokens})
+        send.close()
+        await done.wait()
+    return stream
+
+
+def _tokens(writes) -> list[int]:
+    return [t for _, frames in writes for f in frames if f["type"] == "tokens" for t in f["tokens"]]
+
+
+async def test_tokens_within_an_interval_share_one_write_and_the_first_is_not_held(autojump_clock):
+    stream = await _stream(interval=0.1, n_tokens=20, every=0.03)
+    writes = stream.writes
+    assert _tokens(writes) == list(range(20))  # every token once, in order
+    assert writes[0][0] == pytest.approx(0.0) and writes[0][1] == [{"type": "tokens", "tokens": [0]}]
+    gaps = [b[0] - a[0] for a, b in zip(writes, writes[1:-1])]
+    assert all(g >= 0.1 - 1e-9 for g in gaps), gaps  # at most one write per interval
+    assert writes[-1][1][-1] == {"type": "done", "n_tokens": 20}  # 'done' goes with the last tokens, not held
+    assert writes[-1][0] - writes[-2][0] < 0.1
+    assert len(writes) <= 8  # 20 tokens over 0.6 s: ~7 writes instead of 21
+
+
+async def test_interval_zero_sends_each_token_as_it_comes(autojump_clock):
+    stream = await _stream(interval=0.0, n_tokens=5, every=0.03)
+    assert [frames for _, frames in stream.writes] == (
+        [[{"type": "tokens", "tokens": [t]}] for t in range(5)] + [[{"type": "done", "n_tokens": 5}]])
