@@ -35,6 +35,9 @@ PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on l
 OP_BEGIN = 3
 WANT_LOGITS = 2  # header want_token value: send the token and the logits back to rank 0
 HEADER = 8  # float64 pipeline header: op, n_tokens, start, want_token, temperature, top_k, top_p, seed
+# Stage to stage, the header travels in one message with room for one token's hidden
+# state: a decode step's activations ride along (one gloo/NCCL message per hop instead of
+# two); a longer step sends its [n, hidden] states in a second message.
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -174,6 +177,7 @@ class _Rank:
         self.prev_leader = stages[i - 1].first_rank if i > 0 else None
         self.next_leader = stages[i + 1].first_rank if i + 1 < len(stages) else None
         self.last_leader = stages[-1].first_rank
+        self._hidden_bytes = self.model.config.hidden_size * self.model.dtype.itemsize
 
     def _send(self, t: torch.Tensor, dst: int):
         dist.send(t.to(self.device) if self.device != "cpu" else t, dst)
@@ -183,16 +187,31 @@ class _Rank:
         dist.recv(t, src)
         return t
 
+    def _send_header(self, header: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """The header to the next leader, with ``x`` (one token's hidden state) inline."""
+        device = x.device if x is not None else header.device
+        msg = torch.zeros(HEADER * 8 + self._hidden_bytes, dtype=torch.uint8, device=device)
+        msg[: HEADER * 8] = header.to(device).view(torch.uint8)
+        if x is not None:
+            msg[HEADER * 8 :] = x.reshape(-1).view(torch.uint8)
+        self._send(msg, self.next_leader)
+
+    def _recv_header(self) -> tuple[list[float], torch.Tensor]:
+        """(header values, the inline [1, 1, hidden] state: meaningful on a one-token step)."""
+        msg = self._recv(HEADER * 8 + self._hidden_bytes, torch.uint8, self.prev_leader)
+        x = msg[HEADER * 8 :].view(self.model.dtype).reshape(1, 1, -1)
+        return msg[: HEADER * 8].view(torch.float64).tolist(), x
+
     def relay(self) -> None:
         """Leader of a stage after the first: serve the chain until told to stop."""
         params = SamplingParams()
         hidden = self.model.config.hidden_size
         while True:
-            h = self._recv(HEADER, torch.float64, self.prev_leader)
-            hl = h.tolist()
+            hl, inline = self._recv_header()
+            h = torch.tensor(hl, dtype=torch.float64)
             op = int(hl[0])
             if self.next_leader is not None and op != OP_STEP:
-                self._send(h, self.next_leader)
+                self._send_header(h)
             if op == OP_STOP:
                 self.runner.stop()
                 return
@@ -202,7 +221,7 @@ class _Rank:
                 params = _params_from_header(hl)
             else:
                 n, start, want = int(hl[1]), int(hl[2]), int(hl[3])
-                x = self._recv((1, n, hidden), self.model.dtype, self.prev_leader)
+                x = inline if n == 1 else self._recv((1, n, hidden), self.model.dtype, self.prev_leader)
                 out = self.runner.forward(Batch((0,), (start,), n), x)
                 if self.next_leader is None:
                     if want:
@@ -211,8 +230,7 @@ class _Rank:
                     if want == WANT_LOGITS:
                         self._send(out[0].float().cpu(), 0)
                 else:
-                    self._send(h, self.next_leader)
-                    self._send(out, self.next_leader)
+                    self._send_step(h, out)
 
     # ---- rank 0: the driver ----
     def begin(self, need: int, params: SamplingParams) -> None:
@@ -220,10 +238,10 @@ class _Rank:
         if cap != self.runner.max_len:
             self.runner.allocate(1, cap)
             if self.next_leader is not None:
-                self._send(_header(OP_ALLOC, cap), self.next_leader)
+                self._send_header(_header(OP_ALLOC, cap))
         self.params = params
         if self.next_leader is not None:
-            self._send(_header(OP_BEGIN, params=params), self.next_leader)
+            self._send_header(_header(OP_BEGIN, params=params))
 
     def generate(self, prompt, params, stop_on_eos, capture_logits=False) -> Iterator[int | Generation]:
         self.begin(len(prompt) + params.max_new_tokens, params)
@@ -244,8 +262,7 @@ class _Rank:
                 self.captured_logits = out[0].float().cpu()
             return sample(out[0], self.params, start + n) if want else None
         want_code = WANT_LOGITS if capture else int(want)
-        self._send(_header(OP_STEP, n, start, want_code), self.next_leader)
-        self._send(out, self.next_leader)
+        self._send_step(_header(OP_STEP, n, start, want_code), out)
         if not want:
             return None
         token = int(self._recv(1, torch.int64, self.last_leader).item())
@@ -255,8 +272,15 @@ class _Rank:
 
     def stop(self) -> None:
         if self.next_leader is not None:
-            self._send(_header(OP_STOP), self.next_leader)
+            self._send_header(_header(OP_STOP))
         self.runner.stop()
+
+    def _send_step(self, header: torch.Tensor, out: torch.Tensor) -> None:
+        if out.shape[1] == 1:  # one token: its state rides in the header's message
+            self._send_header(header, out)
+        else:
+            self._send_header(header)
+            self._send(out.contiguous(), self.next_leader)
 
 
 def _rank_main(rank: int, spec: RankSpec, conn, errors) -> None:
