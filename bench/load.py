@@ -106,7 +106,9 @@ async def main(args):
     rows = []
     with Swarm(Path(tempfile.mkdtemp(prefix="p2pserve-bench-"))) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--policy", "latency")
-        threads = str(args.threads or os.cpu_count() or 1)  # default every core per worker: stages take turns
+        # the three workers compute at once under load: they split the cores, as a user
+        # running several workers on one machine should (--threads of `p2pserve worker`)
+        threads = str(args.threads or max(1, (os.cpu_count() or 1) // 3))
         procs = [swarm.start_worker("--stage", s, "--threads", threads, wait=False) for s in ("0", "1", "1")]
         for p in procs:
             swarm.wait_serving(p)
@@ -148,5 +150,5 @@ if __name__ == "__main__":
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-failover", action="store_true")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: all cores; 3 workers share this machine)")
+                   help="torch threads per worker (default: cores // 3, the 3 workers share this machine)")
     trio.run(main, p.parse_args())
