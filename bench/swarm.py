@@ -226,7 +226,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--hop-steps", type=int, default=500)
     parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--worker-threads", type=int, default=None)
+    parser.add_argument("--worker-threads", type=int, default=None,
+                        help="torch threads per worker (default: every core: the stages take turns)")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="the bootstrap's --stream-interval (default: its own default)")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ from functools import partial
 import click
 
 from p2pserve.options import plan_from_options, plan_options
-from p2pserve.protocols import DEFAULT_PORT
+from p2pserve.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
 
 @click.command()
@@ -22,7 +22,8 @@ from p2pserve.protocols import DEFAULT_PORT
               help="How a query picks among complete pipelines.")
 @click.option("--http", "http_bind", default=None, metavar="HOST:PORT",
               help="Also serve the OpenAI-compatible API here, e.g. --http 0.0.0.0:8000.")
-@click.option("--stream-interval", type=click.FloatRange(0, 1), default=0.1, show_default=True, metavar="SECONDS",
+@click.option("--stream-interval", type=click.FloatRange(0, MAX_STREAM_INTERVAL), default=STREAM_INTERVAL,
+              show_default=True, metavar="SECONDS",
               help="Stage 0 sends an answer's tokens at most this often (the first at once); the tokens "
                    "of one interval go in one frame. 0 sends each token as it comes.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
@@ -50,7 +51,7 @@ def default_plan(n_layers: int, stages: int = 2):
 
 
 async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
-                http_bind=None, task_status=None, *, stream_interval: float = 0.1):
+                http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL):
     import trio
 
     from p2pserve.errors import ConfigError

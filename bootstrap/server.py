@@ -20,7 +20,7 @@ import trio
 from p2pserve.config import ModelConfig
 from p2pserve.errors import ConfigError, P2PServeError
 from p2pserve.plan import Plan
-from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, Hop
+from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
 from p2pserve.records import RecordError, verify_record
 from p2pserve.sampling import SamplingParams
 from p2pserve.wire import (
@@ -43,9 +43,6 @@ FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
 TOKEN_TIMEOUT = 30.0
 MIN_TOKEN_TIMEOUT = 10.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
-# Stage 0 sends tokens at most once per this many seconds (the first at once): each frame
-# costs Python at stage 0, here and at the client, on cores that compute the next token.
-STREAM_INTERVAL = 0.1
 
 
 class QueryFailed(P2PServeError):
@@ -295,12 +292,9 @@ class Bootstrap:
                 last = now
                 if msg.get("type") == "tokens":
                     try:
-                        tokens = [int(t) for t in msg["tokens"]]
-                    except (KeyError, TypeError, ValueError):
-                        tokens = []
-                    if not tokens or any(not 0 <= t < self.config.vocab_size for t in tokens):
-                        raise _ChainFailed(all_peers, f"stage 0 sent invalid tokens {msg['tokens']!r}")
-                    yield tokens
+                        yield tokens_of(msg, self.config.vocab_size)
+                    except ValueError as e:
+                        raise _ChainFailed(all_peers, str(e)) from None
                 elif msg.get("type") == "done":
                     await stream.close()
                     return
@@ -334,6 +328,16 @@ class Bootstrap:
                     return frozenset(gone)
                 await trio.sleep(0.05)
         return frozenset()
+
+
+def tokens_of(msg: dict, vocab_size: int) -> list[int]:
+    """The token ids of stage 0's 'tokens' frame; ValueError if there are none or one is
+    not an id of the vocabulary."""
+    tokens = msg.get("tokens")
+    if not isinstance(tokens, list) or not tokens or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"stage 0 sent invalid tokens {str(tokens)[:200]!r}")
+    return tokens
 
 
 class _ChainFailed(Exception):

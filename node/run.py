@@ -170,7 +170,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             await compute.run(partial(group.runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
-                                 max_waiting=opts.max_queue, allocated=True)
+                                 max_waiting=opts.max_queue)
             host.set_stream_handler(SESSION, server.handle)
             host.set_stream_handler(LINK, server.handle_link)
             addrs = host_multiaddrs(host)

@@ -30,7 +30,7 @@ import trio
 
 from p2pserve import __version__
 from p2pserve.errors import Busy, P2PServeError
-from p2pserve.protocols import ANNOUNCE, HEARTBEAT, SESSION, Hop
+from p2pserve.protocols import ANNOUNCE, HEARTBEAT, MAX_STREAM_INTERVAL, SESSION, Hop
 from p2pserve.records import RECORD_TTL, WorkerRecord, announce, sign_record
 from p2pserve.sampling import SamplingParams
 from p2pserve.wire import (
@@ -56,7 +56,6 @@ log = logging.getLogger("p2pserve.worker")
 PREFILL_CHUNK = 256  # tokens per prefill step: long prompts do not stall others' decodes
 IDLE_TIMEOUT = 120.0  # seconds a session may wait for its next frame before it is freed
 STEP_TIMEOUT = 60.0  # seconds a stage waits for the rest of the chain to answer one step
-MAX_STREAM_INTERVAL = 1.0  # seconds stage 0 may hold tokens back to send them together
 
 
 class SessionError(P2PServeError):
@@ -86,15 +85,15 @@ class StageServer:
     """One worker's stage: its sessions, their KV slots, and the batcher in front of the model."""
 
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
-                 max_sessions: int, max_len: int, max_waiting: int | None = None, allocated: bool = False):
+                 max_sessions: int, max_len: int, max_waiting: int | None = None):
+        """``runner``'s KV cache must already hold ``max_sessions`` x ``max_len`` positions:
+        a worker allocates it on its compute thread (p2pserve/compute.py)."""
         self.host = host
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
         self.start, self.end = start, end
         self.config = runner.model.config
         self.max_len = max_len
-        if not allocated:  # a worker allocates on its compute thread (p2pserve/compute.py)
-            runner.allocate(max_sessions, max_len)
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
         self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions))
         self.sessions: dict[str, Session] = {}

@@ -5,13 +5,13 @@ team of its own, and the teams' threads live as long as that OS thread does. Whe
 process has more such threads than the machine has CPUs, libgomp *throttles* spinning:
 a team's threads then sleep between parallel regions instead of spinning (100 spins
 instead of GOMP_SPINCOUNT), and each of a decode step's hundreds of small regions pays
-a futex wake-up. A worker used to load its model in one trio worker thread, run decode
-passes in another and prefills in a third: measured on 2 cores, a 15-layer SmolLM2 decode
-step went from 7.6 ms to 12.7 ms while a second team merely existed (it recovers when
-that thread exits; ``bench/`` and the closing notes have the numbers).
+a futex wake-up. A worker used to allocate its KV cache on the trio thread and load
+its model and run its passes in trio's worker threads: on 2 cores a 15-layer SmolLM2
+decode step took 1.5-1.7x as long while a second team merely existed, and recovered when
+its thread exited (``python bench/omp_teams.py``).
 
-So a worker runs every forward pass, its model loading and its device measurement on
-the one thread this module keeps, and its trio thread never starts a parallel region.
+So a worker loads, measures, allocates and runs every forward pass on the one thread
+this module keeps, and its trio thread never starts a parallel region.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ class _Rank:
     def _send_header(self, header: torch.Tensor, x: torch.Tensor | None = None) -> None:
         """The header to the next leader, with ``x`` (one token's hidden state) inline."""
         device = x.device if x is not None else header.device
-        msg = torch.zeros(HEADER * 8 + self._hidden_bytes, dtype=torch.uint8, device=device)
+        msg = torch.empty(HEADER * 8 + self._hidden_bytes, dtype=torch.uint8, device=device)
         msg[: HEADER * 8] = header.to(device).view(torch.uint8)
         if x is not None:
             msg[HEADER * 8 :] = x.reshape(-1).view(torch.uint8)

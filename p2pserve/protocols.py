@@ -28,6 +28,11 @@ STATUS = protocol_id("status")
 HEARTBEAT = 2.0  # seconds between a worker's announcements on its stream
 MISSED_HEARTBEATS = 3  # a worker silent this many heartbeats is dropped
 DEFAULT_PORT = 31337  # the bootstrap's default TCP port
+# Stage 0 sends an answer's tokens to the bootstrap at most once per this many seconds
+# (the first at once): each libp2p write costs Python at stage 0, the bootstrap and the
+# client, on cores that compute the next token. The bootstrap chooses it per session.
+STREAM_INTERVAL = 0.1
+MAX_STREAM_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)

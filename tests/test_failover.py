@@ -168,6 +168,9 @@ async def test_32_concurrent_queries_all_complete_exactly_once(tmp_path, referen
     assert len(used) == 2, "the burst should spread over both stage-1 replicas"
     assert load["link_steps"] == decode_steps
     assert load["link_frames"] * 2 < load["link_steps"], f"decode steps were not batched on the link: {load}"
+    # and stage 0 ran each decode step and each query's one prefill chunk once, batched
+    assert load["forward_steps"] == decode_steps + 32
+    assert load["forwards"] < load["forward_steps"]
 
 
 async def test_a_full_worker_refuses_with_busy_and_loses_nothing(tmp_path, references):

@@ -41,6 +41,7 @@ def _last_stage(tiny):
     source = open_weights(tiny)
     n = source.config.n_layers
     runner = StageRunner(load_stage(source, 1, n))
+    runner.allocate(2, 64)
     server = StageServer(None, runner, model_name="tiny", fingerprint="f", start=1, end=n,
                          max_sessions=2, max_len=64)
     chain = [Hop("upstream-peer", (), 0, 1), Hop("me", (), 1, n)]

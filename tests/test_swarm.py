@@ -141,7 +141,7 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         await connect(c.host, first["addrs"][0] if "/p2p/" in first["addrs"][0]
                       else f"{first['addrs'][0]}/p2p/{first['peer_id']}")
         s = await c.host.new_stream(first_peer, [SESSION])
-        await write_frame(s, {"type": "open", "session": "t3", "chain": chain, "index": 0, "prompt": ids_of(references),
+        await write_frame(s, {"type": "open", "session": "t3", "chain": chain, "index": 0, "prompt": references[PROMPTS[1]][0],
                               "params": GREEDY.to_dict(), "stream_interval": 30})
         with pytest.raises(RemoteError, match="stream_interval must be 0-1 seconds, got 30") as e:
             await read_frame(s)
@@ -150,10 +150,6 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         # and everyone else is still served, exactly
         ids, ref = references[PROMPTS[1]]
         assert (await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens == ref
-
-
-def ids_of(references) -> list[int]:
-    return references[PROMPTS[1]][0]
 
 
 async def test_out_of_range_parameters_are_refused(swarm2):

@@ -1,28 +1,34 @@
-"""Stage 0 streams an answer's tokens to the bootstrap at most once per stream interval."""
+"""Stage 0 streams an answer's tokens to the bootstrap at most once per stream interval,
+and the bootstrap takes only token ids of the vocabulary from it."""
 
 from __future__ import annotations
 
-import struct
-
-import msgpack
 import pytest
 import trio
 
+from bootstrap.server import tokens_of
 from node.worker import _write_upstream
+from p2pserve.wire import StreamClosed, read_frame
+
+from .test_wire import Pipe
 
 
 class _Recorder:
-    """A stream that notes when each write came and what frames it carried."""
+    """A stream that notes when each write came and which frames it carried."""
 
     def __init__(self):
         self.writes: list[tuple[float, list[dict]]] = []
 
     async def write(self, data: bytes) -> None:
-        frames, i = [], 0
-        while i < len(data):
-            (n,) = struct.unpack(">I", data[i : i + 4])
-            frames.append(msgpack.unpackb(data[i + 4 : i + 4 + n]))
-            i += 4 + n
+        pipe = Pipe()
+        await pipe.write(data)
+        await pipe.close()
+        frames = []
+        while True:
+            try:
+                frames.append(await read_frame(pipe))
+            except StreamClosed:
+                break
         self.writes.append((trio.current_time(), frames))
 
 
@@ -62,3 +68,14 @@ async def test_interval_zero_sends_each_token_as_it_comes(autojump_clock):
     stream = await _stream(interval=0.0, n_tokens=5, every=0.03)
     assert [frames for _, frames in stream.writes] == (
         [[{"type": "tokens", "tokens": [t]}] for t in range(5)] + [[{"type": "done", "n_tokens": 5}]])
+
+
+@pytest.mark.parametrize("msg", [{"type": "tokens"}, {"tokens": []}, {"tokens": "12"}, {"tokens": [1, "2"]},
+                                 {"tokens": [1, -1]}, {"tokens": [100]}, {"tokens": [True]}])
+def test_the_bootstrap_refuses_tokens_that_are_not_ids_of_the_vocabulary(msg):
+    with pytest.raises(ValueError, match="stage 0 sent invalid tokens"):
+        tokens_of(msg, vocab_size=100)
+
+
+def test_the_bootstrap_takes_the_token_ids_of_a_tokens_frame():
+    assert tokens_of({"type": "tokens", "tokens": [0, 5, 99]}, vocab_size=100) == [0, 5, 99]

@@ -25,6 +25,7 @@ from p2pserve.wire import (
     recv_message,
     send_message,
     write_frame,
+    write_frames,
 )
 
 
@@ -134,6 +135,21 @@ async def test_writer_refuses_a_frame_above_the_limit_before_sending_anything():
     with pytest.raises(FrameError, match="exceeds the limit of 100 bytes"):
         await write_frame(pipe, {"data": b"x" * 200}, max_size=100)
     assert pipe.buffer == b""
+
+
+async def test_several_frames_go_in_one_write_and_are_read_one_by_one():
+    pipe = Pipe(max_read=5)
+    messages = [{"type": "tokens", "tokens": [1, 2]}, {"type": "done", "n_tokens": 2}]
+    await write_frames(pipe, messages)
+    assert pipe.frames_written == 1
+    assert [await read_frame(pipe) for _ in messages] == messages
+
+
+async def test_write_frames_sends_nothing_if_one_frame_is_above_the_limit():
+    pipe = Pipe()
+    with pytest.raises(FrameError, match="exceeds the limit of 100 bytes"):
+        await write_frames(pipe, [{"ok": 1}, {"data": b"x" * 200}], max_size=100)
+    assert pipe.buffer == b"" and pipe.frames_written == 0
 
 
 async def test_read_without_data_times_out(autojump_clock):
