@@ -4,13 +4,18 @@ Every session's step (a prefill chunk or a one-token decode) is a request. The b
 takes everything that is ready, runs all decode steps as one forward pass and at most
 one prefill chunk beside them, and hands each session its own result.
 
-Every forward pass runs on the process's one compute thread (``p2pserve/compute.py``:
-a second OpenMP team in the process made libgomp stop spinning, ~1.7x slower decode
-steps), so the trio loop keeps serving frames and heartbeats meanwhile.
+Every forward pass runs where ``p2pserve/compute.py`` says: on a CPU worker the trio
+loop's own thread, which hears nothing else while a pass runs; on CUDA a compute thread.
+So no pass may last long: a prefill longer than ``MAX_PASS`` seconds' worth of tokens is
+cut into pieces, one per pass, and the decode steps of other sessions ride along with
+each piece instead of waiting for the whole prompt (chunked prefill, as in Sarathi and
+vLLM). The time per prefill token is measured by a warm-up pass at startup and by every
+pass after it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -34,6 +39,8 @@ class StepRequest:
     done: trio.Event = field(default_factory=trio.Event)
     result: object = None
     error: BaseException | None = None
+    computed: int = 0  # tokens of x already through the stage (a prefill may take several passes)
+    parts: list = field(default_factory=list)  # their hidden states, until the last piece
 
     @property
     def n_tokens(self) -> int:
@@ -79,6 +86,9 @@ class BatchingExecutor:
 
     GATHER_FRACTION = 0.15  # of the last forward pass's time
     MAX_GATHER = 0.005  # seconds
+    MAX_PASS = 0.2  # seconds a pass may block (the loop's heartbeats are every 2 s)
+    MIN_PIECE = 16  # tokens: a prefill piece is never cut smaller
+    WARM_UP_TOKENS = 16
 
     def __init__(self, runner: StageRunner, max_batch: int = 64, sessions=lambda: 0, compute=None):
         self.runner = runner
@@ -86,9 +96,23 @@ class BatchingExecutor:
         self.max_batch = max_batch
         self.sessions = sessions
         self._last_forward = 0.0
+        self.prefill_seconds_per_token: float | None = None  # measured; None: no limit yet
         self._send, self._recv = trio.open_memory_channel(float("inf"))
         self.steps = 0  # forward passes run (for stats and tests)
         self.batched_requests = 0
+
+    def warm_up(self) -> None:
+        """One small prefill into slot 0 (a session that takes the slot later overwrites
+        it): the first query does not pay first-use costs, and the time per prefill token
+        is known before a long prompt arrives. Run it through ``compute``."""
+        n = self.WARM_UP_TOKENS
+        x = torch.zeros(n, dtype=torch.long) if self.runner.model.is_first else \
+            torch.zeros(n, self.runner.model.config.hidden_size)
+        req = StepRequest(0, 0, x, False, None)
+        self._compute([], req)
+        self.steps = self.batched_requests = 0
+        if req.error is not None:
+            raise req.error
 
     async def step(self, req: StepRequest):
         """Queue one session's step and wait for its result (hidden states, logits or token)."""
@@ -110,15 +134,16 @@ class BatchingExecutor:
                 self._drain(pending)
             decodes = [r for r in pending if r.n_tokens == 1][: self.max_batch]
             prefill = next((r for r in pending if r.n_tokens > 1), None)
-            groups = ([decodes] if decodes else []) + ([[prefill]] if prefill is not None else [])
-            taken = {id(r) for g in groups for r in g}
-            pending = [r for r in pending if id(r) not in taken]
             t0 = trio.current_time()
-            await self.compute.run(partial(self._compute, groups))
+            await self.compute.run(partial(self._compute, decodes, prefill))
             self._last_forward = trio.current_time() - t0
-            for group in groups:
-                for r in group:
-                    r.done.set()
+            finished = decodes + ([prefill] if prefill is not None and
+                                  (prefill.computed == prefill.n_tokens or prefill.error) else [])
+            for r in finished:
+                r.done.set()
+            taken = {id(r) for r in finished}
+            pending = [r for r in pending if id(r) not in taken]
+            await trio.lowlevel.checkpoint()  # an inline pass did not yield: others' turn
 
     def _drain(self, pending: list[StepRequest]) -> None:
         """Take everything that is ready now."""
@@ -128,24 +153,57 @@ class BatchingExecutor:
             except trio.WouldBlock:
                 return
 
-    def _compute(self, groups: list[list[StepRequest]]) -> None:
-        for group in groups:
-            try:
-                self._forward(group)
-            except BaseException as e:  # every request of the group learns of it
-                for r in group:
-                    r.error = e
+    def _compute(self, decodes: list[StepRequest], prefill: StepRequest | None) -> None:
+        """One pass: every decode step, and the next piece of at most one prefill."""
+        if decodes:
+            _guarded(self._decode, decodes)
+        if prefill is not None:
+            _guarded(self._prefill_piece, [prefill])
 
-    def _forward(self, group: list[StepRequest]) -> None:
+    def _piece_len(self, r: StepRequest) -> int:
+        left = r.n_tokens - r.computed
+        if self.prefill_seconds_per_token is None:
+            return left
+        return min(left, max(self.MIN_PIECE, int(self.MAX_PASS / self.prefill_seconds_per_token)))
+
+    def _prefill_piece(self, group: list[StepRequest]) -> None:
+        (r,) = group
+        a = r.computed
+        b = a + self._piece_len(r)
+        t0 = time.perf_counter()
+        out = self.runner.forward(Batch((r.slot,), (r.start + a,), b - a), r.x[a:b].unsqueeze(0))[0]
+        if b - a >= self.MIN_PIECE:  # a short piece's time is mostly fixed costs
+            self.prefill_seconds_per_token = (time.perf_counter() - t0) / (b - a)
+        self.steps += 1
+        r.computed = b
+        if b < r.n_tokens:
+            if not self.runner.model.is_last:
+                r.parts.append(out)
+            return
+        self.batched_requests += 1
+        if self.runner.model.is_last:
+            r.result = sample(out, r.params, r.start + b) if r.want else None
+        else:
+            r.result = torch.cat([*r.parts, out]) if r.parts else out
+            r.parts = []
+
+    def _decode(self, group: list[StepRequest]) -> None:
         group.sort(key=lambda r: r.slot)  # consecutive slots attend to a view of the cache
-        batch = Batch(tuple(r.slot for r in group), tuple(r.start for r in group), group[0].n_tokens)
-        x = torch.stack([r.x for r in group])
-        out = self.runner.forward(batch, x)
+        batch = Batch(tuple(r.slot for r in group), tuple(r.start for r in group), 1)
+        out = self.runner.forward(batch, torch.stack([r.x for r in group]))
         self.steps += 1
         self.batched_requests += len(group)
         if self.runner.model.is_last:
             for r, logits in zip(group, out):
-                r.result = sample(logits, r.params, r.start + r.n_tokens) if r.want else None
+                r.result = sample(logits, r.params, r.start + 1) if r.want else None
         else:
             for r, h in zip(group, out):
                 r.result = h
+
+
+def _guarded(run, group: list[StepRequest]) -> None:
+    try:
+        run(group)
+    except BaseException as e:  # every request of the group learns of it
+        for r in group:
+            r.error = e

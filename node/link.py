@@ -158,9 +158,13 @@ class Links:
             self._started.set()
             await trio.sleep_forever()
 
-    async def get(self, peer_id, connect) -> Link:
-        """The link to ``peer_id`` (a libp2p ID), dialing it with ``connect()`` if needed."""
-        key = peer_id.to_base58()
+    async def get(self, key: str, connect) -> Link:
+        """The link to the peer whose base58 id is ``key``, dialing it with ``connect()``
+        (which returns its libp2p ID) if needed. Once open, no await: a decode step asks
+        for its link every token."""
+        link = self._links.get(key)
+        if link is not None and not link.closed:
+            return link
         lock = self._opening.setdefault(key, trio.Lock())
         async with lock:
             link = self._links.get(key)

@@ -122,7 +122,7 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
 
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    from p2pserve.compute import compute_thread
+    from p2pserve.compute import compute_for
     from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.local import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
@@ -136,9 +136,11 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     source = open_weights(opts.model_path)
     config = source.config
     # measured once per machine and cached: the bootstrap plans with these figures
-    # Every torch computation of this process runs on its one compute thread (see compute.py).
-    compute = compute_thread()
-    speeds = await compute.run(partial(measure_devices, [d.strip() for d in opts.devices.split(",") if d.strip()]))
+    # Every torch computation of this process runs on one thread (see compute.py): the
+    # loop's own on CPU, a compute thread on CUDA.
+    device_names = [d.strip() for d in opts.devices.split(",") if d.strip()]
+    compute = compute_for(device_names)
+    speeds = await compute.run(partial(measure_devices, device_names))
     name = f"worker-{opts.group_id}" if opts.group_id else "worker"
     key = load_or_create_identity(opts.home / f"{name}.key")
     async with running_host(key, [opts.listen]) as host:
@@ -170,7 +172,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             await compute.run(partial(group.runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
-                                 max_waiting=opts.max_queue)
+                                 max_waiting=opts.max_queue, compute=compute)
+            await compute.run(server.executor.warm_up)
             host.set_stream_handler(SESSION, server.handle)
             host.set_stream_handler(LINK, server.handle_link)
             addrs = host_multiaddrs(host)

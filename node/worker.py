@@ -85,9 +85,9 @@ class StageServer:
     """One worker's stage: its sessions, their KV slots, and the batcher in front of the model."""
 
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
-                 max_sessions: int, max_len: int, max_waiting: int | None = None):
+                 max_sessions: int, max_len: int, max_waiting: int | None = None, compute=None):
         """``runner``'s KV cache must already hold ``max_sessions`` x ``max_len`` positions:
-        a worker allocates it on its compute thread (p2pserve/compute.py)."""
+        a worker allocates it where it computes (``compute``, see p2pserve/compute.py)."""
         self.host = host
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
@@ -95,7 +95,7 @@ class StageServer:
         self.config = runner.model.config
         self.max_len = max_len
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
-        self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions))
+        self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions), compute=compute)
         self.sessions: dict[str, Session] = {}
         self.links = Links(host)
         self.draining = False
@@ -252,7 +252,7 @@ class StageServer:
         nxt = session.chain[session.index + 1]
         try:
             if want and x.shape[0] == 1:  # a decode step: batched with the others on the link
-                link = await self.links.get(_peer_id(nxt), lambda: self._connect(nxt))
+                link = await self.links.get(nxt.peer_id, lambda: self._connect(nxt))
                 return await link.step(session.id, start, out, timeout=STEP_TIMEOUT)
             await send_message(session.down, {"type": "step", "start": start, "want": want}, {"x": out},
                                timeout=STEP_TIMEOUT)
@@ -471,12 +471,6 @@ async def _write_upstream(stream, items, done: trio.Event, interval: float) -> N
             await write_frames(stream, frames)
             last_write = trio.current_time()
     done.set()
-
-
-def _peer_id(hop: Hop):
-    from libp2p.peer.id import ID
-
-    return ID.from_base58(hop.peer_id)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

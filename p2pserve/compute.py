@@ -10,8 +10,19 @@ its model and run its passes in trio's worker threads: on 2 cores a 15-layer Smo
 decode step took 1.5-1.7x as long while a second team merely existed, and recovered when
 its thread exited (``python bench/omp_teams.py``).
 
-So a worker loads, measures, allocates and runs every forward pass on the one thread
-this module keeps, and its trio thread never starts a parallel region.
+So a worker loads, measures, allocates and runs every forward pass on one thread, and
+no other thread of it starts a parallel region. Which thread depends on the device:
+
+- CUDA: this module's compute thread. The GPU computes while the loop keeps serving
+  frames and heartbeats, and the loop's thread never touches torch's CPU threads.
+- CPU: the trio loop's own thread (``InlineCompute``). A CPU pass occupies every core the
+  worker was given, so a loop running beside it only competes for them; and handing each
+  pass to another thread costs two cross-thread wake-ups per stage per token. On a VM
+  whose idle vCPUs halt (no guest halt-polling, as on this project's CI machines) each
+  wake-up of a thread that slept through a pass takes ~0.2-0.3 ms, against ~0.02 ms when
+  it slept briefly (``python bench/wakeup.py``): ~0.6 ms per token on a two-stage swarm.
+  The price is that the loop is deaf while a pass runs; the batcher bounds that by
+  cutting long prefills into passes of at most ``MAX_PASS`` seconds (node/executor.py).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Callable, TypeVar
 
 import outcome
 import trio
+import trio.testing
 
 T = TypeVar("T")
 
@@ -75,6 +87,38 @@ class ComputeThread:
 
     def close(self) -> None:
         self._jobs.put(None)
+
+
+class InlineCompute:
+    """``ComputeThread``'s interface, running each job at once on the calling thread."""
+
+    def __init__(self):
+        self.ident = threading.get_ident()
+
+    IDLE_WAIT = 0.005  # seconds at most that a job waits for the loop to go idle
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()``, blocking the trio loop until it returns: but first let every task
+        that can run now get to its next wait. A libp2p write takes several scheduler
+        turns; a pass started in the middle of one delays that frame by the whole pass
+        (stage 0's first token reached the bootstrap ~40 ms late that way). Afterwards
+        it does not yield: the caller decides when the loop gets its turn."""
+        with trio.move_on_after(self.IDLE_WAIT):
+            await trio.testing.wait_all_tasks_blocked()
+        return fn()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def close(self) -> None:
+        pass
+
+
+def compute_for(devices: list[str]) -> ComputeThread | InlineCompute:
+    """Where a worker with these devices runs its torch work (see the module's docstring)."""
+    if devices and all(d.strip() == "cpu" for d in devices):
+        return InlineCompute()
+    return compute_thread()
 
 
 _shared: ComputeThread | None = None

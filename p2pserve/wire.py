@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from typing import TYPE_CHECKING, NewType
 
 import msgpack
@@ -57,6 +58,9 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 _LENGTH = struct.Struct(">I")
+READ_AHEAD = 64 * 1024  # bytes asked of a stream per read, beyond what a frame still needs
+# Bytes read past the end of the last frame, waiting for the stream's next read_frame.
+_read_ahead: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RESET_GRACE = 1.0  # seconds a reset may take before we give up on telling the peer
 
 
@@ -120,6 +124,7 @@ def _raise_if_error(msg: dict) -> dict:
 async def reset_stream(stream) -> None:
     """Reset `stream`, even inside a cancelled scope, giving up after a second (a frozen
     connection must not hang the caller). Errors are ignored: the stream is dead either way."""
+    _read_ahead.pop(stream, None)
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + _RESET_GRACE
         try:
@@ -218,18 +223,30 @@ class _FrameReader:
         return body
 
     async def _read_exactly(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = await self.stream.read(n - len(buf))
-            except EOFError:
-                chunk = b""
-            except Exception as e:
-                raise StreamClosed(f"the stream was reset or broke ({_describe(e)})") from e
-            if not chunk:
-                raise self._eof()
-            buf += chunk
-            self.got += len(chunk)
+        # Ask for more than this frame needs: a whole frame (prefix and body), or several,
+        # usually come in one read. Each py-libp2p read costs a trip through yamux's locks
+        # plus a WINDOW_UPDATE frame written back (~0.1 ms of Python per read on each side).
+        buf = _read_ahead.pop(self.stream, None) or bytearray()
+        try:
+            while len(buf) < n:
+                try:
+                    chunk = await self.stream.read(max(n - len(buf), READ_AHEAD))
+                except EOFError:
+                    chunk = b""
+                except Exception as e:
+                    raise StreamClosed(f"the stream was reset or broke ({_describe(e)})") from e
+                if not chunk:
+                    self.got += len(buf)
+                    buf.clear()
+                    raise self._eof()
+                buf += chunk
+        except BaseException:
+            self.got += len(buf)  # all of it this frame's: the frame was cut short
+            raise
+        if len(buf) > n:
+            _read_ahead[self.stream] = buf[n:]
+            del buf[n:]
+        self.got += n
         return buf
 
     def _eof(self) -> WireError:

@@ -11,7 +11,7 @@ import torch
 import trio
 
 from node.executor import BatchingExecutor, SlotPool, StepRequest
-from p2pserve.compute import ComputeThread
+from p2pserve.compute import ComputeThread, InlineCompute, compute_for
 from p2pserve.errors import Busy
 from p2pserve.load import load_stage
 from p2pserve.sampling import SamplingParams
@@ -135,3 +135,114 @@ async def test_compute_thread_returns_raises_and_finishes_a_job_before_a_cancel_
     assert scope.cancelled_caught and finished == [True]  # not abandoned mid-computation
     assert await compute.run(lambda: "next") == "next"  # and the thread goes on serving
     compute.close()
+
+
+async def _serve(executor, *sessions):
+    """Run the batcher while ``sessions`` (async callables) run to completion."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.run)
+        async with trio.open_nursery() as clients:
+            for session in sessions:
+                clients.start_soon(session)
+        nursery.cancel_scope.cancel()
+
+
+def _cut_prefills_into(executor, tokens: int) -> None:
+    """A machine so slow that any prefill piece lasts longer than MAX_PASS: pieces of
+    MIN_PIECE tokens, whatever the passes measure."""
+    executor.MIN_PIECE = tokens
+    executor.MAX_PASS = 0.0
+    executor.prefill_seconds_per_token = executor.prefill_seconds_per_token or 1.0
+
+
+async def test_a_long_prefill_is_cut_into_passes_and_answers_as_one_pass_would(tiny):
+    source = open_weights(tiny)
+    n = source.config.n_layers
+    prompt = [random.Random(1).randrange(3, 250) for _ in range(30)]
+    # the last stage (samples) and a middle stage (returns every position's hidden state)
+    last = BatchingExecutor(StageRunner(load_stage(source, 0, n)), compute=InlineCompute())
+    middle = BatchingExecutor(StageRunner(load_stage(source, 0, n - 1)), compute=InlineCompute())
+    whole = StageRunner(load_stage(source, 0, n - 1))
+    for runner in (last.runner, middle.runner, whole):
+        runner.allocate(2, 64)
+    last.warm_up()
+    middle.warm_up()  # measured the time per prefill token, then left the counters alone
+    assert last.prefill_seconds_per_token > 0 and last.steps == 0
+    _cut_prefills_into(last, 8)
+    _cut_prefills_into(middle, 8)
+    answer, hidden = [], []
+
+    async def generate():
+        token = await last.step(StepRequest(0, 0, torch.tensor(prompt), True, SamplingParams()))
+        answer.append(token)
+        for pos in range(len(prompt), len(prompt) + 5):
+            answer.append(await last.step(StepRequest(0, pos, torch.tensor([answer[-1]]), True, SamplingParams())))
+
+    async def middle_prefill():
+        hidden.append(await middle.step(StepRequest(1, 0, torch.tensor(prompt), False, None)))
+
+    await _serve(last, generate)
+    await _serve(middle, middle_prefill)
+    assert answer == hf_greedy(hf_model(tiny), prompt, 6)[0]
+    assert last.steps == 4 + 5 and middle.steps == 4  # 8 + 8 + 8 + 6 tokens, then 5 decodes
+    from p2pserve.model import Batch
+
+    expected = whole.forward(Batch((1,), (0,), len(prompt)), torch.tensor([prompt]))[0]
+    assert hidden[0].shape == expected.shape
+    torch.testing.assert_close(hidden[0], expected, atol=1e-5, rtol=1e-5)
+
+
+async def test_other_sessions_decode_between_the_pieces_of_a_long_prefill(tiny):
+    """Chunked prefill: a long prompt does not stall the answers already streaming."""
+    source = open_weights(tiny)
+    runner = StageRunner(load_stage(source, 0, source.config.n_layers))
+    runner.allocate(2, 96)
+    executor = BatchingExecutor(runner, compute=InlineCompute(), sessions=lambda: 2)  # as a worker with 2 open
+    _cut_prefills_into(executor, 8)
+    events = []
+    greedy = SamplingParams()
+    streaming = trio.Event()
+
+    async def decoding():
+        token = await executor.step(StepRequest(0, 0, torch.tensor([5, 6]), True, greedy))
+        streaming.set()
+        for pos in range(2, 12):
+            token = await executor.step(StepRequest(0, pos, torch.tensor([token]), True, greedy))
+            events.append("decode")
+
+    async def long_prompt():
+        await streaming.wait()
+        await executor.step(StepRequest(1, 0, torch.arange(3, 67), True, greedy))  # 8 pieces
+        events.append("prefill done")
+
+    await _serve(executor, decoding, long_prompt)
+    assert events.index("prefill done") >= 5, events  # decodes kept coming meanwhile
+
+
+async def test_a_cpu_worker_computes_on_the_loops_thread_a_cuda_worker_on_the_compute_thread():
+    runner = _ThreadRecorder()
+    executor = BatchingExecutor(runner, compute=compute_for(["cpu"]))
+
+    async def steps():
+        for n in (5, 1, 3):
+            await executor.step(StepRequest(0, 0, torch.zeros(n), False, None))
+
+    await _serve(executor, steps)
+    assert runner.threads == [threading.get_ident()] * 3
+    assert isinstance(compute_for(["cpu", "cpu"]), InlineCompute)
+    assert isinstance(compute_for(["cuda:0"]), ComputeThread)
+
+
+async def test_an_inline_job_first_lets_runnable_tasks_reach_their_next_wait():
+    """A libp2p write takes several scheduler turns: a pass must not cut into one."""
+    order = []
+
+    async def writer():
+        for i in range(5):
+            order.append(i)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await InlineCompute().run(lambda: order.append("pass"))
+    assert order == [0, 1, 2, 3, 4, "pass"]

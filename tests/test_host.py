@@ -1,6 +1,7 @@
 """The libp2p host: identity, listening, connecting, a p2pserve protocol, and the DHT
 carrying signed worker records. Hosts run in-process on 127.0.0.1 with free ports."""
 
+import contextlib
 import socket
 import stat
 import time
@@ -31,7 +32,7 @@ from p2pserve.records import (
     stored_records,
     verify_record,
 )
-from p2pserve.wire import protocol_id, read_frame, write_frame
+from p2pserve.wire import WireError, protocol_id, read_frame, write_frame
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PING = protocol_id("test-ping")
@@ -128,6 +129,43 @@ async def test_two_hosts_exchange_a_frame_over_a_p2pserve_protocol():
                 stream = await client.new_stream(peer, [PING])
                 await write_frame(stream, {"type": "ping", "n": 7})
                 assert await read_frame(stream) == {"type": "pong", "n": 7}
+
+
+async def test_yamux_credits_small_reads_in_batches_and_a_big_transfer_still_flows(monkeypatch):
+    """py-libp2p wrote a window update back after every read (host._batch_yamux_window_updates)."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    updates = []
+    original = YamuxStream.send_window_update
+
+    async def counted(self, increment, skip_lock=False):
+        updates.append(increment)
+        await original(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+
+    async def echo(stream):
+        with contextlib.suppress(WireError):  # until the client leaves
+            while True:
+                msg = await read_frame(stream, timeout=5)
+                await write_frame(stream, {"n": msg["n"], "ack": len(msg.get("blob", b""))}, timeout=5)
+
+    async with running_host(create_new_key_pair(), LOOPBACK) as server:
+        server.set_stream_handler(PING, echo)
+        async with running_host(create_new_key_pair(), LOOPBACK) as client:
+            with trio.fail_after(30):
+                peer = await connect(client, host_multiaddrs(server)[0], timeout=5)
+                stream = await client.new_stream(peer, [PING])
+                for n in range(200):  # ~2.4 KB each way, like a decode step
+                    await write_frame(stream, {"n": n, "blob": b"h" * 2304})
+                    assert (await read_frame(stream))["n"] == n
+                assert len(updates) <= 8  # 400 reads of ~2.4 KB: a few half-window credits
+                updates.clear()
+                blob = b"p" * (1 << 20)
+                for n in range(8):  # 8 MiB one way, 32 windows' worth: credit must flow
+                    await write_frame(stream, {"n": n, "blob": blob})
+                    assert await read_frame(stream) == {"n": n, "ack": 1 << 20}
+                assert sum(updates) >= 7 << 20
 
 
 async def test_connecting_to_a_closed_port_says_cannot_reach_within_the_timeout():

@@ -121,12 +121,43 @@ async def test_malformed_msgpack_is_a_frame_error_and_the_stream_stays_usable():
     assert not pipe.was_reset
 
 
-async def test_oversized_frame_is_refused_without_reading_its_body():
+async def test_oversized_frame_is_refused_without_waiting_for_its_body():
     pipe = Pipe()
-    await pipe.write((1000).to_bytes(4, "big") + b"x" * 10)
-    with pytest.raises(FrameError, match="1000 bytes exceeds the limit of 100 bytes"):
-        await read_frame(pipe, max_size=100)
-    assert pipe.buffer == b"x" * 10  # body left unread
+    await pipe.write((1000).to_bytes(4, "big") + b"x" * 10)  # 990 bytes never come
+    with trio.fail_after(1):
+        with pytest.raises(FrameError, match="1000 bytes exceeds the limit of 100 bytes"):
+            await read_frame(pipe, max_size=100)
+    assert pipe.was_reset
+
+
+class CountingPipe(Pipe):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.reads = 0
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        return await super().read(n)
+
+
+async def test_a_frame_that_arrived_whole_takes_one_read_and_bytes_read_ahead_wait_for_the_next_frame():
+    """Every py-libp2p read costs yamux's locks and a window update written back."""
+    pipe = CountingPipe()
+    messages = [{"i": i, "pad": b"p" * 100 * i} for i in range(5)]
+    await write_frames(pipe, messages)
+    assert [await read_frame(pipe) for _ in messages] == messages
+    assert pipe.reads == 1
+    await write_frame(pipe, {"later": True})
+    assert await read_frame(pipe) == {"later": True} and pipe.reads == 2
+
+
+async def test_a_frame_cut_short_after_bytes_read_ahead_still_resets_the_stream():
+    pipe = Pipe()
+    body = msgpack.packb({"a": 1})
+    await pipe.write(raw_frame(msgpack.packb({"first": 1})) + raw_frame(body)[:6])
+    assert await read_frame(pipe) == {"first": 1}
+    with pytest.raises(WireTimeout, match=r"got 6 bytes"):
+        await read_frame(pipe, timeout=0.05)
     assert pipe.was_reset
 
 
