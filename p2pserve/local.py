@@ -2,8 +2,8 @@
 
 HexGen's "independent inference process": no bootstrap, no libp2p. Global ranks are laid
 out stage after stage (``Plan.stages``); each stage's TP rank 0 is its leader. Leaders
-pass activations down the chain with point-to-point messages (socket pairs on CPU,
-NCCL on CUDA), the last leader samples and sends the token back to global rank 0, which owns
+pass activations down the chain with point-to-point send/recv (gloo on CPU, NCCL on
+CUDA), the last leader samples and sends the token back to global rank 0, which owns
 the generation loop. A one-rank plan runs in this process; larger plans run every rank
 in a child process and talk to rank 0 over a pipe, so that a dead rank is an error
 here rather than a hang.
@@ -11,7 +11,6 @@ here rather than a hang.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import multiprocessing as mp
 import os
@@ -36,12 +35,6 @@ PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on l
 OP_BEGIN = 3
 WANT_LOGITS = 2  # header want_token value: send the token and the logits back to rank 0
 HEADER = 8  # float64 pipeline header: op, n_tokens, start, want_token, temperature, top_k, top_p, seed
-# On CPU, stage leaders talk over socket pairs the parent made (``leader_pairs``) instead
-# of gloo, whose I/O thread wakes first and then wakes the rank: two wake-ups of threads
-# that slept through a pass, each slow on VMs whose idle vCPUs halt. Measured inside
-# `p2pserve run --pp-partition 15 15` (send to receive, per hop): 0.29-0.35 ms against
-# 0.40-0.45 ms through gloo; a decode token pays one hop per stage boundary plus the
-# token back. TP groups and CUDA stay on torch.distributed.
 # Stage to stage, the header travels in one message with room for one token's hidden
 # state: a decode step's activations ride along (one gloo/NCCL message per hop instead of
 # two); a longer step sends its [n, hidden] states in a second message.
@@ -150,15 +143,6 @@ class RankSpec:
     device: str
     init_method: str
     threads: int | None  # None: default_threads of the rank's stage
-    links: dict | None = None  # CPU: peer leader rank -> this rank's end of their socket pair
-
-
-def leader_pairs(plan: Plan) -> list[tuple[int, int]]:
-    """The leader ranks that exchange messages: each stage's with the next one's, and the
-    last stage's with rank 0 (tokens back), without repeats."""
-    leaders = [s.first_rank for s in plan.stages]
-    pairs = list(zip(leaders, leaders[1:])) + [(leaders[-1], 0)]
-    return list(dict.fromkeys(tuple(sorted(p)) for p in pairs if p[0] != p[1]))
 
 
 class _Rank:
@@ -194,22 +178,13 @@ class _Rank:
         self.next_leader = stages[i + 1].first_rank if i + 1 < len(stages) else None
         self.last_leader = stages[-1].first_rank
         self._hidden_bytes = self.model.config.hidden_size * self.model.dtype.itemsize
-        self.links = spec.links or {}
 
     def _send(self, t: torch.Tensor, dst: int):
-        link = self.links.get(dst)
-        if link is None:
-            dist.send(t.to(self.device) if self.device != "cpu" else t, dst)
-        else:
-            link.send_bytes(_bytes_of(t))
+        dist.send(t.to(self.device) if self.device != "cpu" else t, dst)
 
     def _recv(self, shape, dtype, src: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
-        link = self.links.get(src)
-        if link is None:
-            dist.recv(t, src)
-        elif (n := link.recv_bytes_into(_bytes_of(t))) != t.nbytes:
-            raise P2PServeError(f"rank {src} sent {n} bytes where {t.nbytes} were expected")
+        dist.recv(t, src)
         return t
 
     def _send_header(self, header: torch.Tensor, x: torch.Tensor | None = None) -> None:
@@ -308,11 +283,6 @@ class _Rank:
             self._send(out.contiguous(), self.next_leader)
 
 
-def _bytes_of(t: torch.Tensor):
-    """A CPU tensor's memory as a writable byte array (no copy when contiguous)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def _rank_main(rank: int, spec: RankSpec, conn, errors) -> None:
     try:
         r = _Rank(rank, spec)
@@ -376,19 +346,11 @@ class LocalPipeline:
         ctx = mp.get_context("spawn")
         self._errors = ctx.Queue()
         self._conn, child_conn = ctx.Pipe()
-        links: dict[int, dict] = {rank: {} for rank in range(self.plan.world_size)}
-        if device == "cpu":
-            for a, b in leader_pairs(self.plan):
-                links[a][b], links[b][a] = ctx.Pipe()
         for rank in range(self.plan.world_size):
-            rank_spec = dataclasses.replace(spec, links=links[rank])
-            p = ctx.Process(target=_rank_main, args=(rank, rank_spec, child_conn if rank == 0 else None,
+            p = ctx.Process(target=_rank_main, args=(rank, spec, child_conn if rank == 0 else None,
                                                      self._errors), daemon=True)
             p.start()
             self._procs.append(p)
-        for ends in links.values():  # the ranks hold them now: a dead rank's peer sees EOF
-            for end in ends.values():
-                end.close()
         try:
             self._expect("ready", startup_timeout)
         except BaseException:

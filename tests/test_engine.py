@@ -102,27 +102,3 @@ def test_prompt_beyond_the_context_is_refused(tiny_models):
     with LocalPipeline(tiny_models["mha-tied"]) as pipe:
         with pytest.raises(ConfigError, match="context"):
             pipe.generate(list(range(10)), SamplingParams(max_new_tokens=10_000))
-
-
-@pytest.mark.parametrize("hetero, partition, pairs", [
-    ([1], [4], []),
-    ([1, 1], [2, 2], [(0, 1)]),
-    ([2, 1], [3, 1], [(0, 2)]),
-    ([1, 2, 1], [1, 2, 1], [(0, 1), (1, 3), (0, 3)]),
-])
-def test_on_cpu_stage_leaders_talk_over_one_socket_pair_per_neighbour_and_the_token_route(hetero, partition, pairs):
-    from p2pserve.local import leader_pairs
-
-    assert leader_pairs(Plan(hetero, partition)) == pairs
-
-
-def test_a_rank_killed_mid_answer_is_an_error_not_a_hang(tiny_models):
-    from p2pserve.errors import P2PServeError
-
-    with LocalPipeline(tiny_models["mha-tied"], Plan([1, 1], [2, 2])) as pipe:
-        answer = pipe.stream([3, 17, 42], SamplingParams(max_new_tokens=250), stop_on_eos=False, step_timeout=60)
-        next(answer)
-        pipe._procs[1].kill()  # the last stage, which rank 0 waits on for every token
-        with pytest.raises(P2PServeError, match="rank"):
-            for _ in answer:
-                pass
