@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import signal
 import socket
 import time
 import traceback
@@ -373,6 +374,10 @@ class LocalPipeline:
         dead = [(i, p.exitcode) for i, p in enumerate(self._procs) if p.exitcode is not None]
         if not dead:
             return
+        killed = [(i, code) for i, code in dead if code < 0]
+        if killed:  # the cause; the others' errors (a reset connection) only follow from it
+            rank, code = killed[0]
+            raise P2PServeError(f"rank {rank} of the pipeline was killed ({signal.Signals(-code).name})")
         detail = ""
         try:
             rank, detail = self._errors.get(timeout=2)

@@ -102,3 +102,15 @@ def test_prompt_beyond_the_context_is_refused(tiny_models):
     with LocalPipeline(tiny_models["mha-tied"]) as pipe:
         with pytest.raises(ConfigError, match="context"):
             pipe.generate(list(range(10)), SamplingParams(max_new_tokens=10_000))
+
+
+def test_a_rank_killed_mid_answer_is_an_error_not_a_hang(tiny_models):
+    from p2pserve.errors import P2PServeError
+
+    with LocalPipeline(tiny_models["mha-tied"], Plan([1, 1], [2, 2])) as pipe:
+        answer = pipe.stream([3, 17, 42], SamplingParams(max_new_tokens=250), stop_on_eos=False, step_timeout=60)
+        next(answer)
+        pipe._procs[1].kill()  # the last stage, which rank 0 waits on for every token
+        with pytest.raises(P2PServeError, match=r"rank 1 of the pipeline was killed \(SIGKILL\)"):
+            for _ in answer:
+                pass
