@@ -300,6 +300,9 @@ class StageServer:
                 log.exception("link step of session %s failed", sid)
                 results[i] = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
 
+        if len(items) == 1:  # one session decoding: no task to spawn
+            await one(0, items[0])
+            return results
         async with trio.open_nursery() as nursery:
             for i, item in enumerate(items):
                 nursery.start_soon(one, i, item)
