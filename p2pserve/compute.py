@@ -90,12 +90,12 @@ class ComputeThread:
 
 
 class InlineCompute:
-    """``ComputeThread``'s interface, running each job at once on the calling thread."""
+    """``ComputeThread``'s interface, running each job on the calling thread."""
+
+    IDLE_WAIT = 0.005  # seconds at most that a job waits for the loop to go idle
 
     def __init__(self):
         self.ident = threading.get_ident()
-
-    IDLE_WAIT = 0.005  # seconds at most that a job waits for the loop to go idle
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn()``, blocking the trio loop until it returns: but first let every task

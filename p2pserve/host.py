@@ -153,8 +153,8 @@ def _batch_yamux_window_updates() -> None:
     async def batched(self, *, bytes_read: int = 0) -> None:
         threshold = self._grow_threshold()
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        unconsumed = self.target_recv_window - (self.recv_window + buffered)
-        if 0 < bytes_read and unconsumed < threshold and self._pending_recv_release + bytes_read < threshold:
+        uncredited = self.target_recv_window - (self.recv_window + buffered)  # read, not yet credited
+        if 0 < bytes_read and uncredited < threshold and self._pending_recv_release + bytes_read < threshold:
             self._pending_recv_release += bytes_read  # credited with a later, larger update
             return
         await original(self, bytes_read=bytes_read)
