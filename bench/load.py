@@ -104,7 +104,7 @@ async def main(args):
     torch.set_num_threads(os.cpu_count() or 1)
     model = hf_model(default_model_path())
     rows = []
-    with Swarm(Path(tempfile.mkdtemp(prefix="p2pserve-bench-"))) as swarm:
+    with tempfile.TemporaryDirectory(prefix="p2pserve-bench-load.") as tmp, Swarm(Path(tmp)) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--policy", "latency")
         # the three workers compute at once under load: they split the cores, as a user
         # running several workers on one machine should (--threads of `p2pserve worker`)
