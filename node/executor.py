@@ -46,6 +46,11 @@ class StepRequest:
     def n_tokens(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def complete(self) -> bool:
+        """Every piece computed, or failed."""
+        return self.computed == self.n_tokens or self.error is not None
+
 
 class SlotPool:
     """KV-cache slots: a session holds one while it lives; beyond them, a bounded wait."""
@@ -87,8 +92,7 @@ class BatchingExecutor:
     GATHER_FRACTION = 0.15  # of the last forward pass's time
     MAX_GATHER = 0.005  # seconds
     MAX_PASS = 0.2  # seconds a pass may block (the loop's heartbeats are every 2 s)
-    MIN_PIECE = 16  # tokens: a prefill piece is never cut smaller
-    WARM_UP_TOKENS = 16
+    MIN_PIECE = 16  # tokens: a prefill piece is never cut smaller, and the shortest one timed
 
     def __init__(self, runner: StageRunner, max_batch: int = 64, sessions=lambda: 0, compute=None):
         self.runner = runner
@@ -102,10 +106,10 @@ class BatchingExecutor:
         self.batched_requests = 0
 
     def warm_up(self) -> None:
-        """One small prefill into slot 0 (a session that takes the slot later overwrites
-        it): the first query does not pay first-use costs, and the time per prefill token
-        is known before a long prompt arrives. Run it through ``compute``."""
-        n = self.WARM_UP_TOKENS
+        """One prefill of MIN_PIECE tokens into slot 0 (a session that takes the slot later
+        overwrites it): the first query does not pay first-use costs, and the time per
+        prefill token is known before a long prompt arrives. Run it through ``compute``."""
+        n = self.MIN_PIECE
         x = torch.zeros(n, dtype=torch.long) if self.runner.model.is_first else \
             torch.zeros(n, self.runner.model.config.hidden_size)
         req = StepRequest(0, 0, x, False, None)
@@ -137,8 +141,7 @@ class BatchingExecutor:
             t0 = trio.current_time()
             await self.compute.run(partial(self._compute, decodes, prefill))
             self._last_forward = trio.current_time() - t0
-            finished = decodes + ([prefill] if prefill is not None and
-                                  (prefill.computed == prefill.n_tokens or prefill.error) else [])
+            finished = decodes + ([prefill] if prefill is not None and prefill.complete else [])
             for r in finished:
                 r.done.set()
             taken = {id(r) for r in finished}
@@ -156,9 +159,9 @@ class BatchingExecutor:
     def _compute(self, decodes: list[StepRequest], prefill: StepRequest | None) -> None:
         """One pass: every decode step, and the next piece of at most one prefill."""
         if decodes:
-            _guarded(self._decode, decodes)
+            _guarded(decodes, lambda: self._decode(decodes))
         if prefill is not None:
-            _guarded(self._prefill_piece, [prefill])
+            _guarded([prefill], lambda: self._prefill_piece(prefill))
 
     def _piece_len(self, r: StepRequest) -> int:
         left = r.n_tokens - r.computed
@@ -166,8 +169,7 @@ class BatchingExecutor:
             return left
         return min(left, max(self.MIN_PIECE, int(self.MAX_PASS / self.prefill_seconds_per_token)))
 
-    def _prefill_piece(self, group: list[StepRequest]) -> None:
-        (r,) = group
+    def _prefill_piece(self, r: StepRequest) -> None:
         a = r.computed
         b = a + self._piece_len(r)
         t0 = time.perf_counter()
@@ -201,9 +203,9 @@ class BatchingExecutor:
                 r.result = h
 
 
-def _guarded(run, group: list[StepRequest]) -> None:
+def _guarded(group: list[StepRequest], run) -> None:
     try:
-        run(group)
+        run()
     except BaseException as e:  # every request of the group learns of it
         for r in group:
             r.error = e

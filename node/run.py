@@ -177,8 +177,10 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             host.set_stream_handler(SESSION, server.handle)
             host.set_stream_handler(LINK, server.handle_link)
             addrs = host_multiaddrs(host)
-            device_info = device_entries(await compute.run(partial(measure_devices, devices)), config, opts.dtype, first=start == 0,
-                                         last=end == config.n_layers)
+            # measured again: the stage now runs with its own thread count (--threads, or
+            # cores // TP), which the record's speed must reflect (cached per thread count)
+            device_info = device_entries(await compute.run(partial(measure_devices, devices)), config, opts.dtype,
+                                         first=start == 0, last=end == config.n_layers)
 
             def record():
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,

@@ -90,12 +90,9 @@ class ComputeThread:
 
 
 class InlineCompute:
-    """``ComputeThread``'s interface, running each job on the calling thread."""
+    """``ComputeThread.run``, running each job on the calling thread."""
 
     IDLE_WAIT = 0.005  # seconds at most that a job waits for the loop to go idle
-
-    def __init__(self):
-        self.ident = threading.get_ident()
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn()``, blocking the trio loop until it returns: but first let every task
@@ -106,12 +103,6 @@ class InlineCompute:
         with trio.move_on_after(self.IDLE_WAIT):
             await trio.testing.wait_all_tasks_blocked()
         return fn()
-
-    def call(self, fn: Callable[[], T]) -> T:
-        return fn()
-
-    def close(self) -> None:
-        pass
 
 
 def compute_for(devices: list[str]) -> ComputeThread | InlineCompute:

@@ -224,30 +224,29 @@ class _FrameReader:
 
     async def _read_exactly(self, n: int) -> bytes:
         # Ask for more than this frame needs: a whole frame (prefix and body), or several,
-        # usually come in one read. Each py-libp2p read costs a trip through yamux's locks
-        # plus a WINDOW_UPDATE frame written back (~0.1 ms of Python per read on each side).
+        # usually come in one read, and each py-libp2p read costs a trip through yamux's
+        # locks. Bytes past this frame wait in _read_ahead for the stream's next frame.
         buf = _read_ahead.pop(self.stream, None) or bytearray()
         try:
-            while len(buf) < n:
-                try:
-                    chunk = await self.stream.read(max(n - len(buf), READ_AHEAD))
-                except EOFError:
-                    chunk = b""
-                except Exception as e:
-                    raise StreamClosed(f"the stream was reset or broke ({_describe(e)})") from e
-                if not chunk:
-                    self.got += len(buf)
-                    buf.clear()
-                    raise self._eof()
+            while len(buf) < n and (chunk := await self._read(max(n - len(buf), READ_AHEAD))):
                 buf += chunk
-        except BaseException:
-            self.got += len(buf)  # all of it this frame's: the frame was cut short
-            raise
+        finally:  # after a deadline or a broken stream too: what came is this frame's
+            self.got += min(len(buf), n)
+        if len(buf) < n:
+            raise self._eof()
         if len(buf) > n:
             _read_ahead[self.stream] = buf[n:]
             del buf[n:]
-        self.got += n
         return buf
+
+    async def _read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" at the end of the stream."""
+        try:
+            return await self.stream.read(n)
+        except EOFError:
+            return b""
+        except Exception as e:
+            raise StreamClosed(f"the stream was reset or broke ({_describe(e)})") from e
 
     def _eof(self) -> WireError:
         if self.got == 0:
