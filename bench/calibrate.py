@@ -39,6 +39,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
 import torch
 import trio
 

@@ -30,6 +30,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
 import torch
 from rich.console import Console
 from rich.table import Table

@@ -23,6 +23,7 @@ import sys
 import time
 from functools import partial
 
+import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
 import torch
 import trio
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
 import torch
 import trio
 

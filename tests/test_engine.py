@@ -114,3 +114,47 @@ def test_a_rank_killed_mid_answer_is_an_error_not_a_hang(tiny_models):
         with pytest.raises(P2PServeError, match=r"rank 1 of the pipeline was killed \(SIGKILL\)"):
             for _ in answer:
                 pass
+
+
+THP_PROBE = """
+import p2pserve, torch
+from p2pserve.load import load_stage
+from p2pserve.weights import open_weights
+w = load_stage(open_weights(None), 0, 1).blocks[0].mlp.w13
+addr = w.data_ptr()
+vma = None
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+        lo, hi = (int(x, 16) for x in head.split("-"))
+        vma = lo <= addr < hi
+    elif vma and head == "THPeligible:":
+        print(line.split()[1])
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel does not offer huge pages")
+def test_weights_are_placed_in_huge_pages():
+    """A layer's weights sit in memory the kernel backs with 2 MiB pages (p2pserve/__init__.py
+    says why); a user's own THP_MEM_ALLOC_ENABLE=0 still wins."""
+    import os
+    import subprocess
+    import sys
+
+    def eligible(env):
+        out = subprocess.run([sys.executable, "-c", THP_PROBE], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        return out.stdout.split()
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert eligible(env) == ["1"]
+    if _thp_mode() == "madvise":  # under "always" every mapping is eligible anyway
+        assert eligible({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == ["0"]
