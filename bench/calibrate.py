@@ -39,7 +39,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
+import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch
 import trio
 

@@ -30,7 +30,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
+import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch
 from rich.console import Console
 from rich.table import Table

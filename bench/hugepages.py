@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 
-import p2pserve  # noqa: F401  (its environment defaults must be set before torch loads)
+import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch
 
 from p2pserve.load import load_stage
