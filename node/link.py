@@ -4,8 +4,9 @@ A session opens, prefills and closes on its own SESSION stream (see ``worker.py`
 one-token decode steps, though, travel on a LINK stream that a worker keeps to each
 next-stage peer it talks to: the steps of every session that became ready together
 (the sessions of one batched forward pass) go down as one frame, and their tokens come
-back as one frame. On a loopback swarm a libp2p frame costs ~0.5 ms of Python on each
-side, so sixteen sessions pay for one frame per hop instead of sixteen.
+back as one frame. A libp2p frame costs Python on each side (0.1-0.3 ms on a worker's
+cores even with p2pserve/fastio.py, ~0.5 ms before it), so sixteen sessions pay for one
+frame per hop instead of sixteen.
 
 Frames on a LINK stream:
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from p2pserve.fastio import QuickLock
 from p2pserve.protocols import LINK
 from p2pserve.wire import (
     RemoteError,
@@ -196,7 +198,7 @@ async def serve_link(stream, run_steps) -> None:
     and returns one result per item (a token, or {code, message}); it must not raise.
     Frames are served concurrently, each replied to as soon as its batch is done. A
     malformed frame ends the link (the sender fails its steps and dials anew)."""
-    write_lock = trio.Lock()
+    write_lock = QuickLock()  # replies rarely overlap: no scheduler turn when free
 
     async def one(msg, x, cancel_scope):
         results = await run_steps(msg["items"], x)

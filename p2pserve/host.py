@@ -39,6 +39,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from . import fastio
 from .errors import ConfigError, NetworkError
 from .records import NAMESPACE, RecordValidator
 
@@ -113,7 +114,7 @@ def make_host(key_pair: KeyPair):
     The connection config keeps py-libp2p from trying to hold 50-100 connections, and
     max_connections_per_peer=1 removes its fixed 250 ms "happy eyeballs" wait from every
     dial (the wait only ends early once the per-peer limit is reached)."""
-    _batch_yamux_window_updates()
+    fastio.install()
     return new_host(
         key_pair=key_pair,
         sec_opt={
@@ -126,41 +127,6 @@ def make_host(key_pair: KeyPair):
             min_connections=0, low_watermark=0, max_connections_per_peer=1
         ),
     )
-
-
-def _batch_yamux_window_updates() -> None:
-    """Make py-libp2p's yamux credit the receive window as go-yamux does.
-
-    py-libp2p 0.8 writes a WINDOW_UPDATE frame back after nearly every read, however
-    small (``PY_YAMUX_RELEASE_ON_READ=0`` does not stop it: its "partial slack" branch
-    still fires): one more encrypted write, with its locks and scheduler turns, on the
-    reading side, and one more frame to decode on the writing side, for every frame of
-    a decode step. go-yamux sends an update only once half the window has been read.
-    This does the same: reads below that are credited in one update later (the sender
-    may have a whole window in flight, so it never waits on a reader that keeps
-    reading). ``python bench/hop.py``: decode-step round trip 0.62 -> 0.52 ms here.
-    Left alone if this libp2p's yamux is not the one this was written against."""
-    from libp2p.stream_muxer.yamux.yamux import YamuxStream
-
-    original = getattr(YamuxStream, "_auto_tune_and_send_window_update", None)
-    if getattr(original, "batched_by_p2pserve", False):
-        return
-    if original is None or not hasattr(YamuxStream, "_grow_threshold") or \
-            "_pending_recv_release" not in YamuxStream.__init__.__code__.co_names:
-        logging.getLogger("p2pserve.host").info("yamux window updates left unbatched: unknown yamux")
-        return
-
-    async def batched(self, *, bytes_read: int = 0) -> None:
-        threshold = self._grow_threshold()
-        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        uncredited = self.target_recv_window - (self.recv_window + buffered)  # read, not yet credited
-        if 0 < bytes_read and uncredited < threshold and self._pending_recv_release + bytes_read < threshold:
-            self._pending_recv_release += bytes_read  # credited with a later, larger update
-            return
-        await original(self, bytes_read=bytes_read)
-
-    batched.batched_by_p2pserve = True
-    YamuxStream._auto_tune_and_send_window_update = batched
 
 
 @asynccontextmanager
