@@ -102,6 +102,7 @@ class BatchingExecutor:
         self._last_forward = 0.0
         self.prefill_seconds_per_token: float | None = None  # measured; None: no limit yet
         self._send, self._recv = trio.open_memory_channel(float("inf"))
+        self.last_decodes = 0  # decode steps in the last pass: 1 means its session is alone
         self.steps = 0  # forward passes run (for stats and tests)
         self.batched_requests = 0
 
@@ -141,6 +142,7 @@ class BatchingExecutor:
             t0 = trio.current_time()
             await self.compute.run(partial(self._compute, decodes, prefill))
             self._last_forward = trio.current_time() - t0
+            self.last_decodes = len(decodes)
             finished = decodes + ([prefill] if prefill is not None and prefill.complete else [])
             for r in finished:
                 r.done.set()

@@ -64,6 +64,7 @@ class Link:
         self._queue: list[_Pending] = []
         self._wake = trio.Event()
         self._in_flight: dict[int, list[_Pending]] = {}
+        self._send_lock = QuickLock()  # one frame at a time on the stream
         self._ids = itertools.count()
         self._on_close = on_close
         self.closed = False
@@ -72,13 +73,23 @@ class Link:
         nursery.start_soon(self._sender)
         nursery.start_soon(self._receiver)
 
-    async def step(self, session: str, start: int, x: torch.Tensor, timeout: float) -> int:
-        """Send one session's decode step (x: [1, hidden]) down the chain; its token."""
+    async def step(self, session: str, start: int, x: torch.Tensor, timeout: float, *, alone: bool = False) -> int:
+        """Send one session's decode step (x: [1, hidden]) down the chain; its token.
+
+        ``alone``: no other session's step is coming from the same forward pass, so the
+        step goes in a frame of its own at once, from this task (no hop to the sender
+        task); otherwise it is queued for the sender, which batches it with the others."""
         if self.closed:
             raise StreamClosed("the link to the next stage is closed")
         p = _Pending(session, start, x.reshape(-1))
-        self._queue.append(p)
-        self._wake.set()
+        if alone and not self._queue and not self._send_lock.locked():
+            # shielded: a session cancelled mid-write would reset the link under everyone
+            # (the write has its own deadline)
+            with trio.CancelScope(shield=True):
+                await self._send([p])
+        else:
+            self._queue.append(p)
+            self._wake.set()
         with trio.move_on_after(timeout) as scope:
             await p.done.wait()
         if scope.cancelled_caught:
@@ -88,22 +99,27 @@ class Link:
         return p.token
 
     async def _sender(self) -> None:
+        while not self.closed:
+            await self._wake.wait()
+            # No extra checkpoint needed: the sessions woken by one forward pass all run
+            # in the scheduler batch that woke this task, so their steps are queued.
+            self._wake = trio.Event()
+            while self._queue and not self.closed:
+                items, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
+                await self._send(items)
+
+    async def _send(self, items: list[_Pending]) -> None:
+        """One 'steps' frame; a failure fails the link (and every step on it)."""
         try:
-            while True:
-                await self._wake.wait()
-                # No extra checkpoint needed: the sessions woken by one forward pass all run
-                # in the scheduler batch that woke this task, so their steps are queued.
-                self._wake = trio.Event()
-                while self._queue:
-                    items, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
-                    fid = next(self._ids)
-                    self._in_flight[fid] = items
-                    x = torch.stack([p.x for p in items])
-                    await send_message(self.stream, {"type": "steps", "id": fid,
-                                                     "items": [{"session": p.session, "start": p.start}
-                                                               for p in items]}, {"x": x})
-                    self.frames_sent += 1
-                    self.steps_sent += len(items)
+            async with self._send_lock:
+                fid = next(self._ids)
+                self._in_flight[fid] = items
+                x = torch.stack([p.x for p in items])
+                await send_message(self.stream, {"type": "steps", "id": fid,
+                                                 "items": [{"session": p.session, "start": p.start}
+                                                           for p in items]}, {"x": x})
+                self.frames_sent += 1
+                self.steps_sent += len(items)
         except Exception as e:
             self._fail(f"sending to the next stage failed: {e}")
 

@@ -32,17 +32,22 @@ class _Recorder:
         self.writes.append((trio.current_time(), frames))
 
 
-async def _stream(interval: float, n_tokens: int, every: float) -> _Recorder:
+async def _stream(interval: float, n_tokens: int, every: float, stall: float = 0.0) -> _Recorder:
+    """Tokens every ``every`` seconds (the last one ``stall`` seconds late), then 'done'
+    half a token later. The recorder's ``sent`` holds when each item was sent."""
     stream, done = _Recorder(), trio.Event()
+    stream.sent = []
     send, recv = trio.open_memory_channel(float("inf"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_write_upstream, stream, recv, done, interval)
         t0 = trio.current_time()
         for t in range(n_tokens):
-            await trio.sleep_until(t0 + t * every)
+            await trio.sleep_until(t0 + t * every + (stall if t == n_tokens - 1 else 0.0))
             send.send_nowait(t)
+            stream.sent.append(trio.current_time())
         await trio.sleep(every / 2)
         send.send_nowait({"type": "done", "n_tokens": n_tokens})
+        stream.sent.append(trio.current_time())
         send.close()
         await done.wait()
     return stream
@@ -60,8 +65,20 @@ async def test_tokens_within_an_interval_share_one_write_and_the_first_is_not_he
     gaps = [b[0] - a[0] for a, b in zip(writes, writes[1:-1])]
     assert all(g >= 0.1 - 1e-9 for g in gaps), gaps  # at most one write per interval
     assert writes[-1][1][-1] == {"type": "done", "n_tokens": 20}  # 'done' goes with the last tokens, not held
-    assert writes[-1][0] - writes[-2][0] < 0.1
+    assert writes[-1][0] == pytest.approx(stream.sent[-1])
     assert len(writes) <= 8  # 20 tokens over 0.6 s: ~7 writes instead of 21
+    # every write goes when a token (or 'done') arrives, never on a timer of its own: a
+    # timer would wake stage 0 in the middle of the next stage's forward pass
+    assert all(any(w == pytest.approx(t) for t in stream.sent) for w, _ in writes)
+
+
+async def test_held_tokens_go_at_most_one_interval_late_when_the_next_token_is_slow(autojump_clock):
+    stream = await _stream(interval=0.1, n_tokens=5, every=0.03, stall=5.0)
+    # token 0 goes at once; 1-3 (0.03-0.09 s) are held; token 4 comes 5 s late, so the
+    # held ones go on their own at 0.2 s: one interval after they were due
+    assert [(round(w, 3), frames) for w, frames in stream.writes[:2]] == [
+        (0.0, [{"type": "tokens", "tokens": [0]}]), (0.2, [{"type": "tokens", "tokens": [1, 2, 3]}])]
+    assert _tokens(stream.writes) == list(range(5))
 
 
 async def test_interval_zero_sends_each_token_as_it_comes(autojump_clock):

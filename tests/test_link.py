@@ -1,0 +1,82 @@
+"""The LINK stream between two workers: a lone session's decode step goes down at once from
+its own task; the steps of sessions from one forward pass share a frame."""
+
+from __future__ import annotations
+
+import torch
+import trio
+import trio.testing
+
+from node.link import Link, serve_link
+
+from .test_wire import Pipe
+
+
+class _WriterNoted(Pipe):
+    """A Pipe that notes which task wrote each frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.writers: list[str] = []
+
+    async def write(self, data: bytes) -> None:
+        self.writers.append(trio.lowlevel.current_task().name)
+        await super().write(data)
+
+
+class _End:
+    """One end of an in-memory duplex stream."""
+
+    def __init__(self, inbox: Pipe, outbox: Pipe):
+        self.inbox, self.outbox = inbox, outbox
+
+    async def read(self, n: int) -> bytes:
+        return await self.inbox.read(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.outbox.write(data)
+
+    async def reset(self) -> None:
+        await self.inbox.reset()
+        await self.outbox.reset()
+
+
+async def _next_token(items, x):
+    """The next stage: each step's token is its position + 100 + its state's sum."""
+    return [int(item["start"]) + 100 + int(row.sum()) for item, row in zip(items, x)]
+
+
+async def _link(nursery):
+    down, up = _WriterNoted(), Pipe()
+    nursery.start_soon(serve_link, _End(down, up), _next_token)
+    return Link(_End(up, down), nursery, on_close=lambda link: None), down
+
+
+async def test_a_lone_sessions_step_goes_down_from_its_own_task():
+    async with trio.open_nursery() as nursery:
+        link, down = await _link(nursery)
+        with trio.fail_after(5):
+            token = await link.step("a", 7, torch.ones(1, 4), timeout=5, alone=True)
+        assert token == 7 + 100 + 4
+        assert down.writers == [trio.lowlevel.current_task().name]  # not the sender task's
+        assert (link.frames_sent, link.steps_sent) == (1, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_steps_of_one_forward_pass_share_a_frame_sent_by_the_sender_task():
+    tokens = {}
+
+    async def step(name, pos):
+        tokens[name] = await link.step(name, pos, torch.full((1, 4), 2.0), timeout=5)
+
+    async with trio.open_nursery() as nursery:
+        link, down = await _link(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as sessions:  # woken by one pass: queued together
+                for i, name in enumerate("abc"):
+                    sessions.start_soon(step, name, i)
+        assert tokens == {"a": 108, "b": 109, "c": 110}
+        assert (link.frames_sent, link.steps_sent) == (1, 3)
+        assert len(down.writers) == 1 and "_sender" in down.writers[0]
+        nursery.cancel_scope.cancel()
