@@ -112,6 +112,11 @@ class Link:
         """One 'steps' frame; a failure fails the link (and every step on it)."""
         try:
             async with self._send_lock:
+                if self.closed:  # failed while this frame waited for the lock
+                    for p in items:
+                        p.error = StreamClosed("the link to the next stage is closed")
+                        p.done.set()
+                    return
                 fid = next(self._ids)
                 self._in_flight[fid] = items
                 x = torch.stack([p.x for p in items])

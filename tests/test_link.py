@@ -80,3 +80,42 @@ async def test_steps_of_one_forward_pass_share_a_frame_sent_by_the_sender_task()
         assert (link.frames_sent, link.steps_sent) == (1, 3)
         assert len(down.writers) == 1 and "_sender" in down.writers[0]
         nursery.cancel_scope.cancel()
+
+
+class _Gated(_WriterNoted):
+    """Writes wait for ``gate``; a reset stream refuses them then."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = trio.Event()
+
+    async def write(self, data: bytes) -> None:
+        await self.gate.wait()
+        if self.was_reset:
+            raise ConnectionResetError("stream reset")
+        await super().write(data)
+
+
+async def test_a_frame_waiting_to_be_sent_fails_with_the_link_instead_of_hanging():
+    errors = {}
+
+    async def step(name, alone=False):
+        try:
+            await link.step(name, 0, torch.ones(1, 4), timeout=30, alone=alone)
+        except Exception as e:
+            errors[name] = e
+
+    async with trio.open_nursery() as nursery:
+        down, up = _Gated(), Pipe()
+        nursery.start_soon(serve_link, _End(down, up), _next_token)
+        link = Link(_End(up, down), nursery, on_close=lambda link: None)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(step, "a", True)  # writing (held at the gate), holds the send lock
+                await trio.testing.wait_all_tasks_blocked()
+                sessions.start_soon(step, "b")  # queued; the sender task waits for the lock
+                await trio.testing.wait_all_tasks_blocked()
+                await link.aclose()  # the link goes away
+                down.gate.set()
+        assert set(errors) == {"a", "b"}  # both failed at once, neither waited 30 s for a token
+        nursery.cancel_scope.cancel()
