@@ -7,6 +7,7 @@ from functools import partial
 
 import click
 
+from p2pserve.heap import freeze_startup_heap
 from p2pserve.options import plan_from_options, plan_options
 from p2pserve.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
@@ -103,4 +104,5 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                     click.echo(f"OpenAI-compatible API: http://{http_bind}/v1 (model {config.name})")
                 if task_status is not None:
                     task_status.started(node)
+                freeze_startup_heap()  # full GC passes must not walk the libraries and the tokenizer
                 await trio.sleep_forever()

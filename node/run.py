@@ -13,6 +13,7 @@ import click
 import trio
 
 from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.heap import freeze_startup_heap
 from p2pserve.protocols import LINK, PLAN, SESSION
 from p2pserve.wire import read_frame, write_frame
 
@@ -196,6 +197,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                             await announce_forever(host, key, opts.peer, record, dht)
 
                     nursery.start_soon(keep_announcing)
+                    freeze_startup_heap()  # full GC passes must not walk the model and libraries
                     click.echo(f"worker {host.get_id().to_base58()} serving layers {start}-{end} of {config.name} "
                                f"(TP {tp} on {','.join(devices)}, {sessions} sessions) at {addrs[0]}", err=True)
                     task_status.started(server)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError, P2PServeError
+from .heap import freeze_startup_heap
 from .load import load_stage
 from .model import Batch
 from .plan import Plan
@@ -287,6 +288,7 @@ class _Rank:
 def _rank_main(rank: int, spec: RankSpec, conn, errors) -> None:
     try:
         r = _Rank(rank, spec)
+        freeze_startup_heap()  # full GC passes must not walk the model and torch
         if r.stage.first_rank != rank:
             follow(r.model, r.group, r.stage.first_rank)
         elif rank != 0:
@@ -362,13 +364,25 @@ class LocalPipeline:
         deadline = time.monotonic() + timeout
         while True:
             if self._conn.poll(0.2):
-                got, value = self._conn.recv()
+                got, value = self._recv()
                 if got != kind:
                     raise P2PServeError(f"rank 0 sent {got!r} where {kind!r} was expected")
                 return value
             self._check_ranks()
             if time.monotonic() > deadline:
                 raise P2PServeError(f"the pipeline did not answer within {timeout:.0f} s")
+
+    def _recv(self):
+        """The next message from rank 0; if rank 0 is gone, the error of the rank that
+        failed first (rank 0 exits as soon as a rank it talks to dies, often before the
+        poll loop has seen that rank's death)."""
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            for p in self._procs:
+                p.join(timeout=2)
+            self._check_ranks()
+            raise P2PServeError("rank 0 of the pipeline closed its pipe") from None
 
     def _check_ranks(self) -> None:
         dead = [(i, p.exitcode) for i, p in enumerate(self._procs) if p.exitcode is not None]
@@ -399,7 +413,7 @@ class LocalPipeline:
                 self._check_ranks()
                 if time.monotonic() > deadline:
                     raise P2PServeError(f"no token within {step_timeout:.0f} s")
-            kind, value = self._conn.recv()
+            kind, value = self._recv()
             yield value
             if kind == "done":
                 return
