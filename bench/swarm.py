@@ -169,12 +169,17 @@ async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
     return results, rtts
 
 
+def _tpot(run) -> float:
+    """Seconds per token after the first, as vLLM's benchmarks define TPOT."""
+    return sum(run[1]) / len(run[1])
+
+
 def summarize(runs):
     ttfts = [r[0] for r in runs]
     intervals = sorted(i for r in runs for i in r[1])
     return {
         "ttft": statistics.median(ttfts),
-        "token": statistics.median(sum(r[1]) / len(r[1]) for r in runs),  # TPOT of each run
+        "token": statistics.median(_tpot(r) for r in runs),
         "p90": intervals[int(0.9 * len(intervals))],
         "tokens": runs[0][2],
         "same": all(r[2] == runs[0][2] for r in runs),
@@ -208,6 +213,11 @@ def report(args, results, rtts, n_prompt):
     ratio = s["swarm"]["token"] / s["run 15+15"]["token"]
     print(f"target: swarm per token within {TARGET - 1:.0%} of `p2pserve run` with the same plan: "
           f"{ratio:.2f}x, {'met' if ratio <= TARGET else 'NOT met'}")
+    # The same ratio round by round (each round times both within seconds of each other),
+    # to show how much of the spread between runs is the machine's drift.
+    paired = sorted(_tpot(a) / _tpot(b) for a, b in zip(results["swarm"], results["run 15+15"]))
+    print(f"  the same, round by round (paired): {', '.join(f'{r:.2f}x' for r in paired)}; "
+          f"median {statistics.median(paired):.2f}x")
     if REFUSALS:
         print(f"note: {len(REFUSALS)} swarm queries were refused and asked again (not timed): {REFUSALS[0]}")
     hop = {k: sorted(v) for k, v in rtts.items()}
