@@ -183,15 +183,27 @@ async def test_a_full_worker_refuses_with_busy_and_loses_nothing(tmp_path, refer
             await c.wait_chains(1)
             outcomes = []
 
-            async def one():
+            async def first(task_status):  # holds stage 1's only slot from its first token on
+                tokens = []
+                async for frame in ask(c.host, c.bootstrap_id, tokens=ids, params=GREEDY, stop_on_eos=False):
+                    if frame["type"] == "token":
+                        tokens.append(int(frame["token"]))
+                        if len(tokens) == 1:
+                            task_status.started()
+                outcomes.append(tokens)
+
+            async def second():
                 try:
                     outcomes.append((await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)).tokens)
                 except QueryError as e:
                     outcomes.append(e)
 
             async with trio.open_nursery() as n:
-                for _ in range(2):
-                    n.start_soon(one)
+                # The second query starts once the first is surely generating (N - 1 tokens,
+                # ~0.8 s, still to go): starting both at once left it to timing whether they
+                # overlapped at stage 1 (once, in CI, both were served).
+                await n.start(first)
+                n.start_soon(second)
             answers = [o for o in outcomes if isinstance(o, list)]
             refusals = [o for o in outcomes if isinstance(o, QueryError)]
             assert answers == [ref]
