@@ -110,15 +110,12 @@ class Link:
 
     async def _send(self, items: list[_Pending]) -> None:
         """One 'steps' frame; a failure fails the link (and every step on it)."""
+        fid = next(self._ids)
+        self._in_flight[fid] = items  # from here on, a failure of the link answers them
         try:
             async with self._send_lock:
                 if self.closed:  # failed while this frame waited for the lock
-                    for p in items:
-                        p.error = StreamClosed("the link to the next stage is closed")
-                        p.done.set()
                     return
-                fid = next(self._ids)
-                self._in_flight[fid] = items
                 x = torch.stack([p.x for p in items])
                 await send_message(self.stream, {"type": "steps", "id": fid,
                                                  "items": [{"session": p.session, "start": p.start}

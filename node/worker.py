@@ -458,10 +458,8 @@ async def _write_upstream(stream, items, done: trio.Event, interval: float) -> N
         while not closed:
             got = []
             try:
-                if held:  # a slow step: held tokens go at the latest one interval late
-                    with trio.move_on_at(last_write + 2 * interval):
-                        got.append(await items.receive())
-                else:
+                # a slow step: held tokens go at the latest one interval late
+                with trio.move_on_at(last_write + 2 * interval if held else float("inf")):
                     got.append(await items.receive())
                 while True:  # and whatever else is already there
                     got.append(items.receive_nowait())
@@ -471,7 +469,8 @@ async def _write_upstream(stream, items, done: trio.Event, interval: float) -> N
                 closed = True
             held += [t for t in got if isinstance(t, int)]
             frames = [f for f in got if isinstance(f, dict)]
-            if not (held or frames) or not (frames or closed or trio.current_time() >= last_write + interval):
+            due = frames or closed or trio.current_time() >= last_write + interval
+            if not (due and (held or frames)):
                 continue
             await write_frames(stream, ([{"type": "tokens", "tokens": held}] if held else []) + frames)
             last_write, held = trio.current_time(), []

@@ -79,8 +79,7 @@ def install() -> None:
         and all(n in y.Yamux.__init__.__code__.co_names
                 for n in ("_write_lock", "streams_lock", "stream_buffers", "stream_events", "streams"))
         and all(hasattr(y.YamuxStream, a) for a in ("_grow_threshold", "_apply_autotune_epoch",
-                                                     "send_window_update"))
-        and hasattr(y.YamuxStream, "_auto_tune_and_send_window_update")
+                                                     "send_window_update", "_auto_tune_and_send_window_update"))
         and all(n in TrioTCPStream.__init__.__code__.co_names for n in ("read_lock", "write_lock"))
         and all(n in NetStream.__init__.__code__.co_names for n in ("_state", "_state_lock", "muxed_stream"))
         and all(n in SecureSession._reset_internal_buffer.__code__.co_names
@@ -127,21 +126,25 @@ def _uncredited(stream) -> tuple[int, int]:
     return stream.target_recv_window - (stream.recv_window + buffered), buffered
 
 
+async def _credit(stream) -> None:
+    """Credit the sender with everything read so far, in one window update."""
+    uncredited, buffered = _uncredited(stream)
+    stream.recv_window += uncredited
+    stream._pending_recv_release = 0
+    # py-libp2p's window growth (doubling within 4 round trips), kept: it is what lets a
+    # prefill fill a long, fast link
+    await stream.send_window_update(uncredited + stream._apply_autotune_epoch(buffered), skip_lock=True)
+
+
 def _install_window_credit(YamuxStream) -> None:
     async def credit(self, *, bytes_read: int = 0) -> None:
-        if _defer_credit(self):
-            return
-        uncredited, buffered = _uncredited(self)
-        self.recv_window += uncredited
-        self._pending_recv_release = 0
-        # py-libp2p's window growth (doubling within 4 round trips), kept: it is what
-        # lets a prefill fill a long, fast link
-        await self.send_window_update(uncredited + self._apply_autotune_epoch(buffered), skip_lock=True)
+        if not _defer_credit(self):
+            await _credit(self)
 
     YamuxStream._auto_tune_and_send_window_update = credit
 
 
-# --- TCP -------------------------------------------------------------------------------
+# --- locks -----------------------------------------------------------------------------
 
 
 class QuickLock:
@@ -387,7 +390,7 @@ def _install_stream_io(NetStream, StreamState, StreamError, y, SecureSession, No
                 del buf[:n]
                 stats["fast_reads"] += 1
                 if not _defer_credit(ys):
-                    await ys._auto_tune_and_send_window_update(bytes_read=len(data))
+                    await _credit(ys)
                 return data
             event = conn.stream_events.get(sid)
             if ys.recv_closed or event is None:

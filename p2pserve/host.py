@@ -113,7 +113,8 @@ def make_host(key_pair: KeyPair):
 
     The connection config keeps py-libp2p from trying to hold 50-100 connections, and
     max_connections_per_peer=1 removes its fixed 250 ms "happy eyeballs" wait from every
-    dial (the wait only ends early once the per-peer limit is reached)."""
+    dial (the wait only ends early once the per-peer limit is reached). The first host
+    made installs p2pserve's fast paths through py-libp2p's stream stack (``fastio``)."""
     fastio.install()
     return new_host(
         key_pair=key_pair,
