@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import trio
 
-from p2pserve.compute import compute_thread
+from p2pserve.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
 from p2pserve.model import Batch
 from p2pserve.sampling import SamplingParams, sample
@@ -103,6 +103,7 @@ class BatchingExecutor:
         self.prefill_seconds_per_token: float | None = None  # measured; None: no limit yet
         self._send, self._recv = trio.open_memory_channel(float("inf"))
         self.last_decodes = 0  # decode steps in the last pass: 1 means its session is alone
+        self._idle = False  # the batcher waits for work, nothing pending
         self.steps = 0  # forward passes run (for stats and tests)
         self.batched_requests = 0
 
@@ -121,18 +122,52 @@ class BatchingExecutor:
 
     async def step(self, req: StepRequest):
         """Queue one session's step and wait for its result (hidden states, logits or token)."""
-        await self._send.send(req)
-        await req.done.wait()
+        if req.n_tokens == 1 and self.decodes_at_once():
+            # The only session's decode step, the batcher idle: there is nothing to batch it
+            # with, so it runs in this task. Handing it to the batcher task and back costs
+            # two scheduler turns, ~0.1 ms each right after a pass has evicted the caches
+            # (traced on a CPU swarm): a turn of its own per stage per token.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._run_pass([req], None)
+        else:
+            await self._send.send(req)
+            await req.done.wait()
         if req.error is not None:
             raise req.error
         return req.result
+
+    def decodes_at_once(self) -> bool:
+        """Does a decode step run at once in its caller's task? Only on a CPU worker (a
+        pass there blocks the loop, so it cannot overlap the batcher's), only for the
+        stage's one session, and only with nothing queued.
+
+        Unlike ``InlineCompute.run`` it does not first let runnable tasks reach their
+        next wait: they run after the pass. For the one task that is usually runnable
+        here, stage 0's token writer (node/worker.py), that is the point: its write
+        then goes while the next stage computes, not in this stage's pass. A libp2p
+        write of a small frame takes no scheduler turn (p2pserve/fastio.py), so few
+        frames are caught half-written; a session's first token is flushed before its
+        first decode step."""
+        return (self._idle and isinstance(self.compute, InlineCompute) and self.sessions() <= 1
+                and self._recv.statistics().current_buffer_used == 0)
+
+    def _run_pass(self, decodes: list[StepRequest], prefill: StepRequest | None) -> None:
+        """One forward pass on this thread, and its bookkeeping."""
+        t0 = trio.current_time()
+        self._compute(decodes, prefill)
+        self._last_forward = trio.current_time() - t0
+        self.last_decodes = len(decodes)
 
     async def run(self) -> None:
         """The batcher task: lives in the worker's nursery for the worker's life."""
         pending: list[StepRequest] = []
         while True:
             if not pending:
-                pending.append(await self._recv.receive())
+                self._idle = True
+                try:
+                    pending.append(await self._recv.receive())
+                finally:
+                    self._idle = False
             self._drain(pending)
             if len(pending) < self.sessions():
                 await trio.sleep(min(self.MAX_GATHER, self.GATHER_FRACTION * self._last_forward))
@@ -148,6 +183,7 @@ class BatchingExecutor:
                 r.done.set()
             taken = {id(r) for r in finished}
             pending = [r for r in pending if id(r) not in taken]
+            self._idle = not pending  # already: the sessions just woken may run at once
             await trio.lowlevel.checkpoint()  # an inline pass did not yield: others' turn
 
     def _drain(self, pending: list[StepRequest]) -> None:

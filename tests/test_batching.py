@@ -246,3 +246,40 @@ async def test_an_inline_job_first_lets_runnable_tasks_reach_their_next_wait():
         nursery.start_soon(writer)
         await InlineCompute().run(lambda: order.append("pass"))
     assert order == [0, 1, 2, 3, 4, "pass"]
+
+
+class _Tasks(_ThreadRecorder):
+    """A runner whose forward notes the trio task it ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.tasks: list[str] = []
+
+    def forward(self, batch, x):
+        self.tasks.append(trio.lowlevel.current_task().name)
+        return super().forward(batch, x)
+
+
+@pytest.mark.parametrize("open_sessions", [1, 2])
+async def test_the_only_sessions_decode_step_runs_in_its_own_task(open_sessions):
+    """On a CPU worker with one session, a decode step does not hop to the batcher task and
+    back (two scheduler turns per stage per token); its prefill does, and so does every
+    step once a second session is open (it may have a step to batch with)."""
+    runner = _Tasks()
+    executor = BatchingExecutor(runner, compute=InlineCompute(), sessions=lambda: open_sessions)
+
+    async def session():
+        await executor.step(StepRequest(0, 0, torch.zeros(4, 8), False, None))  # a prefill
+        for pos in range(4, 7):
+            out = await executor.step(StepRequest(0, pos, torch.full((1, 8), float(pos)), False, None))
+            assert torch.equal(out, torch.full((1, 8), float(pos)))  # its own result
+            assert executor.last_decodes == 1
+
+    await _serve(executor, session)
+    batcher = next(t for t in runner.tasks if t.endswith(".run"))
+    in_session = [t.endswith("session") for t in runner.tasks]
+    if open_sessions == 1:
+        assert runner.tasks[0] == batcher and in_session == [False, True, True, True], runner.tasks
+    else:
+        assert runner.tasks == [batcher] * 4
+    assert executor.steps == 4 and executor.batched_requests == 4

@@ -46,10 +46,12 @@ async def _next_token(items, x):
     return [int(item["start"]) + 100 + int(row.sum()) for item, row in zip(items, x)]
 
 
-async def _link(nursery):
-    down, up = _WriterNoted(), Pipe()
-    nursery.start_soon(serve_link, _End(down, up), _next_token)
-    return Link(_End(up, down), nursery, on_close=lambda link: None), down
+async def _link(nursery, at_once=lambda items: False):
+    down, up = _WriterNoted(), _WriterNoted()
+    nursery.start_soon(serve_link, _End(down, up), _next_token, at_once)
+    link = Link(_End(up, down), nursery, on_close=lambda link: None)
+    link.replies = up
+    return link, down
 
 
 async def test_a_lone_sessions_step_goes_down_from_its_own_task():
@@ -119,3 +121,17 @@ async def test_a_frame_waiting_to_be_sent_fails_with_the_link_instead_of_hanging
                 down.gate.set()
         assert set(errors) == {"a", "b"}  # both failed at once, neither waited 30 s for a token
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_the_stage_answers_on_the_spot_is_served_by_the_reading_task():
+    """The last stage computing a lone step at once: no task is spawned for it, the link's
+    reading task replies itself; otherwise each frame gets a task of its own."""
+    for at_once in (True, False):
+        async with trio.open_nursery() as nursery:
+            link, down = await _link(nursery, at_once=lambda items, v=at_once: v and len(items) == 1)
+            with trio.fail_after(5):
+                for pos in range(3):
+                    assert await link.step("a", pos, torch.ones(1, 4), timeout=5, alone=True) == pos + 104
+            writers = set(link.replies.writers)
+            assert len(writers) == 1 and next(iter(writers)).endswith("serve_link") == at_once, writers
+            nursery.cancel_scope.cancel()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from bootstrap.server import tokens_of
-from node.worker import _write_upstream
+from node.worker import UpstreamWriter
 from p2pserve.wire import StreamClosed, read_frame
 
 from .test_wire import Pipe
@@ -34,22 +35,22 @@ class _Recorder:
 
 async def _stream(interval: float, n_tokens: int, every: float, stall: float = 0.0) -> _Recorder:
     """Tokens every ``every`` seconds (the last one ``stall`` seconds late), then 'done'
-    half a token later. The recorder's ``sent`` holds when each item was sent."""
-    stream, done = _Recorder(), trio.Event()
+    half a token later. The recorder's ``sent`` holds when each item was sent, and
+    ``writer`` the UpstreamWriter."""
+    stream = _Recorder()
     stream.sent = []
-    send, recv = trio.open_memory_channel(float("inf"))
+    stream.writer = writer = UpstreamWriter(stream, interval)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_write_upstream, stream, recv, done, interval)
+        nursery.start_soon(writer.run)
         t0 = trio.current_time()
         for t in range(n_tokens):
             await trio.sleep_until(t0 + t * every + (stall if t == n_tokens - 1 else 0.0))
-            send.send_nowait(t)
+            writer.push(t)
             stream.sent.append(trio.current_time())
         await trio.sleep(every / 2)
-        send.send_nowait({"type": "done", "n_tokens": n_tokens})
         stream.sent.append(trio.current_time())
-        send.close()
-        await done.wait()
+        with trio.fail_after(1):
+            await writer.finish({"type": "done", "n_tokens": n_tokens})
     return stream
 
 
@@ -70,6 +71,9 @@ async def test_tokens_within_an_interval_share_one_write_and_the_first_is_not_he
     # every write goes when a token (or 'done') arrives, never on a timer of its own: a
     # timer would wake stage 0 in the middle of the next stage's forward pass
     assert all(any(w == pytest.approx(t) for t in stream.sent) for w, _ in writes)
+    # and a held token does not even wake the writer task: stage 0 goes from one forward
+    # pass to the next without a scheduler turn for it
+    assert stream.writer.wakeups == len(writes)
 
 
 async def test_held_tokens_go_at_most_one_interval_late_when_the_next_token_is_slow(autojump_clock):
@@ -96,3 +100,21 @@ def test_the_bootstrap_refuses_tokens_that_are_not_ids_of_the_vocabulary(msg):
 
 def test_the_bootstrap_takes_the_token_ids_of_a_tokens_frame():
     assert tokens_of({"type": "tokens", "tokens": [0, 5, 99]}, vocab_size=100) == [0, 5, 99]
+
+
+async def test_a_flush_writes_the_first_token_before_its_session_goes_on(autojump_clock):
+    """A due token is written at the session task's next wait, after its next forward
+    pass: except the first, which ``flush`` writes at once (time to first token)."""
+    stream = _Recorder()
+    writer = UpstreamWriter(stream, 0.1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await trio.testing.wait_all_tasks_blocked()
+        writer.push(7)
+        await writer.flush()
+        assert stream.writes == [(0.0, [{"type": "tokens", "tokens": [7]}])]
+        writer.push(8)  # held: the interval has not passed
+        await writer.flush()
+        assert stream.writes[1][1] == [{"type": "tokens", "tokens": [8]}]
+        await writer.finish({"type": "done", "n_tokens": 2})
+    assert _tokens(stream.writes) == [7, 8]
