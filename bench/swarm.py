@@ -210,14 +210,15 @@ def report(args, results, rtts, n_prompt):
     for name in ("run 15+15", "run 15+15 t1", "run 30", "transformers"):
         print(f"  swarm / {labels[name]:34s} per token {s['swarm']['token'] / s[name]['token']:5.2f}x   "
               f"TTFT {s['swarm']['ttft'] / s[name]['ttft']:5.2f}x")
-    ratio = s["swarm"]["token"] / s["run 15+15"]["token"]
-    print(f"target: swarm per token within {TARGET - 1:.0%} of `p2pserve run` with the same plan: "
-          f"{ratio:.2f}x, {'met' if ratio <= TARGET else 'NOT met'}")
-    # The same ratio round by round (each round times both within seconds of each other),
-    # to show how much of the spread between runs is the machine's drift.
+    # The verdict takes the ratio round by round: each round times both within seconds of
+    # each other, while the machine's speed drifts by 10-20% over the minutes of a run (the
+    # ratio of the two medians above pairs rounds that ran at different times).
     paired = sorted(_tpot(a) / _tpot(b) for a, b in zip(results["swarm"], results["run 15+15"]))
-    print(f"  the same, round by round (paired): {', '.join(f'{r:.2f}x' for r in paired)}; "
-          f"median {statistics.median(paired):.2f}x")
+    ratio = statistics.median(paired)
+    print(f"target: swarm per token within {TARGET - 1:.0%} of `p2pserve run` with the same plan, "
+          f"median of the rounds' ratios: {ratio:.2f}x, {'met' if ratio <= TARGET else 'NOT met'}")
+    print(f"  rounds: {', '.join(f'{r:.2f}x' for r in paired)}; ratio of the medians: "
+          f"{s['swarm']['token'] / s['run 15+15']['token']:.2f}x")
     if REFUSALS:
         print(f"note: {len(REFUSALS)} swarm queries were refused and asked again (not timed): {REFUSALS[0]}")
     hop = {k: sorted(v) for k, v in rtts.items()}
