@@ -186,6 +186,9 @@ def main() -> None:
         trio.run(server_main)
         return
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.swarm import end_child
+
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -195,11 +198,7 @@ def main() -> None:
             sys.exit("bench server did not start")
         trio.run(client_main, args, line[0], int(line[1]))
     finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        end_child(server)
 
 
 if __name__ == "__main__":

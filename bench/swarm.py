@@ -252,7 +252,7 @@ def main() -> None:
     from p2pserve.plan import Plan
     from p2pserve.weights import default_model_path, open_weights
     from tests.reference import hf_model
-    from tests.swarm import Swarm
+    from tests.swarm import Swarm, end_child
 
     quiet_libp2p_logs()
     tokenizer = open_weights(None).tokenizer()
@@ -285,11 +285,7 @@ def main() -> None:
     finally:
         for pipe in pipes.values():
             pipe.close()
-        hop_server.stdin.close()
-        try:
-            hop_server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            hop_server.kill()
+        end_child(hop_server)
     report(args, results, rtts, len(ids))
 
 

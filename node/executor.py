@@ -152,10 +152,10 @@ class BatchingExecutor:
                 and self._recv.statistics().current_buffer_used == 0)
 
     def _run_pass(self, decodes: list[StepRequest], prefill: StepRequest | None) -> None:
-        """One forward pass on this thread, and its bookkeeping."""
-        t0 = trio.current_time()
+        """One forward pass, on whatever thread runs it, and its bookkeeping."""
+        t0 = time.perf_counter()
         self._compute(decodes, prefill)
-        self._last_forward = trio.current_time() - t0
+        self._last_forward = time.perf_counter() - t0
         self.last_decodes = len(decodes)
 
     async def run(self) -> None:
@@ -174,10 +174,7 @@ class BatchingExecutor:
                 self._drain(pending)
             decodes = [r for r in pending if r.n_tokens == 1][: self.max_batch]
             prefill = next((r for r in pending if r.n_tokens > 1), None)
-            t0 = trio.current_time()
-            await self.compute.run(partial(self._compute, decodes, prefill))
-            self._last_forward = trio.current_time() - t0
-            self.last_decodes = len(decodes)
+            await self.compute.run(partial(self._run_pass, decodes, prefill))
             finished = decodes + ([prefill] if prefill is not None and prefill.complete else [])
             for r in finished:
                 r.done.set()

@@ -469,7 +469,6 @@ class UpstreamWriter:
         self._final: dict | None = None
         self._last_write = float("-inf")
         self._due = trio.Event()
-        self._finished = trio.Event()
         self._wrote = trio.Event()  # set (and replaced) after each write
         self.wakeups = 0  # times the writer task woke (for tests)
 
@@ -485,15 +484,14 @@ class UpstreamWriter:
     async def flush(self) -> None:
         """Write every token pushed so far now, before this task goes on (the first
         token: time to first token does not wait for a forward pass)."""
-        while self._held:
+        while self._held or self._final is not None:
             self._due.set()
             await self._wrote.wait()
 
     async def finish(self, frame: dict) -> None:
         """Send ``frame`` after every token pushed so far; return once it is written."""
         self._final = frame
-        self._due.set()
-        await self._finished.wait()
+        await self.flush()
 
     async def run(self) -> None:
         """The writer task: returns once the final frame is written."""
@@ -516,7 +514,6 @@ class UpstreamWriter:
                 self._wrote.set()
                 self._wrote = trio.Event()
             if final:
-                self._finished.set()
                 return
 
 

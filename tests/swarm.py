@@ -17,6 +17,17 @@ from p2pserve.local import free_port
 STARTUP_TIMEOUT = 120.0
 
 
+def end_child(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a child that exits when its stdin closes (an echo or bench server); kill it
+    if it has not within ``timeout`` seconds."""
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Swarm:
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -18,6 +18,8 @@ from p2pserve import fastio
 from p2pserve.host import connect, host_multiaddrs, quiet_libp2p_logs, running_host
 from p2pserve.wire import WireError, protocol_id, read_frame, recv_message, send_message, write_frame
 
+from .swarm import end_child
+
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 ECHO = protocol_id("test-fastio-echo")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,12 +136,7 @@ async def test_a_peer_running_plain_py_libp2p_understands_every_frame():
                 await round_trips(stream, 0, 2)
                 await stream.close()
     finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        end_child(server)
 
 
 def test_a_reader_holds_back_at_most_64_kib_of_window_however_large_it_grew():
