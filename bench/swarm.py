@@ -164,9 +164,7 @@ async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
         for name, run in systems.items():  # warm-up: first-use costs (allocations, streams)
             await run()
 
-        # The verdict compares the swarm with `run 15+15` round by round, so those two run
-        # back to back in every round (AB, then BA: neither always follows the other) and
-        # the machine's drift over the seconds the other systems take falls on neither.
+        # the two systems the verdict pairs go back to back, AB then BA (module docstring)
         pair = ["swarm", "run 15+15"]
         others = [name for name in systems if name not in pair]
         for rep in range(args.reps):
@@ -220,9 +218,7 @@ def report(args, results, rtts, n_prompt):
     for name in ("run 15+15", "run 15+15 t1", "run 30", "transformers"):
         print(f"  swarm / {labels[name]:34s} per token {s['swarm']['token'] / s[name]['token']:5.2f}x   "
               f"TTFT {s['swarm']['ttft'] / s[name]['ttft']:5.2f}x")
-    # The verdict takes the ratio round by round: each round times both within seconds of
-    # each other, while the machine's speed drifts by 10-20% over the minutes of a run (the
-    # ratio of the two medians above pairs rounds that ran at different times).
+    # the verdict pairs the rounds (see the module's docstring)
     paired = sorted(_tpot(a) / _tpot(b) for a, b in zip(results["swarm"], results["run 15+15"]))
     ratio = statistics.median(paired)
     print(f"target: swarm per token within {TARGET - 1:.0%} of `p2pserve run` with the same plan, "

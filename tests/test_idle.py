@@ -1,4 +1,5 @@
-"""A later stage frees a session whose stream goes quiet, unless its steps come on the link."""
+"""A later stage frees a session whose stream goes quiet, unless its steps come on the link;
+and it answers a lone session's link frame on the spot only when that session ends here."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import time
 import pytest
 import torch
 import trio
+import trio.testing
 
 from node import worker
 from node.worker import Session, StageServer
+from p2pserve.compute import InlineCompute
 from p2pserve.load import load_stage
 from p2pserve.protocols import Hop
 from p2pserve.sampling import SamplingParams
@@ -37,13 +40,13 @@ def tiny(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny"), n_layers=2)
 
 
-def _last_stage(tiny):
+def _last_stage(tiny, compute=None):
     source = open_weights(tiny)
     n = source.config.n_layers
     runner = StageRunner(load_stage(source, 1, n))
     runner.allocate(2, 64)
     server = StageServer(None, runner, model_name="tiny", fingerprint="f", start=1, end=n,
-                         max_sessions=2, max_len=64)
+                         max_sessions=2, max_len=64, compute=compute)
     chain = [Hop("upstream-peer", (), 0, 1), Hop("me", (), 1, n)]
     session = Session("s1", 0, chain, 1, SamplingParams(), {})
     server.sessions[session.id] = session
@@ -77,3 +80,26 @@ async def test_relay_idle_timeout_counts_link_steps_as_activity(tiny, monkeypatc
     assert all(isinstance(t, int) for t in tokens) and len(tokens) >= busy_for / 0.1
     # freed one to two idle periods after the last activity, never while steps still came
     assert busy_for + IDLE * 0.9 <= quiet_for <= busy_for + 2 * IDLE + 0.5, quiet_for
+
+
+async def test_only_a_lone_step_of_a_session_that_ends_here_is_answered_by_the_reading_task(tiny):
+    """``StageServer._at_once`` (serve_link's rule): one item, of a known session whose
+    last stage this is, with the executor idle and computing inline."""
+    server, session = _last_stage(tiny, compute=InlineCompute())
+    lone = [{"session": session.id, "start": 0}]
+    assert not server._at_once(lone)  # the batcher is not waiting yet
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.executor.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server._at_once(lone)
+        assert not server._at_once(lone * 2)  # two steps: the batcher batches them
+        assert not server._at_once([{"session": "unknown", "start": 0}])
+        assert not server._at_once(["not an item"])
+        n = server.config.n_layers
+        middle = Session("s2", 1, [Hop("a", (), 0, 1), Hop("me", (), 1, n - 1), Hop("b", (), n - 1, n)], 1,
+                         SamplingParams(), {})
+        server.sessions = {middle.id: middle}
+        assert not server._at_once([{"session": middle.id, "start": 0}])  # its step goes on down the chain
+        server.sessions = {session.id: session, middle.id: middle}
+        assert not server._at_once(lone)  # a second open session may have a step to batch with
+        nursery.cancel_scope.cancel()
