@@ -62,7 +62,7 @@ def time_local(pipe, ids, params) -> dict:
 
 
 async def time_swarm(c, ids, params) -> dict:
-    from p2pserve.client import ask
+    from p2pserve.net.client import ask
 
     stamps = []
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ async def time_swarm(c, ids, params) -> dict:
 
 async def time_swarm_together(c, ids, params, n: int) -> float:
     """Tokens per second of ``n`` answers at once, over the span where all of them decode."""
-    from p2pserve.client import QueryError, ask
+    from p2pserve.net.client import QueryError, ask
 
     stamps: list[list[float]] = [[] for _ in range(n)]
     failed: list[QueryError] = []
@@ -102,17 +102,17 @@ def _figures(t0: float, stamps: list[float]) -> dict:
 
 
 async def measure(args, addr, pipe, ids):
-    from p2pserve.client import QueryError
-    from p2pserve.compute import compute_thread
+    from p2pserve.net.client import QueryError
+    from p2pserve.node.compute import compute_thread
     from p2pserve.planner import measure_device
-    from p2pserve.sampling import SamplingParams
+    from p2pserve.engine.sampling import SamplingParams
     from tests.swarm import client
 
     params = SamplingParams(max_new_tokens=args.tokens)
     speeds, run, swarm, together = [], [], [], []
     async with client(addr) as c:
         await c.wait_chains(1, timeout=60)
-        compute = compute_thread()  # one thread for this process's torch work (p2pserve/compute.py)
+        compute = compute_thread()  # one thread for this process's torch work (node/compute.py)
         await compute.run(partial(time_local, pipe, ids, params))  # warm-up: allocations, streams
         await time_swarm(c, ids, params)
         systems = [lambda: compute.run(partial(time_local, pipe, ids, params)),
@@ -215,10 +215,10 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the bootstrap's and workers' torch
         torch.set_num_threads(args.threads)
 
-    from p2pserve.host import quiet_libp2p_logs
-    from p2pserve.local import LocalPipeline
+    from p2pserve.net.host import quiet_libp2p_logs
+    from p2pserve.ranks.pipeline import LocalPipeline
     from p2pserve.plan import Plan
-    from p2pserve.weights import open_weights
+    from p2pserve.engine.weights import open_weights
     from tests.swarm import Swarm
 
     quiet_libp2p_logs()
@@ -230,7 +230,7 @@ def main() -> None:
         swarm.start_bootstrap(*flags)
         swarm.start_worker("--stage", "0")
         swarm.start_worker("--stage", "1")
-        from p2pserve.compute import compute_thread
+        from p2pserve.node.compute import compute_thread
 
         # built (and later timed) on the one compute thread: no second OpenMP team here
         with compute_thread().call(lambda: LocalPipeline(None, Plan([1], [source.config.n_layers]),

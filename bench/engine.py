@@ -35,10 +35,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from p2pserve.local import LocalPipeline, default_threads
+from p2pserve.ranks.pipeline import LocalPipeline, default_threads
 from p2pserve.plan import Plan
-from p2pserve.sampling import SamplingParams
-from p2pserve.weights import default_model_path, open_weights
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.weights import default_model_path, open_weights
 
 PROMPT = "What is the capital of France?"
 ALL_PLANS = ["1/30", "1,1/15,15", "2,1/20,10", "1,2,1/7,11,12", "3/30"]

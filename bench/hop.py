@@ -4,7 +4,7 @@
 
 Starts a server in a second process that echoes messages over two transports: a libp2p
 host (TCP + Noise + Yamux, as every peer runs it) and a plain trio TCP listener
-(the baseline). Both use the same wire format (p2pserve.wire: length-prefixed msgpack,
+(the baseline). Both use the same wire format (p2pserve.net.wire: length-prefixed msgpack,
 raw tensor bytes), so the ratio is what libp2p costs per hop.
 
   decode step  a [1, 1, hidden] float32 hidden state plus a small header, echoed back,
@@ -27,13 +27,13 @@ import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p
 import torch
 import trio
 
-from p2pserve.wire import protocol_id, recv_message, send_message
+from p2pserve.net.wire import protocol_id, recv_message, send_message
 
 ECHO = protocol_id("bench-echo")
 
 
 class TcpStream:
-    """A trio TCP stream with the read(n)/write/reset interface p2pserve.wire expects."""
+    """A trio TCP stream with the read(n)/write/reset interface p2pserve.net.wire expects."""
 
     def __init__(self, stream: trio.SocketStream):
         self.stream = stream
@@ -74,7 +74,7 @@ async def serve_echo(stream) -> None:
 async def server_main() -> None:
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pserve.host import host_multiaddrs, quiet_libp2p_logs, running_host
+    from p2pserve.net.host import host_multiaddrs, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
@@ -115,7 +115,7 @@ async def prefill_send(stream, activation: torch.Tensor) -> float:
 async def client_main(args, libp2p_addr: str, tcp_port: int) -> None:
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pserve.host import connect, quiet_libp2p_logs, running_host
+    from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:

@@ -22,10 +22,10 @@ import time
 import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch
 
-from p2pserve.load import load_stage
-from p2pserve.model import Batch
-from p2pserve.stage import StageRunner
-from p2pserve.weights import open_weights
+from p2pserve.engine.build import load_stage
+from p2pserve.engine.model import Batch
+from p2pserve.ranks.stage import StageRunner
+from p2pserve.engine.weights import open_weights
 
 HUGE = 2 << 20
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15

@@ -1,4 +1,4 @@
-"""Why a worker runs all its torch work on one thread (p2pserve/compute.py).
+"""Why a worker runs all its torch work on one thread (node/compute.py).
 
     python bench/omp_teams.py [--layers 15] [--steps 60]
 
@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import p2pserve  # noqa: E402,F401  (sets GOMP_SPINCOUNT before torch loads)
 import torch  # noqa: E402
 
-from p2pserve.load import load_stage  # noqa: E402
-from p2pserve.model import Batch  # noqa: E402
-from p2pserve.stage import StageRunner  # noqa: E402
-from p2pserve.weights import open_weights  # noqa: E402
+from p2pserve.engine.build import load_stage  # noqa: E402
+from p2pserve.engine.model import Batch  # noqa: E402
+from p2pserve.ranks.stage import StageRunner  # noqa: E402
+from p2pserve.engine.weights import open_weights  # noqa: E402
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ REFUSALS = []  # 'no complete pipeline' answers the swarm gave (a worker briefly
 
 
 async def time_swarm(c, ids, params):
-    from p2pserve.client import QueryError, ask
+    from p2pserve.net.client import QueryError, ask
 
     for _ in range(5):
         stamps, tokens = [], []
@@ -131,11 +131,11 @@ def time_transformers(model, ids, n):
 
 
 async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
-    from p2pserve.host import connect
-    from p2pserve.sampling import SamplingParams
+    from p2pserve.net.host import connect
+    from p2pserve.engine.sampling import SamplingParams
     from tests.swarm import client
 
-    from p2pserve.compute import compute_thread
+    from p2pserve.node.compute import compute_thread
 
     compute = compute_thread()  # where main() built the in-process systems
     hop = _load_hop()
@@ -253,11 +253,11 @@ def main() -> None:
     args.load_before = os.getloadavg()[0]
     sys.path.insert(0, str(ROOT))
 
-    from p2pserve.host import quiet_libp2p_logs
-    from p2pserve.compute import compute_thread
-    from p2pserve.local import LocalPipeline
+    from p2pserve.net.host import quiet_libp2p_logs
+    from p2pserve.node.compute import compute_thread
+    from p2pserve.ranks.pipeline import LocalPipeline
     from p2pserve.plan import Plan
-    from p2pserve.weights import default_model_path, open_weights
+    from p2pserve.engine.weights import default_model_path, open_weights
     from tests.reference import hf_model
     from tests.swarm import Swarm, end_child
 
@@ -282,7 +282,7 @@ def main() -> None:
             swarm.start_worker("--stage", "0", "--threads", threads)
             swarm.start_worker("--stage", "1", "--threads", threads)
             # this process's own torch work (the one-stage pipeline, transformers) on one
-            # thread: a second OpenMP team would slow both (p2pserve/compute.py)
+            # thread: a second OpenMP team would slow both (node/compute.py)
             compute = compute_thread()
             pipes["run 15+15"] = LocalPipeline(None, Plan(*PLAN))
             pipes["run 15+15 t1"] = LocalPipeline(None, Plan(*PLAN), threads=1)

@@ -1,4 +1,4 @@
-"""Why a CPU worker computes on its trio loop's own thread (p2pserve/compute.py).
+"""Why a CPU worker computes on its trio loop's own thread (node/compute.py).
 
     python bench/wakeup.py [--rounds 300]
 
@@ -24,7 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2pserve.compute import ComputeThread  # noqa: E402
+from p2pserve.node.compute import ComputeThread  # noqa: E402
 
 
 async def wake_delays(compute: ComputeThread, seconds: float, spin: bool, rounds: int) -> list[float]:

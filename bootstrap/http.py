@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .server import Bootstrap, QueryFailed
+from p2pserve.bootstrap.server import Bootstrap, QueryFailed
 
 STATUS = {"bad_request": 400, "unknown_model": 404, "busy": 503, "no_pipeline": 503, "internal": 500}
 DEFAULT_MAX_TOKENS = 256

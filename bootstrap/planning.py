@@ -17,14 +17,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from p2pserve.config import ModelConfig
+from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan
 from p2pserve.planner.search import ServingStage
 from p2pserve.planner.swarm import AutoRequest, assign_stage, plan_for_records, serving_stage
-from p2pserve.wire import error_frame
+from p2pserve.net.wire import error_frame
 
-from .registry import Registry
+from p2pserve.bootstrap.registry import Registry
 
 log = logging.getLogger("p2pserve.bootstrap")
 

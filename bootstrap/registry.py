@@ -14,8 +14,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS
-from p2pserve.records import WorkerRecord
+from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS
+from p2pserve.net.records import WorkerRecord
 
 MAX_CHAINS = 256  # enough for any sensible swarm; bounds the enumeration
 

@@ -17,13 +17,13 @@ import uuid
 
 import trio
 
-from p2pserve.config import ModelConfig
+from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError, P2PServeError
 from p2pserve.plan import Plan
-from p2pserve.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
-from p2pserve.records import RecordError, verify_record
-from p2pserve.sampling import SamplingParams
-from p2pserve.wire import (
+from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
+from p2pserve.net.records import RecordError, verify_record
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.net.wire import (
     RemoteError,
     WireError,
     error_frame,
@@ -33,7 +33,7 @@ from p2pserve.wire import (
     write_frames,
 )
 
-from .registry import Registry
+from p2pserve.bootstrap.registry import Registry
 
 log = logging.getLogger("p2pserve.bootstrap")
 
@@ -261,7 +261,7 @@ class Bootstrap:
     async def _run_chain(self, chain: list[Hop], prompt: list[int], params: SamplingParams, stop_on_eos: bool):
         from libp2p.peer.id import ID
 
-        from p2pserve.host import connect
+        from p2pserve.net.host import connect
 
         first = chain[0]
         all_peers = frozenset(h.peer_id for h in chain)

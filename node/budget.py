@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from p2pserve.config import ModelConfig
+from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
-from p2pserve.tp import split_evenly
+from p2pserve.engine.tp import split_evenly
 
 DEFAULT_SHARE = 0.1  # of the device's total memory (several workers may share a machine)
 MAX_DEFAULT_SESSIONS = 16

@@ -4,7 +4,7 @@ Every session's step (a prefill chunk or a one-token decode) is a request. The b
 takes everything that is ready, runs all decode steps as one forward pass and at most
 one prefill chunk beside them, and hands each session its own result.
 
-Every forward pass runs where ``p2pserve/compute.py`` says: on a CPU worker the trio
+Every forward pass runs where ``node/compute.py`` says: on a CPU worker the trio
 loop's own thread, which hears nothing else while a pass runs; on CUDA a compute thread.
 So no pass may last long: a prefill longer than ``MAX_PASS`` seconds' worth of tokens is
 cut into pieces, one per pass, and the decode steps of other sessions ride along with
@@ -22,11 +22,11 @@ from functools import partial
 import torch
 import trio
 
-from p2pserve.compute import InlineCompute, compute_thread
+from p2pserve.node.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
-from p2pserve.model import Batch
-from p2pserve.sampling import SamplingParams, sample
-from p2pserve.stage import StageRunner
+from p2pserve.engine.model import Batch
+from p2pserve.engine.sampling import SamplingParams, sample
+from p2pserve.ranks.stage import StageRunner
 
 
 @dataclass
@@ -145,7 +145,7 @@ class BatchingExecutor:
         next wait: they run after the pass. For the one task that is usually runnable
         here, stage 0's token writer (node/worker.py), that is the point: its write
         then goes while the next stage computes, not in this stage's pass. A libp2p
-        write of a small frame takes no scheduler turn (p2pserve/fastio.py), so few
+        write of a small frame takes no scheduler turn (p2pserve/net/fastio.py), so few
         frames are caught half-written; a session's first token is flushed before its
         first decode step."""
         return (self._idle and isinstance(self.compute, InlineCompute) and self.sessions() <= 1

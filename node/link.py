@@ -5,7 +5,7 @@ one-token decode steps, though, travel on a LINK stream that a worker keeps to e
 next-stage peer it talks to: the steps of every session that became ready together
 (the sessions of one batched forward pass) go down as one frame, and their tokens come
 back as one frame. A libp2p frame costs Python on each side (0.1-0.3 ms on a worker's
-cores even with p2pserve/fastio.py, ~0.5 ms before it), so sixteen sessions pay for one
+cores even with p2pserve/net/fastio.py, ~0.5 ms before it), so sixteen sessions pay for one
 frame per hop instead of sixteen.
 
 Frames on a LINK stream:
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from p2pserve.fastio import QuickLock
-from p2pserve.protocols import LINK
-from p2pserve.wire import (
+from p2pserve.net.fastio import QuickLock
+from p2pserve.net.protocols import LINK
+from p2pserve.net.wire import (
     RemoteError,
     StreamClosed,
     WireError,

@@ -14,8 +14,8 @@ import trio
 
 from p2pserve.errors import ConfigError, P2PServeError
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.protocols import LINK, PLAN, SESSION
-from p2pserve.wire import read_frame, write_frame
+from p2pserve.net.protocols import LINK, PLAN, SESSION
+from p2pserve.net.wire import read_frame, write_frame
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -123,15 +123,15 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
 
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    from p2pserve.compute import compute_for
-    from p2pserve.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
-    from p2pserve.local import parse_dtype
+    from p2pserve.node.compute import compute_for
+    from p2pserve.net.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.ranks.pipeline import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
-    from p2pserve.tpgroup import StageGroup
-    from p2pserve.weights import open_weights
+    from p2pserve.ranks.tpgroup import StageGroup
+    from p2pserve.engine.weights import open_weights
 
-    from .budget import max_sessions
-    from .worker import StageServer, announce_forever, make_record
+    from p2pserve.node.budget import max_sessions
+    from p2pserve.node.worker import StageServer, announce_forever, make_record
 
     quiet_libp2p_logs(opts.verbose)
     source = open_weights(opts.model_path)
@@ -154,7 +154,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 f"point --model at the same weights the bootstrap serves")
         chain = chain_stages(opts, info)
         if chain:  # several stages in this worker: torch.distributed between them, not libp2p
-            from p2pserve.chain import ChainRunner
+            from p2pserve.ranks.stages import ChainRunner
 
             stage, start, end, tp = int(opts.stage.split(",")[0]), chain[0][0], chain[-1][1], chain[0][2]
             devices = device_list(opts.devices, 1) * tp

@@ -30,10 +30,10 @@ import trio
 
 from p2pserve import __version__
 from p2pserve.errors import Busy, P2PServeError
-from p2pserve.protocols import ANNOUNCE, HEARTBEAT, MAX_STREAM_INTERVAL, SESSION, Hop
-from p2pserve.records import RECORD_TTL, WorkerRecord, announce, sign_record
-from p2pserve.sampling import SamplingParams
-from p2pserve.wire import (
+from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT, MAX_STREAM_INTERVAL, SESSION, Hop
+from p2pserve.net.records import RECORD_TTL, WorkerRecord, announce, sign_record
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.net.wire import (
     RemoteError,
     StreamClosed,
     WireError,
@@ -48,8 +48,8 @@ from p2pserve.wire import (
     write_frames,
 )
 
-from .executor import BatchingExecutor, SlotPool, StepRequest
-from .link import Links, serve_link
+from p2pserve.node.executor import BatchingExecutor, SlotPool, StepRequest
+from p2pserve.node.link import Links, serve_link
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -87,7 +87,7 @@ class StageServer:
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
                  max_sessions: int, max_len: int, max_waiting: int | None = None, compute=None):
         """``runner``'s KV cache must already hold ``max_sessions`` x ``max_len`` positions:
-        a worker allocates it where it computes (``compute``, see p2pserve/compute.py)."""
+        a worker allocates it where it computes (``compute``, see node/compute.py)."""
         self.host = host
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
@@ -216,7 +216,7 @@ class StageServer:
     async def _connect(self, hop: Hop):
         from libp2p.peer.id import ID
 
-        from p2pserve.host import connect
+        from p2pserve.net.host import connect
 
         peer = ID.from_base58(hop.peer_id)
         if self.host.get_network().connections.get(peer):
@@ -415,7 +415,7 @@ async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) 
 
 
 async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:
-    from p2pserve.host import connect
+    from p2pserve.net.host import connect
 
     while True:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from p2pserve.errors import ConfigError
 
 
 def home_dir(home: str | None = None) -> Path:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .errors import ConfigError
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError
 
 
 @dataclass(frozen=True)

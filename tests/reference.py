@@ -26,7 +26,7 @@ def cached_hf_model(path: str):
 
 def chat_references(prompts: list[str], n: int) -> dict[str, tuple[list[int], list[int]]]:
     """{prompt: (chat-templated prompt ids, n greedy tokens of transformers)} for SmolLM2."""
-    from p2pserve.weights import default_model_path, open_weights
+    from p2pserve.engine.weights import default_model_path, open_weights
 
     tokenizer = open_weights(None).tokenizer()
     model = cached_hf_model(str(default_model_path()))

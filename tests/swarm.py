@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from p2pserve.local import free_port
+from p2pserve.ranks.pipeline import free_port
 
 STARTUP_TIMEOUT = 120.0
 
@@ -123,12 +123,12 @@ class Client:
         self.host, self.bootstrap_id, self.key_pair = host, bootstrap_id, key_pair
 
     async def ask(self, **kw):
-        from p2pserve.client import ask_all
+        from p2pserve.net.client import ask_all
 
         return await ask_all(self.host, self.bootstrap_id, **kw)
 
     async def status(self) -> dict:
-        from p2pserve.client import status
+        from p2pserve.net.client import status
 
         return await status(self.host, self.bootstrap_id)
 
@@ -147,7 +147,7 @@ def client(addr: str):
 
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pserve.host import connect, quiet_libp2p_logs, running_host
+    from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     @asynccontextmanager
     async def cm():

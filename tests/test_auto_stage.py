@@ -11,17 +11,17 @@ import time
 import pytest
 import torch
 
-from bootstrap.planning import PENDING_TTL, Planning
-from bootstrap.registry import Registry
+from p2pserve.bootstrap.planning import PENDING_TTL, Planning
+from p2pserve.bootstrap.registry import Registry
 from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan
 from p2pserve.planner import measure
 from p2pserve.planner.devices import GiB
 from p2pserve.planner.measure import DeviceSpeed
 from p2pserve.planner.swarm import auto_request, device_entries
-from p2pserve.records import WorkerRecord
-from p2pserve.sampling import SamplingParams
-from p2pserve.weights import default_model_path, open_weights
+from p2pserve.net.records import WorkerRecord
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.weights import default_model_path, open_weights
 
 from .reference import cached_hf_model, hf_greedy
 from .swarm import Swarm, client
@@ -142,7 +142,7 @@ def start_workers_together(swarm: Swarm, n: int, *args: str, timeout: float = 60
 
 async def test_three_auto_workers_joining_at_once_cover_the_model_and_answer_like_transformers(
         tmp_path, monkeypatch):
-    from node.run import fetch_plan
+    from p2pserve.node.run import fetch_plan
 
     monkeypatch.setenv("P2PSERVE_CACHE_DIR", str(tmp_path / "cache"))
     seed_device_cache(tmp_path / "cache")

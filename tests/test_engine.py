@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from p2pserve.errors import ConfigError
-from p2pserve.local import LocalPipeline
+from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.plan import Plan
-from p2pserve.sampling import SamplingParams
-from p2pserve.tp import shard_for, split_evenly
-from p2pserve.weights import open_weights
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.tp import shard_for, split_evenly
+from p2pserve.engine.weights import open_weights
 
 from .reference import hf_greedy, hf_model
 from .tiny import make_tiny_llama
@@ -49,7 +49,7 @@ def test_tiny_checkpoints_match_transformers_on_every_plan(case, tiny_models):
 
 
 def test_long_prompt_is_prefilled_in_chunks_with_the_same_answer(tiny_models, monkeypatch):
-    import p2pserve.local as local
+    import p2pserve.ranks.pipeline as local
 
     path = tiny_models["gqa-untied"]
     prompt = [(i * 7) % 250 + 3 for i in range(40)]

@@ -7,8 +7,8 @@ import signal
 import pytest
 import trio
 
-from p2pserve.client import QueryError, ask
-from p2pserve.sampling import SamplingParams
+from p2pserve.net.client import QueryError, ask
+from p2pserve.engine.sampling import SamplingParams
 
 from .reference import chat_references
 from .swarm import Swarm, client
@@ -50,7 +50,7 @@ async def stream_answer(c, ids, on_token=None, params=GREEDY):
 
 
 async def test_worker_killed_mid_answer_is_replaced_without_loss(tmp_path, references):
-    from p2pserve.local import LocalPipeline
+    from p2pserve.ranks.pipeline import LocalPipeline
 
     ids, ref = references[PROMPTS[0]]
     seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=2024, max_new_tokens=N)

@@ -1,4 +1,4 @@
-"""p2pserve.fastio: the fast paths through py-libp2p's stream stack carry every frame intact,
+"""p2pserve.net.fastio: the fast paths through py-libp2p's stream stack carry every frame intact,
 take no scheduler turn on an uncontended lock, interoperate with a peer that runs plain
 py-libp2p, and fail like py-libp2p when the other side goes away."""
 
@@ -14,9 +14,9 @@ import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from p2pserve import fastio
-from p2pserve.host import connect, host_multiaddrs, quiet_libp2p_logs, running_host
-from p2pserve.wire import WireError, protocol_id, read_frame, recv_message, send_message, write_frame
+from p2pserve.net import fastio
+from p2pserve.net.host import connect, host_multiaddrs, quiet_libp2p_logs, running_host
+from p2pserve.net.wire import WireError, protocol_id, read_frame, recv_message, send_message, write_frame
 
 from .swarm import end_child
 
@@ -107,7 +107,7 @@ SERVER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.network.stream.net_stream import NetStream
-    from p2pserve.host import host_multiaddrs, quiet_libp2p_logs, running_host
+    from p2pserve.net.host import host_multiaddrs, quiet_libp2p_logs, running_host
     from tests.test_fastio import ECHO, echo
 
     async def main():

@@ -10,9 +10,9 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from p2pserve import fastio
+from p2pserve.net import fastio
 from p2pserve.errors import ConfigError, NetworkError
-from p2pserve.host import (
+from p2pserve.net.host import (
     connect,
     host_multiaddrs,
     load_or_create_identity,
@@ -22,7 +22,7 @@ from p2pserve.host import (
     running_dht,
     running_host,
 )
-from p2pserve.records import (
+from p2pserve.net.records import (
     RECORD_TTL,
     RecordError,
     WorkerRecord,
@@ -33,7 +33,7 @@ from p2pserve.records import (
     stored_records,
     verify_record,
 )
-from p2pserve.wire import WireError, protocol_id, read_frame, write_frame
+from p2pserve.net.wire import WireError, protocol_id, read_frame, write_frame
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PING = protocol_id("test-ping")

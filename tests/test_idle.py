@@ -10,15 +10,15 @@ import torch
 import trio
 import trio.testing
 
-from node import worker
-from node.worker import Session, StageServer
-from p2pserve.compute import InlineCompute
-from p2pserve.load import load_stage
-from p2pserve.protocols import Hop
-from p2pserve.sampling import SamplingParams
-from p2pserve.stage import StageRunner
-from p2pserve.weights import open_weights
-from p2pserve.wire import WireTimeout
+from p2pserve.node import worker
+from p2pserve.node.worker import Session, StageServer
+from p2pserve.node.compute import InlineCompute
+from p2pserve.engine.build import load_stage
+from p2pserve.net.protocols import Hop
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.ranks.stage import StageRunner
+from p2pserve.engine.weights import open_weights
+from p2pserve.net.wire import WireTimeout
 
 from .tiny import make_tiny_llama
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p2pserve import kernels
-from p2pserve.model import linear, pack_linear
+from p2pserve.engine import kernels
+from p2pserve.engine.model import linear, pack_linear
 
 
 def _toolchain() -> bool:

@@ -7,7 +7,7 @@ import torch
 import trio
 import trio.testing
 
-from node.link import Link, serve_link
+from p2pserve.node.link import Link, serve_link
 
 from .test_wire import Pipe
 

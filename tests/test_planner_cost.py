@@ -12,7 +12,7 @@ from p2pserve.planner.cost import (DTYPES, CostParams, Shard, Workload, combine,
                                    make_chain, report_pipeline, stage_cost, weights_bytes)
 from p2pserve.planner.devices import GiB, Device, DeviceType, Group, Link, parse_devices
 from p2pserve.planner.shapes import KNOWN_MODELS
-from p2pserve.tp import shard_for
+from p2pserve.engine.tp import shard_for
 
 FP16 = DTYPES["fp16"]
 LLAMA_70B = KNOWN_MODELS["llama-2-70b"]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from p2pserve.config import ModelConfig
+from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.planner.cost import (DTYPES, CostParams, Shard, Workload, evaluate_plan, layer_params,
                                    make_chain, stage_cost)

@@ -8,7 +8,7 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from p2pserve.records import (
+from p2pserve.net.records import (
     MAX_LIFETIME,
     RECORD_TTL,
     RecordError,

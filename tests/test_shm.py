@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from p2pserve import shm
+from p2pserve.ranks import shm
 
 
 def _free_port() -> int:

@@ -8,10 +8,10 @@ import pytest
 import torch
 import trio
 
-from p2pserve.host import connect
-from p2pserve.protocols import LINK, SESSION
-from p2pserve.sampling import SamplingParams
-from p2pserve.wire import RemoteError, read_frame, send_message, write_frame
+from p2pserve.net.host import connect
+from p2pserve.net.protocols import LINK, SESSION
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.net.wire import RemoteError, read_frame, send_message, write_frame
 
 from .reference import chat_references
 from .swarm import Swarm, client
@@ -66,7 +66,7 @@ async def test_two_queries_at_once_are_both_answered_correctly(swarm2, reference
 
 
 async def test_unknown_model_is_refused_by_name(swarm2):
-    from p2pserve.client import QueryError
+    from p2pserve.net.client import QueryError
 
     async with client(swarm2.addr) as c:
         with pytest.raises(QueryError, match="unknown model 'llama-9000'.*serves 'smollm2-135m-instruct'"):
@@ -153,7 +153,7 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
 
 
 async def test_out_of_range_parameters_are_refused(swarm2):
-    from p2pserve.client import QueryError
+    from p2pserve.net.client import QueryError
 
     async with client(swarm2.addr) as c:
         await c.wait_chains(1)
@@ -165,8 +165,8 @@ async def test_out_of_range_parameters_are_refused(swarm2):
 
 async def _ask_raw(c, params: dict):
     """Send parameters the client library would refuse, as a foreign client might."""
-    from p2pserve.client import QueryError
-    from p2pserve.protocols import QUERY
+    from p2pserve.net.client import QueryError
+    from p2pserve.net.protocols import QUERY
 
     s = await c.host.new_stream(c.bootstrap_id, [QUERY])
     await write_frame(s, {"type": "query", "prompt": "hi", "params": params})
@@ -179,8 +179,8 @@ async def _ask_raw(c, params: dict):
 async def test_forged_and_expired_records_are_ignored(swarm2):
     import dataclasses
 
-    from p2pserve.protocols import ANNOUNCE
-    from p2pserve.records import WorkerRecord, sign_record
+    from p2pserve.net.protocols import ANNOUNCE
+    from p2pserve.net.records import WorkerRecord, sign_record
 
     async with client(swarm2.addr) as c:
         st = await c.wait_chains(1)
@@ -209,7 +209,7 @@ def test_unreachable_peer_is_one_clear_line(tmp_path):
 
 
 async def test_a_late_worker_is_picked_up_and_missing_layers_are_named(tmp_path):
-    from p2pserve.client import QueryError
+    from p2pserve.net.client import QueryError
 
     with Swarm(tmp_path) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from p2pserve.errors import ConfigError, WeightsError
-from p2pserve.weights import open_weights
+from p2pserve.engine.weights import open_weights
 
 from .tiny import make_tiny_llama
 

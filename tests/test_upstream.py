@@ -7,9 +7,9 @@ import pytest
 import trio
 import trio.testing
 
-from bootstrap.server import tokens_of
-from node.worker import UpstreamWriter
-from p2pserve.wire import StreamClosed, read_frame
+from p2pserve.bootstrap.server import tokens_of
+from p2pserve.node.worker import UpstreamWriter
+from p2pserve.net.wire import StreamClosed, read_frame
 
 from .test_wire import Pipe
 

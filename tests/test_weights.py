@@ -11,9 +11,9 @@ import pytest
 import torch
 from gguf.quants import dequantize, quantize
 
-import p2pserve.weights as weights_module
+import p2pserve.engine.weights as weights_module
 from p2pserve.errors import ConfigError, WeightsError
-from p2pserve.weights import GGUFWeights, HFWeights, default_model_path, open_weights
+from p2pserve.engine.weights import GGUFWeights, HFWeights, default_model_path, open_weights
 
 from .tiny import _permute, make_tiny_gguf, make_tiny_llama
 

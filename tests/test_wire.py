@@ -8,7 +8,7 @@ import pytest
 import torch
 import trio
 
-from p2pserve.wire import (
+from p2pserve.net.wire import (
     MAX_FRAME,
     FrameError,
     RemoteError,
@@ -361,7 +361,7 @@ async def test_reserved_tensors_key_is_refused():
 async def two_connected_hosts():
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pserve.host import connect, host_multiaddrs, quiet_libp2p_logs, running_host
+    from p2pserve.net.host import connect, host_multiaddrs, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
     listen = ["/ip4/127.0.0.1/tcp/0"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2pserve.config import llama3_rope_factors
+from p2pserve.engine.config import llama3_rope_factors
 
 
 def make_tiny_llama(
@@ -137,7 +137,7 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch="llama", metadata=None, te
 
 
 def _gguf_name(hf_name: str) -> str | None:
-    from p2pserve.weights import LAYER_TENSORS, MODEL_TENSORS
+    from p2pserve.engine.weights import LAYER_TENSORS, MODEL_TENSORS
 
     if hf_name in MODEL_TENSORS:
         return MODEL_TENSORS[hf_name]

@@ -6,11 +6,11 @@ does on it, ``search`` finds the best plan (and the best stage for a joining wor
 ``cli`` is `p2pserve plan`.
 """
 
-from .cost import CostParams, Workload, evaluate_plan
-from .devices import Device, DeviceType, Group, Link, parse_devices
-from .measure import DeviceSpeed, measure_device
-from .planfile import dump_plan_toml, load_plan_toml
-from .search import ServingStage, SwarmPlan, best_stage_for_new_worker, plan_swarm, split_layers
+from p2pserve.planner.cost import CostParams, Workload, evaluate_plan
+from p2pserve.planner.devices import Device, DeviceType, Group, Link, parse_devices
+from p2pserve.planner.measure import DeviceSpeed, measure_device
+from p2pserve.planner.planfile import dump_plan_toml, load_plan_toml
+from p2pserve.planner.search import ServingStage, SwarmPlan, best_stage_for_new_worker, plan_swarm, split_layers
 
 __all__ = [
     "CostParams", "Device", "DeviceSpeed", "DeviceType", "Group", "Link", "ServingStage", "SwarmPlan",

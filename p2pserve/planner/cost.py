@@ -8,7 +8,7 @@ figures the planner optimises and the CLI prints.
 
 The model, per decoder layer on a stage's TP leader (rank 0 holds the largest shard):
 - compute is a roofline, ``max(flops / flop_rate, bytes / bandwidth)`` on the slowest
-  device of the group; TP divides weights, KV heads and FFN columns as ``p2pserve.tp``
+  device of the group; TP divides weights, KV heads and FFN columns as ``p2pserve.engine.tp``
   does (contiguous KV-head groups, so the leader holds ``ceil(kv_heads / tp)`` heads);
 - two all-reduces of the activations: ``latency + 2 (tp-1)/tp * bytes / link_bandwidth`` each;
 - a fixed software overhead (eager PyTorch dispatch), per layer and per step; per layer it is
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
-from ..config import ModelConfig
-from ..errors import ConfigError
-from ..plan import Plan
-from .devices import INTER_MACHINE, DeviceType, Group, Link
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError
+from p2pserve.plan import Plan
+from p2pserve.planner.devices import INTER_MACHINE, DeviceType, Group, Link
 
 
 @dataclass(frozen=True)

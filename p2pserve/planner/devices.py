@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from ..errors import ConfigError
+from p2pserve.errors import ConfigError
 
 GiB = 2**30
 

@@ -2,7 +2,7 @@
 software cost of a layer, the three figures the cost model needs.
 
 ``measure_device("cpu")`` (or ``"cuda:0"``) runs decode steps and a short prefill through
-the engine's own decoder layers (``p2pserve.load`` / ``p2pserve.model``, constant weights):
+the engine's own decoder layers (``p2pserve.engine.build`` / ``p2pserve.engine.model``, constant weights):
 
 - a *narrow* model (hidden 64), whose bytes cost nothing: its decode step per layer is the
   layer's software cost (dispatching ~30 small ops; on a busy CPU, waiting for threads);
@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .devices import HOST, PCIE4, DeviceType, GiB
+from p2pserve.planner.devices import HOST, PCIE4, DeviceType, GiB
 
 BUDGET_S = 0.25  # seconds per timed figure
 PREFILL_TOKENS = 32  # a short prompt: the prefill rate of chat-sized prompts
@@ -172,9 +172,9 @@ def _probe(dev, dtype, hidden: int, layers: int):
     """``layers`` middle layers of a Llama of width ``hidden`` on ``dev``, and a step function."""
     import torch
 
-    from ..config import ModelConfig
-    from ..load import load_stage
-    from ..model import Batch
+    from p2pserve.engine.config import ModelConfig
+    from p2pserve.engine.build import load_stage
+    from p2pserve.engine.model import Batch
 
     heads = max(1, hidden // 64)
     config = ModelConfig(name="probe", n_layers=layers + 2, hidden_size=hidden, n_heads=heads, n_kv_heads=heads,

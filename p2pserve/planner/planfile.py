@@ -18,8 +18,8 @@ import json
 import tomllib
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..plan import Plan
+from p2pserve.errors import ConfigError
+from p2pserve.plan import Plan
 
 
 def dump_plan_toml(pipelines, *, model: str, dtype: str, objective: str) -> str:

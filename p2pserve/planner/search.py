@@ -25,11 +25,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..errors import ConfigError
-from .cost import (Chain, CostParams, Dtype, PlanReport, PipelineReport, Workload, combine, dtype_named,
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError
+from p2pserve.planner.cost import (Chain, CostParams, Dtype, PlanReport, PipelineReport, Workload, combine, dtype_named,
                    make_chain, report_pipeline, sessions_per_replica, stage_cost, weights_bytes)
-from .devices import GiB, Device, DeviceType, Group
+from p2pserve.planner.devices import GiB, Device, DeviceType, Group
 
 OBJECTIVES = ("latency", "throughput")
 DEFAULT_BUDGET = 20_000  # arrangements of groups into chains tried exhaustively

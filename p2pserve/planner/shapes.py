@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ModelConfig
-from ..errors import ConfigError
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError
 
 
 def _shape(name, layers, hidden, heads, kv, inter, vocab, tie=False) -> ModelConfig:

@@ -18,13 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..config import ModelConfig
-from ..errors import ConfigError
-from ..plan import Plan
-from .cost import CostParams, Workload, dtype_named, stage_cost
-from .devices import CATALOGUE, LIBP2P, Device, DeviceType
-from .measure import DeviceSpeed, measure_device
-from .search import ServingStage, best_stage_for_new_worker, plan_swarm
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError
+from p2pserve.plan import Plan
+from p2pserve.planner.cost import CostParams, Workload, dtype_named, stage_cost
+from p2pserve.planner.devices import CATALOGUE, LIBP2P, Device, DeviceType
+from p2pserve.planner.measure import DeviceSpeed, measure_device
+from p2pserve.planner.search import ServingStage, best_stage_for_new_worker, plan_swarm
 
 SWARM = CostParams(network=LIBP2P)  # stages of a swarm are separate peers: every hop is libp2p
 NOMINAL = CATALOGUE["cpu"]  # stands in for a device whose record carries no usable figures

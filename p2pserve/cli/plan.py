@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
-from .cost import DTYPES, CostParams, Workload
-from .devices import GiB, parse_devices, parse_link
-from .planfile import dump_plan_toml
-from .search import OBJECTIVES, SwarmPlan, plan_swarm
-from .shapes import KNOWN_MODELS, resolve_model
+from p2pserve.errors import ConfigError
+from p2pserve.planner.cost import DTYPES, CostParams, Workload
+from p2pserve.planner.devices import GiB, parse_devices, parse_link
+from p2pserve.planner.planfile import dump_plan_toml
+from p2pserve.planner.search import OBJECTIVES, SwarmPlan, plan_swarm
+from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
 
 
 @click.command("plan")

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import P2PServeError
-from .load import load_stage
-from .model import Batch
-from .plan import Plan
-from .stage import OP_ALLOC, OP_STEP, OP_STOP, StageRunner, follow
-from .tpgroup import stop_ranks
-from .weights import open_weights
+from p2pserve.errors import P2PServeError
+from p2pserve.engine.build import load_stage
+from p2pserve.ranks.shm import all_reduce_for
+from p2pserve.engine.model import Batch
+from p2pserve.plan import Plan
+from p2pserve.ranks.stage import OP_ALLOC, OP_STEP, OP_STOP, StageRunner, follow
+from p2pserve.ranks.tpgroup import stop_ranks
+from p2pserve.engine.weights import open_weights
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _setup(rank: int, spec: ChainSpec):
     local = plan.stage_of_rank(rank)
     start, end, tp = spec.stages[local.index]
     model = load_stage(open_weights(spec.model_path), start, end, rank=rank - local.first_rank, tp=tp,
-                       group=groups[local.index], device=device, dtype=spec.dtype)
+                       all_reduce=all_reduce_for(groups[local.index], device), device=device, dtype=spec.dtype)
     return plan, local, groups[local.index], model
 
 
@@ -119,7 +120,7 @@ class ChainRunner:
     """Runs local stages i..j as one: ``forward(batch, x)`` through all of them."""
 
     def __init__(self, model_path, stages: list[tuple[int, int, int]], dtype: torch.dtype, device: str = "cpu"):
-        from .local import free_port
+        from p2pserve.ranks.pipeline import free_port
 
         if any(stages[k][1] != stages[k + 1][0] for k in range(len(stages) - 1)):
             raise P2PServeError(f"the stages of one worker must be consecutive, got {stages}")

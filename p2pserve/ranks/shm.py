@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import P2PServeError
+from p2pserve.errors import P2PServeError
 
 CAPACITY = 1 << 20  # floats per rank per buffer: a [256, 4096] prefill chunk
 WAIT_TIMEOUT = 60.0  # seconds; ranks of one forward reach an all-reduce within ms of each other

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import P2PServeError
-from .load import load_stage
-from .stage import StageRunner, follow
-from .weights import open_weights
+from p2pserve.errors import P2PServeError
+from p2pserve.engine.build import load_stage
+from p2pserve.ranks.shm import all_reduce_for
+from p2pserve.ranks.stage import StageRunner, follow
+from p2pserve.engine.weights import open_weights
 
 
 @dataclass
@@ -41,7 +42,7 @@ def _init(rank: int, spec: GroupSpec):
     dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.tp,
                             timeout=datetime.timedelta(minutes=10))
     model = load_stage(open_weights(spec.model_path), spec.start, spec.end, rank=rank, tp=spec.tp,
-                       group=dist.group.WORLD, device=device, dtype=spec.dtype)
+                       all_reduce=all_reduce_for(dist.group.WORLD, device), device=device, dtype=spec.dtype)
     return model
 
 
@@ -56,7 +57,7 @@ class StageGroup:
 
     def __init__(self, model_path, start: int, end: int, tp: int, devices: list[str],
                  dtype: torch.dtype, source=None, threads: int | None = None):
-        from .local import free_port
+        from p2pserve.ranks.pipeline import free_port
 
         if len(devices) == 1 and tp > 1:
             devices = devices * tp

@@ -40,7 +40,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
 
     from p2pserve.home import bootstrap_addr, home_dir
 
-    from .run import WorkerOptions, run_worker
+    from p2pserve.node.run import WorkerOptions, run_worker
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import generation_options, plan_from_options, plan_options, sampling_from_options
+from p2pserve.cli.options import generation_options, plan_from_options, plan_options, sampling_from_options
 
 
 @click.command()
@@ -20,7 +20,7 @@ from .options import generation_options, plan_from_options, plan_options, sampli
 @click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
 def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
-    from .local import Generation, LocalPipeline
+    from p2pserve.ranks.pipeline import Generation, LocalPipeline
 
     params, chat = sampling_from_options(gen)
     plan = plan_from_options(hetero_config, pp_partition)

@@ -8,15 +8,15 @@ import sys
 
 import click
 
-from .errors import P2PServeError
+from p2pserve.errors import P2PServeError
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
-    "run": "p2pserve.run_cli:run",
-    "plan": "p2pserve.planner.cli:plan",
-    "bootstrap": "bootstrap.cli:bootstrap",
-    "worker": "node.cli:worker",
-    "query": "p2pserve.query_cli:query",
+    "run": "p2pserve.cli.run:run",
+    "plan": "p2pserve.cli.plan:plan",
+    "bootstrap": "p2pserve.cli.bootstrap:bootstrap",
+    "worker": "p2pserve.cli.worker:worker",
+    "query": "p2pserve.cli.query:query",
 }
 
 
@@ -43,7 +43,7 @@ def cli():
 
 
 def main(argv=None):
-    from .options import expand_list_flags
+    from p2pserve.cli.options import expand_list_flags
 
     try:
         argv = expand_list_flags(list(sys.argv[1:] if argv is None else argv))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from p2pserve.engine.config import ModelConfig
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:

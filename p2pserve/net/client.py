@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from .protocols import QUERY, STATUS
-from .sampling import SamplingParams
-from .wire import RemoteError, read_frame, reset_stream, write_frame
-from .errors import P2PServeError
+from p2pserve.net.protocols import QUERY, STATUS
+from p2pserve.engine.sampling import SamplingParams
+from p2pserve.net.wire import RemoteError, read_frame, reset_stream, write_frame
+from p2pserve.errors import P2PServeError
 
 
 class QueryError(P2PServeError):

@@ -8,8 +8,8 @@ from functools import partial
 import click
 
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.options import plan_from_options, plan_options
-from p2pserve.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
+from p2pserve.cli.options import plan_from_options, plan_options
+from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
 
 @click.command()
@@ -45,7 +45,7 @@ def default_plan(n_layers: int, stages: int = 2):
     """Without a plan, before any worker joined: an even split into two TP-1 stages (then the
     planner plans from the devices the workers announce, bootstrap/planning.py)."""
     from p2pserve.plan import Plan
-    from p2pserve.tp import split_evenly
+    from p2pserve.engine.tp import split_evenly
 
     stages = min(stages, n_layers)
     return Plan([1] * stages, [b - a for a, b in split_evenly(n_layers, stages)])
@@ -57,12 +57,12 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
 
     from p2pserve.errors import ConfigError
     from p2pserve.home import write_bootstrap_addr
-    from p2pserve.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
-    from p2pserve.protocols import ANNOUNCE, PLAN, QUERY, STATUS
-    from p2pserve.weights import open_weights
+    from p2pserve.net.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.net.protocols import ANNOUNCE, PLAN, QUERY, STATUS
+    from p2pserve.engine.weights import open_weights
 
-    from .planning import Planning
-    from .server import Bootstrap
+    from p2pserve.bootstrap.planning import Planning
+    from p2pserve.bootstrap.server import Bootstrap
 
     quiet_libp2p_logs(verbose)
     source = open_weights(model_path)
@@ -95,7 +95,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
             click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
             async with trio.open_nursery() as nursery:
                 if http_bind:
-                    from .http import serve_http
+                    from p2pserve.bootstrap.http import serve_http
 
                     try:
                         await nursery.start(serve_http, node, http_bind)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .config import ModelConfig
-from .tp import Shard
+from p2pserve.engine import kernels
+from p2pserve.engine.config import ModelConfig
+from p2pserve.engine.tp import Shard
 
 try:  # GPU fast path; SDPA everywhere else
     from flash_attn import flash_attn_with_kvcache

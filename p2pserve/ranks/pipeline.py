@@ -24,14 +24,15 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, P2PServeError
-from .heap import freeze_startup_heap
-from .load import load_stage
-from .model import Batch
-from .plan import Plan
-from .sampling import SamplingParams, sample
-from .stage import OP_ALLOC, OP_STEP, OP_STOP, StageRunner, follow
-from .weights import open_weights
+from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.heap import freeze_startup_heap
+from p2pserve.engine.build import load_stage
+from p2pserve.ranks.shm import all_reduce_for
+from p2pserve.engine.model import Batch
+from p2pserve.plan import Plan
+from p2pserve.engine.sampling import SamplingParams, sample
+from p2pserve.ranks.stage import OP_ALLOC, OP_STEP, OP_STOP, StageRunner, follow
+from p2pserve.engine.weights import open_weights
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 OP_BEGIN = 3
@@ -172,7 +173,7 @@ class _Rank:
         self.source = source or open_weights(spec.model_path)
         self.model = load_stage(self.source, self.stage.start, self.stage.end,
                                 rank=rank - self.stage.first_rank, tp=self.stage.tp,
-                                group=self.group, device=device, dtype=parse_dtype(spec.dtype))
+                                all_reduce=all_reduce_for(self.group, device), device=device, dtype=parse_dtype(spec.dtype))
         self.runner = StageRunner(self.model, self.group, self.stage.first_rank)
         stages = self.plan.stages
         i = self.stage.index

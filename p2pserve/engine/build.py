@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
-from .shm import all_reduce_for
-from .tp import shard_for
-from .weights import WeightSource
+from p2pserve.engine.model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
+from p2pserve.engine.tp import shard_for
+from p2pserve.engine.weights import WeightSource
 
 
 def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp: int = 1,
-               group=None, device="cpu", dtype=torch.float32) -> StageModel:
-    """Layers ``[start, end)`` for TP rank ``rank`` of ``tp``; embedding and head on rank 0 only."""
+               all_reduce=None, device="cpu", dtype=torch.float32) -> StageModel:
+    """Layers ``[start, end)`` for TP rank ``rank`` of ``tp``; embedding and head on rank 0 only.
+
+    ``all_reduce(h)`` sums a partial result in place over the stage's TP ranks
+    (``p2pserve.ranks`` makes it; None for TP 1)."""
     config = source.config
     shard = shard_for(config, rank, tp)
     hd = config.head_dim
@@ -27,7 +29,6 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     def rows(heads):
         return heads[0] * hd, heads[1] * hd
 
-    all_reduce = all_reduce_for(group, device)
     blocks = []
     for i in range(start, end):
         p = f"model.layers.{i}."

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import generation_options, sampling_from_options
+from p2pserve.cli.options import generation_options, sampling_from_options
 
 
 @click.command()
@@ -23,7 +23,7 @@ def query(prompt, peer, model, timeout, home, stats, **gen):
     """Ask the swarm behind --peer to answer PROMPT."""
     import trio
 
-    from .home import bootstrap_addr, home_dir
+    from p2pserve.home import bootstrap_addr, home_dir
 
     params, chat = sampling_from_options(gen)
     trio.run(_query, bootstrap_addr(peer, home_dir(home)), prompt, model, chat, params, timeout, stats)
@@ -32,8 +32,8 @@ def query(prompt, peer, model, timeout, home, stats, **gen):
 async def _query(peer, prompt, model, chat, params, timeout, stats):
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from .client import ask
-    from .host import connect, quiet_libp2p_logs, running_host
+    from p2pserve.net.client import ask
+    from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:

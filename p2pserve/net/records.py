@@ -23,7 +23,7 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
-from .errors import P2PServeError
+from p2pserve.errors import P2PServeError
 
 NAMESPACE = "p2pserve"  # the DHT namespace, the first part of every key
 RECORD_TTL = 30.0  # seconds a record stays valid; workers re-announce every TTL/3

@@ -6,8 +6,8 @@ import functools
 
 import click
 
-from .errors import ConfigError
-from .sampling import SamplingParams
+from p2pserve.errors import ConfigError
+from p2pserve.engine.sampling import SamplingParams
 
 
 def plan_options(f):
@@ -25,7 +25,7 @@ def plan_options(f):
 def plan_from_options(hetero_config: tuple[int, ...], pp_partition: tuple[int, ...]):
     """The Plan the flags describe, or None when neither was given. ``--pp-partition``
     alone means TP 1 for every stage."""
-    from .plan import Plan
+    from p2pserve.plan import Plan
 
     if not hetero_config and not pp_partition:
         return None

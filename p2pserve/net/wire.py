@@ -32,7 +32,7 @@ import msgpack
 import torch
 import trio
 
-from .errors import NetworkError, P2PServeError
+from p2pserve.errors import NetworkError, P2PServeError
 
 if TYPE_CHECKING:
     from libp2p.custom_types import TProtocol

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import ConfigError, WeightsError
+from p2pserve.engine.config import ModelConfig
+from p2pserve.errors import ConfigError, WeightsError
 
 
 class Tokenizer:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .wire import protocol_id
+from p2pserve.net.wire import protocol_id
 
 ANNOUNCE = protocol_id("announce")
 PLAN = protocol_id("plan")

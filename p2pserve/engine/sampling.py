@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import ConfigError
+from p2pserve.errors import ConfigError
 
 
 @dataclass(frozen=True)

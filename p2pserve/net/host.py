@@ -39,9 +39,9 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from . import fastio
-from .errors import ConfigError, NetworkError
-from .records import NAMESPACE, RecordValidator
+from p2pserve.net import fastio
+from p2pserve.errors import ConfigError, NetworkError
+from p2pserve.net.records import NAMESPACE, RecordValidator
 
 NOISY_LOGGERS = ("libp2p", "multiaddr", "quic", "zeroconf", "trio-websocket")
 _SEED_BYTES = 32

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .model import Batch, StageModel
+from p2pserve.engine.model import Batch, StageModel
 
 OP_STOP, OP_STEP, OP_ALLOC = 0, 1, 2
 

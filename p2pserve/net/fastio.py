@@ -1,4 +1,4 @@
-"""Fast paths through py-libp2p's stream stack, installed by ``p2pserve.host.make_host``.
+"""Fast paths through py-libp2p's stream stack, installed by ``p2pserve.net.host.make_host``.
 
 A frame written on a libp2p stream goes NetStream -> YamuxStream -> Yamux -> Noise ->
 TCP, each layer async, each with its own trio lock, and trio's ``Lock.acquire`` yields
@@ -40,7 +40,7 @@ import weakref
 
 import trio
 
-log = logging.getLogger("p2pserve.host")
+log = logging.getLogger("p2pserve.net.host")
 
 NOISE_READ = 64 * 1024  # bytes asked of the socket per Noise read
 MAX_DEFERRED_CREDIT = 64 * 1024  # bytes of yamux receive window a reader may hold back

@@ -1,0 +1,3 @@
+from p2pserve.cli import main
+
+main()
