@@ -1,8 +1,10 @@
 """Tiny random checkpoints, made in a test's temporary directory in well under a second.
 
-``make_tiny_llama`` writes a Hugging Face directory the way ``save_pretrained`` does;
-``make_tiny_gguf`` converts one to GGUF the way llama.cpp's ``convert_hf_to_gguf.py`` does
-(q/k rows permuted per head, linear weights quantized, no ``output.weight`` when tied).
+``make_tiny_llama`` (and ``make_tiny_qwen2``, ``make_tiny_qwen3``, ``make_tiny_mistral``)
+writes a Hugging Face directory the way ``save_pretrained`` does; ``make_tiny_gguf``
+converts one to GGUF the way llama.cpp's ``convert_hf_to_gguf.py`` does (q/k rows
+permuted per head for the "llama" architecture only, linear weights quantized, no
+``output.weight`` when tied).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2pserve.engine.config import llama3_rope_factors
+from p2pserve.engine.config import SUPPORTED_ARCHITECTURES, llama3_rope_factors
 
 
 def make_tiny_llama(
@@ -34,7 +36,6 @@ def make_tiny_llama(
     """A random ``LlamaForCausalLM`` saved as safetensors (sharded with an index when ``shards > 1``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dirpath = Path(dirpath)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -50,8 +51,56 @@ def make_tiny_llama(
         bos_token_id=1,
         eos_token_id=2,
     )
+    return _save_random(LlamaForCausalLM, config, dirpath, seed=seed, dtype=dtype, shards=shards)
+
+
+def make_tiny_qwen2(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128,
+                    vocab=256, tie=True, seed=0) -> Path:
+    """A random ``Qwen2ForCausalLM`` (biases on q/k/v), tied like the small Qwen2.5 models."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie, use_sliding_window=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return _save_random(Qwen2ForCausalLM, config, dirpath, seed=seed)
+
+
+def make_tiny_qwen3(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=32,
+                    intermediate=128, vocab=256, tie=True, seed=0) -> Path:
+    """A random ``Qwen3ForCausalLM`` (q/k norms), its heads wider than ``hidden / n_heads``
+    as in Qwen3 itself."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie,
+        use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+    )
+    return _save_random(Qwen3ForCausalLM, config, dirpath, seed=seed)
+
+
+def make_tiny_mistral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128,
+                      vocab=256, sliding_window=128, seed=0) -> Path:
+    """A random ``MistralForCausalLM`` with a sliding window shorter than its context."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+        sliding_window=sliding_window, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return _save_random(MistralForCausalLM, config, dirpath, seed=seed)
+
+
+def _save_random(model_class, config, dirpath, *, seed, dtype=torch.float32, shards=1) -> Path:
+    dirpath = Path(dirpath)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     with torch.no_grad():
         # Far from the default init (std 0.02), so logits are spread and greedy decoding varies.
         for name, param in model.named_parameters():
@@ -65,8 +114,10 @@ def make_tiny_llama(
     return dirpath
 
 
-def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch="llama", metadata=None, tensors=None) -> Path:
+def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tensors=None) -> Path:
     """Convert the tiny checkpoint in ``hf_dir`` to a GGUF file at ``path``.
+
+    ``arch`` is the GGUF architecture; by default the one llama.cpp gives the checkpoint's.
 
     ``qtype`` is the ggml type of every linear weight and the embedding (norms stay F32).
     ``metadata`` adds or overrides key/values; ``tensors`` maps GGUF names to raw
@@ -83,19 +134,25 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch="llama", metadata=None, te
     n_heads, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     rope = dict(hf.get("rope_parameters") or {})
+    arch = arch or SUPPORTED_ARCHITECTURES[hf["architectures"][0]]
+    head_keys = {} if head_dim * n_heads == hf["hidden_size"] else {
+        f"{arch}.attention.key_length": head_dim,
+        f"{arch}.attention.value_length": head_dim,
+    }
 
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in {
-        "llama.block_count": hf["num_hidden_layers"],
-        "llama.context_length": hf["max_position_embeddings"],
-        "llama.embedding_length": hf["hidden_size"],
-        "llama.feed_forward_length": hf["intermediate_size"],
-        "llama.attention.head_count": n_heads,
-        "llama.attention.head_count_kv": n_kv,
-        "llama.rope.freq_base": float(rope.get("rope_theta", 10000.0)),
-        "llama.rope.dimension_count": head_dim,
-        "llama.attention.layer_norm_rms_epsilon": hf["rms_norm_eps"],
-        "llama.vocab_size": hf["vocab_size"],
+        f"{arch}.block_count": hf["num_hidden_layers"],
+        f"{arch}.context_length": hf["max_position_embeddings"],
+        f"{arch}.embedding_length": hf["hidden_size"],
+        f"{arch}.feed_forward_length": hf["intermediate_size"],
+        f"{arch}.attention.head_count": n_heads,
+        f"{arch}.attention.head_count_kv": n_kv,
+        f"{arch}.rope.freq_base": float(rope.get("rope_theta", 10000.0)),
+        f"{arch}.rope.dimension_count": head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": hf["rms_norm_eps"],
+        f"{arch}.vocab_size": hf["vocab_size"],
+        **head_keys,
         "tokenizer.ggml.bos_token_id": hf["bos_token_id"],
         "tokenizer.ggml.eos_token_id": hf["eos_token_id"],
         **(metadata or {}),
@@ -108,9 +165,9 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch="llama", metadata=None, te
         if gguf_name is None:
             continue
         w = tensor.float().numpy()
-        if gguf_name.endswith("attn_q.weight"):
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _permute(w, n_heads)
-        elif gguf_name.endswith("attn_k.weight"):
+        elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _permute(w, n_kv)
         if w.ndim == 1:
             out[gguf_name] = (w, "F32")
@@ -141,9 +198,9 @@ def _gguf_name(hf_name: str) -> str | None:
 
     if hf_name in MODEL_TENSORS:
         return MODEL_TENSORS[hf_name]
-    parts = hf_name.split(".")  # model.layers.{i}.{module...}.weight
+    parts = hf_name.split(".")  # model.layers.{i}.{module...}.{weight or bias}
     if parts[:2] == ["model", "layers"]:
-        return f"blk.{parts[2]}.{LAYER_TENSORS['.'.join(parts[3:-1])]}.weight"
+        return f"blk.{parts[2]}.{LAYER_TENSORS['.'.join(parts[3:-1])]}.{parts[-1]}"
     return None
 
 

@@ -38,13 +38,23 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             get(p + "self_attn.v_proj.weight", rows=rows(shard.kv_heads)),
         )
         wo = linear(get(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads)))
+        bqkv = q_norm = k_norm = None
+        if config.qkv_bias:  # each rank's biases are the rows of its own q/k/v weights
+            bqkv = torch.cat([
+                get(p + "self_attn.q_proj.bias", rows=rows(shard.q_heads)),
+                get(p + "self_attn.k_proj.bias", rows=rows(shard.kv_heads)),
+                get(p + "self_attn.v_proj.bias", rows=rows(shard.kv_heads)),
+            ])
+        if config.qk_norm:  # over one head's dimensions, so every rank holds all of it
+            q_norm = RMSNorm(get(p + "self_attn.q_norm.weight"), config.rms_norm_eps)
+            k_norm = RMSNorm(get(p + "self_attn.k_norm.weight"), config.rms_norm_eps)
         w13 = linear(
             get(p + "mlp.gate_proj.weight", rows=shard.ffn),
             get(p + "mlp.up_proj.weight", rows=shard.ffn),
         )
         w2 = linear(get(p + "mlp.down_proj.weight", cols=shard.ffn))
         blocks.append(Block(
-            Attention(config, shard, wqkv, wo),
+            Attention(config, shard, wqkv, wo, bqkv, q_norm, k_norm),
             MLP(w13, w2),
             RMSNorm(get(p + "input_layernorm.weight"), config.rms_norm_eps),
             RMSNorm(get(p + "post_attention_layernorm.weight"), config.rms_norm_eps),

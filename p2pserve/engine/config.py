@@ -1,4 +1,9 @@
-"""The shape of a Llama-family model, read from a Hugging Face config.json or GGUF metadata."""
+"""The shape of a Llama-family model, read from a Hugging Face config.json or GGUF metadata.
+
+The families differ only in attention: Qwen2 adds biases to the q/k/v projections, Qwen3
+normalises each q and k head (RMSNorm over the head dimension) before RoPE; Mistral is
+a Llama whose context is bounded by its sliding window.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,19 @@ import numpy as np
 
 from p2pserve.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Hugging Face architecture -> its family, named as GGUF's general.architecture names it
+# (llama.cpp converts Mistral to "llama").
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Off in a Llama; left out of the fingerprint while off, so a Llama's fingerprint does not
+# change when this version learns another family.
+_FAMILY_FEATURES = ("qkv_bias", "qk_norm")
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     arch: str = "llama"
+    qkv_bias: bool = False  # the q, k and v projections add a bias (Qwen2)
+    qk_norm: bool = False  # each q and k head is RMS-normalised before RoPE (Qwen3)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -56,6 +74,9 @@ class ModelConfig:
         """A short digest of everything that must agree between stages of one pipeline."""
         shape = asdict(self)
         shape.pop("name")
+        for feature in _FAMILY_FEATURES:
+            if not shape[feature]:
+                del shape[feature]
         blob = json.dumps(shape, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -72,13 +93,18 @@ class ModelConfig:
     def from_hf(cls, hf: dict, name: str) -> "ModelConfig":
         """Build from the dict of a Hugging Face ``config.json``."""
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if family is None:
             raise ConfigError(
                 f"{name}: architecture {archs[0]} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+        # attention_bias gives o_proj a bias too (Qwen2 hard-codes biases on q/k/v only).
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConfigError(f"{name}: biased attention/MLP projections are not supported")
+            raise ConfigError(
+                f"{name}: attention_bias/mlp_bias (biases on the output or MLP projections) "
+                "are not supported; only Qwen2's q/k/v biases are"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{name}: activation {hf['hidden_act']!r} is not supported (silu)")
         n_heads = hf["num_attention_heads"]
@@ -89,6 +115,13 @@ class ModelConfig:
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
         scaling = None if rope["rope_type"] == "default" else rope
+        context = hf.get("max_position_embeddings", 4096)
+        # Within its window, sliding-window attention is full attention, so bounding the
+        # context by the window keeps every answer exact. A config that names a window
+        # without switching it off (Mistral's) uses it; Qwen's say use_sliding_window.
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        if window:
+            context = min(context, window)
         return cls(
             name=name,
             n_layers=hf["num_hidden_layers"],
@@ -101,10 +134,13 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            max_position_embeddings=context,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
+            arch=family,
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
         )
 
     @classmethod
@@ -130,33 +166,42 @@ class ModelConfig:
             return value
 
         arch = get("general.architecture", "(none)")
-        if arch != "llama":
-            raise ConfigError(f"{name}: architecture {arch} is not supported (supported: llama)")
-        n_heads = get("llama.attention.head_count")
-        hidden = get("llama.embedding_length")
+        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+            raise ConfigError(
+                f"{name}: architecture {arch} is not supported "
+                f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+            )
+
+        def meta(key, default=None):  # the architecture's own keys are prefixed with its name
+            return get(f"{arch}.{key}", default)
+
+        n_heads = meta("attention.head_count")
+        hidden = meta("embedding_length")
         required = {
-            "llama.block_count": get("llama.block_count"),
-            "llama.embedding_length": hidden,
-            "llama.feed_forward_length": get("llama.feed_forward_length"),
-            "llama.attention.head_count": n_heads,
+            f"{arch}.block_count": meta("block_count"),
+            f"{arch}.embedding_length": hidden,
+            f"{arch}.feed_forward_length": meta("feed_forward_length"),
+            f"{arch}.attention.head_count": n_heads,
         }
         missing = [key for key, value in required.items() if value is None]
         if missing:
             raise ConfigError(f"{name}: the GGUF metadata has no {', '.join(missing)}")
-        head_dim = get("llama.attention.key_length") or get("llama.rope.dimension_count") or hidden // n_heads
-        vocab = get("llama.vocab_size")
+        head_dim = meta("attention.key_length") or meta("rope.dimension_count") or hidden // n_heads
+        vocab = meta("vocab_size")
         if vocab is None and "tokenizer.ggml.tokens" in fields:
             vocab = len(fields["tokenizer.ggml.tokens"].data)
         if vocab is None:
             raise ConfigError(
-                f"{name}: the GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens"
+                f"{name}: the GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens"
             )
-        rope_theta = get("llama.rope.freq_base", 10000.0)
+        rope_theta = meta("rope.freq_base", 10000.0)
         if "rope_freqs.weight" in tensors:
             factors = tensors["rope_freqs.weight"].data.tolist()
             scaling = _llama3_rope_from_factors(factors, head_dim, rope_theta, name)
         else:
-            scaling = _rope_scaling_from_gguf(get)
+            scaling = _rope_scaling_from_gguf(meta)
+        if "blk.0.attn_output.bias" in tensors:
+            raise ConfigError(f"{name}: a bias on the attention output projection is not supported")
         eos_keys = (
             "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.eot_token_id",
@@ -165,29 +210,32 @@ class ModelConfig:
         eos = tuple(dict.fromkeys(v for v in map(get, eos_keys) if v is not None))
         return cls(
             name=name,
-            n_layers=get("llama.block_count"),
+            n_layers=meta("block_count"),
             hidden_size=hidden,
             n_heads=n_heads,
-            n_kv_heads=get("llama.attention.head_count_kv") or n_heads,
+            n_kv_heads=meta("attention.head_count_kv") or n_heads,
             head_dim=head_dim,
-            intermediate_size=get("llama.feed_forward_length"),
+            intermediate_size=meta("feed_forward_length"),
             vocab_size=vocab,
-            rms_norm_eps=get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rms_norm_eps=meta("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=get("llama.context_length", 4096),
+            max_position_embeddings=meta("context_length", 4096),
             tie_word_embeddings="output.weight" not in tensors,
             bos_token_id=get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos,
+            arch=arch,
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
         )
 
 
-def _rope_scaling_from_gguf(get) -> dict | None:
-    kind = get("llama.rope.scaling.type", "none")
+def _rope_scaling_from_gguf(meta) -> dict | None:
+    kind = meta("rope.scaling.type", "none")
     if kind == "none":
         return None
-    scaling = {"rope_type": kind, "factor": get("llama.rope.scaling.factor", 1.0)}
-    original = get("llama.rope.scaling.original_context_length")
+    scaling = {"rope_type": kind, "factor": meta("rope.scaling.factor", 1.0)}
+    original = meta("rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = original
     return scaling

@@ -153,7 +153,11 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, shard: Shard, wqkv, wo):
+    """``bqkv``: the q/k/v biases side by side, as ``wqkv``'s rows (Qwen2); ``q_norm`` and
+    ``k_norm``: RMSNorm over each query and key head before RoPE (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, wqkv, wo, bqkv=None,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         super().__init__()
         self.n_q = shard.n_q_heads
         self.n_kv = shard.n_kv_heads
@@ -161,13 +165,22 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.wqkv = nn.Parameter(wqkv, requires_grad=False)
         self.wo = nn.Parameter(wo, requires_grad=False)
+        self.bqkv = None if bqkv is None else nn.Parameter(bqkv, requires_grad=False)
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, batch: Batch, mask):
         B, T, _ = x.shape
         hd = self.head_dim
-        qk, v = linear(x, self.wqkv).split([(self.n_q + self.n_kv) * hd, self.n_kv * hd], dim=-1)
-        qk = apply_rope(qk.view(B, T, self.n_q + self.n_kv, hd), cos, sin)  # q and k heads at once
+        qkv = linear(x, self.wqkv)
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv
+        qk, v = qkv.split([(self.n_q + self.n_kv) * hd, self.n_kv * hd], dim=-1)
+        qk = qk.view(B, T, self.n_q + self.n_kv, hd)
+        if self.q_norm is not None:
+            q, k = qk.split([self.n_q, self.n_kv], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        qk = apply_rope(qk, cos, sin)  # q and k heads at once
         q, k = qk.split([self.n_q, self.n_kv], dim=2)
         v = v.view(B, T, self.n_kv, hd)
         if flash_attn_with_kvcache is not None and x.is_cuda:

@@ -2,9 +2,10 @@
 
 Ranks take contiguous groups of KV heads (and the query heads that share them), as
 evenly as the counts allow: TP 2 over SmolLM2's 3 KV heads gives ranks 2 and 1 heads.
-q/k/v and gate/up are column-parallel (each rank owns output rows), o and down are
-row-parallel (each rank owns input columns); one all-reduce after attention and one
-after the MLP restores the full activation on every rank.
+q/k/v and gate/up are column-parallel (each rank owns output rows, and the q/k/v
+biases' same rows), o and down are row-parallel (each rank owns input columns); one
+all-reduce after attention and one after the MLP restores the full activation on every
+rank. Qwen3's q/k norms act within one head, so every rank holds them whole.
 """
 
 from __future__ import annotations

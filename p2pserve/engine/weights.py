@@ -1,6 +1,6 @@
 """Model weights, read one tensor (or one slice of one) at a time.
 
-Every tensor is asked for by its Hugging Face Llama name and comes back in Hugging Face
+Every tensor is asked for by its Hugging Face name and comes back in Hugging Face
 layout, whether the file is a Hugging Face directory (safetensors) or a llama.cpp GGUF.
 A stage asks only for its own layers, and only those bytes are read: safetensors slices
 and GGUF rows are cut from memory maps before anything is copied or dequantized.
@@ -40,6 +40,8 @@ LAYER_TENSORS = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -50,7 +52,8 @@ MODEL_TENSORS = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_PERMUTED_BY_LLAMA_CPP = tuple(f"self_attn.{m}_proj.{p}" for m in "qk" for p in ("weight", "bias"))
 # A trailing quantization tag in a GGUF file name: ".Q4_1", "-Q4_K_M", "-IQ3_XS", "-f16".
 _QUANT_TAG = re.compile(r"[-._](?:i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 
@@ -98,18 +101,28 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     match = _LAYER_NAME.fullmatch(name)
     if match and int(match[1]) < config.n_layers:
         shapes = {
-            "input_layernorm": (hidden,),
-            "post_attention_layernorm": (hidden,),
-            "self_attn.q_proj": (q_rows, hidden),
-            "self_attn.k_proj": (kv_rows, hidden),
-            "self_attn.v_proj": (kv_rows, hidden),
-            "self_attn.o_proj": (hidden, q_rows),
-            "mlp.gate_proj": (inter, hidden),
-            "mlp.up_proj": (inter, hidden),
-            "mlp.down_proj": (hidden, inter),
+            "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,),
+            "self_attn.q_proj.weight": (q_rows, hidden),
+            "self_attn.k_proj.weight": (kv_rows, hidden),
+            "self_attn.v_proj.weight": (kv_rows, hidden),
+            "self_attn.o_proj.weight": (hidden, q_rows),
+            "mlp.gate_proj.weight": (inter, hidden),
+            "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter),
         }
-        if match[2] in shapes:
-            return shapes[match[2]]
+        if config.qkv_bias:
+            shapes.update({
+                "self_attn.q_proj.bias": (q_rows,),
+                "self_attn.k_proj.bias": (kv_rows,),
+                "self_attn.v_proj.bias": (kv_rows,),
+            })
+        if config.qk_norm:
+            shapes.update({"self_attn.q_norm.weight": (config.head_dim,),
+                           "self_attn.k_norm.weight": (config.head_dim,)})
+        key = f"{match[2]}.{match[3]}"
+        if key in shapes:
+            return shapes[key]
     raise WeightsError(
         f"{config.name} has no tensor {name!r}: expected a Hugging Face Llama name such as "
         f"model.layers.0.self_attn.q_proj.weight, with layers 0..{config.n_layers - 1}"
@@ -237,7 +250,7 @@ class GGUFWeights(WeightSource):
 
     def _tensor(self, name: str):
         match = _LAYER_NAME.fullmatch(name)
-        gguf_name = f"blk.{match[1]}.{LAYER_TENSORS[match[2]]}.weight" if match else MODEL_TENSORS[name]
+        gguf_name = f"blk.{match[1]}.{LAYER_TENSORS[match[2]]}.{match[3]}" if match else MODEL_TENSORS[name]
         if gguf_name not in self._tensors:
             raise WeightsError(f"{self.path}: tensor {gguf_name} (Hugging Face {name}) is missing")
         return self._tensors[gguf_name]
@@ -249,7 +262,9 @@ class GGUFWeights(WeightSource):
     def _read(self, name, rows, cols):
         tensor = self._tensor(name)
         head_dim = self.config.head_dim
-        permuted = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+        # llama.cpp permutes q/k rows (and their biases) for its "llama" rope only; Qwen's
+        # rope is the rotate-half one Hugging Face uses, so Qwen files keep HF's row order.
+        permuted = self.config.arch == "llama" and name.endswith(_PERMUTED_BY_LLAMA_CPP)
         if permuted and (rows[0] % head_dim or rows[1] % head_dim):
             raise WeightsError(
                 f"{name}: rows {rows[0]}:{rows[1]} do not cover whole heads of {head_dim} rows "
@@ -309,8 +324,8 @@ def _unpermute_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     llama.cpp's converter interleaves them (row ``2 * d + j``), see ``permute`` in its
     ``convert_hf_to_gguf.py``. The permutation never crosses a head, so whole heads suffice.
     """
-    rows, cols = w.shape
-    return w.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    return w.reshape(rows // head_dim, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _span(name: str, what: str, span: tuple[int, int] | None, size: int) -> tuple[int, int]:
