@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from p2pserve.net.fastio import QuickLock
+from p2pserve.net.locks import QuickLock
 from p2pserve.net.protocols import LINK
 from p2pserve.net.wire import (
     RemoteError,

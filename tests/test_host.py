@@ -10,7 +10,6 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from p2pserve.net import fastio
 from p2pserve.errors import ConfigError, NetworkError
 from p2pserve.net.host import (
     connect,
@@ -132,8 +131,8 @@ async def test_two_hosts_exchange_a_frame_over_a_p2pserve_protocol():
                 assert await read_frame(stream) == {"type": "pong", "n": 7}
 
 
-async def test_yamux_credits_small_reads_in_batches_and_a_big_transfer_still_flows(monkeypatch):
-    """py-libp2p wrote a window update back after every read (fastio._defer_credit)."""
+async def test_a_big_transfer_after_many_small_frames_still_flows(monkeypatch):
+    """Window credit keeps flowing after decode-step traffic has grown the yamux window."""
     from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
     updates = []
@@ -160,8 +159,6 @@ async def test_yamux_credits_small_reads_in_batches_and_a_big_transfer_still_flo
                 for n in range(200):  # ~2.4 KB each way, like a decode step
                     await write_frame(stream, {"n": n, "blob": b"h" * 2304})
                     assert (await read_frame(stream))["n"] == n
-                # 400 reads of ~2.4 KB (~1 MB in all): one credit per 64 KiB read, not per read
-                assert len(updates) <= 2 + 400 * 2400 // fastio.MAX_DEFERRED_CREDIT
                 updates.clear()
                 blob = b"p" * (1 << 20)
                 for n in range(8):  # 8 MiB one way, 32 windows' worth: credit must flow

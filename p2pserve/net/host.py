@@ -39,7 +39,6 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2pserve.net import fastio
 from p2pserve.errors import ConfigError, NetworkError
 from p2pserve.net.records import NAMESPACE, RecordValidator
 
@@ -113,16 +112,10 @@ def make_host(key_pair: KeyPair):
 
     The connection config keeps py-libp2p from trying to hold 50-100 connections, and
     max_connections_per_peer=1 removes its fixed 250 ms "happy eyeballs" wait from every
-    dial (the wait only ends early once the per-peer limit is reached). The first host
-    made installs p2pserve's fast paths through py-libp2p's stream stack (``fastio``)."""
-    fastio.install()
+    dial (the wait only ends early once the per-peer limit is reached)."""
     return new_host(
         key_pair=key_pair,
-        sec_opt={
-            NOISE_PROTOCOL_ID: NoiseTransport(
-                key_pair, noise_privkey=create_noise_key_pair().private_key
-            )
-        },
+        sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_noise_key_pair().private_key)},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=ConnectionConfig(
             min_connections=0, low_watermark=0, max_connections_per_peer=1
