@@ -1,0 +1,1 @@
+"""Training: heterogeneous pipelines that together train one model, exact to one process."""
