@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError
+from p2pserve.train import checkpoint
 from p2pserve.train import trainer as trainer_module
 from p2pserve.train.comm import ThreadWorld
 from p2pserve.train.data import TokenWindows
@@ -54,14 +55,19 @@ def token_data(seed=0) -> TokenWindows:
     return TokenWindows.from_ids(torch.randint(0, VOCAB, (40 * (SEQ_LEN + 1),), generator=g).tolist(), SEQ_LEN, seed)
 
 
-def train_ranks(model_dir, layout, steps, optim, schedule_kind="1f1b", data=None, dtype=torch.float32):
+def train_ranks(model_dir, layout, steps, optim, schedule_kind="1f1b", data=None, dtype=torch.float32,
+                save_dir=None, resume_dir=None):
     """Every rank of ``layout`` as a thread: the losses (rank 0's) and each rank's pieces."""
     data = data or token_data()
 
     def rank(comm):
         stage = TrainStage.load(open_weights(model_dir), layout.role(comm.rank), comm, dtype)
         trainer = RankTrainer(stage, layout, comm, data, optim, schedule_kind)
+        if resume_dir:
+            checkpoint.load(resume_dir, trainer)
         losses = [trainer.step() for _ in range(steps)]
+        if save_dir:
+            checkpoint.save(save_dir, trainer, layout.to_dict())
         return losses, [(piece, p.detach().clone()) for piece, p in stage.named_pieces()]
 
     results = ThreadWorld(layout.world_size).run(rank)
@@ -138,6 +144,24 @@ def test_in_fp64_the_only_difference_is_rounding(checkpoints):
                                             dtype=torch.float64)
     loss_rel, param = worst_differences(losses, pieces, ref_losses, ref_state)
     assert loss_rel < 1e-12 and param < 1e-10
+
+
+def test_a_checkpoint_resumes_under_another_layout_and_exports_for_serving(checkpoints, tmp_path):
+    """3 steps on TP 2 + TP 3 pipelines, saved; 2 more on a TP 3 / PP 2 layout: the same
+    5 steps as one process, and the exported directory loads in transformers."""
+    from transformers import LlamaForCausalLM
+
+    model = checkpoints["gqa_tied"]
+    first = make_layout([[2], [3]], [[4], [4]], [2, 1], [2, 1])
+    second = make_layout([[1, 3], [1]], [[1, 3], [4]], [1, 2], [1, 2])
+    losses, _ = train_ranks(model, first, 3, ADAMW, save_dir=tmp_path / "ckpt")
+    more, pieces = train_ranks(model, second, 2, ADAMW, resume_dir=tmp_path / "ckpt", save_dir=tmp_path / "ckpt2")
+    ref_losses, ref_state = train_reference(model, 3, 5, ADAMW)
+    loss_rel, param = worst_differences(losses + more, pieces, ref_losses, ref_state)
+    assert loss_rel < 1e-6 and param < 1e-5
+    exported = checkpoint.export_hf(tmp_path / "ckpt2", model, tmp_path / "hf")
+    trained = LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).state_dict()
+    assert max((trained[k] - v).abs().max().item() for k, v in ref_state.items()) < 1e-5
 
 
 def test_averaging_each_pipelines_mean_loss_is_not_the_single_process_loss(checkpoints, monkeypatch):
