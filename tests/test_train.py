@@ -255,3 +255,53 @@ def test_pipelines_take_contiguous_slices_of_one_seeded_global_order():
     # an epoch visits every window once before any repeats
     seen = torch.cat([data.global_batch(i, 8) for i in range(5)])
     assert len({tuple(r.tolist()) for r in seen}) == 40
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "p2pserve.cli", "train", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hetero-configs", "[[1, 2], [1]]", "--layer-partitions", "[[2, 2], [3]]"],
+     "pipeline 1 holds 3 layers but .* has 4"),
+    (["--hetero_configs", "[[4]]", "--layer_partitions", "[[4]]"], "TP degree 4, above"),
+    (["--hetero-configs", "__import__('os').getcwd()", "--layer-partitions", "[[4]]"],
+     "is not a list of lists of integers"),
+    (["--hetero-configs", "[[1], [1]]", "--layer-partitions", "[[4], [4]]", "--global_bsz_size", "3", "1",
+      "--chunks", "2", "1"], "pipeline 0: batch size 3 is not divisible by 2 chunks"),
+])
+def test_the_train_command_refuses_a_layout_with_one_line_and_exit_2(checkpoints, tmp_path, flags, message):
+    import re
+
+    data = tmp_path / "data.txt"
+    data.write_text("hello")
+    code, out, err = run_cli("--model", checkpoints["gqa_tied"], "--data", data, *flags)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_smollm2_trains_the_same_in_a_heterogeneous_layout_as_in_one_process(tmp_path):
+    """Three steps of the default model (tied, 3 KV heads) on a small text file: TP 1+2 and
+    TP 3 pipelines with batches 2 and 1 against all 30 layers on one rank."""
+    text = tmp_path / "data.txt"
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(200)))
+    common = ["--data", text, "--seq-len", 32, "--steps", 3, "--lr", 1e-4, "--seed", 1]
+    code, one, err = run_cli(*common, "--hetero-configs", "[[1]]", "--layer-partitions", "[[30]]",
+                             "--global-batch-sizes", 3)
+    assert code == 0, err
+    code, hetero, err = run_cli(*common, "--hetero-configs", "[[1, 2], [3]]", "--layer-partitions",
+                                "[[12, 18], [30]]", "--global-batch-sizes", 2, 1, "--chunks", 2, 1,
+                                "--schedule", "gpipe")
+    assert code == 0, err
+
+    def losses(out):
+        return [float(line.split()[3]) for line in out.splitlines() if line.startswith("step ")]
+
+    assert len(losses(one)) == 3
+    for a, b in zip(losses(hetero), losses(one), strict=True):
+        assert abs(a - b) / b < 1e-4

