@@ -305,3 +305,53 @@ def test_smollm2_trains_the_same_in_a_heterogeneous_layout_as_in_one_process(tmp
     assert len(losses(one)) == 3
     for a, b in zip(losses(hetero), losses(one), strict=True):
         assert abs(a - b) / b < 1e-4
+
+
+def test_templates_use_exactly_the_ranks_alive_and_balance_micro_batches():
+    from p2pserve.train.templates import PipelineTemplate, instantiate
+
+    deep = PipelineTemplate((1, 1, 1, 1), (1, 1, 1, 1))  # 4 ranks, slowest stage 1 layer
+    wide = PipelineTemplate((3,), (4,))  # 3 ranks, 4/3 layer
+    small = PipelineTemplate((1,), (4,))  # 1 rank, 4 layers
+    layout = instantiate([deep, wide, small], 8, 12, 1)
+    # deep + wide + small at best ends at 8 layer-times (deep 5 micro-batches + 3 of
+    # bubble, wide 6 x 4/3, small 1 x 4); two wide and two small at 20/3 (5 x 4/3 and 1 x 4)
+    assert [(p.tps, p.batch_size, p.chunks) for p in layout.pipelines] == [
+        ((3,), 5, 5), ((3,), 5, 5), ((1,), 1, 1), ((1,), 1, 1)]
+    with pytest.raises(ConfigError, match="exactly 2 ranks"):
+        instantiate([deep, wide], 2, 12, 1)
+
+
+def test_a_rank_killed_mid_step_leaves_training_exact_on_the_surviving_templates(checkpoints):
+    """8 ranks from templates; rank 5 dies in its forward pass of step 3. The job
+    re-instantiates 7 ranks from the templates, cuts their pieces from the survivors and
+    goes on from step 3 with the same global batches: all 5 losses and the final
+    parameters equal one process's."""
+    from p2pserve.train.elastic import ElasticJob, RankDied
+    from p2pserve.train.templates import PipelineTemplate
+
+    model = checkpoints["gqa_tied"]
+    templates = [PipelineTemplate((1, 1, 1, 1), (1, 1, 1, 1)), PipelineTemplate((3,), (4,)),
+                 PipelineTemplate((1, 2), (1, 3)), PipelineTemplate((1,), (4,))]
+    job = ElasticJob(model, templates, 8, 6, 1, token_data(), ADAMW)
+
+    def kill_rank_5_at_step_3(rank, trainer):
+        if rank == 5 and len(job.layouts) == 1:
+            forward = trainer.stage.forward
+
+            def dying_forward(x):
+                if trainer.step_index == 2:
+                    raise RankDied(rank)
+                return forward(x)
+
+            trainer.stage.forward = dying_forward
+
+    losses = job.run(5, on_start=kill_rank_5_at_step_3)
+    assert [layout.world_size for layout in job.layouts] == [8, 7]
+    assert job.layouts[0].pipelines != job.layouts[1].pipelines
+    ref_losses, ref_state = train_reference(model, 6, 5, ADAMW)
+    assert len(losses) == 5
+    assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) < 1e-6
+    assert job.final_pieces  # the last layout's pieces, for the parameter check
+    _, param = worst_differences(losses, job.final_pieces, ref_losses, ref_state)
+    assert param < 1e-5

@@ -24,18 +24,23 @@ from p2pserve.train.trainer import RankTrainer
 META = "train.json"
 
 
-def save(directory: Path, trainer: RankTrainer, layout_dict: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    records = []
+def records(trainer: RankTrainer) -> list[dict]:
+    """This rank's pieces: which part of which tensor, its values and its optimizer state."""
+    out = []
     for piece, param in trainer.stage.named_pieces():
         state = trainer.optimizer.state.get(param, {})
-        records.append({
+        out.append({
             "piece": piece.__dict__,
             "value": param.detach().clone(),
             "state": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
         })
-    torch.save({"step": trainer.step_index, "pieces": records}, directory / _rank_file(trainer.comm.rank))
+    return out
+
+
+def save(directory: Path, trainer: RankTrainer, layout_dict: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": trainer.step_index, "pieces": records(trainer)}, directory / _rank_file(trainer.comm.rank))
     if trainer.comm.rank == 0:
         (directory / META).write_text(json.dumps({
             "step": trainer.step_index,
@@ -63,7 +68,11 @@ def load(directory: Path, trainer: RankTrainer) -> None:
     if meta["optimizer"] != trainer.optim_config.kind:
         raise ConfigError(f"--resume {directory} was trained with {meta['optimizer']}, "
                           f"not {trainer.optim_config.kind}: use --optimizer {meta['optimizer']}")
-    saved = saved_pieces(directory, meta["world_size"])
+    restore(trainer, saved_pieces(directory, meta["world_size"]), meta["step"])
+
+
+def restore(trainer: RankTrainer, saved: dict[str, list[dict]], step: int) -> None:
+    """Cut this rank's pieces and their optimizer state out of ``saved`` (records by tensor name)."""
     for piece, param in trainer.stage.named_pieces():
         with torch.no_grad():
             param.copy_(_cut(saved, piece, lambda r: r["value"]))
@@ -77,19 +86,26 @@ def load(directory: Path, trainer: RankTrainer) -> None:
                 state[key] = sample.clone() if torch.is_tensor(sample) else sample
         if state:
             trainer.optimizer.state[param] = state
-    trainer.step_index = meta["step"]
+    trainer.step_index = step
+
+
+def by_name(pieces: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for record in pieces:
+        if not isinstance(record["piece"], Piece):
+            record["piece"] = Piece(**{**record["piece"], "shape": tuple(record["piece"]["shape"])})
+        out.setdefault(record["piece"].name, []).append(record)
+    return out
 
 
 def saved_pieces(directory: Path, world_size: int) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+    pieces = []
     for rank in range(world_size):
         path = Path(directory) / _rank_file(rank)
         if not path.is_file():
             raise ConfigError(f"--resume {directory} lacks {path.name}: the checkpoint is incomplete")
-        for record in torch.load(path, weights_only=True)["pieces"]:
-            record["piece"] = Piece(**{**record["piece"], "shape": tuple(record["piece"]["shape"])})
-            out.setdefault(record["piece"].name, []).append(record)
-    return out
+        pieces += torch.load(path, weights_only=True)["pieces"]
+    return by_name(pieces)
 
 
 def full_tensor(records: list[dict], get=lambda r: r["value"]) -> torch.Tensor:

@@ -62,6 +62,7 @@ class RankTrainer:
         self.optimizer = make_optimizer([p for _, p in stage.named_pieces()], optim)
         self.seq_len = data.windows.shape[1] - 1
         self.step_index = 0  # optimizer steps taken
+        self.grad_norm = float("nan")  # of the last step's summed gradient, before clipping
 
     def step(self) -> float:
         """One optimizer step; returns its mean token loss (the same on every rank)."""
@@ -75,9 +76,11 @@ class RankTrainer:
         self.comm.all_reduce(loss, tuple(range(self.comm.world_size)))
         grads = {piece.name: self._grad(p) for piece, p in self.stage.named_pieces()}
         self.sync.sum_gradients(grads, self.comm)
+        # The norm's all-reduce over the world is also the step's commit point: a rank that
+        # dies before it leaves every survivor unstepped, so a step is taken by all or none.
+        self.grad_norm = self.sync.global_norm(grads, self.comm)
         if self.optim_config.max_grad_norm is not None:
-            norm = self.sync.global_norm(grads, self.comm)
-            coef = self.optim_config.max_grad_norm / (norm + 1e-6)
+            coef = self.optim_config.max_grad_norm / (self.grad_norm + 1e-6)
             if coef < 1.0:
                 for g in grads.values():
                     g.mul_(coef)
