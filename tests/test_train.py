@@ -23,7 +23,7 @@ from p2pserve.train.model import TrainStage
 from p2pserve.train.schedule import schedule
 from p2pserve.train.sync import segments
 from p2pserve.train.trainer import OptimConfig, RankTrainer
-from tests.tiny import make_tiny_llama
+from tests.tiny import make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 
 SEQ_LEN = 8
 VOCAB = 64
@@ -76,10 +76,10 @@ def train_ranks(model_dir, layout, steps, optim, schedule_kind="1f1b", data=None
 
 def train_reference(model_dir, global_batch, steps, optim, data=None, dtype=torch.float32):
     """Hugging Face transformers in one process: mean token loss of each global batch."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     data = data or token_data()
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if optim.kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     else:
@@ -134,6 +134,19 @@ def test_eight_ranks_in_unequal_pipelines_train_exactly_as_one_process(checkpoin
     assert param < 1e-5
     moved = max((ref_state[name] - start).abs().max().item() for name, start in initial_state(checkpoints[model]).items())
     assert moved > 100 * param  # the parameters moved far more than the two runs differ
+
+
+@pytest.mark.parametrize("make", [make_tiny_qwen2, make_tiny_qwen3])
+def test_qwen_biases_and_qk_norms_train_exactly_as_one_process(tmp_path, make):
+    """Qwen2's q/k/v biases are split with their rows; Qwen3's per-head q/k norms are held
+    whole by every TP rank and summed once per pipeline."""
+    model = make(tmp_path, n_layers=4, n_heads=6, n_kv_heads=3, hidden=48, intermediate=40, vocab=VOCAB,
+                 **({"head_dim": 16} if make is make_tiny_qwen3 else {}))
+    layout = make_layout(*LAYOUTS["tp2+1_tp3_pp2"])
+    losses, pieces = train_ranks(model, layout, 5, ADAMW)
+    ref_losses, ref_state = train_reference(model, layout.global_batch, 5, ADAMW)
+    loss_rel, param = worst_differences(losses, pieces, ref_losses, ref_state)
+    assert loss_rel < 1e-6 and param < 1e-5
 
 
 def test_in_fp64_the_only_difference_is_rounding(checkpoints):

@@ -27,8 +27,10 @@ from p2pserve.train.layout import Role
 class Piece:
     """Which part of Hugging Face tensor ``name`` a rank holds: ``[start, end)`` along ``dim``.
 
-    ``counted``: this copy's gradient is this pipeline's contribution to the sum over
-    pipelines. A tensor every TP rank of a stage holds whole counts once per stage.
+    ``counted``: this copy's gradient is part of the sum over pipelines. A tensor every TP
+    rank of a stage holds whole and applies to the whole activation gets the same gradient
+    on each, so it counts once per stage; Qwen3's q/k norms act on each rank's own heads,
+    so every rank's gradient is a part and each counts.
     """
 
     name: str
@@ -40,7 +42,8 @@ class Piece:
 
 
 def layer_names(config: ModelConfig, i: int) -> dict[str, str]:
-    """The role of each tensor of layer ``i`` -> its split: rows, cols or whole."""
+    """Each tensor of layer ``i`` -> how TP ranks hold it: rows, columns, whole, or whole but
+    applied to each rank's own heads (``per_head``: every rank's gradient is a part of the sum)."""
     p = f"model.layers.{i}."
     names = {
         p + "input_layernorm.weight": "whole",
@@ -57,7 +60,7 @@ def layer_names(config: ModelConfig, i: int) -> dict[str, str]:
         names.update({p + "self_attn.q_proj.bias": "q_rows", p + "self_attn.k_proj.bias": "kv_rows",
                       p + "self_attn.v_proj.bias": "kv_rows"})
     if config.qk_norm:
-        names.update({p + "self_attn.q_norm.weight": "whole", p + "self_attn.k_norm.weight": "whole"})
+        names.update({p + "self_attn.q_norm.weight": "per_head", p + "self_attn.k_norm.weight": "per_head"})
     return names
 
 
@@ -91,6 +94,8 @@ def pieces_of(config: ModelConfig, role: Role) -> list[Piece]:
         shape = tensor_shape(config, name)
         if split == "whole":
             out.append(Piece(name, shape, 0, 0, shape[0], counted_whole))
+        elif split == "per_head":
+            out.append(Piece(name, shape, 0, 0, shape[0], True))
         else:
             dim, (a, b) = spans[split]
             out.append(Piece(name, shape, dim, a, b, True))
