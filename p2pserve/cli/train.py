@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from p2pserve.errors import ConfigError
 from p2pserve.train.schedule import SCHEDULES
 from p2pserve.train.trainer import OPTIMIZERS
 
@@ -62,9 +63,12 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
     elif hetero == [[1]]:
         layers = [[config.n_layers]]
     else:
-        raise click.UsageError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
+        raise ConfigError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
     layout = make_layout(hetero, layers, batch_sizes or [1] * len(hetero), chunks, accum_iter)
     layout.check_model(config)
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} is above {config.name}'s context of "
+                          f"{config.max_position_embeddings} tokens: use at most {config.max_position_embeddings}")
     if resume_dir is not None:
         from p2pserve.train.checkpoint import read_meta
 
