@@ -21,7 +21,7 @@ from p2pserve.train.data import TokenWindows
 from p2pserve.train.layout import make_layout, parse_nested
 from p2pserve.train.model import TrainStage
 from p2pserve.train.schedule import schedule
-from p2pserve.train.sync import segments
+from p2pserve.train.sync import collective_groups, segments
 from p2pserve.train.trainer import OptimConfig, RankTrainer
 from tests.tiny import make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 
@@ -239,6 +239,9 @@ def test_gradient_segments_cut_at_every_pipelines_shard_boundaries(checkpoints):
     assert [(s.start, s.end, s.holders) for s in segs] == [(0, 8, (0, 2)), (8, 16, (0, 3)), (16, 24, (1, 4))]
     norm = [s for s in segments(config, layout) if s.name == "model.layers.0.input_layernorm.weight"]
     assert [(s.start, s.end, s.holders) for s in norm] == [(0, 48, (0, 1, 2, 3, 4))]
+    # the groups a process world must create, in one order on every rank; (1, 3) holds
+    # gate/up rows 20-27 of 40 (TP 2 splits 20+20, TP 3 14+13+13)
+    assert collective_groups(config, layout) == [(0, 1), (0, 1, 2, 3, 4), (0, 2), (0, 3), (1, 3), (1, 4), (2, 3, 4)]
 
 
 def test_1f1b_holds_at_most_one_micro_batch_per_later_stage():
