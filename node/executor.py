@@ -112,8 +112,8 @@ class BatchingExecutor:
         overwrites it): the first query does not pay first-use costs, and the time per
         prefill token is known before a long prompt arrives. Run it through ``compute``."""
         n = self.MIN_PIECE
-        x = torch.zeros(n, dtype=torch.long) if self.runner.model.is_first else \
-            torch.zeros(n, self.runner.model.config.hidden_size)
+        x = torch.zeros(n, dtype=torch.long) if self.runner.is_first else \
+            torch.zeros(n, self.runner.config.hidden_size)
         req = StepRequest(0, 0, x, False, None)
         self._compute([], req)
         self.steps = self.batched_requests = 0
@@ -214,11 +214,11 @@ class BatchingExecutor:
         self.steps += 1
         r.computed = b
         if b < r.n_tokens:
-            if not self.runner.model.is_last:
+            if not self.runner.is_last:
                 r.parts.append(out)
             return
         self.batched_requests += 1
-        if self.runner.model.is_last:
+        if self.runner.is_last:
             r.result = sample(out, r.params, r.start + b) if r.want else None
         else:
             r.result = torch.cat([*r.parts, out]) if r.parts else out
@@ -230,7 +230,7 @@ class BatchingExecutor:
         out = self.runner.forward(batch, torch.stack([r.x for r in group]))
         self.steps += 1
         self.batched_requests += len(group)
-        if self.runner.model.is_last:
+        if self.runner.is_last:
             for r, logits in zip(group, out):
                 r.result = sample(logits, r.params, r.start + 1) if r.want else None
         else:

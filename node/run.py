@@ -6,7 +6,6 @@ import logging
 import signal
 from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
 from pathlib import Path
 
 import click
@@ -127,7 +126,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.net.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.ranks.pipeline import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
-    from p2pserve.ranks.tpgroup import StageGroup
+    from p2pserve.ranks import world
+    from p2pserve.ranks.stages import LocalStages, StagesSpec
     from p2pserve.engine.weights import open_weights
 
     from p2pserve.node.budget import max_sessions
@@ -154,24 +154,23 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 f"point --model at the same weights the bootstrap serves")
         chain = chain_stages(opts, info)
         if chain:  # several stages in this worker: torch.distributed between them, not libp2p
-            from p2pserve.ranks.stages import ChainRunner
-
             stage, start, end, tp = int(opts.stage.split(",")[0]), chain[0][0], chain[-1][1], chain[0][2]
             devices = device_list(opts.devices, 1) * tp
-            runner = await compute.run(
-                lambda: ChainRunner(opts.model_path, chain, parse_dtype(opts.dtype), devices[0]))
-            group = SimpleNamespace(runner=runner, close=runner.close)
+            stages = tuple(chain)
+            world_devices = device_list(opts.devices, 1) * sum(t for _, _, t in chain)
         else:
             stage, start, end, tp = choose_layers(opts, info, config.n_layers)
             devices = device_list(opts.devices, tp)
-            group = await compute.run(
-                lambda: StageGroup(opts.model_path, start, end, tp, devices, parse_dtype(opts.dtype), source=source,
-                                   threads=opts.threads))
+            stages = ((start, end, tp),)
+            world_devices = devices
+        spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
+                          world.World(tuple(world_devices)), opts.threads)
+        group = await compute.run(partial(LocalStages.start, spec, source))
         try:
             sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                          parse_dtype(opts.dtype), devices[0], opts.kv_memory)
-            await compute.run(partial(group.runner.allocate, sessions, opts.max_seq_len))
-            server = StageServer(host, group.runner, model_name=config.name, fingerprint=config.fingerprint(),
+            await compute.run(partial(group.allocate, sessions, opts.max_seq_len))
+            server = StageServer(host, group, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue, compute=compute)
             await compute.run(server.executor.warm_up)

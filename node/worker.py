@@ -29,7 +29,8 @@ import torch
 import trio
 
 from p2pserve import __version__
-from p2pserve.errors import Busy, P2PServeError
+from p2pserve.engine.generate import GenerationLoop, check_prompt
+from p2pserve.errors import Busy, ConfigError, P2PServeError
 from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT, MAX_STREAM_INTERVAL, SESSION, Hop
 from p2pserve.net.records import RECORD_TTL, WorkerRecord, announce, sign_record
 from p2pserve.engine.sampling import SamplingParams
@@ -53,7 +54,6 @@ from p2pserve.node.link import Links, serve_link
 
 log = logging.getLogger("p2pserve.worker")
 
-PREFILL_CHUNK = 256  # tokens per prefill step: long prompts do not stall others' decodes
 IDLE_TIMEOUT = 120.0  # seconds a session may wait for its next frame before it is freed
 STEP_TIMEOUT = 60.0  # seconds a stage waits for the rest of the chain to answer one step
 
@@ -74,6 +74,7 @@ class Session:
     open_msg: dict
     down: object = None  # stream to the next stage, None on the last
     stream_interval: float = 0.0  # stage 0: seconds between token frames to the bootstrap
+    prompt: list[int] = field(default_factory=list)  # stage 0: checked token ids
     last_active: float = field(default_factory=time.monotonic)  # for the idle timeout
 
     @property
@@ -92,7 +93,7 @@ class StageServer:
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
         self.start, self.end = start, end
-        self.config = runner.model.config
+        self.config = runner.config
         self.max_len = max_len
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
         self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions), compute=compute)
@@ -102,7 +103,7 @@ class StageServer:
 
     @property
     def is_first(self) -> bool:
-        return self.runner.model.is_first
+        return self.runner.is_first
 
     def load(self) -> dict:
         links = self.links.stats()
@@ -179,12 +180,17 @@ class StageServer:
         if sid in self.sessions:
             raise SessionError("bad_request", f"session {sid} is already open here")
         prompt = msg.get("prompt") or []
+        if self.is_first:
+            try:
+                check_prompt(prompt, self.config.vocab_size)
+            except ConfigError as e:
+                raise SessionError("bad_request", str(e)) from None
         need = len(prompt) + params.max_new_tokens if self.is_first else int(msg.get("max_len", 0))
         if need > self.max_len:
             raise SessionError("bad_request", f"the session needs {need} positions; this worker holds "
                                               f"at most {self.max_len} per session")
         slot = await self.slots.acquire()
-        session = Session(sid, slot, chain, index, params, msg, stream_interval=interval)
+        session = Session(sid, slot, chain, index, params, msg, stream_interval=interval, prompt=list(prompt))
         self.sessions[sid] = session
         try:
             if not session.is_last:
@@ -320,34 +326,24 @@ class StageServer:
     async def _drive(self, stream, session: Session) -> None:
         """Stage 0: run the whole generation, streaming tokens upstream as they come."""
         msg = session.open_msg
-        prompt = [int(t) for t in msg.get("prompt") or []]
-        eos = set(int(t) for t in msg.get("eos") or [])
-        stop_on_eos = bool(msg.get("stop_on_eos", True))
-        if not prompt or any(not 0 <= t < self.config.vocab_size for t in prompt):
-            raise SessionError("bad_request", f"the prompt must be 1 or more token ids in [0, {self.config.vocab_size})")
+        loop = GenerationLoop(session.prompt, session.params.max_new_tokens,
+                              {int(t) for t in msg.get("eos") or []}, bool(msg.get("stop_on_eos", True)))
         # Tokens go upstream from a task of their own: the next step is queued at once,
         # so the sessions woken by one forward pass make the next one together instead of
-        # trickling in behind each other's frame writes (0.1-0.3 ms of Python each).
+        # trickling in behind each other's frame writes.
         upstream = UpstreamWriter(stream, session.stream_interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_upstream, stream, nursery.cancel_scope)
             nursery.start_soon(upstream.run)
-            pos, token = 0, None
-            for i in range(0, len(prompt), PREFILL_CHUNK):
-                chunk = prompt[i : i + PREFILL_CHUNK]
-                token = await self._step(session, torch.tensor(chunk), pos, pos + len(chunk) == len(prompt))
-                pos += len(chunk)
-            n = 0
-            while True:
-                n += 1
+            while (step := loop.next_step()) is not None:
+                token = await self._step(session, torch.tensor(step.tokens), step.start, step.want)
+                if not step.want:
+                    continue
+                loop.take(token)
                 upstream.push(token)
-                if n == 1:
+                if len(loop.tokens) == 1:
                     await upstream.flush()
-                if n >= session.params.max_new_tokens or (stop_on_eos and token in eos):
-                    break
-                token = await self._step(session, torch.tensor([token]), pos, True)
-                pos += 1
-            await upstream.finish({"type": "done", "n_tokens": n})
+            await upstream.finish({"type": "done", "n_tokens": len(loop.tokens)})
             nursery.cancel_scope.cancel()
 
     async def _watch_upstream(self, stream, scope) -> None:

@@ -9,7 +9,7 @@ from .swarm import Swarm
 
 @pytest.fixture(scope="session")
 def swarm2(tmp_path_factory):
-    from p2pserve.ranks.pipeline import free_port
+    from p2pserve.ranks.world import free_port
 
     with Swarm(tmp_path_factory.mktemp("swarm2")) as swarm:
         http = f"127.0.0.1:{free_port()}"

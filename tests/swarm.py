@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from p2pserve.ranks.pipeline import free_port
+from p2pserve.ranks.world import free_port
 
 STARTUP_TIMEOUT = 120.0
 

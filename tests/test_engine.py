@@ -49,7 +49,7 @@ def test_tiny_checkpoints_match_transformers_on_every_plan(case, tiny_models):
 
 
 def test_long_prompt_is_prefilled_in_chunks_with_the_same_answer(tiny_models, monkeypatch):
-    import p2pserve.ranks.pipeline as local
+    import p2pserve.engine.generate as local
 
     path = tiny_models["gqa-untied"]
     prompt = [(i * 7) % 250 + 3 for i in range(40)]
@@ -110,7 +110,7 @@ def test_a_rank_killed_mid_answer_is_an_error_not_a_hang(tiny_models):
     with LocalPipeline(tiny_models["mha-tied"], Plan([1, 1], [2, 2])) as pipe:
         answer = pipe.stream([3, 17, 42], SamplingParams(max_new_tokens=250), stop_on_eos=False, step_timeout=60)
         next(answer)
-        pipe._procs[1].kill()  # the last stage, which rank 0 waits on for every token
+        pipe._ranks.procs[1].kill()  # the last stage, which rank 0 waits on for every token
         with pytest.raises(P2PServeError, match=r"rank 1 of the pipeline was killed \(SIGKILL\)"):
             for _ in answer:
                 pass

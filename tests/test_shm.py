@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,19 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from p2pserve.ranks import shm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from p2pserve.ranks import shm, world
 
 
 def _rank(rank: int, size: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    world.join(world.World(("cpu",) * size, f"tcp://127.0.0.1:{port}"), rank, threads=1)
     # a group of ranks 1.. (rank 0 stays out, as another stage's rank would)
-    group = dist.new_group(list(range(1, size)))
+    (group,) = world.new_groups([range(1, size)])
     if rank == 0:
         dist.barrier()
         dist.destroy_process_group()
@@ -54,7 +47,7 @@ def test_shm_all_reduce_equals_gloo_on_every_rank(tp):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     size = tp + 1
-    port = _free_port()
+    port = world.free_port()
     procs = [ctx.Process(target=_rank, args=(r, size, port, results)) for r in range(size)]
     for p in procs:
         p.start()

@@ -28,7 +28,7 @@ class Step:
 def check_prompt(prompt: list[int], vocab_size: int) -> None:
     if not prompt:
         raise ConfigError("the prompt is empty")
-    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+    if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab_size for t in prompt):
         raise ConfigError(f"the prompt must be token ids in [0, {vocab_size})")
 
 
@@ -37,11 +37,11 @@ class GenerationLoop:
     until ``max_new_tokens`` tokens or, with ``stop_on_eos``, an end-of-sequence token."""
 
     def __init__(self, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] | set[int],
-                 stop_on_eos: bool = True, chunk: int = PREFILL_CHUNK):
+                 stop_on_eos: bool = True, chunk: int | None = None):
         self.prompt = list(prompt)
         self.max_new_tokens = max_new_tokens
         self.eos = frozenset(eos) if stop_on_eos else frozenset()
-        self.chunk = chunk
+        self.chunk = chunk or PREFILL_CHUNK
         self.tokens: list[int] = []  # sampled so far
         self.pos = 0  # positions already sent through the pipeline
         self._waiting = False  # a wanted step was handed out and its token not yet taken
