@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from p2pserve.bootstrap.server import Bootstrap, QueryFailed
+from p2pserve.bootstrap.server import Bootstrap
+from p2pserve.errors import P2PServeError
 
 STATUS = {"bad_request": 400, "unknown_model": 404, "busy": 503, "no_pipeline": 503, "internal": 500}
 DEFAULT_MAX_TOKENS = 256
@@ -37,7 +38,7 @@ def _error(code: str, message: str) -> JSONResponse:
 def _query_from_openai(body: dict, chat: bool) -> dict:
     """The OpenAI request body as a p2pserve query message."""
     if not isinstance(body, dict):
-        raise QueryFailed("bad_request", "the request body must be a JSON object")
+        raise P2PServeError("the request body must be a JSON object", code="bad_request")
     params = {"max_new_tokens": body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS,
               "temperature": body.get("temperature", 1.0),  # OpenAI's default
               "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0), "seed": body.get("seed")}
@@ -45,7 +46,7 @@ def _query_from_openai(body: dict, chat: bool) -> dict:
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise QueryFailed("bad_request", "'messages' must be a non-empty list of {role, content}")
+            raise P2PServeError("'messages' must be a non-empty list of {role, content}", code="bad_request")
         msg["messages"] = [{"role": str(m.get("role")), "content": str(m.get("content", ""))} for m in messages]
     else:
         prompt = body.get("prompt")
@@ -54,7 +55,7 @@ def _query_from_openai(body: dict, chat: bool) -> dict:
         elif isinstance(prompt, str):
             msg["prompt"], msg["chat"] = prompt, False
         else:
-            raise QueryFailed("bad_request", "'prompt' must be a string or a list of token ids")
+            raise P2PServeError("'prompt' must be a string or a list of token ids", code="bad_request")
     return msg
 
 
@@ -74,8 +75,8 @@ def make_app(node: Bootstrap) -> Starlette:
             return _error("bad_request", "the request body is not valid JSON")
         try:
             prompt, params, pipeline, stop_on_eos = node.prepare(_query_from_openai(body, chat))
-        except QueryFailed as e:
-            return _error(e.code, str(e))
+        except P2PServeError as e:
+            return _error(e.code, e.message)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         model = body.get("model") or node.config.name
@@ -89,8 +90,8 @@ def make_app(node: Bootstrap) -> Starlette:
             async with send:
                 try:
                     await node.answer(emit, prompt, params, pipeline, stop_on_eos)
-                except QueryFailed as e:
-                    await send.send({"type": "error", "code": e.code, "message": str(e)})
+                except P2PServeError as e:
+                    await send.send({"type": "error", "code": e.code, "message": e.message})
 
         def chunk(text: str, finish: str | None) -> dict:
             if chat:

@@ -18,7 +18,8 @@ import uuid
 import trio
 
 from p2pserve.engine.config import ModelConfig
-from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.errors import REQUEST_CODES, ConfigError, P2PServeError
+from p2pserve.net.host import dial
 from p2pserve.plan import Plan
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
 from p2pserve.net.records import RecordError, verify_record
@@ -43,12 +44,6 @@ FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
 TOKEN_TIMEOUT = 30.0
 MIN_TOKEN_TIMEOUT = 10.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
-
-
-class QueryFailed(P2PServeError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Bootstrap:
@@ -136,7 +131,7 @@ class Bootstrap:
         m = re.fullmatch(rf"{re.escape(self.config.name)}_(\d+)", name)
         if m:
             return int(m.group(1))
-        raise QueryFailed("unknown_model", f"unknown model {name!r}: this swarm serves {self.config.name!r}")
+        raise P2PServeError(f"unknown model {name!r}: this swarm serves {self.config.name!r}", code="unknown_model")
 
     def encode(self, msg: dict) -> list[int]:
         if "tokens" in msg:
@@ -148,9 +143,9 @@ class Bootstrap:
         else:
             ids = self.tokenizer.encode(str(msg.get("prompt", "")))
         if not ids:
-            raise QueryFailed("bad_request", "the prompt is empty")
+            raise P2PServeError("the prompt is empty", code="bad_request")
         if any(not 0 <= t < self.config.vocab_size for t in ids):
-            raise QueryFailed("bad_request", f"token ids must be in [0, {self.config.vocab_size})")
+            raise P2PServeError(f"token ids must be in [0, {self.config.vocab_size})", code="bad_request")
         return ids
 
     def prepare(self, msg: dict) -> tuple[list[int], SamplingParams, int | None, bool]:
@@ -160,12 +155,12 @@ class Bootstrap:
             params = SamplingParams.from_dict(msg.get("params") or {})
             prompt = self.encode(msg)
         except (ConfigError, TypeError, ValueError) as e:
-            raise QueryFailed("bad_request", str(e)) from None
+            raise P2PServeError(str(e), code="bad_request") from None
         need = len(prompt) + params.max_new_tokens
         if need > self.config.max_position_embeddings:
-            raise QueryFailed("bad_request", f"prompt ({len(prompt)} tokens) + max_new_tokens "
+            raise P2PServeError(f"prompt ({len(prompt)} tokens) + max_new_tokens "
                                              f"({params.max_new_tokens}) is above {self.config.name}'s "
-                                             f"context of {self.config.max_position_embeddings}")
+                                             f"context of {self.config.max_position_embeddings}", code="bad_request")
         return prompt, params, pipeline, bool(msg.get("stop_on_eos", True))
 
     async def handle_query(self, stream) -> None:
@@ -179,11 +174,11 @@ class Bootstrap:
 
             await self.answer(emit, prompt, params, pipeline, stop_on_eos)
             await stream.close()
-        except QueryFailed as e:
-            await _try_send(stream, error_frame(e.code, str(e)))
         except (WireError, EOFError) as e:
             log.info("query stream failed: %s", e)
             await reset_stream(stream)
+        except P2PServeError as e:
+            await _try_send(stream, error_frame(e.code, e.message))
         except trio.Cancelled:
             raise
         except Exception as e:  # one query's bug must not take the bootstrap down
@@ -207,8 +202,8 @@ class Bootstrap:
         t_fail = None
         for attempt in range(MAX_ATTEMPTS):
             if busy and self.registry.pick(pipeline, frozenset(failed | busy), self.policy) is None:
-                raise QueryFailed("busy", f"every pipeline of {self.config.name} is full ({busy_reason}); "
-                                          f"retry in a moment")
+                raise P2PServeError(f"every pipeline of {self.config.name} is full ({busy_reason}); "
+                                          f"retry in a moment", code="busy")
             chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
@@ -241,7 +236,7 @@ class Bootstrap:
                 failed |= e.peers
                 t_fail = t_fail or time.monotonic()
                 continue
-        raise QueryFailed("no_pipeline", f"gave up after {MAX_ATTEMPTS} failed chains")
+        raise P2PServeError(f"gave up after {MAX_ATTEMPTS} failed chains", code="no_pipeline")
 
     async def _choose(self, pipeline, exclude: frozenset[str], first: bool) -> list[Hop]:
         """A chain for the next attempt; after a failure, wait (bounded) for the registry
@@ -253,25 +248,18 @@ class Bootstrap:
                 return [Hop(r.peer_id, tuple(r.addrs), r.start, r.end) for r in chain]
             if trio.current_time() >= deadline:
                 if pipeline is not None and self.registry.chains():
-                    raise QueryFailed("no_pipeline", f"pipeline {pipeline} of {self.config.name} does not exist "
-                                                     f"(there are {len(self.registry.chains())})")
-                raise QueryFailed("no_pipeline", f"no complete pipeline: {self.registry.missing()}")
+                    raise P2PServeError(f"pipeline {pipeline} of {self.config.name} does not exist "
+                                                     f"(there are {len(self.registry.chains())})", code="no_pipeline")
+                raise P2PServeError(f"no complete pipeline: {self.registry.missing()}", code="no_pipeline")
             await trio.sleep(0.2)
 
     async def _run_chain(self, chain: list[Hop], prompt: list[int], params: SamplingParams, stop_on_eos: bool):
-        from libp2p.peer.id import ID
-
-        from p2pserve.net.host import connect
-
         first = chain[0]
         all_peers = frozenset(h.peer_id for h in chain)
         stream = None
         self.registry.inflight.update(all_peers)
         try:
-            peer = ID.from_base58(first.peer_id)
-            if not self.host.get_network().connections.get(peer):
-                addr = first.addrs[0]
-                await connect(self.host, addr if "/p2p/" in addr else f"{addr}/p2p/{first.peer_id}", timeout=10)
+            peer = await dial(self.host, first.peer_id, first.addrs)
             stream = await self.host.new_stream(peer, [SESSION])
             await write_frame(stream, {
                 "type": "open", "session": uuid.uuid4().hex, "chain": [h.to_dict() for h in chain],
@@ -301,13 +289,13 @@ class Bootstrap:
                 else:
                     raise _ChainFailed(all_peers, f"unexpected frame {msg.get('type')!r}")
         except RemoteError as e:
-            if e.code in ("bad_request", "shape", "unknown_model"):
-                raise QueryFailed(e.code, e.message) from None
+            if e.code in REQUEST_CODES:
+                raise P2PServeError(e.message, code=e.code) from None
             if e.code == "busy":
                 raise _ChainFailed(all_peers, e.message, busy=True) from None
             raise _ChainFailed(await self._suspects(chain), e.message) from None
         except (WireError, EOFError, P2PServeError, OSError) as e:
-            if isinstance(e, QueryFailed):
+            if isinstance(e, P2PServeError) and e.code in REQUEST_CODES:
                 raise
             raise _ChainFailed(await self._suspects(chain), str(e)) from None
         finally:

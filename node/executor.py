@@ -102,8 +102,8 @@ class BatchingExecutor:
         self._last_forward = 0.0
         self.prefill_seconds_per_token: float | None = None  # measured; None: no limit yet
         self._send, self._recv = trio.open_memory_channel(float("inf"))
-        self.last_decodes = 0  # decode steps in the last pass: 1 means its session is alone
         self._idle = False  # the batcher waits for work, nothing pending
+        self.last_decodes = 0  # decode steps in the last pass
         self.steps = 0  # forward passes run (for stats and tests)
         self.batched_requests = 0
 
@@ -122,11 +122,7 @@ class BatchingExecutor:
 
     async def step(self, req: StepRequest):
         """Queue one session's step and wait for its result (hidden states, logits or token)."""
-        if req.n_tokens == 1 and self.decodes_at_once():
-            # The only session's decode step, the batcher idle: there is nothing to batch it
-            # with, so it runs in this task. Handing it to the batcher task and back costs
-            # two scheduler turns, ~0.1 ms each right after a pass has evicted the caches
-            # (traced on a CPU swarm): a turn of its own per stage per token.
+        if req.n_tokens == 1 and self.alone():
             await trio.lowlevel.checkpoint_if_cancelled()
             self._run_pass([req], None)
         else:
@@ -136,18 +132,17 @@ class BatchingExecutor:
             raise req.error
         return req.result
 
-    def decodes_at_once(self) -> bool:
-        """Does a decode step run at once in its caller's task? Only on a CPU worker (a
-        pass there blocks the loop, so it cannot overlap the batcher's), only for the
-        stage's one session, and only with nothing queued.
+    def alone(self) -> bool:
+        """Is this stage's one session stepping with nothing to batch it with? The one
+        decision behind every lone-session path: its decode step then runs in its own task
+        (``step``), goes down the link from that task (``Link.step``), and the last stage
+        answers its link frame from the link's reading task (``serve_link``); each hand-off
+        between tasks would cost a scheduler turn and batch nothing. Only on a CPU worker,
+        where a pass blocks the loop and so cannot overlap the batcher's anyway.
 
-        Unlike ``InlineCompute.run`` it does not first let runnable tasks reach their
-        next wait: they run after the pass. For the one task that is usually runnable
-        here, stage 0's token writer (node/worker.py), that is the point: its write
-        then goes while the next stage computes, not in this stage's pass. A libp2p
-        write of a small frame takes no scheduler turn (p2pserve/net/fastio.py), so few
-        frames are caught half-written; a session's first token is flushed before its
-        first decode step."""
+        Unlike ``InlineCompute.run`` the lone step does not first let runnable tasks reach
+        their next wait: they run after the pass. For stage 0's token writer that is the
+        point: its write then goes while the next stage computes."""
         return (self._idle and isinstance(self.compute, InlineCompute) and self.sessions() <= 1
                 and self._recv.statistics().current_buffer_used == 0)
 

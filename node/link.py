@@ -209,13 +209,13 @@ class Links:
                 "steps": sum(lk.steps_sent for lk in links)}
 
 
-async def serve_link(stream, run_steps, at_once=lambda items: False) -> None:
+async def serve_link(stream, run_steps, alone=lambda items: False) -> None:
     """Stream handler body for LINK: answer each 'steps' frame with one 'tokens' frame.
 
     ``run_steps(items, x)`` runs the batch through this stage and the rest of the chain
     and returns one result per item (a token, or {code, message}); it must not raise.
     Frames are served concurrently, each replied to as soon as its batch is done; except
-    that a frame for which ``at_once(items)`` says that ``run_steps`` will not wait (the
+    that a frame for which ``alone(items)`` says that ``run_steps`` will not wait (the
     last stage computing a lone step on the spot) is served by this reading task itself,
     a scheduler turn sooner. A malformed frame ends the link (the sender fails its steps
     and dials anew)."""
@@ -240,7 +240,7 @@ async def serve_link(stream, run_steps, at_once=lambda items: False) -> None:
                 if x.dim() != 2 or x.shape[0] != len(items) or not x.is_floating_point():
                     raise WireError(f"'steps' tensor x is {x.dtype} {list(x.shape)} for {len(items)} items; "
                                     f"expected floating point [{len(items)}, hidden]")
-                if at_once(items):
+                if alone(items):
                     await one(msg, x, nursery.cancel_scope)
                 else:
                     nursery.start_soon(one, msg, x, nursery.cancel_scope)

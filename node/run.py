@@ -131,7 +131,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.engine.weights import open_weights
 
     from p2pserve.node.budget import max_sessions
-    from p2pserve.node.worker import StageServer, announce_forever, make_record
+    from p2pserve.node.announce import announce_forever, make_record
+    from p2pserve.node.sessions import StageServer
 
     quiet_libp2p_logs(opts.verbose)
     source = open_weights(opts.model_path)

@@ -13,9 +13,9 @@ from p2pserve.engine.sampling import SamplingParams
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError
 from p2pserve.net.protocols import Hop
-from p2pserve.node import worker
+from p2pserve.node import driver
 from p2pserve.node.compute import InlineCompute
-from p2pserve.node.worker import Session, StageServer
+from p2pserve.node.sessions import Session, StageServer
 from p2pserve.ranks import pipeline
 from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.ranks.stage import StageRunner
@@ -43,7 +43,7 @@ def test_the_loop_stops_on_eos_only_when_asked():
     for stop_on_eos, expected in [(True, [7, 2]), (False, [7, 2, 5])]:
         loop = GenerationLoop([1, 2], max_new_tokens=3, eos=(2,), stop_on_eos=stop_on_eos)
         answers = iter([7, 2, 5])
-        while (step := loop.next_step()) is not None:
+        while loop.next_step() is not None:
             loop.take(next(answers))
         assert loop.tokens == expected
 
@@ -96,7 +96,7 @@ class _UpstreamStream(_Recorder):
 
 async def test_the_swarm_stage_0_answers_through_the_generation_loop(tiny, monkeypatch):
     _Spy.made = []
-    monkeypatch.setattr(worker, "GenerationLoop", _Spy)
+    monkeypatch.setattr(driver, "GenerationLoop", _Spy)
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 8)
     source = open_weights(tiny)
     n = source.config.n_layers
@@ -110,7 +110,7 @@ async def test_the_swarm_stage_0_answers_through_the_generation_loop(tiny, monke
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.executor.run)
         with trio.fail_after(60):
-            await server._drive(stream, session)
+            await driver.drive(server, stream, session)
         nursery.cancel_scope.cancel()
     sent = [t for _, frames in stream.writes for f in frames for t in f.get("tokens", [])]
     assert len(_Spy.made) == 1 and _Spy.made[0].tokens == sent

@@ -10,8 +10,8 @@ import torch
 import trio
 import trio.testing
 
-from p2pserve.node import worker
-from p2pserve.node.worker import Session, StageServer
+from p2pserve.node import sessions as worker
+from p2pserve.node.sessions import Session, StageServer
 from p2pserve.node.compute import InlineCompute
 from p2pserve.engine.build import load_stage
 from p2pserve.net.protocols import Hop
@@ -83,23 +83,23 @@ async def test_relay_idle_timeout_counts_link_steps_as_activity(tiny, monkeypatc
 
 
 async def test_only_a_lone_step_of_a_session_that_ends_here_is_answered_by_the_reading_task(tiny):
-    """``StageServer._at_once`` (serve_link's rule): one item, of a known session whose
+    """``StageServer._alone`` (serve_link's rule): one item, of a known session whose
     last stage this is, with the executor idle and computing inline."""
     server, session = _last_stage(tiny, compute=InlineCompute())
     lone = [{"session": session.id, "start": 0}]
-    assert not server._at_once(lone)  # the batcher is not waiting yet
+    assert not server._alone(lone)  # the batcher is not waiting yet
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.executor.run)
         await trio.testing.wait_all_tasks_blocked()
-        assert server._at_once(lone)
-        assert not server._at_once(lone * 2)  # two steps: the batcher batches them
-        assert not server._at_once([{"session": "unknown", "start": 0}])
-        assert not server._at_once(["not an item"])
+        assert server._alone(lone)
+        assert not server._alone(lone * 2)  # two steps: the batcher batches them
+        assert not server._alone([{"session": "unknown", "start": 0}])
+        assert not server._alone(["not an item"])
         n = server.config.n_layers
         middle = Session("s2", 1, [Hop("a", (), 0, 1), Hop("me", (), 1, n - 1), Hop("b", (), n - 1, n)], 1,
                          SamplingParams(), {})
         server.sessions = {middle.id: middle}
-        assert not server._at_once([{"session": middle.id, "start": 0}])  # its step goes on down the chain
+        assert not server._alone([{"session": middle.id, "start": 0}])  # its step goes on down the chain
         server.sessions = {session.id: session, middle.id: middle}
-        assert not server._at_once(lone)  # a second open session may have a step to batch with
+        assert not server._alone(lone)  # a second open session may have a step to batch with
         nursery.cancel_scope.cancel()

@@ -12,9 +12,13 @@ from p2pserve.errors import P2PServeError
 
 
 class QueryError(P2PServeError):
+    """The head refused or could not answer a query."""
+
     def __init__(self, code: str, message: str):
-        super().__init__(f"{message} [{code}]")
-        self.code = code
+        super().__init__(message, code)
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
 
 
 @dataclass

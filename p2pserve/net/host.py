@@ -225,6 +225,21 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
     return info.peer_id
 
 
+async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
+    """The one way to reach a peer named in a record or a chain: its open connection, or
+    each of its announced addresses in turn. NetworkError naming the peer if none answers."""
+    peer = ID.from_base58(peer_id)
+    if host.get_network().connections.get(peer):
+        return peer
+    failures = []
+    for addr in addrs:
+        try:
+            return await connect(host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}", timeout=timeout)
+        except NetworkError as e:
+            failures.append(str(e))
+    raise NetworkError(f"cannot reach {peer_id}: " + ("; ".join(failures) or "it announced no address"))
+
+
 def _root_cause(e: BaseException) -> str:
     # py-libp2p wraps the OS error several levels deep ("unable to connect … (with exceptions)").
     while True:

@@ -98,12 +98,13 @@ class StreamClosed(WireError):
 
 
 class RemoteError(P2PServeError):
-    """The peer answered with an error frame."""
+    """The peer answered with an error frame: its code, and its message as ``message``."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(f"peer answered {code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
+
+    def __str__(self) -> str:
+        return f"peer answered {self.code}: {self.message}"
 
 
 def error_frame(code: str, message: str) -> dict:

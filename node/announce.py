@@ -1,0 +1,59 @@
+"""A worker announcing itself: a heartbeat stream to the head and a signed record in the DHT."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from p2pserve import __version__
+from p2pserve.net.host import connect
+from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT
+from p2pserve.net.records import RECORD_TTL, WorkerRecord, announce, sign_record
+from p2pserve.net.wire import write_frame
+
+log = logging.getLogger("p2pserve.worker")
+
+
+def make_record(host, server, *, stage: int, tp: int, devices: list[dict],
+                group_id: str, addrs: list[str]) -> WorkerRecord:
+    return WorkerRecord(
+        peer_id=host.get_id().to_base58(), addrs=addrs, model=server.model_name,
+        fingerprint=server.fingerprint, stage=stage, start=server.start, end=server.end, tp=tp,
+        devices=devices, group_id=group_id, version=__version__, load=server.load(),
+        expires_at=time.time() + RECORD_TTL,
+    )
+
+
+async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) -> None:
+    """Heartbeat the bootstrap on one stream (re-dialing if it restarts) and keep the DHT
+    record fresh. Never returns; cancel it to leave."""
+    async with trio.open_nursery() as nursery:
+        if dht is not None:  # a slow DHT put must never delay a heartbeat
+            nursery.start_soon(_refresh_dht, dht, key_pair, record_fn)
+        await _heartbeat(host, key_pair, bootstrap_peer, record_fn)
+
+
+async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:
+    while True:
+        try:
+            peer = await connect(host, bootstrap_peer, timeout=10)
+            stream = await host.new_stream(peer, [ANNOUNCE])
+            while True:
+                blob = sign_record(record_fn(), key_pair)
+                await write_frame(stream, {"type": "announce", "record": blob}, timeout=10)
+                await trio.sleep(HEARTBEAT)
+        except Exception as e:  # the bootstrap is gone or restarting: dial again
+            log.info("announce to bootstrap failed (%s); retrying", e)
+            await trio.sleep(1.0)
+
+
+async def _refresh_dht(dht, key_pair, record_fn) -> None:
+    while True:
+        with trio.move_on_after(10):
+            try:
+                await announce(dht, sign_record(record_fn(), key_pair))
+            except Exception as e:
+                log.info("DHT announce failed: %s", e)
+        await trio.sleep(RECORD_TTL / 3)
