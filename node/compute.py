@@ -1,28 +1,20 @@
 """One OS thread for all of a process's torch work, awaited from trio.
 
 libgomp (torch's OpenMP on Linux) gives every OS thread that starts a parallel region a
-team of its own, and the teams' threads live as long as that OS thread does. When a
-process has more such threads than the machine has CPUs, libgomp *throttles* spinning:
-a team's threads then sleep between parallel regions instead of spinning (100 spins
-instead of GOMP_SPINCOUNT), and each of a decode step's hundreds of small regions pays
-a futex wake-up. A worker used to allocate its KV cache on the trio thread and load
-its model and run its passes in trio's worker threads: on 2 cores a 15-layer SmolLM2
-decode step took 1.5-1.7x as long while a second team merely existed, and recovered when
-its thread exited (``python bench/omp_teams.py``).
-
-So a worker loads, measures, allocates and runs every forward pass on one thread, and
-no other thread of it starts a parallel region. Which thread depends on the device:
+team of its own, and once a process has more team threads than the machine has CPUs it
+stops spinning between regions, so each of a decode step's many small regions pays a
+futex wake-up (``python bench/omp_teams.py`` measures it). So a worker loads, measures,
+allocates and runs every forward pass on one thread, and no other thread of it starts a
+parallel region. Which thread depends on the device:
 
 - CUDA: this module's compute thread. The GPU computes while the loop keeps serving
   frames and heartbeats, and the loop's thread never touches torch's CPU threads.
 - CPU: the trio loop's own thread (``InlineCompute``). A CPU pass occupies every core the
-  worker was given, so a loop running beside it only competes for them; and handing each
-  pass to another thread costs two cross-thread wake-ups per stage per token. On a VM
-  whose idle vCPUs halt (no guest halt-polling, as on this project's CI machines) each
-  wake-up of a thread that slept through a pass takes ~0.2-0.3 ms, against ~0.02 ms when
-  it slept briefly (``python bench/wakeup.py``): ~0.6 ms per token on a two-stage swarm.
-  The price is that the loop is deaf while a pass runs; the batcher bounds that by
-  cutting long prefills into passes of at most ``MAX_PASS`` seconds (node/executor.py).
+  worker was given, so a loop running beside it only competes for them, and handing each
+  pass to another thread costs two cross-thread wake-ups per stage per token, slow on VMs
+  whose idle vCPUs halt (``python bench/wakeup.py``). The price is that the loop is deaf
+  while a pass runs; the batcher bounds that by cutting long prefills into passes of at
+  most ``MAX_PASS`` seconds (node/executor.py).
 """
 
 from __future__ import annotations
@@ -33,7 +25,8 @@ from typing import Callable, TypeVar
 
 import outcome
 import trio
-import trio.testing
+
+from p2pserve.net import wire
 
 T = TypeVar("T")
 
@@ -95,13 +88,17 @@ class InlineCompute:
     IDLE_WAIT = 0.005  # seconds at most that a job waits for the loop to go idle
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()``, blocking the trio loop until it returns: but first let every task
-        that can run now get to its next wait. A libp2p write takes several scheduler
-        turns; a pass started in the middle of one delays that frame by the whole pass
-        (stage 0's first token reached the bootstrap ~40 ms late that way). Afterwards
-        it does not yield: the caller decides when the loop gets its turn."""
+        """Run ``fn()``, blocking the trio loop until it returns: but first let the tasks
+        that can run now take a step (two turns: trio may run them before or after this
+        one), and let every frame write under way finish. A libp2p write takes several
+        scheduler turns, and a pass started in the middle of one delays that frame by the
+        whole pass. Afterwards it does not yield: the caller decides when the loop gets
+        its turn."""
         with trio.move_on_after(self.IDLE_WAIT):
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0)
+            await trio.sleep(0)
+            while wire.writes_in_flight:
+                await trio.sleep(0)
         return fn()
 
 

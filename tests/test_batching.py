@@ -10,6 +10,7 @@ import pytest
 import torch
 import trio
 
+from p2pserve.net.wire import write_frame
 from p2pserve.node.executor import BatchingExecutor, SlotPool, StepRequest
 from p2pserve.node.compute import ComputeThread, InlineCompute, compute_for
 from p2pserve.errors import Busy
@@ -239,10 +240,14 @@ async def test_an_inline_job_first_lets_runnable_tasks_reach_their_next_wait():
     """A libp2p write takes several scheduler turns: a pass must not cut into one."""
     order = []
 
+    class _Stream:  # a libp2p stream's write: five scheduler turns
+        async def write(self, data):
+            for i in range(5):
+                order.append(i)
+                await trio.lowlevel.checkpoint()
+
     async def writer():
-        for i in range(5):
-            order.append(i)
-            await trio.lowlevel.checkpoint()
+        await write_frame(_Stream(), {"type": "x"})
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)

@@ -155,9 +155,14 @@ async def write_frames(stream, msgs: list[dict], timeout: float = DEFAULT_TIMEOU
     await _write(stream, b"".join(parts), timeout)
 
 
+writes_in_flight = 0  # writes of this process under way (a CPU pass waits for them: node/compute.py)
+
+
 async def _write(stream, data: bytes, timeout: float) -> None:
     # A write cut short leaves half a frame on the stream and py-libp2p would happily
     # accept the next one after it, so any write that does not finish resets the stream.
+    global writes_in_flight
+    writes_in_flight += 1
     done = False
     try:
         with trio.fail_after(timeout):
@@ -170,6 +175,7 @@ async def _write(stream, data: bytes, timeout: float) -> None:
     except Exception as e:
         raise StreamClosed(f"cannot write: the stream is closed or reset ({_describe(e)})") from e
     finally:
+        writes_in_flight -= 1
         if not done:
             await reset_stream(stream)
 
