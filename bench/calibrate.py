@@ -105,7 +105,7 @@ async def measure(args, addr, pipe, ids):
     from p2pserve.net.client import QueryError
     from p2pserve.node.compute import compute_thread
     from p2pserve.planner import measure_device
-    from p2pserve.engine.sampling import SamplingParams
+    from p2pserve.engine.generate import SamplingParams
     from tests.swarm import client
 
     params = SamplingParams(max_new_tokens=args.tokens)

@@ -38,7 +38,7 @@ from rich.table import Table
 from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.ranks.world import default_threads
 from p2pserve.plan import Plan
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
 
 PROMPT = "What is the capital of France?"

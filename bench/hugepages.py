@@ -24,7 +24,7 @@ import torch
 
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
-from p2pserve.ranks.stage import StageRunner
+from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 
 HUGE = 2 << 20

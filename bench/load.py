@@ -31,7 +31,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from p2pserve.net.client import ask  # noqa: E402
-from p2pserve.engine.sampling import SamplingParams  # noqa: E402
+from p2pserve.engine.generate import SamplingParams  # noqa: E402
 from p2pserve.engine.weights import default_model_path, open_weights  # noqa: E402
 from tests.reference import hf_model  # noqa: E402
 from tests.swarm import Swarm, client  # noqa: E402

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from p2pserve.engine.build import load_stage  # noqa: E402
 from p2pserve.engine.model import Batch  # noqa: E402
-from p2pserve.ranks.stage import StageRunner  # noqa: E402
+from p2pserve.ranks.stages import StageRunner  # noqa: E402
 from p2pserve.engine.weights import open_weights  # noqa: E402
 
 

@@ -132,7 +132,7 @@ def time_transformers(model, ids, n):
 
 async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
     from p2pserve.net.host import connect
-    from p2pserve.engine.sampling import SamplingParams
+    from p2pserve.engine.generate import SamplingParams
     from tests.swarm import client
 
     from p2pserve.node.compute import compute_thread

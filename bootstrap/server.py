@@ -23,7 +23,7 @@ from p2pserve.net.host import dial
 from p2pserve.plan import Plan
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
 from p2pserve.net.records import RecordError, verify_record
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import (
     RemoteError,
     WireError,

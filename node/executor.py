@@ -25,8 +25,8 @@ import trio
 from p2pserve.node.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
 from p2pserve.engine.model import Batch
-from p2pserve.engine.sampling import SamplingParams, sample
-from p2pserve.ranks.stage import StageRunner
+from p2pserve.engine.generate import SamplingParams, sample
+from p2pserve.ranks.stages import StageRunner
 
 
 @dataclass

@@ -32,7 +32,7 @@ from p2pserve.engine.generate import check_prompt
 from p2pserve.errors import Busy, ConfigError, NetworkError, P2PServeError
 from p2pserve.net.host import dial
 from p2pserve.net.protocols import MAX_STREAM_INTERVAL, SESSION, Hop
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import (
     StreamClosed,
     WireError,

@@ -20,7 +20,7 @@ from p2pserve.planner.devices import GiB
 from p2pserve.planner.measure import DeviceSpeed
 from p2pserve.planner.swarm import auto_request, device_entries
 from p2pserve.net.records import WorkerRecord
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
 
 from .reference import cached_hf_model, hf_greedy

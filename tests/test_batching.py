@@ -15,8 +15,8 @@ from p2pserve.node.executor import BatchingExecutor, SlotPool, StepRequest
 from p2pserve.node.compute import ComputeThread, InlineCompute, compute_for
 from p2pserve.errors import Busy
 from p2pserve.engine.build import load_stage
-from p2pserve.engine.sampling import SamplingParams
-from p2pserve.ranks.stage import StageRunner
+from p2pserve.engine.generate import SamplingParams
+from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 
 from .reference import hf_greedy, hf_model

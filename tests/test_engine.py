@@ -7,7 +7,7 @@ import pytest
 from p2pserve.errors import ConfigError
 from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.plan import Plan
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.tp import shard_for, split_evenly
 from p2pserve.engine.weights import open_weights
 

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from p2pserve.net.client import QueryError, ask
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 
 from .reference import chat_references
 from .swarm import Swarm, client

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan

@@ -9,7 +9,7 @@ import trio
 from p2pserve.engine import generate
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import GenerationLoop, Step
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError
 from p2pserve.net.protocols import Hop
@@ -18,7 +18,7 @@ from p2pserve.node.compute import InlineCompute
 from p2pserve.node.sessions import Session, StageServer
 from p2pserve.ranks import pipeline
 from p2pserve.ranks.pipeline import LocalPipeline
-from p2pserve.ranks.stage import StageRunner
+from p2pserve.ranks.stages import StageRunner
 
 from .reference import hf_greedy, hf_model
 from .test_upstream import _Recorder

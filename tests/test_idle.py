@@ -15,8 +15,8 @@ from p2pserve.node.sessions import Session, StageServer
 from p2pserve.node.compute import InlineCompute
 from p2pserve.engine.build import load_stage
 from p2pserve.net.protocols import Hop
-from p2pserve.engine.sampling import SamplingParams
-from p2pserve.ranks.stage import StageRunner
+from p2pserve.engine.generate import SamplingParams
+from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 from p2pserve.net.wire import WireTimeout
 

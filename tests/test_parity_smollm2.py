@@ -6,7 +6,7 @@ import pytest
 
 from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.plan import Plan
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
 
 from .reference import cached_hf_model, hf_greedy

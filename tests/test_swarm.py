@@ -10,7 +10,7 @@ import trio
 
 from p2pserve.net.host import connect
 from p2pserve.net.protocols import LINK, SESSION
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import RemoteError, read_frame, send_message, write_frame
 
 from .reference import chat_references

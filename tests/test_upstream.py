@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from p2pserve.bootstrap.server import tokens_of
-from p2pserve.node.upstream import UpstreamWriter
+from p2pserve.node.driver import UpstreamWriter
 from p2pserve.net.wire import StreamClosed, read_frame
 
 from .test_wire import Pipe

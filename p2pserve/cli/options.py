@@ -7,7 +7,7 @@ import functools
 import click
 
 from p2pserve.errors import ConfigError
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 
 
 def plan_options(f):

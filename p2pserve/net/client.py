@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from p2pserve.net.protocols import QUERY, STATUS
-from p2pserve.engine.sampling import SamplingParams
+from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import RemoteError, read_frame, reset_stream, write_frame
 from p2pserve.errors import P2PServeError
 

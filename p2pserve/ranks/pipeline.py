@@ -19,7 +19,7 @@ import torch
 
 from p2pserve.engine.generate import GenerationLoop
 from p2pserve.engine.model import Batch
-from p2pserve.engine.sampling import SamplingParams, sample
+from p2pserve.engine.generate import SamplingParams, sample
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError, P2PServeError
 from p2pserve.heap import freeze_startup_heap
