@@ -24,7 +24,6 @@ import torch
 
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
-from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 
 HUGE = 2 << 20
@@ -69,7 +68,7 @@ def main() -> None:
     for name, advice in (("huge", MADV_HUGEPAGE), ("4 KiB", MADV_NOHUGEPAGE)):
         model = load_stage(source, 0, source.config.n_layers)
         arenas.append(into_arena(model, advice))
-        runners[name] = StageRunner(model, None, 0)
+        runners[name] = model
         runners[name].allocate(1, args.steps + 1)
     print(f"AnonHugePages: {anon_huge_kib() / 1024:.0f} MiB")
     x = torch.tensor([[1]])

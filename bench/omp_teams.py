@@ -27,7 +27,6 @@ import torch  # noqa: E402
 
 from p2pserve.engine.build import load_stage  # noqa: E402
 from p2pserve.engine.model import Batch  # noqa: E402
-from p2pserve.ranks.stages import StageRunner  # noqa: E402
 from p2pserve.engine.weights import open_weights  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    runner = StageRunner(load_stage(open_weights(None), 0, args.layers))
+    runner = load_stage(open_weights(None), 0, args.layers)
     runner.allocate(1, 512)
     x = torch.tensor([[5]])
 

@@ -26,7 +26,6 @@ from p2pserve.node.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
 from p2pserve.engine.model import Batch
 from p2pserve.engine.generate import SamplingParams, sample
-from p2pserve.ranks.stages import StageRunner
 
 
 @dataclass
@@ -87,14 +86,18 @@ class SlotPool:
 class BatchingExecutor:
     """``sessions()`` says how many sessions are open on this stage: when fewer steps are
     ready than that, the batcher waits a moment (a small fraction of a forward pass) for
-    the rest, which are usually in flight a hop away, so that they share one pass."""
+    the rest, which are usually in flight a hop away, so that they share one pass.
+
+    ``runner`` steps the stage: a StageModel, or a runner of several ranks with its
+    interface (``p2pserve.ranks.stages``: forward, allocate, max_len, config, is_first,
+    is_last)."""
 
     GATHER_FRACTION = 0.15  # of the last forward pass's time
     MAX_GATHER = 0.005  # seconds
     MAX_PASS = 0.2  # seconds a pass may block (the loop's heartbeats are every 2 s)
     MIN_PIECE = 16  # tokens: a prefill piece is never cut smaller, and the shortest one timed
 
-    def __init__(self, runner: StageRunner, max_batch: int = 64, sessions=lambda: 0, compute=None):
+    def __init__(self, runner, max_batch: int = 64, sessions=lambda: 0, compute=None):
         self.runner = runner
         self.compute = compute or compute_thread()
         self.max_batch = max_batch

@@ -127,7 +127,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.ranks.pipeline import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.ranks import world
-    from p2pserve.ranks.stages import LocalStages, StagesSpec
+    from p2pserve.ranks.stages import StagesSpec, open_runner
     from p2pserve.engine.weights import open_weights
 
     from p2pserve.node.budget import max_sessions
@@ -166,12 +166,12 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             world_devices = devices
         spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
                           world.World(tuple(world_devices)), opts.threads)
-        group = await compute.run(partial(LocalStages.start, spec, source))
+        runner, close_runner = await compute.run(partial(open_runner, spec, source))
         try:
             sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                          parse_dtype(opts.dtype), devices[0], opts.kv_memory)
-            await compute.run(partial(group.allocate, sessions, opts.max_seq_len))
-            server = StageServer(host, group, model_name=config.name, fingerprint=config.fingerprint(),
+            await compute.run(partial(runner.allocate, sessions, opts.max_seq_len))
+            server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue, compute=compute)
             await compute.run(server.executor.warm_up)
@@ -210,7 +210,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                     click.echo(f"worker {host.get_id().to_base58()} left the swarm", err=True)
                     nursery.cancel_scope.cancel()
         finally:
-            group.close()
+            close_runner()
 
 
 async def _wait_for_signal() -> None:

@@ -16,7 +16,6 @@ from p2pserve.node.compute import ComputeThread, InlineCompute, compute_for
 from p2pserve.errors import Busy
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import SamplingParams
-from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 
 from .reference import hf_greedy, hf_model
@@ -31,7 +30,7 @@ def tiny(tmp_path_factory):
 
 async def test_batched_sessions_of_different_lengths_equal_unbatched_answers(tiny):
     source = open_weights(tiny)
-    runner = StageRunner(load_stage(source, 0, source.config.n_layers))
+    runner = load_stage(source, 0, source.config.n_layers)
     runner.allocate(8, 96)
     executor = BatchingExecutor(runner)
     slots = SlotPool(8, 32)
@@ -162,9 +161,9 @@ async def test_a_long_prefill_is_cut_into_passes_and_answers_as_one_pass_would(t
     n = source.config.n_layers
     prompt = [random.Random(1).randrange(3, 250) for _ in range(30)]
     # the last stage (samples) and a middle stage (returns every position's hidden state)
-    last = BatchingExecutor(StageRunner(load_stage(source, 0, n)), compute=InlineCompute())
-    middle = BatchingExecutor(StageRunner(load_stage(source, 0, n - 1)), compute=InlineCompute())
-    whole = StageRunner(load_stage(source, 0, n - 1))
+    last = BatchingExecutor(load_stage(source, 0, n), compute=InlineCompute())
+    middle = BatchingExecutor(load_stage(source, 0, n - 1), compute=InlineCompute())
+    whole = load_stage(source, 0, n - 1)
     for runner in (last.runner, middle.runner, whole):
         runner.allocate(2, 64)
     last.warm_up()
@@ -198,7 +197,7 @@ async def test_a_long_prefill_is_cut_into_passes_and_answers_as_one_pass_would(t
 async def test_other_sessions_decode_between_the_pieces_of_a_long_prefill(tiny):
     """Chunked prefill: a long prompt does not stall the answers already streaming."""
     source = open_weights(tiny)
-    runner = StageRunner(load_stage(source, 0, source.config.n_layers))
+    runner = load_stage(source, 0, source.config.n_layers)
     runner.allocate(2, 96)
     executor = BatchingExecutor(runner, compute=InlineCompute(), sessions=lambda: 2)  # as a worker with 2 open
     _cut_prefills_into(executor, 8)

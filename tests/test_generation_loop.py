@@ -18,7 +18,6 @@ from p2pserve.node.compute import InlineCompute
 from p2pserve.node.sessions import Session, StageServer
 from p2pserve.ranks import pipeline
 from p2pserve.ranks.pipeline import LocalPipeline
-from p2pserve.ranks.stages import StageRunner
 
 from .reference import hf_greedy, hf_model
 from .test_upstream import _Recorder
@@ -100,7 +99,7 @@ async def test_the_swarm_stage_0_answers_through_the_generation_loop(tiny, monke
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 8)
     source = open_weights(tiny)
     n = source.config.n_layers
-    runner = StageRunner(load_stage(source, 0, n))
+    runner = load_stage(source, 0, n)
     runner.allocate(2, 64)
     server = StageServer(None, runner, model_name="tiny", fingerprint="f", start=0, end=n,
                          max_sessions=2, max_len=64, compute=InlineCompute())

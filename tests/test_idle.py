@@ -16,7 +16,6 @@ from p2pserve.node.compute import InlineCompute
 from p2pserve.engine.build import load_stage
 from p2pserve.net.protocols import Hop
 from p2pserve.engine.generate import SamplingParams
-from p2pserve.ranks.stages import StageRunner
 from p2pserve.engine.weights import open_weights
 from p2pserve.net.wire import WireTimeout
 
@@ -43,7 +42,7 @@ def tiny(tmp_path_factory):
 def _last_stage(tiny, compute=None):
     source = open_weights(tiny)
     n = source.config.n_layers
-    runner = StageRunner(load_stage(source, 1, n))
+    runner = load_stage(source, 1, n)
     runner.allocate(2, 64)
     server = StageServer(None, runner, model_name="tiny", fingerprint="f", start=1, end=n,
                          max_sessions=2, max_len=64, compute=compute)

@@ -296,7 +296,7 @@ class StageModel(nn.Module):
     def device(self) -> torch.device:
         return self.blocks[0].attn.wqkv.device if len(self.blocks) else self.embed.device
 
-    def allocate_cache(self, n_slots: int, max_len: int) -> None:
+    def allocate(self, n_slots: int, max_len: int) -> None:
         """(Re)allocate the KV cache: ``n_slots`` sequences of up to ``max_len`` tokens."""
         device, dtype = self.device, self.dtype
         for block in self.blocks:
@@ -306,7 +306,27 @@ class StageModel(nn.Module):
 
     @property
     def max_len(self) -> int:
-        return self.cos.shape[0]
+        """Positions per KV slot (0 before ``allocate``)."""
+        return 0 if self.cos is None else self.cos.shape[0]
+
+    @property
+    def n_slots(self) -> int:
+        cache = self.blocks[0].attn.cache if len(self.blocks) else None
+        return 0 if cache is None else cache.k.shape[0]
+
+    def embed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's input as hidden states: token ids [B, T] are embedded on stage 0."""
+        if self.is_first:
+            x = self.embed_tokens(x.to(self.device))
+        return x.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        """One batched step: x is token ids [B, T] on stage 0, hidden states [B, T, hidden]
+        elsewhere. Returns hidden states [B, T, hidden], or the logits of each sequence's
+        last position [B, vocab] on the last stage."""
+        h = self.forward_layers(self.embed_input(x), batch)
+        return self.logits(h) if self.is_last else h
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed)

@@ -180,7 +180,7 @@ def _probe(dev, dtype, hidden: int, layers: int):
     config = ModelConfig(name="probe", n_layers=layers + 2, hidden_size=hidden, n_heads=heads, n_kv_heads=heads,
                          head_dim=hidden // heads, intermediate_size=4 * hidden, vocab_size=256)
     model = load_stage(_ConstantWeights(config), 1, layers + 1, device=dev, dtype=dtype)
-    model.allocate_cache(1, 2 * PREFILL_TOKENS)
+    model.allocate(1, 2 * PREFILL_TOKENS)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) / layers
 
     @torch.inference_mode()

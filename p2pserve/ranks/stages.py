@@ -44,48 +44,39 @@ def _group_messenger(model: StageModel, group, leader_rank: int) -> Messenger:
 
 
 class StageRunner:
-    """The leader's handle on its stage: ``forward`` runs one batched step on every rank."""
+    """The leader's handle on its stage: ``forward`` runs one batched step on every rank of
+    its TP group (a one-rank stage needs none: the StageModel is its own runner)."""
 
-    def __init__(self, model: StageModel, group=None, leader_rank: int = 0):
+    def __init__(self, model: StageModel, group, leader_rank: int):
         self.model = model
         self.config = model.config
         self.is_first, self.is_last = model.is_first, model.is_last
         self.device, self.dtype = model.device, model.dtype
-        self._followers = None if group is None else _group_messenger(model, group, leader_rank)
+        self._followers = _group_messenger(model, group, leader_rank)
 
     @property
     def max_len(self) -> int:
-        return 0 if self.model.cos is None else self.model.max_len
+        return self.model.max_len
 
     @property
     def n_slots(self) -> int:
-        blocks = self.model.blocks
-        return blocks[0].attn.cache.k.shape[0] if len(blocks) and blocks[0].attn.cache is not None else 0
+        return self.model.n_slots
 
     def allocate(self, n_slots: int, max_len: int) -> None:
-        if self._followers is not None:
-            self._followers.put(OP_ALLOC, n_slots, max_len)
-        self.model.allocate_cache(n_slots, max_len)
+        self._followers.put(OP_ALLOC, n_slots, max_len)
+        self.model.allocate(n_slots, max_len)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
-        """x: token ids [B, T] on stage 0, hidden states [B, T, hidden] elsewhere.
-
-        Returns hidden states [B, T, hidden], or logits of the last positions [B, vocab]
-        on the last stage.
-        """
+        """As ``StageModel.forward``, with the followers computing their shards beside it."""
         model = self.model
-        if model.is_first:
-            x = model.embed_tokens(x.to(model.device))
-        x = x.to(model.device, model.dtype)
-        if self._followers is not None:
-            self._followers.put_step(batch, x)
+        x = model.embed_input(x)
+        self._followers.put_step(batch, x)
         h = model.forward_layers(x, batch)
         return model.logits(h) if model.is_last else h
 
     def stop(self) -> None:
-        if self._followers is not None:
-            self._followers.put(OP_STOP)
+        self._followers.put(OP_STOP)
 
 
 @torch.inference_mode()
@@ -97,7 +88,7 @@ def follow(model: StageModel, group, leader_rank: int) -> None:
         if msg.op == OP_STOP:
             return
         if msg.op == OP_ALLOC:
-            model.allocate_cache(msg.a, msg.b)
+            model.allocate(msg.a, msg.b)
         elif msg.op == OP_STEP:
             model.forward_layers(msg.x, msg.batch)
 
@@ -136,12 +127,17 @@ class _Member:
         self.model = load_stage(source or open_weights(spec.model_path), start, end,
                                 rank=rank - self.stage.first_rank, tp=tp,
                                 all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype)
-        self.runner = StageRunner(self.model, self.group, self.stage.first_rank)
+        # a one-rank stage is its own runner; a TP group needs its followers told each step
+        self.runner = self.model if self.group is None else StageRunner(self.model, self.group, self.stage.first_rank)
         leaders = [s.first_rank for s in layout.stages]
         i = self.stage.index
         self.prev_leader = leaders[i - 1] if i > 0 else None
         self.next_leader = leaders[i + 1] if i + 1 < len(leaders) else None
         self.last_leader = leaders[-1]
+
+    def stop_followers(self) -> None:
+        if self.group is not None:
+            self.runner.stop()
 
     def messenger(self, peer: int) -> Messenger:
         return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device,
@@ -169,7 +165,7 @@ def _lead_later_stage(me: _Member) -> None:
         if msg.op == OP_STOP:
             if downstream is not None:
                 downstream.put(OP_STOP)
-            runner.stop()
+            me.stop_followers()
             return
         if msg.op == OP_ALLOC:
             runner.allocate(msg.a, msg.b)
@@ -239,7 +235,7 @@ class LocalStages:
     def stop(self) -> None:
         if self._next is not None:
             self._next.put(OP_STOP)
-        self._first.stop()
+        self._me.stop_followers()
 
     def check_ranks(self) -> None:
         if self._ranks is not None:
@@ -250,3 +246,15 @@ class LocalStages:
             self._ranks.stop(self.stop)
             self._ranks = None
         world.leave()
+
+
+def open_runner(spec: StagesSpec, source=None):
+    """A worker's stages, ready to step: ``(runner, close)``. One rank is the StageModel
+    itself, so a token crosses no layer of this module; more start their world."""
+    if spec.world.size > 1:
+        stages = LocalStages.start(spec, source)
+        return stages, stages.close
+    stage = spec.stages[0]
+    device = world.join(spec.world, 0, spec.threads or world.default_threads(1))
+    model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype)
+    return model, lambda: None
