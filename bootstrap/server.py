@@ -16,6 +16,7 @@ import time
 import uuid
 
 import trio
+from libp2p.exceptions import BaseLibp2pError
 
 from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import REQUEST_CODES, ConfigError, P2PServeError
@@ -112,6 +113,11 @@ class Bootstrap:
                     await write_frame(stream, error_frame(
                         "unknown_model", f"this swarm serves {self.config.name} (fingerprint "
                                          f"{self.config.fingerprint()}), not {record.model} ({record.fingerprint})"))
+                    continue
+                if record.end > self.config.n_layers:
+                    await write_frame(stream, error_frame(
+                        "bad_request", f"layers {record.start}-{record.end} are outside {self.config.name}'s "
+                                       f"{self.config.n_layers} layers"))
                     continue
                 if peer not in self.registry.entries:
                     log.info("worker %s joined: layers %d-%d", peer, record.start, record.end)
@@ -294,7 +300,7 @@ class Bootstrap:
             if e.code == "busy":
                 raise _ChainFailed(all_peers, e.message, busy=True) from None
             raise _ChainFailed(await self._suspects(chain), e.message) from None
-        except (WireError, EOFError, P2PServeError, OSError) as e:
+        except (WireError, EOFError, P2PServeError, OSError, BaseLibp2pError) as e:  # a peer's failure
             if isinstance(e, P2PServeError) and e.code in REQUEST_CODES:
                 raise
             raise _ChainFailed(await self._suspects(chain), str(e)) from None

@@ -229,8 +229,8 @@ class BatchingExecutor:
         self.steps += 1
         self.batched_requests += len(group)
         if self.runner.is_last:
-            for r, logits in zip(group, out):
-                r.result = sample(logits, r.params, r.start + 1) if r.want else None
+            for r, logits in zip(group, out):  # one request's sampling error fails it alone
+                _guarded([r], lambda: setattr(r, "result", sample(logits, r.params, r.start + 1) if r.want else None))
         else:
             for r, h in zip(group, out):
                 r.result = h

@@ -43,7 +43,10 @@ from p2pserve.net.wire import (
 
 log = logging.getLogger("p2pserve.link")
 
-MAX_ITEMS = 256  # steps per frame; more wait for the next frame
+LINK_IDLE_TIMEOUT = 120.0  # seconds without a frame before a link is closed
+MAX_HIDDEN = 65536  # rows' width when the stage's hidden size is not given
+
+MAX_ITEMS = 256  # steps per frame (above any worker's slot count); more wait for the next frame
 
 
 @dataclass
@@ -209,7 +212,8 @@ class Links:
                 "steps": sum(lk.steps_sent for lk in links)}
 
 
-async def serve_link(stream, run_steps, alone=lambda items: False) -> None:
+async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_size: int | None = None,
+                     max_items: int = MAX_ITEMS, idle_timeout: float = LINK_IDLE_TIMEOUT) -> None:
     """Stream handler body for LINK: answer each 'steps' frame with one 'tokens' frame.
 
     ``run_steps(items, x)`` runs the batch through this stage and the rest of the chain
@@ -217,9 +221,11 @@ async def serve_link(stream, run_steps, alone=lambda items: False) -> None:
     Frames are served concurrently, each replied to as soon as its batch is done; except
     that a frame for which ``alone(items)`` says that ``run_steps`` will not wait (the
     last stage computing a lone step on the spot) is served by this reading task itself,
-    a scheduler turn sooner. A malformed frame ends the link (the sender fails its steps
-    and dials anew)."""
+    a scheduler turn sooner. A malformed frame, or none for ``idle_timeout`` seconds, ends
+    the link (the sender fails its steps and dials anew); no frame is buffered beyond
+    ``max_items`` rows of ``hidden_size``."""
     write_lock = QuickLock()  # replies rarely overlap: no scheduler turn when free
+    max_message = max_items * (hidden_size or MAX_HIDDEN) * 4  # fp32 rows, the widest dtype
 
     async def one(msg, x, cancel_scope):
         results = await run_steps(msg["items"], x)
@@ -233,18 +239,23 @@ async def serve_link(stream, run_steps, alone=lambda items: False) -> None:
     async with trio.open_nursery() as nursery:
         try:
             while True:
-                msg, tensors = await recv_message(stream, timeout=float("inf"))
+                msg, tensors = await recv_message(stream, timeout=idle_timeout, max_message=max_message)
                 items, x = msg.get("items"), tensors.get("x")
-                if msg.get("type") != "steps" or not isinstance(items, list) or x is None:
-                    raise WireError(f"expected a 'steps' frame with items and tensor x, got {str(msg)[:200]}")
-                if x.dim() != 2 or x.shape[0] != len(items) or not x.is_floating_point():
+                if (msg.get("type") != "steps" or not isinstance(items, list) or not 1 <= len(items) <= max_items
+                        or type(msg.get("id")) is not int or x is None):
+                    raise WireError(f"expected a 'steps' frame with an int id, 1-{max_items} items and tensor x, "
+                                    f"got {str(msg)[:200]}")
+                if (x.dim() != 2 or x.shape[0] != len(items) or not x.is_floating_point()
+                        or (hidden_size is not None and x.shape[1] != hidden_size)):
                     raise WireError(f"'steps' tensor x is {x.dtype} {list(x.shape)} for {len(items)} items; "
-                                    f"expected floating point [{len(items)}, hidden]")
+                                    f"expected floating point [{len(items)}, {hidden_size or 'hidden'}]")
                 if alone(items):
                     await one(msg, x, nursery.cancel_scope)
                 else:
                     nursery.start_soon(one, msg, x, nursery.cancel_scope)
         except (WireError, EOFError) as e:
             log.info("link closed: %s", e)
+        except Exception:  # nothing a peer sends may take the worker down
+            log.exception("link failed")
         nursery.cancel_scope.cancel()
     await reset_stream(stream)

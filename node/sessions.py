@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from p2pserve.engine import generate
 from p2pserve.engine.generate import check_prompt
 from p2pserve.errors import Busy, ConfigError, NetworkError, P2PServeError
 from p2pserve.net.host import dial
@@ -255,7 +256,8 @@ class StageServer:
     async def handle_link(self, stream) -> None:
         """Stream handler for LINK."""
         upstream = stream.muxed_conn.peer_id.to_base58()
-        await serve_link(stream, lambda items, x: self._link_steps(upstream, items, x), self._alone)
+        await serve_link(stream, lambda items, x: self._link_steps(upstream, items, x), self._alone,
+                         hidden_size=self.config.hidden_size, max_items=max(1, self.slots.n_slots))
 
     def _alone(self, items: list) -> bool:
         """Is this link frame the lone step of a session that ends here, which the executor
@@ -301,9 +303,10 @@ class StageServer:
     async def _relay(self, stream, session: Session) -> None:
         """A later stage: serve steps from upstream until it closes the session."""
         hidden = self.config.hidden_size
+        max_message = generate.PREFILL_CHUNK * hidden * 4  # one prefill chunk of fp32 states
         while True:
             try:
-                msg, tensors = await recv_message(stream, timeout=IDLE_TIMEOUT)
+                msg, tensors = await recv_message(stream, timeout=IDLE_TIMEOUT, max_message=max_message)
             except StreamClosed:
                 return
             except WireTimeout:

@@ -15,6 +15,7 @@ once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,15 +31,33 @@ class SamplingParams:
     max_new_tokens: int = 128
 
     def __post_init__(self):
+        # Parameters arrive from the network too: types first, so that one request's bad
+        # value is this error and never a TypeError in the middle of a batched decode.
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top-k must be >= 0 (0 = off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
-            (self.max_new_tokens >= 1, f"max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (number(self.temperature) and 0 <= self.temperature <= 100,
+             f"temperature must be a number in [0, 100], got {self.temperature!r}"),
+            (integer(self.top_k) and self.top_k >= 0, f"top-k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
+            (number(self.top_p) and 0 < self.top_p <= 1, f"top-p must be a number in (0, 1], got {self.top_p!r}"),
+            (self.seed is None or (integer(self.seed) and -2**63 <= self.seed < 2**63),
+             f"seed must be a 64-bit integer or absent, got {self.seed!r}"),
+            (integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= 2**20,
+             f"max-new-tokens must be an integer in [1, {2**20}], got {self.max_new_tokens!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @classmethod
+    def from_dict(cls, d) -> "SamplingParams":
+        if not isinstance(d, dict):
+            raise ConfigError(f"sampling parameters must be a map, got {type(d).__name__}")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     @property
     def greedy(self) -> bool:
@@ -46,10 +65,6 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SamplingParams":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 _MIX = 0x9E3779B97F4A7C15

@@ -15,6 +15,7 @@ hash to the claimed peer id and must have signed the bytes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -136,7 +137,48 @@ def _record_from_dict(d: dict) -> WorkerRecord:
             raise RecordError(
                 f"malformed record: field {name!r} is {value!r}, expected {_type_names(types)}"
             )
-    return WorkerRecord(**{name: d[name] for name in _FIELD_TYPES})
+    record = WorkerRecord(**{name: d[name] for name in _FIELD_TYPES})
+    problem = _bounds_problem(record)
+    if problem:
+        raise RecordError(f"malformed record of peer {record.peer_id[:64]}: {problem}")
+    return record
+
+
+MAX_TEXT = 256  # characters of an id, address, name or version
+MAX_ITEMS = 64  # addresses or devices of one record
+
+
+def _number_ok(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _scalar_ok(value) -> bool:
+    return value is None or _number_ok(value) or (isinstance(value, str) and len(value) <= MAX_TEXT)
+
+
+def _bounds_problem(r: WorkerRecord) -> str | None:
+    """What is out of bounds in a well-typed record (None if nothing): a record is checked
+    whole when it is accepted, so nothing that uses one needs to check it again."""
+    texts = [r.peer_id, r.model, r.fingerprint, r.group_id, r.version]
+    if any(len(s) > MAX_TEXT for s in texts):
+        return f"a text field is longer than {MAX_TEXT} characters"
+    if not 0 <= r.start < r.end:
+        return f"layers {r.start}-{r.end} are not a range 0 <= start < end"
+    if r.stage < 0 or r.tp < 1:
+        return f"stage {r.stage} and TP degree {r.tp} must be >= 0 and >= 1"
+    if len(r.addrs) > MAX_ITEMS or not all(isinstance(a, str) and 0 < len(a) <= MAX_TEXT for a in r.addrs):
+        return "addrs must be at most 64 multiaddr strings"
+    if not 1 <= len(r.devices) <= MAX_ITEMS or not all(isinstance(d, dict) for d in r.devices):
+        return "devices must be 1 to 64 maps, one per TP rank"
+    for device in r.devices:
+        for key, value in device.items():
+            nested = isinstance(value, dict) and len(value) <= MAX_ITEMS and all(
+                isinstance(k, str) and _scalar_ok(v) for k, v in value.items())
+            if not isinstance(key, str) or not (_scalar_ok(value) or nested):
+                return f"device field {str(key)[:32]!r} must be a non-negative number, a short text or a map of them"
+    if len(r.load) > MAX_ITEMS or not all(isinstance(k, str) and _number_ok(v) for k, v in r.load.items()):
+        return "load must map names to non-negative numbers"
+    return None
 
 
 def _type_names(types) -> str:

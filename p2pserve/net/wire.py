@@ -321,15 +321,20 @@ def check_tensor(t: torch.Tensor, *, shape=None, dtype=None) -> torch.Tensor:
     return t
 
 
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1  # elements along one dimension
+
+
 def _check_header(d: dict) -> tuple[str, list[int]]:
     dtype = d.get("dtype")
-    if dtype not in DTYPES:
-        raise TensorError(f"unknown tensor dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise TensorError(f"unknown tensor dtype {str(dtype)[:64]!r}; expected one of {', '.join(DTYPES)}")
     shape = d.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_DIM for n in shape
     ):
-        raise TensorError(f"tensor shape must be a list of sizes >= 0, got {shape!r}")
+        raise TensorError(f"tensor shape must be a list of at most {MAX_DIMS} sizes in [0, {MAX_DIM}], "
+                          f"got {str(shape)[:100]}")
     return dtype, shape
 
 
