@@ -38,6 +38,7 @@ class WorkerOptions:
     kv_memory: str | None = None
     max_queue: int | None = None
     threads: int | None = None
+    join_timeout: float = 300.0  # seconds to wait for a bootstrap that is not up yet
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -121,9 +122,29 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
     return info
 
 
+async def wait_for_bootstrap(host, address: str, join_timeout: float):
+    """Connect to the bootstrap, retrying with backoff (a worker may start first) for at most
+    ``join_timeout`` seconds; one line on stderr says it waits."""
+    from p2pserve.errors import NetworkError
+    from p2pserve.net.host import connect
+
+    deadline, delay = trio.current_time() + join_timeout, 0.5
+    while True:
+        try:
+            return await connect(host, address, timeout=max(1.0, min(15.0, deadline - trio.current_time())))
+        except NetworkError as e:
+            if trio.current_time() + delay >= deadline:
+                raise NetworkError(f"{e}; gave up after --join-timeout {join_timeout:g} s") from None
+            if delay == 0.5:
+                click.echo(f"waiting for the bootstrap ({e}); retrying for up to {join_timeout:g} s "
+                           f"(--join-timeout)", err=True)
+        await trio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from p2pserve.node.compute import compute_for
-    from p2pserve.net.host import connect, host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.net.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
     from p2pserve.ranks.pipeline import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.ranks import world
@@ -146,7 +167,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     name = f"worker-{opts.group_id}" if opts.group_id else "worker"
     key = load_or_create_identity(opts.home / f"{name}.key")
     async with running_host(key, [opts.listen]) as host:
-        bootstrap_id = await connect(host, opts.peer, timeout=15)
+        bootstrap_id = await wait_for_bootstrap(host, opts.peer, opts.join_timeout)
         info = await fetch_plan(host, bootstrap_id, plan_request(opts, speeds))
         if info.get("fingerprint") != config.fingerprint():
             raise P2PServeError(
@@ -166,10 +187,11 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             world_devices = devices
         spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
                           world.World(tuple(world_devices)), opts.threads)
+        # before the weights load: a --kv-memory that holds no session fails at once
+        sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
+                                                     parse_dtype(opts.dtype), devices[0], opts.kv_memory)
         runner, close_runner = await compute.run(partial(open_runner, spec, source))
         try:
-            sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
-                                                         parse_dtype(opts.dtype), devices[0], opts.kv_memory)
             await compute.run(partial(runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,

@@ -49,24 +49,30 @@ def main(argv=None):
     try:
         argv = expand_list_flags(list(sys.argv[1:] if argv is None else argv))
         cli.main(args=argv, prog_name="p2pserve", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted()
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except P2PServeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
     except BaseExceptionGroup as group:
         # trio nurseries wrap errors; a user-facing one inside is still one line
+        if group.subgroup(KeyboardInterrupt) is not None:
+            _interrupted()
         user_errors, _ = group.split(P2PServeError)
         if user_errors is None:
             raise
         click.echo(f"error: {_first_leaf(user_errors)}", err=True)
         sys.exit(2)
     sys.exit(0)
+
+
+def _interrupted():
+    """Ctrl-C: one line and the conventional exit code, never a traceback."""
+    click.echo("interrupted", err=True)
+    sys.exit(130)
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

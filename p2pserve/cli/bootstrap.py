@@ -8,7 +8,7 @@ from functools import partial
 import click
 
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.cli.options import plan_from_options, plan_options
+from p2pserve.cli.options import check_bindable, plan_from_options, plan_options
 from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
 
@@ -35,6 +35,8 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind
 
     from p2pserve.home import home_dir
 
+    if http_bind:
+        check_bindable(http_bind, "--http")  # one line before any banner, not a traceback after it
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,

@@ -87,3 +87,54 @@ def expand_list_flags(argv: list[str]) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+def check_devices(devices: str, flag: str = "--devices") -> list[str]:
+    """The device names of ``devices`` ("cpu" or "cuda:0,cuda:1"), checked against this
+    machine before anything loads: ConfigError naming the flag otherwise."""
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not names:
+        raise ConfigError(f"{flag} is empty: give cpu or cuda:N, one per TP rank")
+    for name in names:
+        if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+            raise ConfigError(f"{flag} {devices}: unknown device {name!r}; use cpu or cuda:N")
+    cuda = [n for n in names if n.startswith("cuda")]
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {devices}: CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use {flag} cpu")
+        count = torch.cuda.device_count()
+        for n in cuda:
+            if n != "cuda" and int(n[5:]) >= count:
+                raise ConfigError(f"{flag} {devices}: {n} does not exist; this machine has cuda:0..cuda:{count - 1}")
+    return names
+
+
+def parse_bind(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT of an HTTP listener; ConfigError naming ``flag`` if malformed."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{flag} {text!r}: expected HOST:PORT, e.g. {flag} 127.0.0.1:8000")
+    return host.strip("[]"), int(port)
+
+
+def check_bindable(text: str, flag: str) -> tuple[str, int]:
+    """Fail now, before any banner, if HOST:PORT cannot be listened on (in use, no such address)."""
+    import socket
+
+    host, port = parse_bind(text, flag)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"{flag} {text}: cannot resolve {host!r} ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself will
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {flag} {text}: {(e.strerror or str(e)).lower()}; "
+                              f"another process holds the port, pick another one") from None
+    return host, port

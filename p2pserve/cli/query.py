@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -38,16 +39,28 @@ async def _query(peer, prompt, model, chat, params, timeout, stats):
     quiet_libp2p_logs()
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
         bootstrap_id = await connect(host, peer, timeout=15)
+        t0, first = time.monotonic(), None
         async for frame in ask(host, bootstrap_id, prompt=prompt, model=model, chat=chat, params=params,
                                timeout=timeout):
             if frame["type"] == "route":
                 if stats:
                     click.echo(f"[route: {' -> '.join(p[-8:] for p in frame['chain'])}]", err=True)
                 continue
+            if first is None and frame["type"] == "token":
+                first = time.monotonic() - t0
             sys.stdout.write(frame.get("text", ""))
             sys.stdout.flush()
             if frame["type"] == "done":
                 sys.stdout.write("\n")
                 if stats:
-                    click.echo(f"[{frame['n_tokens']} tokens in {frame['time_s']:.2f} s; "
-                               f"failovers {frame['failovers']}]", err=True)
+                    click.echo(answer_stats(frame, first, time.monotonic() - t0), err=True)
+
+
+def answer_stats(done: dict, ttft: float | None, total: float) -> str:
+    """``--stats``: time to first token (as this client saw it), then the decode speed."""
+    n = done["n_tokens"]
+    line = f"[{n} tokens in {total:.2f} s; time to first token {ttft * 1e3:.0f} ms" if ttft is not None \
+        else f"[{n} tokens in {total:.2f} s"
+    if ttft is not None and n > 1 and total > ttft:
+        line += f"; {(n - 1) / (total - ttft):.1f} tokens/s after it"
+    return line + f"; failovers {done['failovers']}]"
