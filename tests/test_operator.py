@@ -3,6 +3,7 @@ bootstrap, Ctrl-C, `query --stats`, `p2pserve status`, config files and metrics.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -157,3 +158,72 @@ def test_query_stats_line_shows_time_to_first_token():
 
     line = answer_stats({"n_tokens": 11, "failovers": 0}, ttft=0.25, total=1.25)
     assert line == "[11 tokens in 1.25 s; time to first token 250 ms; 10.0 tokens/s after it; failovers 0]"
+
+
+# --- a running swarm: status, query --stats, metrics ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    from p2pserve.ranks.world import free_port
+
+    with Swarm(tmp_path_factory.mktemp("ops")) as swarm:
+        swarm.http = f"127.0.0.1:{free_port()}"
+        swarm.start_bootstrap("--pp-partition", "15", "15", "--http", swarm.http)
+        swarm.workers = [swarm.start_worker("--stage", "0", wait=False), swarm.start_worker("--stage", "1", wait=False)]
+        swarm.peer_ids = [swarm.wait_serving(w) for w in swarm.workers]
+        wait_until(lambda: status_json(swarm)["chains"], "a complete chain")
+        yield swarm
+
+
+def wait_until(predicate, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise TimeoutError(f"no {what} within {timeout} s")
+
+
+def status_json(swarm) -> dict:
+    r = swarm.cli("status", "--peer", swarm.addr, "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_status_json_lists_workers_layers_devices_and_chains(swarm):
+    view = status_json(swarm)
+    assert view["model"] == "smollm2-135m-instruct" and view["n_layers"] == 30
+    assert view["plans"] == ["--hetero-config 1 1 --pp-partition 15 15"]
+    by_layers = {tuple(w["layers"]): w for w in view["workers"]}
+    assert set(by_layers) == {(0, 15), (15, 30)}
+    assert {w["peer_id"] for w in view["workers"]} == set(swarm.peer_ids)
+    for w in view["workers"]:
+        assert len(w["devices"]) == 1 and w["devices"][0].startswith("cpu") and w["dtype"] == "fp32" and w["tp"] == 1
+        assert w["sessions"] == 0 and w["max_sessions"] >= 1 and w["step_ms"] > 0 and w["chains"] == 1
+    assert view["chains"] == [{"peers": [by_layers[0, 15]["peer_id"], by_layers[15, 30]["peer_id"]],
+                               "layers": [[0, 15], [15, 30]]}]
+    assert view["gaps"] == []
+
+
+def test_status_table_is_readable(swarm):
+    r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "0-15" in r.stdout and "15-30" in r.stdout and "chain 0:" in r.stdout
+    assert "gaps" not in r.stdout
+
+
+def test_query_stats_prints_time_to_first_token(swarm):
+    r = swarm.cli("query", "--peer", swarm.addr, "--max-new-tokens", "8", "--stats", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "time to first token" in r.stderr and "tokens/s after it" in r.stderr
+
+
+def test_status_shows_the_gap_a_leaving_worker_leaves(swarm):  # last: it takes a worker away
+    swarm.signal(swarm.workers[1], signal.SIGTERM)
+    view = wait_until(lambda: (v := status_json(swarm))["gaps"] and v, "gap")
+    assert view["gaps"] == [[15, 30]] and view["chains"] == []
+    r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
+    assert "gaps: layers 15-30 have no worker" in r.stdout

@@ -17,6 +17,7 @@ COMMANDS = {
     "bootstrap": "p2pserve.cli.bootstrap:bootstrap",
     "worker": "p2pserve.cli.worker:worker",
     "query": "p2pserve.cli.query:query",
+    "status": "p2pserve.cli.status:status",
     "train": "p2pserve.cli.train:train",
 }
 
