@@ -227,3 +227,57 @@ def test_status_shows_the_gap_a_leaving_worker_leaves(swarm):  # last: it takes 
     assert view["gaps"] == [[15, 30]] and view["chains"] == []
     r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
     assert "gaps: layers 15-30 have no worker" in r.stdout
+
+
+# --- config files ------------------------------------------------------------------------------------
+
+
+def test_bootstrap_serves_the_plan_file_plan_wrote_with_flags_overriding_it(tmp_path):
+    import urllib.request
+
+    from p2pserve.engine.weights import default_model_path
+    from p2pserve.planner.planfile import load_plan_toml
+    from p2pserve.ranks.world import free_port
+
+    swarm_toml, worker_toml = tmp_path / "swarm.toml", tmp_path / "worker.toml"
+    with Swarm(tmp_path) as swarm:
+        r = swarm.cli("plan", "--model", str(default_model_path()), "--devices", "cpu@a,cpu@b", "--dtype", "fp32",
+                      "--toml", str(swarm_toml))
+        assert r.returncode == 0, r.stderr
+        plan = load_plan_toml(swarm_toml)[0]
+        http = f"127.0.0.1:{free_port()}"
+        # bootstrap options beside the plan; the test's --listen flag overrides this unusable port
+        swarm_toml.write_text(f'http = "{http}"\nlisten = "/ip4/127.0.0.1/tcp/1"\npolicy = "round-robin"\n'
+                              + swarm_toml.read_text())
+        worker_toml.write_text('stage = 0\nthreads = 1\nkv-memory = "64MB"\nmax_seq_len = 512\ndevices = ["cpu"]\n')
+        swarm.start_bootstrap("--config", str(swarm_toml))
+        assert f"plan: {plan.flags()}" in swarm.log(swarm.bootstrap_proc)
+        workers = [swarm.start_worker("--config", str(worker_toml), wait=False)]
+        workers += [swarm.start_worker("--stage", str(s.index), wait=False) for s in plan.stages[1:]]
+        for w in workers:
+            swarm.wait_serving(w)
+        # 64 MB holds two sessions of 512 positions of the first stage's layers (fp32, 3 KV heads of 64)
+        first = plan.stages[0]
+        per_session = 2 * (first.end - first.start) * 3 * 64 * 512 * 4
+        assert f"{min(16, 64 * 2**20 // per_session)} sessions" in swarm.log(workers[0])
+        assert f"serving layers {first.start}-{first.end} " in swarm.log(workers[0])
+        with urllib.request.urlopen(f"http://{http}/v1/models", timeout=30) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == "smollm2-135m-instruct"
+        wait_until(lambda: status_json(swarm)["chains"], "a complete chain")
+        q = swarm.cli("query", "--peer", swarm.addr, "--max-new-tokens", "8", "What is the capital of France?")
+    assert q.returncode == 0, q.stderr
+    assert "Paris" in q.stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    ('lisen = "/ip4/127.0.0.1/tcp/0"\n', "unknown option 'lisen'; bootstrap reads"),
+    ('model = "llama-2-70b"\n[[pipeline]]\nhetero_config = [1]\npp_partition = [80]\n',
+     "model = 'llama-2-70b' is the planner's name"),
+    ('pp_partition = [15, 15]\n[[pipeline]]\nhetero_config = [1]\npp_partition = [30]\n', "not both"),
+    ('listen = \n', "is not valid TOML"),
+])
+def test_bad_bootstrap_config_is_one_line(tmp_path, text, message):
+    path = tmp_path / "swarm.toml"
+    path.write_text(text)
+    r = p2pserve("bootstrap", "--config", str(path), home=tmp_path)
+    assert_one_line_error(r, message, str(path))

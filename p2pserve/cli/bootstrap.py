@@ -8,11 +8,13 @@ from functools import partial
 import click
 
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.cli.options import check_bindable, plan_from_options, plan_options
+from p2pserve.cli.options import check_bindable, config_option, plan_from_options, plan_options
+from p2pserve.planner.planfile import bootstrap_settings
 from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
 
 @click.command()
+@config_option(bootstrap_settings)
 @click.option("--listen", default=f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}", show_default=True,
               help="Multiaddr to listen on.")
 @click.option("--model", "model_path", default=None, metavar="PATH",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
@@ -138,3 +139,76 @@ def check_bindable(text: str, flag: str) -> tuple[str, int]:
             raise ConfigError(f"cannot listen on {flag} {text}: {(e.strerror or str(e)).lower()}; "
                               f"another process holds the port, pick another one") from None
     return host, port
+
+
+# --- --config FILE: a TOML file of a command's options ---------------------------------------------
+
+PATH_KEYS = ("model", "home", "swarm_key", "allow_peers", "identity")  # relative to the config file
+
+
+def config_option(settings=None):
+    """``--config FILE``: every option the command's flags can set, read from a TOML file
+    (``listen = "/ip4/0.0.0.0/tcp/31337"``, ``kv_memory = "2GB"``; dashes or underscores);
+    a flag given on the command line overrides the file. ``settings(data, path)`` turns
+    keys of the command's own (the plan file's ``[[pipeline]]`` for the bootstrap) into
+    option keys first, and returns notes for the operator beside them."""
+
+    def callback(ctx, param, path):
+        if path is None:
+            return
+        data = read_toml(path, "--config")
+        if settings is not None:
+            data, notes = settings(data, path)
+            for note in notes:
+                click.echo(f"note: {note}", err=True)
+        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, data, path)}
+
+    return click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        is_eager=True, expose_value=False, callback=callback, metavar="FILE.toml",
+                        help="Read options from this TOML file (keys as the flags' names); flags override it.")
+
+
+def read_toml(path: Path, what: str) -> dict:
+    import tomllib
+
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def config_defaults(command: click.Command, data: dict, path: Path) -> dict:
+    """``data``'s keys as click's default_map of ``command``: each key names a flag of it."""
+    by_flag, names = {}, []
+    for p in command.params:
+        if isinstance(p, click.Option) and p.expose_value:
+            names.append(_key(p.opts[0]))
+            for opt in p.opts + p.secondary_opts:
+                by_flag[_key(opt)] = p
+    unknown = [k for k in data if _key(k) not in by_flag]
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; {command.name} reads {', '.join(sorted(names))}")
+    out = {}
+    for key, value in data.items():
+        key = _key(key)
+        param = by_flag[key]
+        if isinstance(value, dict):
+            raise ConfigError(f"--config {path}: {key} must be a value, not a table")
+        if isinstance(value, list) and not param.multiple:
+            value = ",".join(map(str, value))  # devices = ["cuda:0", "cuda:1"], stage = [1, 2]
+        if param.multiple and not isinstance(value, list):
+            value = [value]
+        if key in PATH_KEYS and isinstance(value, str) and not Path(value).expanduser().is_absolute() \
+                and (Path(path).parent / value).exists():
+            value = str((Path(path).parent / value).resolve())
+        if key in map(_key, param.secondary_opts):
+            value = not value  # no_chat = true
+        out[param.name] = value
+    return out
+
+
+def _key(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")

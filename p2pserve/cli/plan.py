@@ -29,7 +29,7 @@ from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
 @click.option("--inter-link", default="1.25GB/s,0.5ms", show_default=True, metavar="BW,LATENCY",
               help="The network between machines.")
 @click.option("--toml", "toml_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the plan here for the bootstrap.")
+              help="Write the plan here, for `p2pserve bootstrap --config FILE`.")
 def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions, inter_link, toml_path):
     """Choose an asymmetric TP x PP plan for MODEL on the devices of a swarm."""
     config = resolve_model(model)
@@ -37,7 +37,9 @@ def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions
     params = CostParams(network=parse_link(inter_link))
     workload = Workload(prompt_len, output_len, sessions)
     found = plan_swarm(devices, config, dtype=dtype, workload=workload, objective=objective, params=params)
-    toml = dump_plan_toml(found.report.pipelines, model=config.name, dtype=dtype, objective=objective)
+    # the bootstrap (--config) loads weights from `model`: a path stays one, absolute
+    written_model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
+    toml = dump_plan_toml(found.report.pipelines, model=written_model, dtype=dtype, objective=objective)
     if toml_path is not None:
         try:
             toml_path.write_text(toml)

@@ -6,10 +6,12 @@ import logging
 
 import click
 
+from p2pserve.cli.options import config_option
 from p2pserve.errors import ConfigError
 
 
 @click.command()
+@config_option()
 @click.option("--peer", default=None, help="The bootstrap's multiaddr (default: the one started on this machine).")
 @click.option("--stage", default="0", show_default=True,
               help="Stage index of the published plan; 'auto' to be told where this worker helps most; "

@@ -41,9 +41,10 @@ def resolve_model(arg: str) -> ModelConfig:
         if not path.is_file():
             raise ConfigError(f"--model {arg}: the directory has no config.json")
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise ConfigError(f"--model {arg}: GGUF files are not read by the planner yet; "
-                              f"give the model's config.json or a known name ({', '.join(KNOWN_MODELS)})")
+        if path.suffix.lower() == ".gguf":
+            from p2pserve.engine.weights import open_weights
+
+            return open_weights(path).config  # the header only: its tensors are not read
         try:
             hf = json.loads(path.read_text())
         except (OSError, ValueError) as e:
