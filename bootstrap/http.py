@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from p2pserve.bootstrap.server import Bootstrap
 from p2pserve.errors import P2PServeError
+from p2pserve.metrics import metrics_route
 
 STATUS = {"bad_request": 400, "unknown_model": 404, "busy": 503, "no_pipeline": 503, "internal": 500}
 DEFAULT_MAX_TOKENS = 256
@@ -156,6 +157,7 @@ def make_app(node: Bootstrap) -> Starlette:
     return Starlette(routes=[
         Route("/v1/models", models),
         Route("/health", health),
+        metrics_route(node),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", text_completions, methods=["POST"]),
     ])

@@ -58,6 +58,8 @@ class Bootstrap:
         self.policy = policy
         self.registry = Registry(config.name, config.fingerprint(), config.n_layers)
         self.stats = {"queries": 0, "failovers": 0}
+        from p2pserve.metrics import BootstrapMetrics
+        self.metrics = BootstrapMetrics(self)  # /metrics on the HTTP port
 
     # ---- workers ---------------------------------------------------------------------
 
@@ -191,7 +193,11 @@ class Bootstrap:
             log.exception("query failed")
             await _try_send(stream, error_frame("internal", f"{type(e).__name__}: {e}"))
 
-    async def answer(self, emit, prompt: list[int], params: SamplingParams, pipeline: int | None,
+    async def answer(self, emit, *args, **kwargs) -> None:
+        """``_answer``, observed by the metrics (p2pserve/metrics.py)."""
+        await self.metrics.observe(self._answer, emit, *args, **kwargs)
+
+    async def _answer(self, emit, prompt: list[int], params: SamplingParams, pipeline: int | None,
                      stop_on_eos: bool) -> None:
         """Generate on some chain, failing over to another until the answer is complete.
 

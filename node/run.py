@@ -39,6 +39,7 @@ class WorkerOptions:
     max_queue: int | None = None
     threads: int | None = None
     join_timeout: float = 300.0  # seconds to wait for a bootstrap that is not up yet
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -212,6 +213,9 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             async with running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.serve)
+                    if opts.metrics:
+                        from p2pserve.metrics import serve_worker_metrics
+                        nursery.start_soon(serve_worker_metrics, opts.metrics, server, start, end)
                     announcing = trio.CancelScope()
 
                     async def keep_announcing():

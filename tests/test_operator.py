@@ -170,7 +170,9 @@ def swarm(tmp_path_factory):
     with Swarm(tmp_path_factory.mktemp("ops")) as swarm:
         swarm.http = f"127.0.0.1:{free_port()}"
         swarm.start_bootstrap("--pp-partition", "15", "15", "--http", swarm.http)
-        swarm.workers = [swarm.start_worker("--stage", "0", wait=False), swarm.start_worker("--stage", "1", wait=False)]
+        swarm.worker_metrics = f"127.0.0.1:{free_port()}"
+        swarm.workers = [swarm.start_worker("--stage", "0", "--metrics", swarm.worker_metrics, wait=False),
+                         swarm.start_worker("--stage", "1", wait=False)]
         swarm.peer_ids = [swarm.wait_serving(w) for w in swarm.workers]
         wait_until(lambda: status_json(swarm)["chains"], "a complete chain")
         yield swarm
@@ -221,12 +223,56 @@ def test_query_stats_prints_time_to_first_token(swarm):
     assert "time to first token" in r.stderr and "tokens/s after it" in r.stderr
 
 
+def scrape(bind: str) -> dict:
+    """{(name, labels as a sorted tuple): value} of the samples at http://BIND/metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{bind}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_bootstrap_metrics_count_tokens_ttft_and_the_swarm(swarm):
+    before = scrape(swarm.http)
+    r = swarm.cli("query", "--peer", swarm.addr, "--max-new-tokens", "8", "--no-chat", "--temperature", "0",
+                  "One, two, three, four,")
+    assert r.returncode == 0, r.stderr
+    m = scrape(swarm.http)
+    assert m["p2pserve_queries_total", ()] == before["p2pserve_queries_total", ()] + 1
+    assert m["p2pserve_generated_tokens_total", ()] - before["p2pserve_generated_tokens_total", ()] == 8
+    assert m["p2pserve_time_to_first_token_seconds_count", ()] == before["p2pserve_time_to_first_token_seconds_count", ()] + 1
+    assert m["p2pserve_time_to_first_token_seconds_sum", ()] > before["p2pserve_time_to_first_token_seconds_sum", ()]
+    assert m["p2pserve_time_per_output_token_seconds_count", ()] >= 1
+    assert m["p2pserve_tokens_per_second", ()] > 0
+    assert m["p2pserve_sessions", ()] == 0 and m["p2pserve_queue", ()] == 0
+    assert m["p2pserve_workers", ()] == 2 and m["p2pserve_chains", ()] == 1 and m["p2pserve_missing_layers", ()] == 0
+    assert m["p2pserve_failovers_total", ()] == 0
+    steps = {dict(labels)["layers"]: v for (name, labels), v in m.items() if name == "p2pserve_peer_step_seconds"}
+    assert set(steps) == {"0-15", "15-30"} and all(v > 0 for v in steps.values())
+
+
+def test_worker_metrics(swarm):
+    m = scrape(swarm.worker_metrics)
+    layers = (("layers", "0-15"),)
+    assert m["p2pserve_worker_max_sessions", layers] >= 1
+    assert m["p2pserve_worker_sessions", layers] == 0 and m["p2pserve_worker_queue", layers] == 0
+    assert m["p2pserve_worker_forwards_total", layers] > 0  # the queries of the tests before
+
+
 def test_status_shows_the_gap_a_leaving_worker_leaves(swarm):  # last: it takes a worker away
     swarm.signal(swarm.workers[1], signal.SIGTERM)
     view = wait_until(lambda: (v := status_json(swarm))["gaps"] and v, "gap")
     assert view["gaps"] == [[15, 30]] and view["chains"] == []
     r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
     assert "gaps: layers 15-30 have no worker" in r.stdout
+    m = scrape(swarm.http)
+    assert m["p2pserve_missing_layers", ()] == 15 and m["p2pserve_chains", ()] == 0
+    q = swarm.cli("query", "--peer", swarm.addr, "hi")
+    assert q.returncode == 2 and "no_pipeline" in q.stderr
+    assert scrape(swarm.http).get(("p2pserve_errors_total", (("code", "no_pipeline"),)), 0) >= 1
 
 
 # --- config files ------------------------------------------------------------------------------------
@@ -281,3 +327,13 @@ def test_bad_bootstrap_config_is_one_line(tmp_path, text, message):
     path.write_text(text)
     r = p2pserve("bootstrap", "--config", str(path), home=tmp_path)
     assert_one_line_error(r, message, str(path))
+
+
+def test_worker_metrics_on_a_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = p2pserve("worker", "--peer", "/ip4/127.0.0.1/tcp/9/p2p/QmNotThere", "--metrics", f"127.0.0.1:{port}",
+                     home=tmp_path)
+    assert_one_line_error(r, f"--metrics 127.0.0.1:{port}", "address already in use")

@@ -35,12 +35,14 @@ from p2pserve.errors import ConfigError
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="CPU threads per rank (default: cores / TP degree; use 1 when several workers share few cores).")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, queue, forward passes).")
 @click.option("--join-timeout", type=click.FloatRange(0, 86400), default=300, show_default=True, metavar="SECONDS",
               help="How long to wait for a bootstrap that is not up yet (retried with backoff).")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
 def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, kv_memory, max_queue,
-           max_seq_len, dtype, threads, join_timeout, home, verbose):
+           max_seq_len, dtype, threads, metrics, join_timeout, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
@@ -48,7 +50,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
 
     from p2pserve.node.run import WorkerOptions, run_worker
 
-    check_worker_flags(devices, kv_memory)
+    check_worker_flags(devices, kv_memory, metrics)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     h = home_dir(home)
@@ -56,16 +58,18 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
         devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
         kv_memory=kv_memory, max_queue=max_queue, threads=threads,
-        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, join_timeout=join_timeout,
+        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, join_timeout=join_timeout, metrics=metrics,
     )
     trio.run(run_worker, opts)
 
 
-def check_worker_flags(devices: str, kv_memory: str | None) -> None:
+def check_worker_flags(devices: str, kv_memory: str | None, metrics: str | None = None) -> None:
     """What can be checked before the weights load (or the bootstrap is asked) fails here."""
-    from p2pserve.cli.options import check_devices
+    from p2pserve.cli.options import check_bindable, check_devices
     from p2pserve.node.budget import parse_size
 
     check_devices(devices)
     if kv_memory is not None and parse_size(kv_memory) <= 0:
         raise ConfigError(f"--kv-memory {kv_memory}: give a positive size, e.g. 2GB")
+    if metrics is not None:
+        check_bindable(metrics, "--metrics")
