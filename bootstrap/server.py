@@ -24,7 +24,7 @@ from p2pserve.net.host import dial
 from p2pserve.plan import Plan
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
 from p2pserve.net.records import RecordError, verify_record
-from p2pserve.engine.generate import SamplingParams
+from p2pserve.engine.generate import Sampled, SamplingParams, check_sampled
 from p2pserve.net.wire import (
     RemoteError,
     WireError,
@@ -222,15 +222,18 @@ class Bootstrap:
             await emit([{"type": "route", "chain": [h.peer_id for h in chain],
                          "layers": [[h.start, h.end] for h in chain], "attempt": attempt}])
             try:
-                async for tokens in self._run_chain(chain, prompt + generated, sub, stop_on_eos):
+                async for tokens in self._run_chain(chain, prompt + generated, sub, stop_on_eos, generated):
                     if t_fail is not None:
                         recoveries.append(round(time.monotonic() - t_fail, 3))
                         t_fail = None
                     frames = []
                     for token in tokens:
+                        sampled = token if isinstance(token, Sampled) else None
+                        token = sampled.token if sampled else token
                         generated.append(token)
                         text = "" if token in eos else decoder.push(token)
-                        frames.append({"type": "token", "token": token, "text": text})
+                        frames.append({"type": "token", "token": token, "text": text,
+                                       **({"logprob": sampled.logprob, "top": sampled.top} if sampled else {})})
                     await emit(frames)
                 await emit([{"type": "done", "n_tokens": len(generated), "prompt_tokens": len(prompt),
                             "text": decoder.flush(), "failovers": attempt, "recovery_s": recoveries,
@@ -265,7 +268,10 @@ class Bootstrap:
                 raise P2PServeError(f"no complete pipeline: {self.registry.missing()}", code="no_pipeline")
             await trio.sleep(0.2)
 
-    async def _run_chain(self, chain: list[Hop], prompt: list[int], params: SamplingParams, stop_on_eos: bool):
+    async def _run_chain(self, chain: list[Hop], prompt: list[int], params: SamplingParams, stop_on_eos: bool,
+                         generated: list[int] = ()):
+        """``prompt`` ends with the ``generated`` tokens of the answer so far (a replay),
+        which the last stage's penalties count."""
         first = chain[0]
         all_peers = frozenset(h.peer_id for h in chain)
         stream = None
@@ -275,7 +281,7 @@ class Bootstrap:
             stream = await self.host.new_stream(peer, [SESSION])
             await write_frame(stream, {
                 "type": "open", "session": uuid.uuid4().hex, "chain": [h.to_dict() for h in chain],
-                "index": 0, "params": params.to_dict(), "prompt": prompt,
+                "index": 0, "params": params.to_dict(), "prompt": prompt, "generated": list(generated),
                 "eos": list(self.config.eos_token_ids), "stop_on_eos": stop_on_eos,
                 "stream_interval": self.stream_interval,
             })
@@ -330,14 +336,20 @@ class Bootstrap:
         return frozenset()
 
 
-def tokens_of(msg: dict, vocab_size: int) -> list[int]:
-    """The token ids of stage 0's 'tokens' frame; ValueError if there are none or one is
-    not an id of the vocabulary."""
+def tokens_of(msg: dict, vocab_size: int) -> list[int | Sampled]:
+    """The token ids of stage 0's 'tokens' frame, each a Sampled if it carries logprobs;
+    ValueError if there are none or one is not an id of the vocabulary."""
     tokens = msg.get("tokens")
     if not isinstance(tokens, list) or not tokens or any(
             isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
         raise ValueError(f"stage 0 sent invalid tokens {str(tokens)[:200]!r}")
-    return tokens
+    logprobs = msg.get("logprobs")
+    if logprobs is None:
+        return tokens
+    if not isinstance(logprobs, list) or len(logprobs) != len(tokens) or not all(
+            isinstance(e, list) and len(e) == 2 for e in logprobs):
+        raise ValueError(f"stage 0 sent invalid logprobs {str(logprobs)[:200]!r}")
+    return [check_sampled([t, *e], vocab_size) for t, e in zip(tokens, logprobs)]
 
 
 class _ChainFailed(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import trio
 
-from p2pserve.engine.generate import GenerationLoop
+from p2pserve.engine.generate import GenerationLoop, Sampled
 from p2pserve.net.wire import read_frame, write_frames
 
 
@@ -23,11 +23,12 @@ async def drive(server, stream, session) -> None:
         nursery.start_soon(_watch_upstream, stream, nursery.cancel_scope)
         nursery.start_soon(upstream.run)
         while (step := loop.next_step()) is not None:
-            token = await server.step(session, torch.tensor(step.tokens), step.start, step.want)
+            result = await server.step(session, torch.tensor(step.tokens), step.start, step.want)
             if not step.want:
                 continue
-            loop.take(token)
-            upstream.push(token)
+            sampled = result if isinstance(result, Sampled) else None
+            loop.take(sampled.token if sampled else result)
+            upstream.push(loop.tokens[-1], sampled and [sampled.logprob, sampled.top])
             if len(loop.tokens) == 1:
                 await upstream.flush()
         await upstream.finish({"type": "done", "n_tokens": len(loop.tokens)})
@@ -44,7 +45,9 @@ async def _watch_upstream(stream, scope) -> None:
 
 
 class UpstreamWriter:
-    """Stage 0's tokens to the bootstrap, as 'tokens' frames, then the final frame.
+    """Stage 0's tokens to the bootstrap, as 'tokens' frames, then the final frame. When
+    the session asked for logprobs, a frame's 'logprobs' has [logprob, [[id, logprob]...]]
+    for each of its tokens.
 
     A token goes at once if the last write was ``interval`` seconds ago or more;
     otherwise it is held, and the held tokens go with the first token that comes once
@@ -63,18 +66,21 @@ class UpstreamWriter:
     def __init__(self, stream, interval: float):
         self.stream, self.interval = stream, interval
         self._held: list[int] = []
+        self._held_logprobs: list = []  # one entry per held token, when logprobs are asked
         self._final: dict | None = None
         self._last_write = float("-inf")
         self._due = trio.Event()
         self._wrote = trio.Event()  # set (and replaced) after each write
         self.wakeups = 0  # times the writer task woke (for tests)
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprobs: list | None = None) -> None:
         """Queue a token; no scheduler turn. A due write happens at this task's next
         wait: after the next forward pass and its send down the chain, while the next
         stage computes (the bootstrap's and the client's Python then delay that pass
         less than this stage's own, traced: +1.1 ms a write instead of +4.0 ms)."""
         self._held.append(token)
+        if logprobs is not None:
+            self._held_logprobs.append(logprobs)
         if trio.current_time() >= self._last_write + self.interval:
             self._due.set()
 
@@ -103,8 +109,11 @@ class UpstreamWriter:
             self.wakeups += 1
             self._due = trio.Event()
             final, self._final = self._final, None
-            frames = ([{"type": "tokens", "tokens": self._held}] if self._held else []) + ([final] if final else [])
-            self._held = []
+            tokens = {"type": "tokens", "tokens": self._held}
+            if self._held_logprobs:
+                tokens["logprobs"] = self._held_logprobs
+            frames = ([tokens] if self._held else []) + ([final] if final else [])
+            self._held, self._held_logprobs = [], []
             if frames:
                 await write_frames(self.stream, frames)
                 self._last_write = trio.current_time()

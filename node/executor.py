@@ -25,7 +25,7 @@ import trio
 from p2pserve.node.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
 from p2pserve.engine.model import Batch
-from p2pserve.engine.generate import SamplingParams, sample
+from p2pserve.engine.generate import SamplingParams, next_token
 
 
 @dataclass
@@ -35,6 +35,7 @@ class StepRequest:
     x: torch.Tensor  # [T] token ids on stage 0, [T, hidden] elsewhere
     want: bool  # sample a token (last stage only)
     params: SamplingParams | None
+    history: list[int] | None = None  # last stage: the session's tokens so far, grown by each sample
     done: trio.Event = field(default_factory=trio.Event)
     result: object = None
     error: BaseException | None = None
@@ -217,7 +218,7 @@ class BatchingExecutor:
             return
         self.batched_requests += 1
         if self.runner.is_last:
-            r.result = sample(out, r.params, r.start + b) if r.want else None
+            r.result = _answer(r, out, r.start + b) if r.want else None
         else:
             r.result = torch.cat([*r.parts, out]) if r.parts else out
             r.parts = []
@@ -230,10 +231,19 @@ class BatchingExecutor:
         self.batched_requests += len(group)
         if self.runner.is_last:
             for r, logits in zip(group, out):  # one request's sampling error fails it alone
-                _guarded([r], lambda: setattr(r, "result", sample(logits, r.params, r.start + 1) if r.want else None))
+                _guarded([r], lambda: setattr(r, "result", _answer(r, logits, r.start + 1) if r.want else None))
         else:
             for r, h in zip(group, out):
                 r.result = h
+
+
+def _answer(r: StepRequest, logits: torch.Tensor, position: int):
+    """The last stage's token (with its logprobs if asked) for a step that wants one; the
+    session's history, which the penalties read, grows by it."""
+    result = next_token(logits, r.params, position, r.history or ())
+    if r.history is not None:
+        r.history.append(result if isinstance(result, int) else result.token)
+    return result
 
 
 def _guarded(group: list[StepRequest], run) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from p2pserve.engine.generate import check_sampled
 from p2pserve.net.locks import QuickLock
 from p2pserve.net.protocols import LINK
 from p2pserve.net.wire import (
@@ -141,7 +142,7 @@ class Link:
                     if isinstance(r, dict):
                         p.error = RemoteError(str(r.get("code", "internal")), str(r.get("message", r)))
                     else:
-                        p.token = int(r)
+                        p.token = check_sampled(r)  # a token id, or one with its logprobs
                     p.done.set()
         except Exception as e:
             self._fail(f"the next stage's link failed: {e}")

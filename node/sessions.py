@@ -29,7 +29,7 @@ import torch
 import trio
 
 from p2pserve.engine import generate
-from p2pserve.engine.generate import check_prompt
+from p2pserve.engine.generate import check_generated, check_prompt, check_sampled
 from p2pserve.errors import Busy, ConfigError, NetworkError, P2PServeError
 from p2pserve.net.host import dial
 from p2pserve.net.protocols import MAX_STREAM_INTERVAL, SESSION, Hop
@@ -68,6 +68,7 @@ class Session:
     down: object = None  # stream to the next stage, None on the last
     stream_interval: float = 0.0  # stage 0: seconds between token frames to the bootstrap
     prompt: list[int] = field(default_factory=list)  # stage 0: checked token ids
+    history: list[int] = field(default_factory=list)  # last stage: tokens generated so far (penalties)
     last_active: float = field(default_factory=time.monotonic)  # for the idle timeout
 
     @property
@@ -161,6 +162,7 @@ class StageServer:
             sid = str(msg["session"])
             me = chain[index]
             interval = _stream_interval(msg.get("stream_interval", 0.0))
+            history = check_generated(msg.get("generated", []), self.config.vocab_size, self.max_len)
         except (KeyError, TypeError, ValueError, IndexError, P2PServeError) as e:
             raise P2PServeError(f"malformed 'open' frame: {e}", code="bad_request") from None
         if (me.start, me.end) != (self.start, self.end) or me.peer_id != self.host.get_id().to_base58():
@@ -179,7 +181,8 @@ class StageServer:
             raise P2PServeError(f"the session needs {need} positions; this worker holds "
                                               f"at most {self.max_len} per session", code="bad_request")
         slot = await self.slots.acquire()
-        session = Session(sid, slot, chain, index, params, msg, stream_interval=interval, prompt=list(prompt))
+        session = Session(sid, slot, chain, index, params, msg, stream_interval=interval, prompt=list(prompt),
+                          history=list(history))
         self.sessions[sid] = session
         try:
             if not session.is_last:
@@ -230,7 +233,7 @@ class StageServer:
     async def step(self, session: Session, x: torch.Tensor, start: int, want: bool) -> int | None:
         """Run x at positions start… through this stage and the rest of the chain."""
         session.last_active = time.monotonic()
-        out = await self.executor.step(StepRequest(session.slot, start, x, want, session.params))
+        out = await self.executor.step(StepRequest(session.slot, start, x, want, session.params, session.history))
         if session.is_last:
             return out
         nxt = session.chain[session.index + 1]
@@ -249,7 +252,10 @@ class StageServer:
                                                f"{nxt.start}-{nxt.end}) failed: {e}", code="stage_failed") from None
         if reply.get("type") != "token":
             raise P2PServeError(f"expected a token from the next stage, got {reply.get('type')!r}", code="internal")
-        return int(reply["token"])
+        try:
+            return check_sampled(reply.get("token"), self.config.vocab_size)
+        except ValueError as e:
+            raise P2PServeError(f"stage {session.index + 1} ({nxt.peer_id}): {e}", code="stage_failed") from None
 
     # ---- the link: decode steps of many sessions from one upstream peer ----------------
 

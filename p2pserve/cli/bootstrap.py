@@ -8,7 +8,7 @@ from functools import partial
 import click
 
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.cli.options import check_bindable, config_option, plan_from_options, plan_options
+from p2pserve.cli.options import bind_text, check_bindable, config_option, plan_from_options, plan_options
 from p2pserve.planner.planfile import bootstrap_settings
 from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
@@ -23,26 +23,40 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
 @plan_options
 @click.option("--policy", type=click.Choice(["latency", "round-robin"]), default="latency", show_default=True,
               help="How a query picks among complete pipelines.")
-@click.option("--http", "http_bind", default=None, metavar="HOST:PORT",
-              help="Also serve the OpenAI-compatible API here, e.g. --http 0.0.0.0:8000.")
+@click.option("--http", "http_bind", default=None, metavar="[HOST:]PORT",
+              help="Also serve the OpenAI-compatible API here: --http 8000 on 127.0.0.1 only, "
+                   "--http 0.0.0.0:8000 on every interface (give it --api-key then).")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="An API key the HTTP API accepts (Authorization: Bearer KEY); repeat for several. "
+                   "Also read from --api-key-file and $P2PSERVE_API_KEYS (comma-separated). None: open.")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A file of API keys, one per line (# comments).")
+@click.option("--rate-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="HTTP requests per minute per API key (per client address without keys); more get 429.")
 @click.option("--stream-interval", type=click.FloatRange(0, MAX_STREAM_INTERVAL), default=STREAM_INTERVAL,
               show_default=True, metavar="SECONDS",
               help="Stage 0 sends an answer's tokens at most this often (the first at once); the tokens "
                    "of one interval go in one frame. 0 sends each token as it comes.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
-def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, stream_interval, home, verbose):
+def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
+              rate_limit, stream_interval, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
 
     from p2pserve.home import home_dir
 
+    from p2pserve.bootstrap.http import read_api_keys
+
+    api_keys = read_api_keys(api_keys, api_key_file, http_bind)
     if http_bind:
-        check_bindable(http_bind, "--http")  # one line before any banner, not a traceback after it
+        http_bind = bind_text(*check_bindable(http_bind, "--http"))  # one line before any banner
+    elif rate_limit:
+        raise click.UsageError("--rate-limit limits the HTTP API: give --http too")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,
-                     http_bind, stream_interval=stream_interval))
+                     http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit))
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -56,7 +70,8 @@ def default_plan(n_layers: int, stages: int = 2):
 
 
 async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
-                http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL):
+                http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL,
+                api_keys: tuple[str, ...] = (), rate_limit: int | None = None):
     import trio
 
     from p2pserve.errors import ConfigError
@@ -102,10 +117,11 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                     from p2pserve.bootstrap.http import serve_http
 
                     try:
-                        await nursery.start(serve_http, node, http_bind)
+                        await nursery.start(serve_http, node, http_bind, api_keys, rate_limit)
                     except OSError as e:
                         raise ConfigError(f"--http {http_bind}: cannot listen there ({e.strerror or e})") from None
-                    click.echo(f"OpenAI-compatible API: http://{http_bind}/v1 (model {config.name})")
+                    click.echo(f"OpenAI-compatible API: http://{http_bind}/v1 (model {config.name}"
+                               f"{', API keys required' if api_keys else ''})")
                 if task_status is not None:
                     task_status.started(node)
                 freeze_startup_heap()  # full GC passes must not walk the libraries and the tokenizer

@@ -114,11 +114,17 @@ def check_devices(devices: str, flag: str = "--devices") -> list[str]:
 
 
 def parse_bind(text: str, flag: str) -> tuple[str, int]:
-    """HOST:PORT of an HTTP listener; ConfigError naming ``flag`` if malformed."""
+    """HOST:PORT of an HTTP listener, HOST 127.0.0.1 if only PORT is given (every interface
+    only when asked for); ConfigError naming ``flag`` if malformed."""
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{flag} {text!r}: expected HOST:PORT, e.g. {flag} 127.0.0.1:8000")
-    return host.strip("[]"), int(port)
+    if not port.isdigit() or not 0 <= int(port) < 65536 or (":" in text and not host):
+        raise ConfigError(f"{flag} {text!r}: expected [HOST:]PORT, e.g. {flag} 8000 or {flag} 0.0.0.0:8000")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind_text(host: str, port: int) -> str:
+    """HOST:PORT as a listener takes it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_bindable(text: str, flag: str) -> tuple[str, int]:

@@ -16,11 +16,14 @@ once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 from p2pserve.errors import ConfigError
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per token
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +32,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 128
+    # OpenAI's penalties: each token's logit is lowered by presence_penalty once it has been
+    # generated and by frequency_penalty per time it has (the prompt does not count).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # with each token its log-probability and the N most likely (0-20)
 
     def __post_init__(self):
         # Parameters arrive from the network too: types first, so that one request's bad
@@ -48,6 +56,12 @@ class SamplingParams:
              f"seed must be a 64-bit integer or absent, got {self.seed!r}"),
             (integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= 2**20,
              f"max-new-tokens must be an integer in [1, {2**20}], got {self.max_new_tokens!r}"),
+            (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be a number in [-2, 2], got {self.presence_penalty!r}"),
+            (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be a number in [-2, 2], got {self.frequency_penalty!r}"),
+            (self.logprobs is None or (integer(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or absent, got {self.logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -66,6 +80,13 @@ class SamplingParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice ``index`` of a request for several answers: each its
+        own seed, derived from the request's, so that every choice is reproducible."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=(self.seed * _MIX + index) % 2**63)
+
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -77,8 +98,10 @@ def _generator(seed: int | None, position: int) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Next token for one sequence. logits: [vocab] float32; position: index of the new token."""
+def sample(logits: torch.Tensor, params: SamplingParams, position: int, history=()) -> int:
+    """Next token for one sequence. logits: [vocab] float32; position: index of the new token;
+    history: the tokens generated so far (for the penalties)."""
+    logits = penalized(logits, params, history)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
@@ -97,6 +120,66 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
     # depends only on (seed, position).
     noise = torch.empty_like(probs).exponential_(generator=_generator(params.seed, position))
     return int(torch.argmax(probs / noise))
+
+
+def penalized(logits: torch.Tensor, params: SamplingParams, history) -> torch.Tensor:
+    """The logits less the presence and frequency penalties of the tokens generated so far:
+    a function of ``history`` alone, so a replay with the same tokens samples the same."""
+    if not history or not (params.presence_penalty or params.frequency_penalty):
+        return logits
+    counts = torch.bincount(torch.as_tensor(history, dtype=torch.long), minlength=logits.numel())
+    counts = counts[: logits.numel()].to(torch.float32)
+    return logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+
+class Sampled(NamedTuple):
+    """A sampled token with its log-probability and the ``params.logprobs`` most likely
+    tokens as [[id, logprob], ...]: the last stage's answer to a step when logprobs are
+    asked for (a plain token id otherwise). A tuple, so it travels as a msgpack list."""
+    token: int
+    logprob: float
+    top: list
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, position: int, history=()) -> int | Sampled:
+    """The last stage's answer to a step that wants a token. Log-probabilities are those of
+    the distribution the sampler starts from: the model's, less the penalties, before
+    temperature, top-k and top-p (OpenAI's and vLLM's convention)."""
+    token = sample(logits, params, position, history)
+    if params.logprobs is None:
+        return token
+    logp = torch.log_softmax(penalized(logits, params, history).float(), dim=-1)
+    top = torch.topk(logp, min(params.logprobs, logp.numel())) if params.logprobs else None
+    return Sampled(token, float(logp[token]),
+                   [[int(i), float(v)] for v, i in zip(top.values, top.indices)] if top is not None else [])
+
+
+def check_sampled(value, vocab_size: int | None = None) -> int | Sampled:
+    """A token result received from the next stage: a token id, or a Sampled as a list.
+    ValueError if it is neither (a peer's answer is checked before it is relayed)."""
+    def token_id(t):
+        return type(t) is int and 0 <= t and (vocab_size is None or t < vocab_size)
+
+    def logprob(v):
+        return isinstance(v, float) and not v > 0
+
+    if token_id(value):
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 3 and token_id(value[0]) and logprob(value[1])
+            and isinstance(value[2], list) and len(value[2]) <= MAX_TOP_LOGPROBS
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and token_id(p[0]) and logprob(p[1])
+                    for p in value[2])):
+        return Sampled(value[0], value[1], [list(p) for p in value[2]])
+    raise ValueError(f"expected a token id or [token, logprob, top], got {str(value)[:200]}")
+
+
+def check_generated(tokens, vocab_size: int, max_len: int) -> list[int]:
+    """The tokens already generated that an 'open' frame names (a replay after failover):
+    the penalties count them."""
+    if not isinstance(tokens, list) or len(tokens) > max_len or not all(
+            type(t) is int and 0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"generated must be at most {max_len} token ids in [0, {vocab_size})")
+    return tokens
 
 
 # Tokens per prefill forward. Bounds activation memory on long prompts, and on a swarm the

@@ -105,7 +105,7 @@ class _Driver:
                 continue
             if capture_logits and logits is None:
                 logits = out[0].float().cpu()
-            loop.take(sample(out[0], params, step.start + n))
+            loop.take(sample(out[0], params, step.start + n, loop.tokens))
             t_first = t_first or time.perf_counter()
             yield loop.tokens[-1]
         yield Generation(loop.tokens, len(prompt), t_first - t0, time.perf_counter() - t_first, logits)
