@@ -174,3 +174,13 @@ def test_bad_plan_files_are_refused_with_the_reason(tmp_path, text, message):
     with pytest.raises(ConfigError, match=None) as e:
         load_plan_toml(path)
     assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_plan_says_why_a_device_is_left_idle_and_takes_names_with_spaces():
+    result = CliRunner().invoke(cli, ["plan", "--model", "llama-3-8b", "--devices", "2xRTX 3090@m1,1xT4@m2",
+                                      "--objective", "throughput", "--sessions", "16"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    if "unused: 1xT4@m2" in out:
+        assert "  T4@m2: the best plan with it (--hetero-config" in out and "tokens/s at 16 session(s)" in out
+    assert "10% of each device is kept for the KV cache" in out

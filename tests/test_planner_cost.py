@@ -10,7 +10,7 @@ import pytest
 
 from p2pserve.planner.cost import (DTYPES, CostParams, Shard, Workload, combine, evaluate_plan, layer_params,
                                    make_chain, report_pipeline, stage_cost, weights_bytes)
-from p2pserve.planner.devices import GiB, Device, DeviceType, Group, Link, parse_devices
+from p2pserve.planner.devices import KV_SHARE, GiB, Device, DeviceType, Group, Link, parse_devices
 from p2pserve.planner.shapes import KNOWN_MODELS
 from p2pserve.engine.tp import shard_for
 
@@ -103,7 +103,7 @@ def test_memory_is_weights_and_cache_per_layer_plus_embedding_and_head_at_the_en
     last = cost(LLAMA_70B, [A100], workload=workload, sessions=4, last=True)
     assert first.memory.fixed - middle.memory.fixed == embedding
     assert last.memory.fixed - middle.memory.fixed > embedding  # LM head, final norm, logits
-    assert middle.available == A100.memory - A100.reserved
+    assert middle.available == A100.memory - A100.reserved - KV_SHARE * A100.memory  # the KV budget kept free
 
 
 def test_tied_embeddings_are_held_once_by_a_single_stage():

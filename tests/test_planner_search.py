@@ -16,7 +16,7 @@ from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.planner.cost import (DTYPES, CostParams, Shard, Workload, evaluate_plan, layer_params,
                                    make_chain, stage_cost)
-from p2pserve.planner.devices import GiB, Device, DeviceType, Group, Link, parse_devices
+from p2pserve.planner.devices import KV_SHARE, GiB, Device, DeviceType, Group, Link, parse_devices
 from p2pserve.planner.search import (ServingStage, best_stage_for_new_worker, plan_swarm,
                                      split_layers)
 from p2pserve.planner.shapes import KNOWN_MODELS
@@ -224,7 +224,8 @@ def test_memory_limits_are_honoured_to_the_byte():
     exactly_three = first.at(3)  # bytes the first stage needs for 3 layers
     fast = kind("fast", exactly_three, bandwidth=8e6)
     devices = devices_of((fast, "a"), (kind("slow", 1e12, bandwidth=4e6), "a"))
-    found = plan_swarm(devices, model, workload=Workload(prompt_len=8, output_len=4))
+    to_the_byte = CostParams(kv_share=0.0)  # no KV budget kept: the layers may take every byte
+    found = plan_swarm(devices, model, workload=Workload(prompt_len=8, output_len=4), params=to_the_byte)
     [pipeline] = found.report.pipelines
     stage0 = pipeline.stages[0]
     assert stage0.group.devices[0].kind.name == "fast"
@@ -234,7 +235,7 @@ def test_memory_limits_are_honoured_to_the_byte():
     # one byte less and only 2 layers fit
     devices = devices_of((kind("fast", exactly_three - 1, bandwidth=8e6), "a"),
                          (kind("slow", 1e12, bandwidth=4e6), "a"))
-    found = plan_swarm(devices, model, workload=Workload(prompt_len=8, output_len=4))
+    found = plan_swarm(devices, model, workload=Workload(prompt_len=8, output_len=4), params=to_the_byte)
     assert [s.n_layers for s in found.report.pipelines[0].stages if s.group.devices[0].kind.name == "fast"] == [2]
 
 
@@ -384,3 +385,47 @@ def test_new_worker_too_small_for_one_layer_is_told_so():
     tiny = DeviceType("tiny", 1.0 * GiB, 1e12, 1e11, Link(1e9, 1e-5))
     with pytest.raises(ConfigError, match="cannot hold one layer"):
         best_stage_for_new_worker([], tiny, LLAMA_70B)
+
+
+# --- the swarm's every device, and the KV budget -------------------------------------------------
+
+
+def test_llama_70b_on_a6000s_a5000s_and_a4000s_uses_all_six_and_keeps_the_kv_budget():
+    devices = parse_devices("2xA6000@m1,2xA5000@m2,2xA4000@m3")
+    found = plan_swarm(devices, LLAMA_70B)
+    assert found.unused == ()
+    used = [d for p in found.report.pipelines for s in p.stages for d in s.group.devices]
+    assert sorted(d.label for d in used) == sorted(d.label for d in devices)
+    for p in found.report.pipelines:
+        for s in p.stages:
+            smallest = min(s.group.kinds, key=lambda k: k.memory)
+            assert s.memory_used <= smallest.usable_memory - KV_SHARE * smallest.memory
+
+
+def test_llama_3_8b_leaves_the_t4_idle_only_with_the_reason_in_figures():
+    devices = parse_devices("2xRTX 3090@m1,1xT4@m2")
+    for objective, sessions, unit in (("latency", 1, "ms per token"), ("throughput", 16, "tokens/s")):
+        found = plan_swarm(devices, KNOWN_MODELS["llama-3-8b"], objective=objective, workload=Workload(sessions=sessions))
+        if found.unused:
+            assert [d.label for d in found.unused] == ["T4@m2"]
+            why = found.why_unused["T4@m2"]
+            assert why.startswith("the best plan with it (--hetero-config") and unit in why, why
+
+
+def test_a_device_no_plan_can_use_says_so():
+    # a 1 GiB GPU holds no layer of a 70B beside its KV budget, in any group or position
+    devices = parse_devices("4xA100-80G@m1,custom(mem=1GB,tflops=1,bw=10GB/s)@m2")
+    found = plan_swarm(devices, LLAMA_70B)
+    assert [d.label for d in found.unused] == ["custom@m2"]
+    assert found.why_unused["custom@m2"] == "no plan that uses it fits in memory"
+
+
+@pytest.mark.parametrize("name", ["RTX 3090", "rtx3090", "3090", "RTX3090", "NVIDIA GeForce RTX 3090", "rtx-3090"])
+def test_device_names_match_loosely(name):
+    [d] = parse_devices(f"{name}@m1")
+    assert d.kind.name == "RTX3090" and d.machine == "m1"
+
+
+def test_an_ambiguous_device_name_names_the_candidates():
+    with pytest.raises(ConfigError, match="'A100' is ambiguous: A100-40G or A100-80G"):
+        parse_devices("2xA100@m1")

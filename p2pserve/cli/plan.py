@@ -8,7 +8,7 @@ import click
 
 from p2pserve.errors import ConfigError
 from p2pserve.planner.cost import DTYPES, CostParams, Workload
-from p2pserve.planner.devices import GiB, parse_devices, parse_link
+from p2pserve.planner.devices import KV_SHARE, GiB, parse_devices, parse_link
 from p2pserve.planner.planfile import dump_plan_toml
 from p2pserve.planner.search import OBJECTIVES, SwarmPlan, plan_swarm
 from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
@@ -55,6 +55,9 @@ def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions
                f"({'every grouping searched' if found.exhaustive else 'bounded search'})")
     if found.unused:
         click.echo("unused: " + ", ".join(_counted(d.label for d in found.unused)))
+        for label, why in found.why_unused.items():
+            click.echo(f"  {label}: {why}")
+    click.echo(f"memory: {KV_SHARE:.0%} of each device is kept for the KV cache (a worker's default --kv-memory)")
     if toml_path is not None:
         click.echo(f"wrote {toml_path}")
     else:

@@ -26,7 +26,7 @@ from typing import Sequence
 from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan
-from p2pserve.planner.devices import INTER_MACHINE, DeviceType, Group, Link
+from p2pserve.planner.devices import INTER_MACHINE, KV_SHARE, DeviceType, Group, Link
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,9 @@ class CostParams:
     cpu_layer_overhead: float = 150e-6  # same on CPU, torch eager (measure.py measures 100-200 us on EPYC)
     step_overhead: float = 200e-6  # s per stage per step: framing, scheduling, Python
     network: Link = field(default=INTER_MACHINE)  # between machines
+    # share of each device's memory kept free of weights for the KV cache (devices.KV_SHARE);
+    # 0 where workers announce their sessions themselves (the running swarm)
+    kv_share: float = KV_SHARE
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     fixed_mem += workload.max_len * hd * 2 * dtype.act_bytes  # rope cos/sin tables
     per_layer_mem = w_bytes + sessions * workload.max_len * kv_token  # preallocated cache slots
     return StageCost(prefill, decode, Affine(fixed_mem, per_layer_mem),
-                     min(k.usable_memory for k in kinds))
+                     min(k.usable_memory - params.kv_share * k.memory for k in kinds))
 
 
 def slowest_link(kinds) -> Link:

@@ -24,6 +24,10 @@ from functools import cached_property
 from p2pserve.errors import ConfigError
 
 GiB = 2**30
+# The share of each device's memory a worker gives its KV cache by default (node/budget.py,
+# DEFAULT_SHARE): the planner keeps it free of weights, so the sessions a worker then
+# holds, and their activations, fit beside the layers it was planned to hold.
+KV_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,17 @@ CATALOGUE: dict[str, DeviceType] = {
 }
 
 ALIASES = {"h10080g": "H100", "3090": "RTX3090", "4090": "RTX4090", "rtxa6000": "A6000",
-           "rtxa5000": "A5000", "rtxa4000": "A4000", "v10032g": "V100"}
+           "rtxa5000": "A5000", "rtxa4000": "A4000", "v10032g": "V100", "a10040g": "A100-40G",
+           "a10080g": "A100-80G", "v100sxm2": "V100", "teslat4": "T4"}
+VENDOR_WORDS = ("nvidia", "geforce", "tesla", "quadro")  # "NVIDIA GeForce RTX 3090" is an RTX3090
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    for word in VENDOR_WORDS:
+        if key.startswith(word) and len(key) > len(word):
+            key = key[len(word):]
+    return key
 
 
 _BY_NORM = {_norm(n): n for n in CATALOGUE} | {k: v for k, v in ALIASES.items()}
@@ -152,7 +162,7 @@ SYNTAX = ("expected COUNTxNAME[(mem=GB,tflops=T,bw=GB/s,link=GB/s)][@MACHINE], c
           "e.g. 4xA6000@m1,2xcustom(mem=24GB,tflops=35,bw=900GB/s)@m2")
 
 _ITEM = re.compile(
-    r"^(?:(?P<count>\d+)\s*[xX*]\s*)?(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)\s*"
+    r"^(?:(?P<count>\d+)\s*[xX*]\s*)?(?P<name>[A-Za-z0-9][A-Za-z0-9_.\- ]*?)\s*"
     r"(?:\((?P<opts>[^()]*)\))?\s*(?:@\s*(?P<machine>[A-Za-z0-9_.\-:]+))?$"
 )
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
@@ -201,8 +211,18 @@ def _with_options(kind: DeviceType, opts: str) -> DeviceType:
 
 
 def lookup(name: str) -> DeviceType:
-    """A catalogue entry by name, case and punctuation ignored (``a100-80g``, ``RTX 4090``)."""
-    key = _BY_NORM.get(_norm(name))
+    """A catalogue entry by name, case, spaces and punctuation ignored, vendor words and a
+    missing family prefix too: ``RTX 3090``, ``rtx3090``, ``3090``, ``NVIDIA A100-80GB``."""
+    norm = _norm(name)
+    key = _BY_NORM.get(norm) or _BY_NORM.get(norm.removesuffix("b"))  # "80GB" as "80G"
+    # "3090" of "rtx3090" (one catalogue name ends with it), "a100" of "a100-40g" and "a100-80g"
+    for found in ({v for k, v in _BY_NORM.items() if k.endswith(norm)},
+                  {v for k, v in _BY_NORM.items() if k.startswith(norm)}):
+        if key is not None or not norm or not found:
+            continue
+        if len(found) > 1:
+            raise ConfigError(f"device {name!r} is ambiguous: {' or '.join(sorted(found))}?")
+        key = found.pop()
     if key is None:
         raise ConfigError(f"unknown device {name!r}: known devices are {', '.join(CATALOGUE)}, "
                           f"or describe it as custom(mem=GB,tflops=T,bw=GB/s)")
@@ -223,6 +243,10 @@ def parse_devices(spec: str) -> list[Device]:
         if _norm(name) == "custom":
             kind = DeviceType("custom", 0.0, 0.0, 0.0, PCIE4)
         else:
+            count_first = re.match(r"(\d+)\s+(\S.*)", name)
+            if count_first and not m["count"]:
+                raise ConfigError(f"bad --devices entry {item!r}: write the count as "
+                                  f"{count_first[1]}x{count_first[2]}; {SYNTAX}")
             try:
                 kind = lookup(name)
             except ConfigError as e:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -116,6 +117,7 @@ class SwarmPlan:
     unused: tuple[Device, ...]
     objective: str
     exhaustive: bool  # every grouping was tried, so the plan is optimal under the cost model
+    why_unused: dict = field(default_factory=dict)  # "KIND@MACHINE" -> why the plan leaves it idle
 
     def plans(self):
         """One HexGen ``Plan(hetero_config, pp_partition)`` per replica."""
@@ -178,6 +180,7 @@ def plan_swarm(devices: Sequence[Device], model: ModelConfig, *, dtype: str | Dt
     exhaustive = _count_arrangements(machines, budget) <= budget
     candidates = _exhaustive(machines) if exhaustive else _bounded(machines, planner, model, dtype)
     best, best_rank = None, None
+    with_label: dict[str, dict[int, tuple]] = {}  # KIND@MACHINE -> devices of it used -> best (rank, report)
     for pipes in candidates:
         report = planner.plan(pipes)
         if report is None:
@@ -185,11 +188,40 @@ def plan_swarm(devices: Sequence[Device], model: ModelConfig, *, dtype: str | Dt
         rank = planner.rank(report, sum(len(g.devices) for p in pipes for g in p))
         if best_rank is None or rank < best_rank:
             best, best_rank = (report, pipes), rank
+        for label, n in Counter(d.label for p in pipes for g in p for d in g.devices).items():
+            slot = with_label.setdefault(label, {})
+            if n not in slot or rank < slot[n][0]:
+                slot[n] = (rank, report)
     if best is None:
         raise ConfigError(_nothing_fits(devices, model, dtype, workload))
     best = planner.relabelled(*best)
     used = {d for p in best.pipelines for s in p.stages for d in s.group.devices}
-    return SwarmPlan(best, tuple(d for d in devices if d not in used), objective, exhaustive)
+    unused = tuple(d for d in devices if d not in used)
+    why = {}
+    for label in dict.fromkeys(d.label for d in unused):
+        n_used = sum(1 for d in used if d.label == label)
+        more = [v for n, v in with_label.get(label, {}).items() if n > n_used]
+        why[label] = _why_unused(best, min(more, key=lambda v: v[0])[1] if more else None, objective,
+                                 workload, exhaustive)
+    return SwarmPlan(best, unused, objective, exhaustive, why)
+
+
+def _why_unused(best: PlanReport, alternative: PlanReport | None, objective: str, workload: Workload,
+                exhaustive: bool) -> str:
+    """Why the best plan leaves a device idle: the best plan with it, in the objective's figure."""
+    if alternative is None:
+        return ("no plan that uses it fits in memory" if exhaustive
+                else "no plan the bounded search tried with it fits in memory")
+    flags = " + ".join(p.flags() for p in alternative.plans())
+    if objective == "latency":
+        with_it, without = f"{alternative.token_latency * 1e3:.1f}", f"{best.token_latency * 1e3:.1f}"
+        unit = "ms per token"
+    else:
+        with_it, without = f"{alternative.throughput:.1f}", f"{best.throughput:.1f}"
+        unit = f"tokens/s at {workload.sessions} session(s)"
+    if with_it == without:
+        return f"with it ({flags}) the plan is no better: {with_it} {unit} either way"
+    return f"the best plan with it ({flags}) predicts {with_it} {unit}, against {without} without it"
 
 
 def _check_total_memory(devices, model, dtype) -> None:

@@ -26,7 +26,9 @@ from p2pserve.planner.devices import CATALOGUE, LIBP2P, Device, DeviceType
 from p2pserve.planner.measure import DeviceSpeed, measure_device
 from p2pserve.planner.search import ServingStage, best_stage_for_new_worker, plan_swarm
 
-SWARM = CostParams(network=LIBP2P)  # stages of a swarm are separate peers: every hop is libp2p
+# stages of a swarm are separate peers: every hop is libp2p; a worker announces the sessions
+# its KV cache holds (--max-sessions, or one at least), so no share is kept on top
+SWARM = CostParams(network=LIBP2P, kv_share=0.0)
 NOMINAL = CATALOGUE["cpu"]  # stands in for a device whose record carries no usable figures
 MAX_DEVICES = 64  # per worker: more is a malformed request, not a machine
 
