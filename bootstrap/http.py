@@ -57,6 +57,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_CHOICES = 16  # n: each choice holds a session (a KV slot) on every stage of its chain
 MAX_STOPS = 4  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+MAX_BUCKETS = 10_000  # rate-limit buckets kept before the full ones are dropped
 # OpenAI parameters p2pserve does not implement: refused by name rather than ignored
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
                "suffix", "echo", "best_of", "audio", "modalities", "prediction")
@@ -453,6 +454,9 @@ class Access:
     def _take(self, who: bytes) -> float:
         """Take one request from ``who``'s bucket: 0, or the seconds until one is allowed."""
         now = time.monotonic()
+        if len(self.buckets) > MAX_BUCKETS:  # many client addresses: forget those with a full bucket
+            full = now - 60
+            self.buckets = {k: (n, t) for k, (n, t) in self.buckets.items() if t > full}
         tokens, at = self.buckets.get(who, (float(self.rate_limit), now))
         tokens = min(float(self.rate_limit), tokens + (now - at) * self.rate_limit / 60)
         if tokens < 1:

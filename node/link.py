@@ -11,7 +11,8 @@ frame per hop instead of sixteen.
 Frames on a LINK stream:
 
     down  steps  {id, items: [{session, start}]} + tensor "x" [B, hidden], row i for item i
-    up    tokens {id, results: [token | {code, message}]}, in item order
+    up    tokens {id, results: [token | [token, logprob, top] | {code, message}]}, in item order
+          (the list when the session asked for logprobs, engine/generate.py: Sampled)
 
 A failed item (unknown session, a later stage's refusal) raises RemoteError for that
 session only; a broken stream fails every step in flight on it with StreamClosed (a

@@ -5,12 +5,14 @@ otherwise). Its first frame, 'open', names the whole chain; a stage that is not 
 opens the next hop itself, so activations go worker to worker and never through the
 bootstrap. Frames on a session stream:
 
-    down   open  {session, chain, index, params, prompt, stop_on_eos, max_len, stream_interval}
+    down   open  {session, chain, index, params, prompt, generated, stop_on_eos, max_len,
+                  stream_interval}    (generated: the answer's tokens so far, for the penalties)
            step  {start, want} + tensor "x" ([T] token ids to stage 0 are not sent:
                  stage 0 drives the loop itself, node/driver.py; [T, hidden] states elsewhere)
            close {}
     up     ready {}            the whole rest of the chain is open
-           token {token, pos}  the last stage's sample, relayed back to stage 0
+           token {token, pos}  the last stage's sample, relayed back to stage 0 (with
+                               logprobs asked for, [token, logprob, top])
            (stage 0 to the bootstrap instead: tokens {tokens: [..]} …, done {n_tokens};
            tokens at most one frame per stream_interval seconds, see node/upstream.py)
            error {code, message}

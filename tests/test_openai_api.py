@@ -247,3 +247,45 @@ def test_a_client_that_disconnects_stops_its_generation_within_a_second(swarm):
     gone = time.time()
     assert sessions_after(swarm, gone + 1.0) == [0, 0]
     assert status(swarm)["stats"]["queries"] == queries + 2  # HTTP queries are counted
+
+
+async def test_a_penalized_answer_replayed_from_its_tokens_continues_exactly(tmp_path):
+    """What a failover does at the last stage: a new session whose prompt ends with the
+    tokens generated so far, named as such (the open frame's 'generated'), samples on as
+    the first one would have."""
+    from dataclasses import replace
+
+    import torch
+
+    from p2pserve.engine.build import load_stage
+    from p2pserve.engine.generate import SamplingParams
+    from p2pserve.engine.weights import open_weights
+    from p2pserve.node.executor import BatchingExecutor, StepRequest
+
+    from .tiny import make_tiny_llama
+
+    source = open_weights(make_tiny_llama(tmp_path / "tiny"))
+    runner = load_stage(source, 0, source.config.n_layers)
+    runner.allocate(2, 64)
+    executor = BatchingExecutor(runner)
+    prompt = [5, 17, 42, 99, 7]
+    penalized = SamplingParams(temperature=0.8, seed=3, presence_penalty=1.5, frequency_penalty=1.0)
+
+    async def answer(slot, params, generated, n):
+        history = list(generated)  # the session's, as node/sessions.py keeps it
+        tokens = [await executor.step(StepRequest(slot, 0, torch.tensor(prompt + generated), True, params,
+                                                  history))]
+        while len(tokens) < n:
+            pos = len(prompt) + len(generated) + len(tokens) - 1
+            tokens.append(await executor.step(StepRequest(slot, pos, torch.tensor(tokens[-1:]), True, params,
+                                                          history)))
+        return tokens
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.run)
+        for params in (penalized, replace(penalized, temperature=0.0)):
+            whole = await answer(0, params, [], 16)
+            assert await answer(1, params, whole[:6], 10) == whole[6:]
+        plain = await answer(1, replace(params, presence_penalty=0.0, frequency_penalty=0.0), [], 16)
+        assert plain != whole and len(set(plain)) < len(set(whole))  # greedy repeats itself, less so penalized
+        nursery.cancel_scope.cancel()

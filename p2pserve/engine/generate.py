@@ -57,9 +57,9 @@ class SamplingParams:
             (integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= 2**20,
              f"max-new-tokens must be an integer in [1, {2**20}], got {self.max_new_tokens!r}"),
             (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-             f"presence_penalty must be a number in [-2, 2], got {self.presence_penalty!r}"),
+             f"presence-penalty must be a number in [-2, 2], got {self.presence_penalty!r}"),
             (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             f"frequency_penalty must be a number in [-2, 2], got {self.frequency_penalty!r}"),
+             f"frequency-penalty must be a number in [-2, 2], got {self.frequency_penalty!r}"),
             (self.logprobs is None or (integer(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
              f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or absent, got {self.logprobs!r}"),
         ]
