@@ -16,6 +16,7 @@ import time
 import uuid
 
 import trio
+from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 
 from p2pserve.engine.config import ModelConfig
@@ -23,7 +24,8 @@ from p2pserve.errors import REQUEST_CODES, ConfigError, P2PServeError
 from p2pserve.net.host import dial
 from p2pserve.plan import Plan
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
-from p2pserve.net.records import RecordError, verify_record
+from p2pserve.net.records import RecordError, WorkerRecord, verify_record
+from p2pserve.net.tickets import sign_ticket
 from p2pserve.engine.generate import Sampled, SamplingParams, check_sampled
 from p2pserve.net.wire import (
     RemoteError,
@@ -49,8 +51,11 @@ MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
 
 class Bootstrap:
     def __init__(self, host, config: ModelConfig, tokenizer, plans: list[Plan], *, policy: str = "round-robin",
-                 stream_interval: float = STREAM_INTERVAL):
+                 stream_interval: float = STREAM_INTERVAL, allowed_peers: frozenset[str] | None = None):
         self.host = host
+        self.key_pair = KeyPair(host.get_private_key(), host.get_public_key())  # signs session tickets
+        self.allowed_peers = allowed_peers  # --allow-peers: the only peer ids admitted as workers
+        self._announcers: dict[str, object] = {}  # peer id -> its open announce stream
         self.stream_interval = stream_interval
         self.config = config
         self.tokenizer = tokenizer
@@ -87,7 +92,8 @@ class Bootstrap:
         return {"type": "status", "model": self.config.name, "plans": [p.to_dict() for p in self.plans],
                 "workers": [dataclasses.asdict(r) for r in self.registry.live()],
                 "chains": [[r.peer_id for r in c] for c in chains],
-                "missing": "" if chains else self.registry.missing(), "stats": dict(self.stats)}
+                "missing": "" if chains else self.registry.missing(), "stats": dict(self.stats),
+                "banned": self.registry.bans()}
 
     async def handle_status(self, stream) -> None:
         try:
@@ -100,6 +106,12 @@ class Bootstrap:
     async def handle_announce(self, stream) -> None:
         """One worker's heartbeat stream: every frame a freshly signed record."""
         peer = stream.muxed_conn.peer_id.to_base58()
+        if self.allowed_peers is not None and peer not in self.allowed_peers:
+            log.warning("refused worker %s: not in --allow-peers", peer)
+            await _try_send(stream, error_frame("forbidden", f"peer {peer} is not admitted to this swarm "
+                                                             f"(the head's --allow-peers list)"))
+            return
+        mine = False  # does this stream speak for the peer in the registry?
         try:
             while True:
                 msg = await read_frame(stream, timeout=HEARTBEAT * MISSED_HEARTBEATS)
@@ -121,13 +133,26 @@ class Bootstrap:
                         "bad_request", f"layers {record.start}-{record.end} are outside {self.config.name}'s "
                                        f"{self.config.n_layers} layers"))
                     continue
-                if peer not in self.registry.entries:
+                other = self._announcers.get(peer)
+                entry = self.registry.entries.get(peer)
+                if other is not None and other is not stream and entry is not None \
+                        and (entry.record.start, entry.record.end) != (record.start, record.end):
+                    log.warning("refused a second worker claiming peer id %s", peer)
+                    await write_frame(stream, error_frame(
+                        "identity_in_use", f"peer id {peer} is already live serving layers "
+                                           f"{entry.record.start}-{entry.record.end}: two processes share one "
+                                           f"identity; give each its own (--group-id or --identity)"))
+                    return
+                if not mine:
                     log.info("worker %s joined: layers %d-%d", peer, record.start, record.end)
+                    self._announcers[peer], mine = stream, True
                 self.registry.update(record)
-        except (WireError, EOFError, Exception) as e:
+        except (WireError, EOFError) as e:
             log.info("worker %s left: %s", peer, e)
         finally:
-            self.registry.remove(peer)
+            if mine and self._announcers.get(peer) is stream:
+                del self._announcers[peer]
+                self.registry.remove(peer)
             await reset_stream(stream)
 
     # ---- queries ---------------------------------------------------------------------
@@ -142,14 +167,28 @@ class Bootstrap:
         raise P2PServeError(f"unknown model {name!r}: this swarm serves {self.config.name!r}", code="unknown_model")
 
     def encode(self, msg: dict) -> list[int]:
-        if "tokens" in msg:
-            ids = [int(t) for t in msg["tokens"]]
-        elif "messages" in msg:
-            ids = self.tokenizer.encode_chat(list(msg["messages"]))
+        """The prompt's token ids: from exactly one of tokens, messages or prompt, each of
+        its own type (checked here, at the edge, for every way in)."""
+        given = [k for k in ("tokens", "messages", "prompt") if msg.get(k) is not None]
+        if len(given) != 1:
+            raise P2PServeError("a query needs exactly one of prompt (text), messages or tokens", code="bad_request")
+        if "tokens" in given:
+            ids = msg["tokens"]
+            if not isinstance(ids, list) or any(type(t) is not int for t in ids):
+                raise P2PServeError("tokens must be a list of token ids", code="bad_request")
+        elif "messages" in given:
+            messages = msg["messages"]
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise P2PServeError("messages must be a list of {role, content} texts", code="bad_request")
+            ids = self.tokenizer.encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+        elif not isinstance(msg["prompt"], str):
+            raise P2PServeError("prompt must be a text", code="bad_request")
         elif msg.get("chat", True):
-            ids = self.tokenizer.encode_chat([{"role": "user", "content": str(msg.get("prompt", ""))}])
+            ids = self.tokenizer.encode_chat([{"role": "user", "content": msg["prompt"]}])
         else:
-            ids = self.tokenizer.encode(str(msg.get("prompt", "")))
+            ids = self.tokenizer.encode(msg["prompt"])
         if not ids:
             raise P2PServeError("the prompt is empty", code="bad_request")
         if any(not 0 <= t < self.config.vocab_size for t in ids):
@@ -158,6 +197,8 @@ class Bootstrap:
 
     def prepare(self, msg: dict) -> tuple[list[int], SamplingParams, int | None, bool]:
         """Check a query once, at the edge: (prompt ids, params, pinned pipeline, stop_on_eos)."""
+        if not isinstance(msg.get("model"), (str, type(None))) or not isinstance(msg.get("stop_on_eos", True), bool):
+            raise P2PServeError("model must be a name and stop_on_eos true or false", code="bad_request")
         try:
             pipeline = self.resolve_model(msg.get("model"))
             params = SamplingParams.from_dict(msg.get("params") or {})
@@ -174,6 +215,8 @@ class Bootstrap:
     async def handle_query(self, stream) -> None:
         try:
             msg = await read_frame(stream, timeout=30)
+            if msg.get("type") != "query":
+                raise P2PServeError(f"expected a 'query' frame, got {str(msg.get('type'))[:64]!r}", code="bad_request")
             self.stats["queries"] += 1
             prompt, params, pipeline, stop_on_eos = self.prepare(msg)
 
@@ -206,7 +249,8 @@ class Bootstrap:
         decoder = self.tokenizer.stream()
         eos = set(self.config.eos_token_ids)
         generated: list[int] = []
-        failed: set[str] = set()
+        failed: set[str] = set()  # peers gone from the view: never again in this answer
+        avoid: set[str] = set()  # peers of any chain that failed: only where no chain goes around them
         busy: set[str] = set()
         busy_reason = ""
         t0 = time.monotonic()
@@ -216,7 +260,9 @@ class Bootstrap:
             if busy and self.registry.pick(pipeline, frozenset(failed | busy), self.policy) is None:
                 raise P2PServeError(f"every pipeline of {self.config.name} is full ({busy_reason}); "
                                           f"retry in a moment", code="busy")
-            chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed)
+            chain = await self._choose(pipeline, frozenset(failed | busy), first=attempt == 0 or not failed,
+                                       avoid=frozenset(avoid))
+            chain_peers = frozenset(h.peer_id for h in chain)
             remaining = params.max_new_tokens - len(generated)
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
             await emit([{"type": "route", "chain": [h.peer_id for h in chain],
@@ -240,6 +286,7 @@ class Bootstrap:
                             "time_s": time.monotonic() - t0,
                             "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
                             else "length"}])
+                self.registry.succeeded(chain_peers)
                 return
             except _ChainFailed as e:
                 if e.busy:
@@ -248,19 +295,23 @@ class Bootstrap:
                     continue
                 log.warning("chain failed after %d tokens: %s", len(generated), e)
                 self.stats["failovers"] += 1
+                # the peers that died are to blame; if none did, everyone on the chain is suspect
+                self.registry.failed(e.peers or chain_peers, str(e))
                 failed |= e.peers
+                avoid |= chain_peers
                 t_fail = t_fail or time.monotonic()
                 continue
         raise P2PServeError(f"gave up after {MAX_ATTEMPTS} failed chains", code="no_pipeline")
 
-    async def _choose(self, pipeline, exclude: frozenset[str], first: bool) -> list[Hop]:
+    async def _choose(self, pipeline, exclude: frozenset[str], first: bool,
+                      avoid: frozenset[str] = frozenset()) -> list[Hop]:
         """A chain for the next attempt; after a failure, wait (bounded) for the registry
         to drop the dead worker or for a replacement to appear."""
         deadline = trio.current_time() + (0 if first else HEARTBEAT * MISSED_HEARTBEATS + 1)
         while True:
-            chain = self.registry.pick(pipeline, exclude, self.policy)
+            chain = self.registry.pick(pipeline, exclude, self.policy, avoid)
             if chain is not None:
-                return [Hop(r.peer_id, tuple(r.addrs), r.start, r.end) for r in chain]
+                return hops(chain)
             if trio.current_time() >= deadline:
                 if pipeline is not None and self.registry.chains():
                     raise P2PServeError(f"pipeline {pipeline} of {self.config.name} does not exist "
@@ -279,8 +330,10 @@ class Bootstrap:
         try:
             peer = await dial(self.host, first.peer_id, first.addrs)
             stream = await self.host.new_stream(peer, [SESSION])
+            session = uuid.uuid4().hex
             await write_frame(stream, {
-                "type": "open", "session": uuid.uuid4().hex, "chain": [h.to_dict() for h in chain],
+                "type": "open", "session": session, "ticket": sign_ticket(self.key_pair, session, chain),
+                "chain": [h.to_dict() for h in chain],
                 "index": 0, "params": params.to_dict(), "prompt": prompt, "generated": list(generated),
                 "eos": list(self.config.eos_token_ids), "stop_on_eos": stop_on_eos,
                 "stream_interval": self.stream_interval,
@@ -334,6 +387,11 @@ class Bootstrap:
                     return frozenset(gone)
                 await trio.sleep(0.05)
         return frozenset()
+
+
+def hops(chain: list[WorkerRecord]) -> list[Hop]:
+    """A chain of records as the hops a session ticket names."""
+    return [Hop(r.peer_id, tuple(r.addrs), r.start, r.end) for r in chain]
 
 
 def tokens_of(msg: dict, vocab_size: int) -> list[int | Sampled]:

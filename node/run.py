@@ -38,6 +38,8 @@ class WorkerOptions:
     kv_memory: str | None = None
     max_queue: int | None = None
     threads: int | None = None
+    identity: Path | None = None  # pinned key file; else --group-id's, else the first free one
+    swarm_key: str | None = None  # the private swarm's pre-shared key, 64 hex digits
     join_timeout: float = 300.0  # seconds to wait for a bootstrap that is not up yet
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at
 
@@ -145,7 +147,8 @@ async def wait_for_bootstrap(host, address: str, join_timeout: float):
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from p2pserve.node.compute import compute_for
-    from p2pserve.net.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.net.host import (host_multiaddrs, load_or_create_identity, lock_identity, own_identity,
+                                   quiet_libp2p_logs, running_dht, running_host, serve_protocol)
     from p2pserve.ranks.pipeline import parse_dtype
     from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.ranks import world
@@ -165,9 +168,14 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     device_names = [d.strip() for d in opts.devices.split(",") if d.strip()]
     compute = compute_for(device_names)
     speeds = await compute.run(partial(measure_devices, device_names))
-    name = f"worker-{opts.group_id}" if opts.group_id else "worker"
-    key = load_or_create_identity(opts.home / f"{name}.key")
-    async with running_host(key, [opts.listen]) as host:
+    if opts.identity is not None:
+        if not lock_identity(opts.identity):
+            raise ConfigError(f"--identity {opts.identity} is in use by another running p2pserve process")
+        key = load_or_create_identity(opts.identity)
+    else:
+        key, _ = own_identity(opts.home, f"worker-{opts.group_id}" if opts.group_id else "worker",
+                              pinned=bool(opts.group_id))
+    async with running_host(key, [opts.listen], opts.swarm_key) as host:
         bootstrap_id = await wait_for_bootstrap(host, opts.peer, opts.join_timeout)
         info = await fetch_plan(host, bootstrap_id, plan_request(opts, speeds))
         if info.get("fingerprint") != config.fingerprint():
@@ -196,10 +204,11 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             await compute.run(partial(runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
-                                 max_waiting=opts.max_queue, compute=compute)
+                                 max_waiting=opts.max_queue, compute=compute,
+                                 heads=frozenset({bootstrap_id.to_base58()}))
             await compute.run(server.executor.warm_up)
-            host.set_stream_handler(SESSION, server.handle)
-            host.set_stream_handler(LINK, server.handle_link)
+            serve_protocol(host, SESSION, server.handle)
+            serve_protocol(host, LINK, server.handle_link)
             addrs = host_multiaddrs(host)
             # measured again: the stage now runs with its own thread count (--threads, or
             # cores // TP), which the record's speed must reflect (cached per thread count)

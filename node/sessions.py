@@ -1,11 +1,12 @@
 """The session server of a worker: opens, steps, relays and closes sessions through its stage.
 
 A session is one stream from upstream (the bootstrap for stage 0, the previous stage
-otherwise). Its first frame, 'open', names the whole chain; a stage that is not last
+otherwise). Its first frame, 'open', carries the head's signed ticket (net/tickets.py)
+naming the whole chain; a stage that is not last
 opens the next hop itself, so activations go worker to worker and never through the
 bootstrap. Frames on a session stream:
 
-    down   open  {session, chain, index, params, prompt, generated, stop_on_eos, max_len,
+    down   open  {session, ticket, chain, index, params, prompt, generated, stop_on_eos, max_len,
                   stream_interval}    (generated: the answer's tokens so far, for the penalties)
            step  {start, want} + tensor "x" ([T] token ids to stage 0 are not sent:
                  stage 0 drives the loop itself, node/driver.py; [T, hidden] states elsewhere)
@@ -14,7 +15,7 @@ bootstrap. Frames on a session stream:
            token {token, pos}  the last stage's sample, relayed back to stage 0 (with
                                logprobs asked for, [token, logprob, top])
            (stage 0 to the bootstrap instead: tokens {tokens: [..]} …, done {n_tokens};
-           tokens at most one frame per stream_interval seconds, see node/upstream.py)
+           tokens at most one frame per stream_interval seconds, see node/driver.py)
            error {code, message}
 
 Decode steps (one token, a token wanted) do not use the session stream: they go on the
@@ -34,6 +35,7 @@ from p2pserve.engine import generate
 from p2pserve.engine.generate import check_generated, check_prompt, check_sampled
 from p2pserve.errors import Busy, ConfigError, NetworkError, P2PServeError
 from p2pserve.net.host import dial
+from p2pserve.net.tickets import TicketError, verify_ticket
 from p2pserve.net.protocols import MAX_STREAM_INTERVAL, SESSION, Hop
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import (
@@ -82,9 +84,13 @@ class StageServer:
     """One worker's stage: its sessions, their KV slots, and the batcher in front of the model."""
 
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
-                 max_sessions: int, max_len: int, max_waiting: int | None = None, compute=None):
+                 max_sessions: int, max_len: int, max_waiting: int | None = None, compute=None,
+                 heads: frozenset[str] | None = None):
         """``runner``'s KV cache must already hold ``max_sessions`` x ``max_len`` positions:
-        a worker allocates it where it computes (``compute``, see node/compute.py)."""
+        a worker allocates it where it computes (``compute``, see node/compute.py).
+        ``heads``: the peer ids whose session tickets this stage honours (net/tickets.py);
+        None serves any 'open' frame, for a stage tested on its own."""
+        self.heads = heads
         self.host = host
         self.runner = runner
         self.model_name, self.fingerprint = model_name, fingerprint
@@ -158,13 +164,20 @@ class StageServer:
         if self.draining:
             raise Busy("this worker is leaving the swarm; choose another")
         try:
-            chain = [Hop.from_dict(h) for h in msg["chain"]]
-            index = int(msg["index"])
+            sid = msg["session"]
+            if not isinstance(sid, str) or not 0 < len(sid) <= 64:
+                raise ValueError("the session id must be a text of 1-64 characters")
+            chain = (verify_ticket(msg.get("ticket"), self.heads, sid) if self.heads is not None
+                     else [Hop.from_dict(h) for h in msg["chain"]])
+            index = msg["index"]
+            if type(index) is not int or not 0 <= index < len(chain):
+                raise ValueError(f"index {str(index)[:20]} is not a stage of the {len(chain)}-stage chain")
             params = SamplingParams.from_dict(msg["params"])
-            sid = str(msg["session"])
             me = chain[index]
             interval = _stream_interval(msg.get("stream_interval", 0.0))
             history = check_generated(msg.get("generated", []), self.config.vocab_size, self.max_len)
+        except TicketError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, P2PServeError) as e:
             raise P2PServeError(f"malformed 'open' frame: {e}", code="bad_request") from None
         if (me.start, me.end) != (self.start, self.end) or me.peer_id != self.host.get_id().to_base58():
@@ -178,8 +191,8 @@ class StageServer:
                 check_prompt(prompt, self.config.vocab_size)
             except ConfigError as e:
                 raise P2PServeError(str(e), code="bad_request") from None
-        need = len(prompt) + params.max_new_tokens if self.is_first else int(msg.get("max_len", 0))
-        if need > self.max_len:
+        need = len(prompt) + params.max_new_tokens if self.is_first else msg.get("max_len", 0)
+        if type(need) is not int or need > self.max_len:
             raise P2PServeError(f"the session needs {need} positions; this worker holds "
                                               f"at most {self.max_len} per session", code="bad_request")
         slot = await self.slots.acquire()

@@ -65,12 +65,15 @@ class Swarm:
         self.addr = self._wait_for(proc, log, rf"(/ip4/127\.0\.0\.1/tcp/{port}/p2p/\w+)").group(1)
         return self.addr
 
-    def start_worker(self, *args: str, wait: bool = True) -> subprocess.Popen:
+    def start_worker(self, *args: str, wait: bool = True, group_id: bool = True) -> subprocess.Popen:
+        """A worker; with its own ``--group-id`` unless ``group_id`` is False (then its
+        identity is the first one no running worker holds)."""
         self._n += 1
         name = f"worker{self._n}"
         # several workers share this machine's few cores: one thread each unless told
         threads = [] if "--threads" in args else ["--threads", "1"]
-        proc, log = self._spawn(["worker", "--peer", self.addr, "--group-id", name,
+        pinned = ["--group-id", name] if group_id else []
+        proc, log = self._spawn(["worker", "--peer", self.addr, *pinned,
                                  "--listen", "/ip4/127.0.0.1/tcp/0", *threads, *args], name)
         if wait:
             self.wait_serving(proc)
@@ -92,6 +95,16 @@ class Swarm:
 
     def log(self, proc) -> str:
         return next(log.read_text() for p, log in self.procs if p is proc)
+
+    def ticket(self, session: str, chain: list[dict]) -> bytes:
+        """A session ticket signed with this swarm's head key, as the head would sign it:
+        what a test needs to speak to workers directly, which no outsider can."""
+        from p2pserve.net.host import load_or_create_identity
+        from p2pserve.net.protocols import Hop
+        from p2pserve.net.tickets import sign_ticket
+
+        key = load_or_create_identity(self.home / "bootstrap.key")
+        return sign_ticket(key, session, [Hop.from_dict(h) for h in chain])
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         env = {**os.environ, "P2PSERVE_HOME": str(self.home)}
@@ -141,7 +154,7 @@ class Client:
                 await trio.sleep(0.2)
 
 
-def client(addr: str):
+def client(addr: str, swarm_key: str | None = None):
     """``async with client(addr) as c:`` an in-process client connected to the bootstrap."""
     from contextlib import asynccontextmanager
 
@@ -153,7 +166,7 @@ def client(addr: str):
     async def cm():
         quiet_libp2p_logs()
         key_pair = create_new_key_pair()
-        async with running_host(key_pair, ["/ip4/127.0.0.1/tcp/0"]) as host:
+        async with running_host(key_pair, ["/ip4/127.0.0.1/tcp/0"], swarm_key) as host:
             yield Client(host, await connect(host, addr, timeout=15), key_pair)
 
     return cm()

@@ -110,7 +110,7 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
                  for w in (first, last)]
         s = await session_stream()
         await write_frame(s, {"type": "open", "session": "t1", "chain": chain, "index": 1,
-                              "params": GREEDY.to_dict(), "max_len": 64})
+                              "params": GREEDY.to_dict(), "max_len": 64, "ticket": swarm2.ticket("t1", chain)})
         assert (await read_frame(s))["type"] == "ready"
         await send_message(s, {"type": "step", "start": 0, "want": True}, {"x": torch.zeros(3, 100)})
         with pytest.raises(RemoteError) as e:
@@ -132,7 +132,7 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         # an 'open' for layers this worker does not hold
         s = await session_stream()
         await write_frame(s, {"type": "open", "session": "t2", "chain": chain, "index": 0,
-                              "params": GREEDY.to_dict()})
+                              "params": GREEDY.to_dict(), "ticket": swarm2.ticket("t2", chain)})
         with pytest.raises(RemoteError, match="holds layers 15-30"):
             await read_frame(s)
 
@@ -141,8 +141,9 @@ async def test_bad_frames_get_clear_errors_and_the_worker_keeps_serving(swarm2, 
         await connect(c.host, first["addrs"][0] if "/p2p/" in first["addrs"][0]
                       else f"{first['addrs'][0]}/p2p/{first['peer_id']}")
         s = await c.host.new_stream(first_peer, [SESSION])
-        await write_frame(s, {"type": "open", "session": "t3", "chain": chain, "index": 0, "prompt": references[PROMPTS[1]][0],
-                              "params": GREEDY.to_dict(), "stream_interval": 30})
+        await write_frame(s, {"type": "open", "session": "t3", "chain": chain, "index": 0,
+                              "prompt": references[PROMPTS[1]][0], "params": GREEDY.to_dict(),
+                              "stream_interval": 30, "ticket": swarm2.ticket("t3", chain)})
         with pytest.raises(RemoteError, match="stream_interval must be 0-1 seconds, got 30") as e:
             await read_frame(s)
         assert e.value.code == "bad_request"
@@ -157,7 +158,7 @@ async def test_out_of_range_parameters_are_refused(swarm2):
 
     async with client(swarm2.addr) as c:
         await c.wait_chains(1)
-        with pytest.raises(QueryError, match="top-p must be in"):
+        with pytest.raises(QueryError, match="top-p must be a number in"):
             await _ask_raw(c, {"top_p": 1.5})
         with pytest.raises(QueryError, match="token ids must be in"):
             await c.ask(tokens=[1, 10**9])

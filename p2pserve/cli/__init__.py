@@ -19,6 +19,7 @@ COMMANDS = {
     "query": "p2pserve.cli.query:query",
     "status": "p2pserve.cli.status:status",
     "train": "p2pserve.cli.train:train",
+    "keygen": "p2pserve.cli.keygen:keygen",
 }
 
 

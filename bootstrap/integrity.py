@@ -1,0 +1,133 @@
+"""Result integrity: a worker carries user traffic only once it has answered as the swarm does.
+
+Nothing a worker says about itself proves that it computes its layers honestly: a peer
+can announce every layer and a tiny step time, then answer with fixed tokens. So a new
+worker is on probation (``Registry.admission``) until it passes an *admission probe*: the
+head opens a session through a chain that contains it, exactly as it opens a user's
+(same protocol, a ticket, a chat prompt, greedy sampling), and compares the tokens with
+what admitted workers answer to the same prompt. Equal: admitted. Different twice (two
+prompts, so a near-tie in the logits cannot ban an honest worker): every worker of that
+chain still on probation is banned, and comes back on probation after the ban.
+
+The swarm's first complete chain is admitted on trust: there is nothing yet to compare
+it with. Workers that run another dtype than the admitted chain would not give the same
+greedy tokens, so they are admitted unchecked, with a log line saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from p2pserve.bootstrap.server import hops
+from p2pserve.engine.generate import SamplingParams
+from p2pserve.net.records import WorkerRecord
+
+log = logging.getLogger("p2pserve.bootstrap")
+
+PROBE_TOKENS = 8  # greedy tokens compared per probe
+MISMATCHES_TO_BAN = 2
+CHECK_INTERVAL = 0.2  # seconds between looks for workers on probation
+PROBE_PROMPTS = (
+    "What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
+    "What is 12 times 12?", "Who wrote Hamlet?", "Give me a synonym for happy.",
+    "How many legs does a spider have?", "What language is spoken in Brazil?",
+)
+
+
+def _dtypes(chain: list[WorkerRecord]) -> set:
+    return {d.get("dtype") for r in chain for d in r.devices}
+
+
+class Admission:
+    def __init__(self, node):
+        self.node = node  # the Bootstrap: its registry, tokenizer and way of running a chain
+        self.registry = node.registry
+        self.mismatches: dict[str, int] = {}
+        self.references: dict[str, list[int]] = {}  # prompt -> the admitted chains' greedy tokens
+        self._probing: set[str] = set()
+        self.probes = 0
+
+    async def run(self) -> None:
+        self.registry.admission = True
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._admit_or_probe(nursery)
+                await trio.sleep(CHECK_INTERVAL)
+
+    def _admit(self, record: WorkerRecord, why: str) -> None:
+        self.registry.admitted.add(record.peer_id)
+        self.mismatches.pop(record.peer_id, None)
+        log.info("worker %s admitted (layers %d-%d): %s", record.peer_id, record.start, record.end, why)
+
+    def _admit_or_probe(self, nursery) -> None:
+        waiting = [r for r in self.registry.on_probation() if r.peer_id not in self._probing]
+        if not waiting:
+            return
+        if self.registry.best_chain() is None:
+            founding = self.registry.best_chain(records=self.registry.live())
+            for r in founding or []:
+                if r.peer_id not in self.registry.admitted:
+                    self._admit(r, "the swarm's first complete chain, admitted on trust")
+            return
+        for r in waiting:
+            chain = self._chain_through(r)
+            if chain is not None:
+                self._probing.update(x.peer_id for x in chain)
+                nursery.start_soon(self._probe, r, chain)
+
+    def _chain_through(self, record: WorkerRecord) -> list[WorkerRecord] | None:
+        """A complete chain with ``record`` in it, through admitted workers where there are."""
+        others = [r for r in self.registry.live() if r.peer_id != record.peer_id]
+        probation = frozenset(r.peer_id for r in self.registry.on_probation())
+        n = self.registry.n_layers
+        before = self.registry.best_chain(records=others, avoid=probation, end=record.start) \
+            if record.start > 0 else []
+        after = self.registry.best_chain(records=others, avoid=probation, start=record.end) \
+            if record.end < n else []
+        if before is None or after is None:
+            return None
+        return before + [record] + after
+
+    async def _probe(self, record: WorkerRecord, chain: list[WorkerRecord]) -> None:
+        newcomers = [r for r in chain if r.peer_id not in self.registry.admitted]
+        try:
+            reference = self.registry.best_chain(exclude=frozenset(r.peer_id for r in newcomers))
+            if reference is None:
+                return
+            if _dtypes(reference) != _dtypes(chain):
+                for r in newcomers:
+                    self._admit(r, f"not checked: it runs {sorted(map(str, _dtypes(chain)))}, no admitted "
+                                   f"chain runs the same dtype to compare with")
+                return
+            prompt = random.choice(PROBE_PROMPTS)
+            self.probes += 1
+            try:
+                if prompt not in self.references:
+                    self.references[prompt] = await self._answer(reference, prompt)
+                got = await self._answer(chain, prompt)
+            except Exception as e:  # a chain that fails the probe is a failed chain like any other
+                self.registry.failed([r.peer_id for r in newcomers], f"admission probe: {e}")
+                return
+            if got == self.references[prompt]:
+                for r in newcomers:
+                    self._admit(r, f"its chain answered the admission probe as the swarm does ({len(got)} tokens)")
+                return
+            for r in newcomers:
+                self.mismatches[r.peer_id] = self.mismatches.get(r.peer_id, 0) + 1
+                if self.mismatches[r.peer_id] >= MISMATCHES_TO_BAN:
+                    self.mismatches.pop(r.peer_id)
+                    self.registry.ban(r.peer_id, f"answered the admission probe unlike the swarm "
+                                                 f"({MISMATCHES_TO_BAN} prompts)")
+        finally:
+            self._probing.difference_update(r.peer_id for r in chain)
+
+    async def _answer(self, chain: list[WorkerRecord], prompt: str) -> list[int]:
+        ids = self.node.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        params = SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS)
+        tokens: list[int] = []
+        async for chunk in self.node._run_chain(hops(chain), ids, params, False):
+            tokens += chunk
+        return tokens
