@@ -86,6 +86,8 @@ def test_n_choices_with_a_seed_are_each_reproducible(api):
     assert first.usage.completion_tokens == again.usage.completion_tokens <= 30
     # choice 0 is the answer to the same request with n=1
     assert api.chat.completions.create(**{**kw, "n": 1}).choices[0].message.content == texts[0]
+    unseeded = api.chat.completions.create(**{**kw, "seed": None, "n": 2}).choices  # each its own noise
+    assert unseeded[0].message.content != unseeded[1].message.content
 
 
 def test_logprobs_are_those_of_the_sampled_tokens(api):
@@ -289,3 +291,13 @@ async def test_a_penalized_answer_replayed_from_its_tokens_continues_exactly(tmp
         plain = await answer(1, replace(params, presence_penalty=0.0, frequency_penalty=0.0), [], 16)
         assert plain != whole and len(set(plain)) < len(set(whole))  # greedy repeats itself, less so penalized
         nursery.cancel_scope.cancel()
+
+
+def test_http_on_a_bare_port_listens_on_this_machine_only(tmp_path):
+    from p2pserve.cli.options import parse_bind
+
+    assert parse_bind("8000", "--http") == ("127.0.0.1", 8000)
+    assert parse_bind("0.0.0.0:8000", "--http") == ("0.0.0.0", 8000)
+    r = Swarm(tmp_path).cli("bootstrap", "--api-key", "sk-x", timeout=60)  # keys for no HTTP API
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --api-key protects the HTTP API: "
+                                                                   "give --http too"]
