@@ -43,6 +43,7 @@ from starlette.routing import Route
 from p2pserve.bootstrap.server import Bootstrap
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.bootstrap.dashboard import dashboard_routes
 from p2pserve.metrics import metrics_route
 
 log = logging.getLogger("p2pserve.http")
@@ -568,6 +569,7 @@ def make_app(node: Bootstrap, api_keys=(), rate_limit: int | None = None):
         Route("/v1/models/{model:path}", model),
         Route("/health", health),
         metrics_route(node),
+        *dashboard_routes(node),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", text_completions, methods=["POST"]),
     ], exception_handlers={HTTPException: not_found, Exception: internal})

@@ -14,8 +14,6 @@ several peers in one test process do not collide.
 from __future__ import annotations
 
 import time
-from collections import deque
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -25,6 +23,37 @@ from p2pserve.errors import P2PServeError
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 RATE_WINDOW = 60.0  # seconds over which p2pserve_tokens_per_second is measured
+BUCKET = 10.0  # seconds per bucket of the timeline the dashboard draws
+HISTORY = 300.0  # seconds of timeline kept
+
+
+class Timeline:
+    """Tokens and answers per BUCKET seconds over the last HISTORY seconds."""
+
+    def __init__(self):
+        self.buckets: dict[int, list[int]] = {}  # bucket index -> [tokens, answers]
+
+    def add(self, now: float, tokens: int = 0, answers: int = 0) -> None:
+        b = self.buckets.setdefault(int(now // BUCKET), [0, 0])
+        b[0] += tokens
+        b[1] += answers
+        oldest = int((now - HISTORY) // BUCKET)
+        for k in [k for k in self.buckets if k < oldest]:
+            del self.buckets[k]
+
+    def tokens_per_second(self, now: float, window: float = RATE_WINDOW) -> float:
+        """Over the last ``window`` seconds of whole buckets (the current one counts pro rata)."""
+        current = int(now // BUCKET)
+        n = int(window // BUCKET)
+        tokens = sum(self.buckets.get(current - i, [0, 0])[0] for i in range(n + 1))
+        return tokens / (n * BUCKET + (now - current * BUCKET))
+
+    def series(self, now: float) -> list[dict]:
+        """Oldest first: {"ago": seconds, "tokens_per_s", "answers"} for each bucket of HISTORY."""
+        current = int(now // BUCKET)
+        n = int(HISTORY // BUCKET)
+        return [{"ago": round(now - (current - i) * BUCKET), "tokens_per_s": self.buckets.get(current - i, [0, 0])[0] / BUCKET,
+                 "answers": self.buckets.get(current - i, [0, 0])[1]} for i in range(n - 1, -1, -1)]
 
 
 class BootstrapMetrics:
@@ -40,7 +69,7 @@ class BootstrapMetrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.sessions = Gauge("p2pserve_sessions", "Answers being generated now.", registry=r)
         self.errors = Counter("p2pserve_errors", "Answers that failed, by error code.", ["code"], registry=r)
-        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW seconds
+        self.timeline = Timeline()
         r.register(_SwarmCollector(node, self))
 
     async def observe(self, answer, emit, *args, **kwargs) -> None:
@@ -48,6 +77,7 @@ class BootstrapMetrics:
         t0, first = time.monotonic(), None
         self.queries.inc()
         self.sessions.inc()
+        self.timeline.add(t0, answers=1)
 
         async def watched(frames):
             nonlocal first
@@ -58,7 +88,7 @@ class BootstrapMetrics:
                     first = now - t0
                     self.ttft.observe(first)
                 self.tokens.inc(n)
-                self.recent.append((now, n))
+                self.timeline.add(now, tokens=n)
             for f in frames:
                 if f.get("type") == "done" and first is not None and f.get("n_tokens", 0) > 1:
                     self.tpot.observe((now - t0 - first) / (f["n_tokens"] - 1))
@@ -75,11 +105,8 @@ class BootstrapMetrics:
         finally:
             self.sessions.dec()
 
-    def tokens_per_second(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        while self.recent and self.recent[0][0] < now - RATE_WINDOW:
-            self.recent.popleft()
-        return sum(n for _, n in self.recent) / RATE_WINDOW
+    def tokens_per_second(self) -> float:
+        return self.timeline.tokens_per_second(time.monotonic())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -262,8 +263,143 @@ def test_worker_metrics(swarm):
     assert m["p2pserve_worker_forwards_total", layers] > 0  # the queries of the tests before
 
 
+def test_dashboard_page_and_json_without_a_browser(swarm):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{swarm.http}/", timeout=30) as resp:
+        page = resp.read().decode()
+    assert resp.headers["content-type"].startswith("text/html")
+    for peer in swarm.peer_ids:
+        assert f'data-peer="{peer}"' in page
+    assert "every layer is served" in page and 'fetch("dashboard.json"' in page
+    with urllib.request.urlopen(f"http://{swarm.http}/dashboard.json", timeout=30) as resp:
+        data = json.loads(resp.read())
+    assert {w["peer_id"] for w in data["workers"]} == set(swarm.peer_ids)
+    assert data["gaps"] == [] and len(data["timeline"]) == 30 and 'class="worker"' in data["html"]
+
+
+def test_dashboard_escapes_what_peers_announce():
+    from p2pserve.bootstrap.dashboard import render_swarm, swarm_view
+
+    evil = "<script>alert(1)</script>"
+    worker = {"peer_id": "Qm" + "x" * 44, "start": 0, "end": 4, "tp": 1, "stage": 0, "addrs": [],
+              "devices": [{"name": evil, "dtype": evil, "memory": 1}], "load": {"sessions": 0}}
+    view = swarm_view({"model": evil, "plans": [{"hetero_config": [1, 1], "pp_partition": [4, 4]}],
+                       "workers": [worker], "chains": [], "missing": evil})
+    html = render_swarm(view)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "layers 4-8 have no worker" in html
+
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class DevTools:
+    """Just enough of Chromium's DevTools protocol (JSON over a websocket) to load a page,
+    read its DOM and take a screenshot."""
+
+    def __init__(self, ws):
+        self.ws, self.n = ws, 0
+
+    async def call(self, method: str, **params) -> dict:
+        self.n += 1
+        await self.ws.send_message(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(await self.ws.get_message())
+            if msg.get("id") == self.n:  # events in between are not ours
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    async def js(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 60):
+        import trio
+
+        with trio.fail_after(timeout):
+            while not (value := await self.js(expression)):
+                await trio.sleep(0.25)
+        return value
+
+    async def screenshot(self, path: Path) -> Path:
+        import base64
+
+        path.write_bytes(base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"]))
+        return path
+
+
+def headless_chromium(profile: Path):
+    """``async with headless_chromium(dir) as page:`` a DevTools session on a blank page."""
+    from contextlib import asynccontextmanager
+
+    import trio
+    from trio_websocket import open_websocket_url
+
+    @asynccontextmanager
+    async def cm():
+        proc = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                 "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+                                 "--window-size=1200,900", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            port_file = profile / "DevToolsActivePort"  # Chromium writes its port there once it listens
+            with trio.fail_after(60):
+                while not (port_file.is_file() and port_file.read_text().strip()):
+                    await trio.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            with trio.fail_after(30):
+                while True:
+                    targets = await trio.to_thread.run_sync(_json_list, port)
+                    pages = [t for t in targets if t.get("type") == "page"]
+                    if pages:
+                        break
+                    await trio.sleep(0.2)
+            async with open_websocket_url(pages[0]["webSocketDebuggerUrl"], max_message_size=64 << 20) as ws:
+                yield DevTools(ws)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    return cm()
+
+
+def _json_list(port: int) -> list:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to run headless: apt-get install -y chromium")
+async def test_dashboard_in_headless_chromium_lists_the_workers_and_shows_the_gap_live(swarm, tmp_path):
+    artefacts = Path(os.environ.get("P2PSERVE_ARTEFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "chromium").mkdir()
+    async with headless_chromium(tmp_path / "chromium") as page:
+        await page.call("Page.navigate", url=f"http://{swarm.http}/")
+        await page.wait_for("document.querySelectorAll('tr.worker').length == 2")
+        peers = await page.js("[...document.querySelectorAll('tr.worker')].map(r => r.dataset.peer)")
+        assert set(peers) == set(swarm.peer_ids)
+        assert await page.js("document.getElementById('gaps').className") == "ok"
+        assert await page.js("document.querySelectorAll('.seg.worker').length") == 2
+        shot = await page.screenshot(artefacts / "dashboard-serving.png")
+        print(f"screenshot: {shot}")
+
+        # the stage-1 worker leaves; the open page shows the gap without a reload
+        swarm.signal(swarm.workers[1], signal.SIGTERM)
+        text = await page.wait_for("document.querySelector('.seg.gap') && document.getElementById('gaps').textContent")
+        assert text.startswith("layers 15-30 have no worker")
+        assert await page.js("document.querySelectorAll('tr.worker').length") == 1
+        assert await page.js("document.querySelector('.seg.gap').textContent") == "gap 15-30"
+        shot = await page.screenshot(artefacts / "dashboard-gap.png")
+        print(f"screenshot: {shot}")
+
+
 def test_status_shows_the_gap_a_leaving_worker_leaves(swarm):  # last: it takes a worker away
-    swarm.signal(swarm.workers[1], signal.SIGTERM)
+    if swarm.workers[1].poll() is None:  # the dashboard test may have sent it away already
+        swarm.signal(swarm.workers[1], signal.SIGTERM)
     view = wait_until(lambda: (v := status_json(swarm))["gaps"] and v, "gap")
     assert view["gaps"] == [[15, 30]] and view["chains"] == []
     r = swarm.cli("status", "--peer", swarm.addr, timeout=60)

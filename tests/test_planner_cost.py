@@ -190,3 +190,9 @@ def test_measure_device_times_the_cpu_once_and_caches_it(tmp_path, monkeypatch):
     assert measure.measure_device("cpu").flops == 12345.0
     kind = speed.device_type()
     assert (kind.flops, kind.bandwidth, kind.kind) == (speed.flops, speed.bandwidth, "cpu")
+
+
+def test_the_kv_budget_the_planner_keeps_is_the_workers_default_kv_memory():
+    from p2pserve.node.budget import DEFAULT_SHARE
+
+    assert KV_SHARE == DEFAULT_SHARE
