@@ -138,8 +138,6 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                                f"{', API keys required' if api_keys else ''})")
                     if not api_keys and not http_bind.startswith(("127.", "localhost:", "[::1]")):
                         click.echo("warning: the HTTP API is open to anyone who reaches it: give --api-key")
-                    if not api_keys and not http_bind.startswith(("127.", "localhost:", "[::1]")):
-                        click.echo("warning: the HTTP API is open to anyone who reaches it: give --api-key")
                 if task_status is not None:
                     task_status.started(node)
                 freeze_startup_heap()  # full GC passes must not walk the libraries and the tokenizer
