@@ -132,7 +132,7 @@ def test_a_signed_record_with_any_fields_is_a_record_or_a_record_error(fields):
 
 
 @CASES
-@given(st.one_of(st.binary(max_size=300), values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
+@given(st.one_of(st.binary(max_size=300), values, values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
 def test_any_record_blob_is_a_record_or_a_record_error(blob):
     try:
         verify_record(blob)

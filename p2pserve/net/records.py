@@ -118,6 +118,8 @@ def verify_record(blob: bytes, *, now: float | None = None) -> WorkerRecord:
 
 
 def _unpack_map(data: bytes, what: str) -> dict:
+    if not isinstance(data, bytes):
+        raise RecordError(f"malformed {what}: {type(data).__name__}, expected bytes")
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(f"malformed {what}: {len(data)} bytes, limit {MAX_RECORD_BYTES}")
     try:
