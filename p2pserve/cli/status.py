@@ -16,28 +16,32 @@ import click
               help="Seconds to wait for the bootstrap.")
 @click.option("--home", default=None,
               help="State directory where a local bootstrap wrote its address (default $P2PSERVE_HOME or ~/.p2pserve).")
-def status(peer, as_json, timeout, home):
+@click.option("--swarm-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The private swarm's key file, if the swarm has one.")
+def status(peer, as_json, timeout, home, swarm_key):
     """Show the swarm behind --peer: its workers, chains and gaps."""
     import trio
 
     from p2pserve.bootstrap.dashboard import swarm_view
     from p2pserve.home import bootstrap_addr, home_dir
+    from p2pserve.net.host import read_swarm_key
 
-    view = swarm_view(trio.run(fetch_status, bootstrap_addr(peer, home_dir(home)), timeout))
+    view = swarm_view(trio.run(fetch_status, bootstrap_addr(peer, home_dir(home)), timeout,
+                               swarm_key and read_swarm_key(swarm_key)))
     if as_json:
         click.echo(json.dumps(view, indent=2))
     else:
         print_view(view)
 
 
-async def fetch_status(peer: str, timeout: float) -> dict:
+async def fetch_status(peer: str, timeout: float, swarm_key: str | None = None) -> dict:
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     from p2pserve.net.client import status
     from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
-    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"], swarm_key) as host:
         return await status(host, await connect(host, peer, timeout=timeout), timeout=timeout)
 
 
