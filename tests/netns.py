@@ -307,6 +307,72 @@ def remove_stale() -> None:
             _delete_namespace(name)
 
 
+# --- p2pserve peers on emulated machines, started through the CLI as a user does ---------------
+
+STARTUP_TIMEOUT = 120.0
+
+
+class Peers:
+    """A bootstrap and workers, each on its own machine of ``net`` (several may share one),
+    each machine with its own state directory under ``root``; killed with the network."""
+
+    def __init__(self, net: Network, root: Path):
+        self.net, self.root = net, Path(root)
+        self.logs: dict[int, Path] = {}
+        self.addr: str | None = None
+
+    def _cli(self, machine: Machine, args: list[str]) -> list[str]:
+        home = self.root / machine.name
+        home.mkdir(parents=True, exist_ok=True)
+        return ["env", f"P2PSERVE_HOME={home}", "PYTHONUNBUFFERED=1", sys.executable, "-m", "p2pserve.cli", *args]
+
+    def spawn(self, machine: Machine, args: list[str], name: str) -> subprocess.Popen:
+        log = self.root / f"{name}.log"
+        proc = self.net.spawn(machine, self._cli(machine, args), log=log)
+        self.logs[proc.pid] = log
+        return proc
+
+    def start_bootstrap(self, machine: Machine, *args: str, port: int = 31337) -> str:
+        """The bootstrap, listening on ``machine``'s address; its full multiaddr."""
+        proc = self.spawn(machine, ["bootstrap", "--listen", f"/ip4/{machine.ip}/tcp/{port}", *args], "bootstrap")
+        self.bootstrap = proc
+        ip = re.escape(machine.ip)
+        self.addr = self.wait_for(proc, rf"(/ip4/{ip}/tcp/{port}/p2p/\w+)").group(1)
+        return self.addr
+
+    def start_worker(self, machine: Machine, *args: str, name: str | None = None) -> subprocess.Popen:
+        """A worker on ``machine`` joining the bootstrap (not waited for: see ``wait_serving``)."""
+        name = name or f"worker-{machine.name}"
+        threads = [] if "--threads" in args else ["--threads", "1"]
+        return self.spawn(machine, ["worker", "--peer", self.addr, "--group-id", name, *threads, *args], name)
+
+    def wait_serving(self, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> str:
+        """Wait until a worker serves; its peer id."""
+        return self.wait_for(proc, r"worker (\w+) serving layers", timeout).group(1)
+
+    def wait_for(self, proc: subprocess.Popen, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
+        import time
+
+        log = self.logs[proc.pid]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, log.read_text())
+            if m:
+                return m
+            if proc.poll() is not None:
+                raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{log.read_text()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
+
+    def log(self, proc: subprocess.Popen) -> str:
+        return self.logs[proc.pid].read_text()
+
+    def query(self, machine: Machine, prompt: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``p2pserve query --peer <bootstrap> ... PROMPT`` run on ``machine``."""
+        return self.net.run(machine, self._cli(machine, ["query", "--peer", self.addr, *args, prompt]),
+                            capture_output=True, text=True, timeout=timeout)
+
+
 # --- the delay relay (runs in the hub: python tests/netns.py relay PORT DELAY_MS) ------------
 
 
