@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# tests/test_netns.py's emulated machines need ip/tc (iproute2) and nft (nftables): installed
+# here when missing, as root with apt; never a reason for setup to fail.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v ip && command -v tc && command -v nft; } >/dev/null 2>&1; then
+    { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq iproute2 nftables ||
+        { apt-get update -qq && apt-get install -y -qq iproute2 nftables; }; } \
+        >/dev/null 2>&1 || echo "setup: could not install iproute2/nftables; tests/test_netns.py will skip" >&2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
