@@ -415,19 +415,20 @@ def read_api_keys(flags=(), path: str | None = None, http_bind: str | None = Non
 
 
 class Access:
-    """ASGI middleware: with API keys, a request needs ``Authorization: Bearer KEY`` with one
-    of them (compared in constant time); with a rate limit, each key (each client address
-    when there are no keys) may make ``rate_limit`` requests a minute, in bursts of as many."""
+    """ASGI middleware for the API (``/v1/...``): with API keys, a request needs
+    ``Authorization: Bearer KEY`` with one of them (compared in constant time); with a rate
+    limit, each key (each client address when there are no keys) may make ``rate_limit``
+    requests a minute, in bursts of as many. The other pages (health, metrics, dashboard)
+    stay open: they show what the status protocol shows anyone who reaches the libp2p port."""
 
-    def __init__(self, app, api_keys=(), rate_limit: int | None = None, open_paths=("/health",)):
+    def __init__(self, app, api_keys=(), rate_limit: int | None = None):
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.rate_limit = rate_limit
-        self.open_paths = frozenset(open_paths) if not self.keys else frozenset()
         self.buckets: dict[bytes, tuple[float, float]] = {}  # key -> (tokens, at)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         who = None
         if self.keys:

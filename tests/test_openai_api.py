@@ -207,6 +207,7 @@ def test_api_keys_are_required_and_checked(swarm):
                        headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{swarm.url}/health", timeout=30).status_code == 200  # only /v1/ is guarded
     for key in (KEY, FILE_KEY, ENV_KEY):  # --api-key, --api-key-file, $P2PSERVE_API_KEYS
         client = openai.OpenAI(base_url=f"{swarm.url}/v1", api_key=key, max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL]
