@@ -34,6 +34,7 @@ a run killed before its teardown are recognised and removed by the next one.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "p2pn"
+_networks = itertools.count()
 RELAY_PORT = 7999
 NAT_LAN = "192.168.77"
 
@@ -96,7 +98,7 @@ class Network:
             raise RuntimeError(why)
         remove_stale()
         self.rate, self.delay_ms = rate, delay_ms
-        self.tag = f"{PREFIX}{os.getpid()}-{id(self) % 10000}"
+        self.tag = f"{PREFIX}{os.getpid()}-{next(_networks)}"
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.machines: dict[str, Machine] = {}
