@@ -1,4 +1,5 @@
-"""Result integrity: a worker carries user traffic only once it has answered as the swarm does.
+"""Result integrity: a worker carries user traffic only once it has answered as the swarm
+does, and while it serves, a sample of its answers is checked against other workers.
 
 Nothing a worker says about itself proves that it computes its layers honestly: a peer
 can announce every layer and a tiny step time, then answer with fixed tokens. So a new
@@ -16,6 +17,7 @@ greedy tokens, so they are admitted unchecked, with a log line saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
@@ -129,5 +131,88 @@ class Admission:
         params = SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS)
         tokens: list[int] = []
         async for chunk in self.node._run_chain(hops(chain), ids, params, False):
+            tokens += chunk
+        return tokens
+
+
+SPOT_TOKENS = 16  # tokens of an answer a spot check compares
+SPOT_QUEUE = 8  # answers waiting for a check; more are left unchecked rather than queued
+
+
+class SpotChecks:
+    """While serving: a sample of answers (``rate``) is replayed on a chain with other
+    workers and compared token for token, which is exact for greedy and seeded sampling
+    (unseeded answers are not reproducible and are never sampled). Where the two chains
+    disagree, a third chain without the workers of one side decides, and the workers only
+    the losing chain holds are banned. Checks run one at a time, after the answer was delivered:
+    they cost the swarm a replay of ``SPOT_TOKENS`` tokens per checked answer, and the user
+    nothing."""
+
+    def __init__(self, node, rate: float):
+        self.node, self.rate = node, rate
+        self.registry = node.registry
+        self._send, self._receive = trio.open_memory_channel(SPOT_QUEUE)
+        self.stats = {"checked": 0, "agreed": 0, "caught": 0, "unresolved": 0, "no_other_chain": 0}
+
+    def sample(self, chain_peers: frozenset[str], prompt: list[int], params, generated: list[int]) -> None:
+        """Maybe check this delivered answer (the whole of it came from ``chain_peers``)."""
+        reproducible = params.temperature == 0 or params.seed is not None
+        if not reproducible or not generated or random.random() >= self.rate:
+            return
+        try:
+            self._send.send_nowait((chain_peers, prompt, params, generated[:SPOT_TOKENS]))
+        except trio.WouldBlock:
+            pass
+
+    async def run(self) -> None:
+        async for item in self._receive:
+            try:
+                await self._check(*item)
+            except Exception as e:  # a chain failing a check fails like any other; the check is dropped
+                log.info("spot check dropped: %s", e)
+
+    async def _check(self, served: frozenset[str], prompt, params, tokens: list[int]) -> None:
+        other = self.registry.best_chain(avoid=served)
+        if other is None or {r.peer_id for r in other} == served:
+            self.stats["no_other_chain"] += 1
+            return
+        other_peers = frozenset(r.peer_id for r in other)
+        sub = dataclasses.replace(params, max_new_tokens=len(tokens), logprobs=None)
+        self.stats["checked"] += 1
+        got = await self._replay(other, prompt, sub)
+        if got == tokens:
+            self.stats["agreed"] += 1
+            return
+        judge = self._judge(served, other_peers)
+        verdict = None if judge is None else await self._replay(judge, prompt, sub)
+        judged = frozenset(r.peer_id for r in judge or [])
+        # the losing chain's workers that neither agreeing chain holds gave the wrong answer
+        if verdict == tokens:
+            liars = other_peers - served - judged
+        elif verdict == got:
+            liars = served - other_peers - judged
+        else:
+            liars = frozenset()
+        if not liars:
+            self.stats["unresolved"] += 1
+            log.warning("spot check: chains %s and %s disagree and no third chain settles it",
+                        sorted(served), sorted(other_peers))
+            return
+        self.stats["caught"] += 1
+        for peer in liars:
+            self.registry.ban(peer, "a spot check caught it answering unlike two other chains")
+
+    def _judge(self, a: frozenset[str], b: frozenset[str]) -> list[WorkerRecord] | None:
+        """A third chain for two that disagree: without the workers only one of them holds
+        (tried for each side), and not the other chain itself."""
+        for accused, other in ((a, b), (b, a)):
+            judge = self.registry.best_chain(exclude=accused - other, avoid=other)
+            if judge is not None and {r.peer_id for r in judge} != other:
+                return judge
+        return None
+
+    async def _replay(self, chain: list[WorkerRecord], prompt: list[int], params) -> list[int]:
+        tokens: list[int] = []
+        async for chunk in self.node._run_chain(hops(chain), prompt, params, False):
             tokens += chunk
         return tokens

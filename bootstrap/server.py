@@ -69,6 +69,7 @@ class Bootstrap:
     # ---- workers ---------------------------------------------------------------------
 
     planning = None  # bootstrap.planning.Planning (set by serve): published plans, --stage auto
+    spot_checks = None  # bootstrap.integrity.SpotChecks (set by serve): answers replayed elsewhere
 
     def plan_info(self) -> dict:
         if self.planning is not None:
@@ -93,6 +94,7 @@ class Bootstrap:
                 "workers": [dataclasses.asdict(r) for r in self.registry.live()],
                 "chains": [[r.peer_id for r in c] for c in chains],
                 "missing": "" if chains else self.registry.missing(), "stats": dict(self.stats),
+                "spot_checks": dict(self.spot_checks.stats) if self.spot_checks else None,
                 "banned": self.registry.bans()}
 
     async def handle_status(self, stream) -> None:
@@ -287,6 +289,8 @@ class Bootstrap:
                             "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
                             else "length"}])
                 self.registry.succeeded(chain_peers)
+                if self.spot_checks is not None and attempt == 0:
+                    self.spot_checks.sample(chain_peers, prompt, params, generated)
                 return
             except _ChainFailed as e:
                 if e.busy:

@@ -23,7 +23,7 @@ from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.host import connect, host_multiaddrs, running_host, serve_protocol
 from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT, LINK, QUERY, SESSION
 from p2pserve.net.records import WorkerRecord, sign_record
-from p2pserve.net.wire import RemoteError, read_frame, send_message, write_frame
+from p2pserve.net.wire import RemoteError, WireTimeout, read_frame, send_message, write_frame
 from p2pserve.node.link import serve_link
 
 from .reference import chat_references
@@ -64,7 +64,7 @@ def _raw_frame(msg: dict) -> bytes:
 async def _is_reset(stream) -> bool:
     try:
         await read_frame(stream, timeout=10)
-    except RemoteError:
+    except (RemoteError, WireTimeout):
         return False
     except Exception:
         return True
@@ -275,3 +275,63 @@ async def test_a_handler_that_raises_resets_its_stream_and_the_host_serves_on():
             s = await me.new_stream(peer, [protocol_id("echo")])
             await send_message(s, {"hi": 2}, {"x": torch.zeros(2)})
             assert (await read_frame(s, timeout=10))["hi"] == 2
+
+
+async def test_a_peer_holding_too_many_streams_gets_the_next_reset(monkeypatch):
+    from p2pserve.net import host as host_module
+    from p2pserve.net.wire import protocol_id
+
+    monkeypatch.setattr(host_module, "MAX_STREAMS_PER_PEER", 3)
+    release = trio.Event()
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as server:
+        async def hold(stream):
+            await read_frame(stream, timeout=30)
+            await release.wait()
+            await write_frame(stream, {"ok": True})
+
+        serve_protocol(server, protocol_id("hold"), hold)
+        async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as me:
+            peer = await connect(me, host_multiaddrs(server)[0])
+            held = []
+            for n in range(3):
+                held.append(await me.new_stream(peer, [protocol_id("hold")]))
+                await write_frame(held[-1], {"n": n})
+            await trio.sleep(0.5)
+            try:
+                extra = await me.new_stream(peer, [protocol_id("hold")])
+                await write_frame(extra, {"n": 3})
+                refused = await _is_reset(extra)
+            except Exception:
+                refused = True  # reset while the protocol was being agreed
+            assert refused
+            release.set()
+            for s in held:  # the streams held are served as ever
+                assert (await read_frame(s, timeout=10))["ok"]
+
+
+async def test_a_liar_that_slipped_in_is_caught_by_spot_checks_and_banned(tmp_path, reference):
+    """With the admission probe off (a liar that behaved while probed), every answer spot
+    checked: the liar's first user answer is caught by two honest chains and it is banned."""
+    from .swarm import Swarm
+
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap("--pp-partition", "15", "15", "--no-admission-probe", "--spot-check", "1")
+        for p in [swarm.start_worker("--stage", s, wait=False) for s in ("0", "1", "1")]:
+            swarm.wait_serving(p)
+        async with client(swarm.addr) as c:
+            st = await c.wait_chains(2)
+            async with _liar(swarm, st, 0, 30, "fixed_tokens") as (liar, opens):
+                ids, ref = reference
+                served_by_liar = 0
+                with trio.fail_after(120):
+                    while liar not in (await c.status()).get("banned", {}):
+                        answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
+                        served_by_liar += any(liar in route for route in answer.routes)
+                        await trio.sleep(0.5)
+                assert served_by_liar >= 1  # it was routed to: nothing but the spot check stopped it
+                for _ in range(3):  # and once banned, users get the right answer
+                    answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
+                    assert answer.tokens == ref and all(liar not in r for r in answer.routes)
+                checks = (await c.status())["spot_checks"]
+                assert checks["caught"] >= 1
+                print(f"liar served {served_by_liar} answers before its ban; spot checks {checks}")

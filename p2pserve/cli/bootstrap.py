@@ -43,10 +43,13 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
               help="A file of peer ids (one per line, # comments) admitted as workers; others are refused.")
 @click.option("--admission-probe/--no-admission-probe", default=True, show_default=True,
               help="Give a new worker user traffic only once its chain answers a probe as admitted workers do.")
+@click.option("--spot-check", "spot_check", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              metavar="RATE", help="The share of greedy and seeded answers replayed on other workers and "
+                                   "compared; a worker caught answering unlike two other chains is banned.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
 def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
-              rate_limit, stream_interval, swarm_key, allow_peers, admission_probe, home, verbose):
+              rate_limit, stream_interval, swarm_key, allow_peers, admission_probe, spot_check, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
 
@@ -65,7 +68,8 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind
     trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,
                      http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit,
                      swarm_key=swarm_key and read_swarm_key(swarm_key),
-                     allowed_peers=allow_peers and read_peer_list(allow_peers), admission_probe=admission_probe))
+                     allowed_peers=allow_peers and read_peer_list(allow_peers), admission_probe=admission_probe,
+                     spot_check=spot_check))
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -82,7 +86,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                 http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL,
                 api_keys: tuple[str, ...] = (), rate_limit: int | None = None,
                 swarm_key: str | None = None, allowed_peers: frozenset[str] | None = None,
-                admission_probe: bool = True):
+                admission_probe: bool = True, spot_check: float = 0.0):
     import trio
 
     from p2pserve.errors import ConfigError
@@ -123,10 +127,13 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
             click.echo("ask with:")
             click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
             async with trio.open_nursery() as nursery:
-                if admission_probe:
-                    from p2pserve.bootstrap.integrity import Admission
+                from p2pserve.bootstrap.integrity import Admission, SpotChecks
 
+                if admission_probe:
                     nursery.start_soon(Admission(node).run)
+                if spot_check > 0:
+                    node.spot_checks = SpotChecks(node, spot_check)
+                    nursery.start_soon(node.spot_checks.run)
                 if http_bind:
                     from p2pserve.bootstrap.http import serve_http
 

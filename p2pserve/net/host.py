@@ -25,6 +25,7 @@ import re
 import secrets
 import socket
 import tempfile
+from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -234,17 +235,33 @@ async def running_host(key_pair: KeyPair, listen: list[str], swarm_key: str | No
                 await host.close()
 
 
+MAX_STREAMS_PER_PEER = 512  # open streams of one protocol that one peer may hold here
+
+
 def serve_protocol(host, protocol: TProtocol, handler) -> None:
     """Accept streams of ``protocol`` with ``handler(stream)``. Whatever a handler raises
     (a peer's bad input that slipped past the checks, or a bug) is logged once and resets
-    that stream; it never reaches the host's nursery, which would end the process."""
+    that stream; it never reaches the host's nursery, which would end the process. A peer
+    holding ``MAX_STREAMS_PER_PEER`` streams of ``protocol`` already has the next one reset
+    unread (py-libp2p's resource manager limits streams per host, not per peer)."""
+    open_streams: Counter = Counter()  # peer -> streams of this protocol being served
+
     async def contained(stream) -> None:
+        peer = stream.muxed_conn.peer_id
+        if open_streams[peer] >= MAX_STREAMS_PER_PEER:
+            log.warning("peer %s holds %d streams; refusing another %s stream", peer, open_streams[peer], protocol)
+            await reset_stream(stream)
+            return
+        open_streams[peer] += 1
         try:
             await handler(stream)
         except Exception:
-            peer = stream.muxed_conn.peer_id
             log.exception("%s handler failed on a stream from %s; stream reset", protocol, peer)
             await reset_stream(stream)
+        finally:
+            open_streams[peer] -= 1
+            if not open_streams[peer]:
+                del open_streams[peer]
 
     host.set_stream_handler(protocol, contained)
 
