@@ -224,6 +224,24 @@ def test_query_stats_prints_time_to_first_token(swarm):
     assert "time to first token" in r.stderr and "tokens/s after it" in r.stderr
 
 
+def test_ctrl_c_mid_answer_is_one_line_and_exit_130(swarm):
+    env = {**os.environ, "P2PSERVE_HOME": str(swarm.home)}
+    proc = subprocess.Popen([sys.executable, "-m", "p2pserve.cli", "query", "--peer", swarm.addr, "--no-chat",
+                             "--max-new-tokens", "400", "Once upon a time"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert os.read(proc.stdout.fileno(), 1), "no answer"  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "interrupted"
+    assert time.monotonic() - t0 < 15
+
+
 def scrape(bind: str) -> dict:
     """{(name, labels as a sorted tuple): value} of the samples at http://BIND/metrics."""
     import urllib.request
