@@ -199,6 +199,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
         # before the weights load: a --kv-memory that holds no session fails at once
         sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                      parse_dtype(opts.dtype), devices[0], opts.kv_memory)
+        click.echo(f"loading layers {start}-{end} of {config.name} (TP {tp} on {','.join(devices)}, {opts.dtype})…",
+                   err=True)
         runner, close_runner = await compute.run(partial(open_runner, spec, source))
         try:
             await compute.run(partial(runner.allocate, sessions, opts.max_seq_len))

@@ -210,6 +210,11 @@ def test_status_json_lists_workers_layers_devices_and_chains(swarm):
     assert view["gaps"] == []
 
 
+def test_a_worker_says_what_it_loads_before_it_serves(swarm):
+    log = swarm.log(swarm.workers[0])
+    assert log.index("loading layers 0-15 of smollm2-135m-instruct (TP 1 on cpu, fp32)") < log.index("serving layers 0-15")
+
+
 def test_status_table_is_readable(swarm):
     r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
     assert r.returncode == 0, r.stderr

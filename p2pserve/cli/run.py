@@ -22,9 +22,14 @@ def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, *
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
     from p2pserve.ranks.pipeline import Generation, LocalPipeline
 
+    from rich.console import Console
+
     params, chat = sampling_from_options(gen)
     plan = plan_from_options(hetero_config, pp_partition)
-    with LocalPipeline(model_path, plan, dtype=dtype, device=device) as pipe:
+    # a spinner on a terminal (nothing in a pipe or a log): a cold model takes a minute to load
+    with Console(stderr=True).status(f"loading {model_path or 'the default model'} ({dtype}, {device})…"):
+        pipe = LocalPipeline(model_path, plan, dtype=dtype, device=device)
+    with pipe:
         tokenizer = pipe.source.tokenizer()
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
         decoder = tokenizer.stream()
