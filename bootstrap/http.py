@@ -150,7 +150,10 @@ def parse_request(body, chat: bool) -> Ask:
     options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     if options and not stream:
         raise RequestError("'stream_options' is only allowed with 'stream': true", "stream_options")
-    include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
+    include_usage = options.get("include_usage")
+    include_usage = False if include_usage is None else include_usage
+    if not isinstance(include_usage, bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options")
     if chat:
         logprobs = None
         if _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False):

@@ -172,6 +172,7 @@ def test_models_and_one_model(api):
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", 400),
     ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format", 400),
     ("chat/completions", {"stream_options": {"include_usage": True}}, "stream_options", 400),
+    ("chat/completions", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", 400),
     ("chat/completions", {"model": "gpt-4"}, "model", 404),
     ("completions", {"prompt": 5}, "prompt", 400),
     ("completions", {"prompt": "hi", "logprobs": 6}, "logprobs", 400),
