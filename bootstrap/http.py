@@ -321,7 +321,7 @@ class Generation:
                             c.entries.append(entry)
                     await on_release(c, pieces)
                     if c.finish_reason:
-                        scope.cancel()  # a stop string: the rest of the answer is not wanted
+                        scope.cancel()  # done, or a stop string came: the rest is not wanted
                         return
 
             try:
