@@ -1,7 +1,7 @@
 """A swarm across emulated WAN links: per-token latency and time to first token against
 loopback and against the floor, and prefill of a long prompt over 100 Mbit/s.
 
-    python bench/wan.py [--stages 2 3] [--delays 5 25 50] [--rate 100mbit] [--tokens 32]
+    python bench/wan.py [--stages 2 3] [--delays 5 25 50] [--rate 100mbit] [--tokens 16]
                         [--reps 3] [--prefill-tokens 500]           (as root: tests/netns.py)
 
 For each number of stages k (plans --pp-partition 15 15 and 10 10 10 of the default model,
@@ -69,7 +69,7 @@ def client_main(addr: str, tokens: int, prefill_tokens: int) -> None:
     tokenizer = open_weights(None).tokenizer()
     short = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     filler = "The quick brown fox jumps over the lazy dog near the river bank. "
-    text = filler * (prefill_tokens // len(tokenizer.encode(filler)) + 1)
+    text = filler * (2 * prefill_tokens // len(tokenizer.encode(filler)) + 1)
     prompts = {"decode": (short, tokens), "prefill": (tokenizer.encode(text)[:prefill_tokens], 1)}
 
     async def timed(c, kind):
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=sorted(PLANS))
     parser.add_argument("--delays", type=float, nargs="+", default=[5, 25, 50], help="one-way, ms")
     parser.add_argument("--rate", default="100mbit")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=500)
     args = parser.parse_args()
