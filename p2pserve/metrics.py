@@ -59,7 +59,8 @@ class Timeline:
 class BootstrapMetrics:
     def __init__(self, node):
         self.registry = r = CollectorRegistry()
-        self.queries = Counter("p2pserve_queries", "Answers started (libp2p queries and HTTP requests).", registry=r)
+        self.queries = Counter("p2pserve_queries", "Answers started: one per libp2p query, one per choice (n) of an "
+                               "HTTP request.", registry=r)
         self.tokens = Counter("p2pserve_generated_tokens", "Tokens generated for clients.", registry=r)
         self.ttft = Histogram("p2pserve_time_to_first_token_seconds",
                               "From the answer's start at the bootstrap to its first token.", buckets=TTFT_BUCKETS,
