@@ -3,19 +3,23 @@
 HexiScale's flags (their underscore spellings accepted too): ``--hetero-configs "[[1, 2], [1, 1]]"``
 is the TP degree of each stage of each pipeline, ``--layer-partitions "[[12, 18], [19, 11]]"``
 their layers, ``--global-batch-sizes 3 1`` and ``--chunks 3 1`` each pipeline's sequences
-per step and micro-batches.
+per step and micro-batches. Every rank is a process (``p2pserve.train.launch``), on this
+machine or, with ``--nnodes/--node-rank/--master``, on several; rank 0 prints the steps.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from p2pserve.errors import ConfigError
+from p2pserve.train.data import TokenWindows
+from p2pserve.train.layout import TrainLayout
 from p2pserve.train.schedule import SCHEDULES
-from p2pserve.train.trainer import OPTIMIZERS
+from p2pserve.train.trainer import OPTIMIZERS, OptimConfig
 
 
 @click.command("train")
@@ -47,13 +51,24 @@ from p2pserve.train.trainer import OPTIMIZERS
               help="Write a sharded checkpoint here at the end.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Continue from a checkpoint written by --save (any layout).")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="cpu: ranks talk gloo; cuda: one GPU per rank (round robin over this machine's), NCCL.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per rank (default: this machine's cores shared by its ranks).")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Machines running the world; each runs `p2pserve train` with the same flags but --node-rank.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This machine's place: node R runs the R-th contiguous block of ranks.")
+@click.option("--master", default=None, metavar="HOST:PORT",
+              help="Where node 0 listens and every rank meets (needed with --nnodes above 1).")
 def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer_partitions, batch_sizes,
-          chunks, accum_iter, schedule_kind, optimizer, weight_decay, max_grad_norm, save_dir, resume_dir):
-    """Train MODEL on FILE with heterogeneous pipelines; prints `step N loss X tokens/s Y`."""
+          chunks, accum_iter, schedule_kind, optimizer, weight_decay, max_grad_norm, save_dir, resume_dir,
+          device, threads, nnodes, node_rank, master):
+    """Train MODEL on FILE with heterogeneous pipelines, one process per rank; prints
+    `step N loss X tokens/s Y`."""
     from p2pserve.engine.weights import open_weights
-    from p2pserve.train.data import TokenWindows
+    from p2pserve.train.launch import parse_nodes, run_processes
     from p2pserve.train.layout import make_layout, parse_nested
-    from p2pserve.train.trainer import OptimConfig
 
     source = open_weights(model_path)
     config = source.config
@@ -66,6 +81,7 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
         raise ConfigError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
     layout = make_layout(hetero, layers, batch_sizes or [1] * len(hetero), chunks, accum_iter)
     layout.check_model(config)
+    nodes = parse_nodes(nnodes, node_rank, master, layout.world_size)
     if seq_len > config.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} is above {config.name}'s context of "
                           f"{config.max_position_embeddings} tokens: use at most {config.max_position_embeddings}")
@@ -76,44 +92,56 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
     data = TokenWindows.from_file(data_path, source.tokenizer(), seq_len, seed)
     optim = OptimConfig(kind=optimizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     tokens_per_step = layout.global_batch * seq_len * accum_iter
+    mine = nodes.ranks(layout.world_size)
+    here = f", ranks {mine.start}-{mine.stop - 1} on node {node_rank} of {nnodes}" if nnodes > 1 else ""
     click.echo(f"training {config.name} on {len(data.windows)} windows of {seq_len} tokens, "
-               f"{layout.world_size} ranks, {len(layout.pipelines)} pipelines, {tokens_per_step} tokens per step",
-               err=True)
+               f"{layout.world_size} rank processes{here}, {len(layout.pipelines)} pipelines, "
+               f"{tokens_per_step} tokens per step", err=True)
 
-    def rank_main(comm):
-        from p2pserve.train import checkpoint
-        from p2pserve.train.model import TrainStage
-        from p2pserve.train.trainer import RankTrainer
-
-        stage = TrainStage.load(open_weights(model_path), layout.role(comm.rank), comm)
-        trainer = RankTrainer(stage, layout, comm, data, optim, schedule_kind.lower())
-        if resume_dir is not None:
-            checkpoint.load(resume_dir, trainer)
-        losses, started = [], time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            loss = trainer.step()
-            losses.append(loss)
-            if comm.rank == 0:
-                click.echo(f"step {trainer.step_index} loss {loss:.8g} "
-                           f"tokens/s {tokens_per_step / (time.perf_counter() - t0):.1f}")
-        if save_dir is not None:
-            checkpoint.save(save_dir, trainer, layout.to_dict())
-        return losses, time.perf_counter() - started
-
-    losses, elapsed = launch_ranks(layout.world_size, rank_main)[0]
+    job = TrainJob(None if model_path is None else str(model_path), layout, data, optim, schedule_kind.lower(),
+                   steps, tokens_per_step, resume_dir, save_dir)
+    results = run_processes(layout, config, train_rank, job, device=device, threads=threads, nodes=nodes)
+    losses, elapsed = results[mine.start]  # every rank returns the same losses
     if losses:
         click.echo(f"done: {len(losses)} steps, loss {losses[0]:.6g} -> {losses[-1]:.6g}, "
                    f"{tokens_per_step * len(losses) / elapsed:.1f} tokens/s"
                    + (f", checkpoint in {save_dir}" if save_dir else ""))
 
 
-def launch_ranks(world_size: int, rank_main) -> list:
-    """Every rank's ``rank_main(comm)``, by rank.
+@dataclass(frozen=True)
+class TrainJob:
+    """What every rank of ``p2pserve train`` needs, sent to its process."""
 
-    The ranks run as threads of this process over ``ThreadWorld``, which sums in rank
-    order exactly as the process ranks would; separate processes over torch.distributed
-    (``DistComm``) wait for ``p2pserve.ranks``' one way of starting a world of ranks."""
-    from p2pserve.train.comm import ThreadWorld
+    model_path: str | None
+    layout: TrainLayout
+    data: TokenWindows
+    optim: OptimConfig
+    schedule_kind: str
+    steps: int
+    tokens_per_step: int
+    resume_dir: Path | None
+    save_dir: Path | None
 
-    return ThreadWorld(world_size).run(rank_main, timeout=None)
+
+def train_rank(comm, job: TrainJob) -> tuple[list[float], float]:
+    """One rank of ``p2pserve train``: its losses (every rank sees the same) and seconds taken."""
+    from p2pserve.engine.weights import open_weights
+    from p2pserve.train import checkpoint
+    from p2pserve.train.model import TrainStage
+    from p2pserve.train.trainer import RankTrainer
+
+    stage = TrainStage.load(open_weights(job.model_path), job.layout.role(comm.rank), comm)
+    trainer = RankTrainer(stage, job.layout, comm, job.data, job.optim, job.schedule_kind)
+    if job.resume_dir is not None:
+        checkpoint.load(job.resume_dir, trainer)
+    losses, started = [], time.perf_counter()
+    for _ in range(job.steps):
+        t0 = time.perf_counter()
+        loss = trainer.step()
+        losses.append(loss)
+        if comm.rank == 0:
+            click.echo(f"step {trainer.step_index} loss {loss:.8g} "
+                       f"tokens/s {job.tokens_per_step / (time.perf_counter() - t0):.1f}")
+    if job.save_dir is not None:
+        checkpoint.save(job.save_dir, trainer, job.layout.to_dict())
+    return losses, time.perf_counter() - started

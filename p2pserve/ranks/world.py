@@ -97,8 +97,9 @@ def _child(target: Callable, rank: int, args: tuple, errors) -> None:
 class Ranks:
     """Child processes running ranks of a world, started with ``target(rank, *args)``."""
 
-    def __init__(self, target: Callable, ranks: Sequence[int], *args):
+    def __init__(self, target: Callable, ranks: Sequence[int], *args, what: str = "the pipeline"):
         ctx = mp.get_context("spawn")
+        self.what = what  # errors say "rank R of <what>"
         self.errors = ctx.Queue()
         self.procs = {}
         for rank in ranks:
@@ -106,20 +107,22 @@ class Ranks:
             p.start()
             self.procs[rank] = p
 
-    def check(self) -> None:
-        """Raise, naming the rank, if any rank has died."""
-        dead = [(rank, p.exitcode) for rank, p in self.procs.items() if p.exitcode is not None]
+    def check(self, finished_ok: bool = False) -> None:
+        """Raise, naming the rank, if any rank has died. ``finished_ok``: a rank that exited
+        with status 0 has done its work (ranks that return, as training's do), not died."""
+        dead = [(rank, p.exitcode) for rank, p in self.procs.items()
+                if p.exitcode is not None and not (finished_ok and p.exitcode == 0)]
         if not dead:
             return
         killed = [(rank, code) for rank, code in dead if code < 0]
         if killed:  # the cause; the others' errors (a reset connection) only follow from it
             rank, code = killed[0]
-            raise P2PServeError(f"rank {rank} of the pipeline was killed ({signal.Signals(-code).name})")
+            raise P2PServeError(f"rank {rank} of {self.what} was killed ({signal.Signals(-code).name})")
         try:
             rank, detail = self.errors.get(timeout=2)
         except queue.Empty:
             rank, detail = dead[0][0], f"exit code {dead[0][1]}"
-        raise P2PServeError(f"rank {rank} of the pipeline failed: {detail}")
+        raise P2PServeError(f"rank {rank} of {self.what} failed: {detail}")
 
     def join(self, timeout: float) -> None:
         for p in self.procs.values():

@@ -81,7 +81,7 @@ def restore(trainer: RankTrainer, saved: dict[str, list[dict]], step: int) -> No
         for key in keys:
             sample = saved[piece.name][0]["state"][key]
             if torch.is_tensor(sample) and sample.shape == saved[piece.name][0]["value"].shape:
-                state[key] = _cut(saved, piece, lambda r, k=key: r["state"][k]).clone()
+                state[key] = _cut(saved, piece, lambda r, k=key: r["state"][k]).to(param.device, copy=True)
             else:  # a step counter: the same on every piece
                 state[key] = sample.clone() if torch.is_tensor(sample) else sample
         if state:
@@ -104,7 +104,7 @@ def saved_pieces(directory: Path, world_size: int) -> dict[str, list[dict]]:
         path = Path(directory) / _rank_file(rank)
         if not path.is_file():
             raise ConfigError(f"--resume {directory} lacks {path.name}: the checkpoint is incomplete")
-        pieces += torch.load(path, weights_only=True)["pieces"]
+        pieces += torch.load(path, map_location="cpu", weights_only=True)["pieces"]
     return by_name(pieces)
 
 

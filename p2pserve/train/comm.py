@@ -1,13 +1,16 @@
 """The few collectives training needs, behind one small face, and the TP ops built on them.
 
 ``Comm`` is what a rank's training code calls: an in-place sum over a set of ranks, and
-point-to-point sends and receives between pipeline stages. ``ThreadWorld`` runs every
-rank of a layout as a thread of one process, so the whole algorithm (TP collectives,
-pipeline schedules, gradient sync across unequal splits) is testable without processes;
-``DistComm`` runs the same calls over torch.distributed groups that ``p2pserve.ranks``
-created.
+point-to-point sends and receives between pipeline stages. ``DistComm`` runs them over
+torch.distributed groups (gloo on CPU, NCCL on CUDA): the ranks of ``p2pserve train``
+are processes started by ``p2pserve.ranks.world`` (``launch.run_processes``).
+``ThreadWorld`` runs every rank of a layout as a thread of one process instead: the
+same algorithm (TP collectives, pipeline schedules, gradient sync across unequal splits)
+with no process start-up, which is what lets the test suite train many 8-rank layouts on
+two cores, and lets a rank "die" by raising, which Oobleck's reconfiguration
+(``elastic.py``) needs until a process world can be re-formed among its survivors.
 
-Sums are taken in rank order, so every member of a group sees the same bits.
+Every member of a group gets the same bits of a sum (ThreadWorld sums in rank order).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 class Comm(Protocol):
     rank: int
     world_size: int
+    device: torch.device  # where this rank's tensors live
 
     def all_reduce(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
         """Sum ``tensor`` in place over ``ranks`` (sorted, this rank among them)."""
@@ -83,6 +87,8 @@ class _PeerFailed(RuntimeError):
 
 
 class ThreadComm:
+    device = torch.device("cpu")
+
     def __init__(self, world: ThreadWorld, rank: int):
         self.world, self.rank, self.world_size = world, rank, world.world_size
         self._calls: dict[tuple[int, ...], int] = {}
@@ -131,14 +137,16 @@ class ThreadComm:
 
 
 class DistComm:
-    """``Comm`` over torch.distributed. ``groups`` maps each sorted rank tuple this rank
+    """``Comm`` over torch.distributed. ``groups`` maps each sorted rank tuple training
     reduces over to its process group (every rank created every group, in one order)."""
 
-    def __init__(self, groups: dict[tuple[int, ...], object]):
+    def __init__(self, groups: dict[tuple[int, ...], object], device: str):
         import torch.distributed as dist
 
         self._dist = dist
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # A one-rank world has no process group (``world.join`` makes none) and no peer.
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(device)
         self._groups = groups
         self._pending: list = []
 

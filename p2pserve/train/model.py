@@ -126,11 +126,16 @@ class TrainStage(nn.Module):
     @classmethod
     def load(cls, source: WeightSource, role: Role, comm: Comm, dtype=torch.float32) -> "TrainStage":
         config = source.config
-        return cls(config, role, {p.name: read_piece(source, p, dtype) for p in pieces_of(config, role)}, comm)
+        tensors = {p.name: read_piece(source, p, dtype).to(comm.device) for p in pieces_of(config, role)}
+        return cls(config, role, tensors, comm)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.params[_key(self.pieces[0].name)].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[_key(self.pieces[0].name)].device
 
     def param(self, name: str) -> nn.Parameter:
         return self.params[_key(name)]

@@ -95,7 +95,7 @@ class GradSync:
 
     def global_norm(self, grads: dict[str, torch.Tensor], comm: Comm) -> float:
         """The L2 norm of the whole model's summed gradient, each element counted once."""
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=comm.device)
         for s in self.norm_segments:
             sq += self._local(grads, s).double().pow(2).sum()
         comm.all_reduce(sq, self.world)

@@ -66,11 +66,11 @@ class RankTrainer:
 
     def step(self) -> float:
         """One optimizer step; returns its mean token loss (the same on every rank)."""
-        loss = torch.zeros(1, dtype=torch.float64)
+        loss = torch.zeros(1, dtype=torch.float64, device=self.stage.device)
         for a in range(self.layout.accum_iter):
             batch = self.data.global_batch(self.step_index * self.layout.accum_iter + a, self.layout.global_batch)
             offset = self.layout.batch_offset(self.role.pipeline)
-            mine = batch[offset : offset + self.pipe.batch_size]
+            mine = batch[offset : offset + self.pipe.batch_size].to(self.stage.device)
             loss += self._run_schedule(mine.split(self.pipe.micro_batch))
         self.comm.finish()
         self.comm.all_reduce(loss, tuple(range(self.comm.world_size)))
@@ -95,14 +95,14 @@ class RankTrainer:
         weight = token_weight(self.layout, role.pipeline, self.seq_len)
         hidden = stage.config.hidden_size
         held: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=stage.device)
         for kind, m in self.actions:
             tokens = micro[m]
             if kind == "F":
                 if role.is_first:
                     x = stage.embed(tokens[:, :-1])
                 else:
-                    x = torch.empty(tokens.shape[0], self.seq_len, hidden, dtype=stage.dtype)
+                    x = torch.empty(tokens.shape[0], self.seq_len, hidden, dtype=stage.dtype, device=stage.device)
                     comm.recv(x, role.prev_ranks[0])
                     x.requires_grad_(True)
                 out = stage(x)
