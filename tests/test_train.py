@@ -371,3 +371,37 @@ def test_a_rank_killed_mid_step_leaves_training_exact_on_the_surviving_templates
     assert job.final_pieces  # the last layout's pieces, for the parameter check
     _, param = worst_differences(losses, job.final_pieces, ref_losses, ref_state)
     assert param < 1e-5
+
+
+@pytest.mark.parametrize("devices", ["4xcpu", "2xA6000@m1,1xA5000@m2,1xT4@m3", "3xA4000@m1,2xL4@m2"])
+def test_plan_train_proposes_layouts_that_p2pserve_train_accepts(checkpoints, devices):
+    """Every proposal uses each device as one rank, gives every pipeline all the layers,
+    and its printed flags pass `p2pserve train`'s own parsing and validation."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from p2pserve.cli.options import expand_list_flags
+    from p2pserve.cli.plan import plan
+    from p2pserve.cli.train import check_layout, train
+    from p2pserve.planner.devices import parse_devices
+    from p2pserve.planner.train import plan_training
+
+    config = open_weights(checkpoints["gqa_tied"]).config
+    proposals = plan_training(config, parse_devices(devices), seq_len=SEQ_LEN, global_batch=6)
+    assert proposals and proposals[0].tokens_per_s >= proposals[-1].tokens_per_s > 0
+    for proposal in proposals:
+        layout = proposal.layout
+        assert layout.world_size == len(parse_devices(devices)) == len(proposal.rank_devices())
+        assert all(sum(p.layers) == config.n_layers for p in layout.pipelines) and layout.global_batch == 6
+    result = CliRunner().invoke(plan, ["--train", "--model", str(checkpoints["gqa_tied"]), "--devices", devices,
+                                       "--seq-len", str(SEQ_LEN), "--global-batch", "6"])
+    assert result.exit_code == 0, result.output
+    printed = [line.split("p2pserve train ", 1)[1] for line in result.output.splitlines() if "p2pserve train " in line]
+    assert len(printed) == len(proposals)
+    for flags in printed:
+        args = expand_list_flags(["--data", "x.txt", *shlex.split(flags)])  # as `p2pserve` reads its argv
+        params = train.make_context("train", args).params
+        layout = check_layout(config, params["hetero_configs"], params["layer_partitions"], params["batch_sizes"],
+                              params["chunks"], params["accum_iter"], params["seq_len"])
+        assert layout.world_size == len(parse_devices(devices))

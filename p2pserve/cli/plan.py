@@ -28,13 +28,27 @@ from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
               help="Concurrent sessions over the whole swarm.")
 @click.option("--inter-link", default="1.25GB/s,0.5ms", show_default=True, metavar="BW,LATENCY",
               help="The network between machines.")
+@click.option("--train", "for_training", is_flag=True,
+              help="Propose `p2pserve train` layouts instead (every device one rank).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True, help="With --train.")
+@click.option("--global-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --train: sequences per optimizer step.")
 @click.option("--toml", "toml_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the plan here, for `p2pserve bootstrap --config FILE`.")
-def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions, inter_link, toml_path):
+def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions, inter_link, for_training,
+         seq_len, global_batch, toml_path):
     """Choose an asymmetric TP x PP plan for MODEL on the devices of a swarm."""
     config = resolve_model(model)
     devices = parse_devices(devices_spec)
     params = CostParams(network=parse_link(inter_link))
+    if for_training:
+        from p2pserve.planner.train import describe, plan_training
+
+        proposals = plan_training(config, devices, seq_len=seq_len, global_batch=global_batch,
+                                  params=CostParams(network=params.network, kv_share=0.0))
+        for i, proposal in enumerate(proposals, 1):
+            click.echo(f"layout {i}: " + "\n".join(describe(proposal)))
+        return
     workload = Workload(prompt_len, output_len, sessions)
     found = plan_swarm(devices, config, dtype=dtype, workload=workload, objective=objective, params=params)
     # the bootstrap (--config) loads weights from `model`: a path stays one, absolute

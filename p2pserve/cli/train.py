@@ -68,23 +68,11 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
     `step N loss X tokens/s Y`."""
     from p2pserve.engine.weights import open_weights
     from p2pserve.train.launch import parse_nodes, run_processes
-    from p2pserve.train.layout import make_layout, parse_nested
 
     source = open_weights(model_path)
     config = source.config
-    hetero = parse_nested("--hetero-configs", hetero_configs) if hetero_configs else [[1]]
-    if layer_partitions:
-        layers = parse_nested("--layer-partitions", layer_partitions)
-    elif hetero == [[1]]:
-        layers = [[config.n_layers]]
-    else:
-        raise ConfigError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
-    layout = make_layout(hetero, layers, batch_sizes or [1] * len(hetero), chunks, accum_iter)
-    layout.check_model(config)
+    layout = check_layout(config, hetero_configs, layer_partitions, batch_sizes, chunks, accum_iter, seq_len)
     nodes = parse_nodes(nnodes, node_rank, master, layout.world_size)
-    if seq_len > config.max_position_embeddings:
-        raise ConfigError(f"--seq-len {seq_len} is above {config.name}'s context of "
-                          f"{config.max_position_embeddings} tokens: use at most {config.max_position_embeddings}")
     if resume_dir is not None:
         from p2pserve.train.checkpoint import read_meta
 
@@ -106,6 +94,25 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
         click.echo(f"done: {len(losses)} steps, loss {losses[0]:.6g} -> {losses[-1]:.6g}, "
                    f"{tokens_per_step * len(losses) / elapsed:.1f} tokens/s"
                    + (f", checkpoint in {save_dir}" if save_dir else ""))
+
+
+def check_layout(config, hetero_configs, layer_partitions, batch_sizes, chunks, accum_iter, seq_len) -> TrainLayout:
+    """The layout the flags describe for ``config``, or ConfigError naming what would fit."""
+    from p2pserve.train.layout import make_layout, parse_nested
+
+    hetero = parse_nested("--hetero-configs", hetero_configs) if hetero_configs else [[1]]
+    if layer_partitions:
+        layers = parse_nested("--layer-partitions", layer_partitions)
+    elif hetero == [[1]]:
+        layers = [[config.n_layers]]
+    else:
+        raise ConfigError("--hetero-configs needs --layer-partitions too (the layers of each stage)")
+    layout = make_layout(hetero, layers, batch_sizes or [1] * len(hetero), chunks, accum_iter)
+    layout.check_model(config)
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} is above {config.name}'s context of "
+                          f"{config.max_position_embeddings} tokens: use at most {config.max_position_embeddings}")
+    return layout
 
 
 @dataclass(frozen=True)
