@@ -33,7 +33,7 @@ def group(kind, n, machine="m"):
 
 def test_llama_2_70b_fp16_weights_take_128_5_gib():
     assert weights_bytes(LLAMA_70B, FP16) / GiB == pytest.approx(128.5, abs=0.05)
-    q4, q8 = (weights_bytes(LLAMA_70B, DTYPES[d]) for d in ("q4", "q8"))
+    q4, q8 = (weights_bytes(LLAMA_70B, DTYPES[d]) for d in ("int4", "int8"))
     assert q4 < q8 < weights_bytes(LLAMA_70B, FP16)
 
 

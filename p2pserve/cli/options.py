@@ -11,6 +11,10 @@ from p2pserve.errors import ConfigError
 from p2pserve.engine.generate import SamplingParams
 
 
+# --dtype of `run` and `worker`: float weights, or weight-only int8 / int4 (fp32 activations)
+ENGINE_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
 def plan_options(f):
     @click.option("--hetero-config", type=int, multiple=True, metavar="TP",
                   help="TP degree of each stage, e.g. --hetero-config 2 1 (space-separated).")

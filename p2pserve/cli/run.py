@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from p2pserve.cli.options import generation_options, plan_from_options, plan_options, sampling_from_options
+from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, plan_from_options, plan_options,
+                                   sampling_from_options)
 
 
 @click.command()
@@ -16,7 +17,8 @@ from p2pserve.cli.options import generation_options, plan_from_options, plan_opt
 @plan_options
 @generation_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(ENGINE_DTYPES),
+              help="int8, int4: weight-only quantized, each rank quantizing its own slice as it loads.")
 @click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
 def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""

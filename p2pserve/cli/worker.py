@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from p2pserve.cli.options import config_option
+from p2pserve.cli.options import ENGINE_DTYPES, config_option
 from p2pserve.errors import ConfigError
 
 
@@ -38,7 +38,8 @@ from p2pserve.errors import ConfigError
               help="Sessions that may wait for a slot before new ones are refused as busy (default 4x sessions).")
 @click.option("--max-seq-len", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
               help="Positions per session (prompt + answer).")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(ENGINE_DTYPES),
+              help="int8, int4: weight-only quantized, each rank quantizing its own slice as it loads.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="CPU threads per rank (default: cores / TP degree; use 1 when several workers share few cores).")
 @click.option("--metrics", default=None, metavar="HOST:PORT",

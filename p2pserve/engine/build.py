@@ -10,8 +10,10 @@ from p2pserve.engine.weights import WeightSource
 
 
 def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp: int = 1,
-               all_reduce=None, device="cpu", dtype=torch.float32) -> StageModel:
+               all_reduce=None, device="cpu", dtype=torch.float32, quant: str | None = None) -> StageModel:
     """Layers ``[start, end)`` for TP rank ``rank`` of ``tp``; embedding and head on rank 0 only.
+    ``quant`` (int8, int4) quantizes every linear weight, the head too, as it is read;
+    activations stay ``dtype``.
 
     ``all_reduce(h)`` sums a partial result in place over the stage's TP ranks
     (``p2pserve.ranks`` makes it; None for TP 1)."""
@@ -24,7 +26,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
 
     def linear(*weights):
         """Linear weights, their outputs side by side, packed for ``model.linear``."""
-        return pack_linear(torch.cat(weights))
+        return pack_linear(torch.cat(weights), quant)
 
     def rows(heads):
         return heads[0] * hd, heads[1] * hd
@@ -67,5 +69,5 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
         norm = RMSNorm(get("model.norm.weight"), config.rms_norm_eps)
         tied = config.tie_word_embeddings and embed is not None
         # tied and dense: the head is the embedding itself, no copy
-        head = pack_linear(embed if tied else get("lm_head.weight"))
+        head = pack_linear(embed if tied else get("lm_head.weight"), quant)
     return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()

@@ -10,7 +10,8 @@ The KV cache is a preallocated buffer of *slots* (one per live sequence) laid ou
 
 A decode step is one matrix-vector product per weight, bound by how fast the weights
 stream from memory: ``pack_linear`` keeps every linear weight in the layout the fastest
-kernel at hand streams best (``kernels.gemv`` on CPU), and ``linear`` applies it.
+kernel at hand streams best (``kernels.gemv`` on CPU), and ``linear`` applies it. A
+quantized stage's linear weights are ``quant`` modules instead, which multiply themselves.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2pserve.engine import kernels
+from p2pserve.engine import kernels, quant
 from p2pserve.engine.config import ModelConfig
 from p2pserve.engine.tp import Shard
 
@@ -43,8 +44,9 @@ def _for_kernel(weight: torch.Tensor) -> bool:
     return weight.is_cpu and weight.dtype == torch.float32 and kernels.available()
 
 
-def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest.
+def pack_linear(weight: torch.Tensor, fmt: str | None = None):
+    """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest;
+    quantized to ``fmt`` (``quant.FORMATS``) where one is given.
 
     On CPU, fp32 weights stay dense ``[out, in]`` for ``kernels.gemv``, which streams them
     faster than any library GEMV here (oneDNN's GEMM takes batches). bf16 weights, and fp32
@@ -52,6 +54,8 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     weights on every core (MKL's fp32 one does not scale past one core here, and torch's
     bf16 ``F.linear`` runs at half the speed). Everything else stays dense for ``F.linear``.
     """
+    if fmt is not None:
+        return quant.pack(weight, fmt)
     if _for_kernel(weight):
         return weight.contiguous()
     if weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_linear is not None:
@@ -59,8 +63,10 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for a weight ``W`` prepared by ``pack_linear``."""
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x @ W.T`` for a weight ``W`` prepared by ``pack_linear`` or ``quant.pack``."""
+    if isinstance(weight, nn.Module):
+        return weight(x)
     if weight.is_mkldnn:
         return _onednn_linear(x, weight, None, "none", [], "")
     if _for_kernel(weight):
@@ -127,6 +133,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, swapped, sin)
 
 
+def _weight(w):
+    """A linear weight as a module attribute: a packed quantized weight is a submodule."""
+    return w if isinstance(w, nn.Module) else nn.Parameter(w, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -163,8 +174,7 @@ class Attention(nn.Module):
         self.n_kv = shard.n_kv_heads
         self.group = config.group_size
         self.head_dim = config.head_dim
-        self.wqkv = nn.Parameter(wqkv, requires_grad=False)
-        self.wo = nn.Parameter(wo, requires_grad=False)
+        self.wqkv, self.wo = _weight(wqkv), _weight(wo)
         self.bqkv = None if bqkv is None else nn.Parameter(bqkv, requires_grad=False)
         self.q_norm, self.k_norm = q_norm, k_norm
         self.cache: KVCache | None = None
@@ -239,8 +249,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, w13, w2):
         super().__init__()
-        self.w13 = nn.Parameter(w13, requires_grad=False)
-        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.w13, self.w2 = _weight(w13), _weight(w2)
 
     def forward(self, x):
         gate, up = linear(x, self.w13).chunk(2, dim=-1)
@@ -277,7 +286,7 @@ class StageModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
         self.norm = norm
-        self.head = None if head is None else nn.Parameter(head, requires_grad=False)
+        self.head = None if head is None else _weight(head)
         self.cos = self.sin = None
 
     @property
@@ -290,11 +299,12 @@ class StageModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0].attn.wqkv.dtype if len(self.blocks) else self.embed.dtype
+        """The activations' dtype (a quantized stage's weights are integers)."""
+        return self.blocks[0].attn_norm.weight.dtype if len(self.blocks) else self.embed.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0].attn.wqkv.device if len(self.blocks) else self.embed.device
+        return self.blocks[0].attn_norm.weight.device if len(self.blocks) else self.embed.device
 
     def allocate(self, n_slots: int, max_len: int) -> None:
         """(Re)allocate the KV cache: ``n_slots`` sequences of up to ``max_len`` tokens."""

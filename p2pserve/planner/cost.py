@@ -36,14 +36,24 @@ class Dtype:
     act_bytes: int  # activations between layers and stages
     kv_bytes: int  # KV cache entries
     flops_scale: float = 1.0  # matmul rate relative to the device's fp16 figure
+    # per parameter of the embedding table where it stays unquantized (None: weight_bytes);
+    # a tied LM head is then a quantized copy of its own
+    embed_bytes: float | None = None
+
+    @property
+    def table_bytes(self) -> float:
+        return self.weight_bytes if self.embed_bytes is None else self.embed_bytes
 
 
+# int8 and int4 are the engine's weight-only formats (engine/quant.py): fp32 activations and
+# KV cache, an fp32 embedding table, a bf16 scale per output row (int8) or a bf16 scale and
+# offset per group of at least 32 inputs (int4; counted at 32, GGUF's block, the largest cost)
 DTYPES = {
     "fp16": Dtype("fp16", 2, 2, 2),
     "bf16": Dtype("bf16", 2, 2, 2),
     "fp32": Dtype("fp32", 4, 4, 4, flops_scale=0.5),  # TF32 tensor cores run at half fp16 rate
-    "q8": Dtype("q8", 34 / 32, 2, 2),  # GGUF Q8_0: 32 int8 + one fp16 scale per block
-    "q4": Dtype("q4", 18 / 32, 2, 2),  # GGUF Q4_0: 32 nibbles + one fp16 scale per block
+    "int8": Dtype("int8", 1 + 2 / 256, 4, 4, flops_scale=0.5, embed_bytes=4),  # rows of >= 256 inputs
+    "int4": Dtype("int4", 0.5 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4),
 }
 
 
@@ -144,10 +154,10 @@ def layer_params(model: ModelConfig, shard: Shard) -> int:
 
 def weights_bytes(model: ModelConfig, dtype: Dtype) -> float:
     """The whole model: every layer, the embedding, final norm and LM head."""
-    head = 0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size
-    params = (model.n_layers * layer_params(model, Shard.of(model, 1))
-              + model.vocab_size * model.hidden_size + head + model.hidden_size)
-    return params * dtype.weight_bytes
+    table = model.vocab_size * model.hidden_size
+    head = 0 if model.tie_word_embeddings and dtype.embed_bytes is None else table
+    params = model.n_layers * layer_params(model, Shard.of(model, 1)) + head + model.hidden_size
+    return params * dtype.weight_bytes + table * dtype.table_bytes
 
 
 def kv_bytes_per_token(model: ModelConfig, shard: Shard, dtype: Dtype) -> float:
@@ -211,10 +221,10 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
 
     fixed_mem = 0.0
     if first:
-        fixed_mem += vocab * h * dtype.weight_bytes
+        fixed_mem += vocab * h * dtype.table_bytes
     if last:
         fixed_mem += h * dtype.weight_bytes  # final norm
-        if not (first and model.tie_word_embeddings):
+        if not (first and model.tie_word_embeddings and dtype.embed_bytes is None):
             fixed_mem += vocab * h * dtype.weight_bytes
     # transient peak: a whole prompt in flight (prefills run one at a time) or a decode batch
     fixed_mem += max(p, micro_batch) * act_row

@@ -231,7 +231,7 @@ def _check_total_memory(devices, model, dtype) -> None:
         raise ConfigError(
             f"{model.name} ({dtype.name}) needs {need / GiB:.1f} GiB for weights but the devices "
             f"have {have / GiB:.1f} GiB usable: {(need - have) / GiB:.1f} GiB missing; "
-            f"add devices or use a smaller dtype (q8, q4)")
+            f"add devices or use a smaller dtype (int8, int4)")
 
 
 def _nothing_fits(devices, model, dtype, workload) -> str:

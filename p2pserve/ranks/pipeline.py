@@ -29,11 +29,19 @@ from p2pserve.ranks.stages import LocalStages, StagesSpec, serve_rank
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """The activations' (and KV cache's) dtype of ``--dtype name``: fp32 for the quantized
+    weight formats, whose weights ``weight_format`` names."""
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "int8": torch.float32, "int4": torch.float32}
     if name not in table:
-        raise ConfigError(f"unknown dtype {name!r}: use fp32, bf16 or fp16")
+        raise ConfigError(f"unknown dtype {name!r}: use fp32, bf16, fp16, int8 or int4")
     return table[name]
+
+
+def weight_format(name: str) -> str | None:
+    """The quantized weight format of ``--dtype name`` (int8, int4), None for a float dtype."""
+    return name if name in ("int8", "int4") else None
 
 
 def resolve_device(device: str) -> str:
@@ -141,7 +149,8 @@ class LocalPipeline:
         self.plan.check_model(self.config)
         stages = tuple((s.start, s.end, s.tp) for s in self.plan.stages)
         spec = StagesSpec(None if model_path is None else str(model_path), stages, parse_dtype(dtype),
-                          world.World(world.rank_devices(resolve_device(device), self.plan.world_size)), threads)
+                          world.World(world.rank_devices(resolve_device(device), self.plan.world_size)), threads,
+                          quant=weight_format(dtype))
         self._ranks = None
         if self.plan.world_size == 1:
             self._local = _Driver(LocalStages(spec, self.source))

@@ -102,6 +102,7 @@ class StagesSpec:
     dtype: torch.dtype
     world: world.World
     threads: int | None = None  # per rank; None: world.default_threads of its stage's TP
+    quant: str | None = None  # weight format (int8, int4) of a quantized world, None for float weights
 
     def __post_init__(self):
         if any(self.stages[k][1] != self.stages[k + 1][0] for k in range(len(self.stages) - 1)):
@@ -126,7 +127,8 @@ class _Member:
         start, end, tp = spec.stages[self.stage.index]
         self.model = load_stage(source or open_weights(spec.model_path), start, end,
                                 rank=rank - self.stage.first_rank, tp=tp,
-                                all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype)
+                                all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype,
+                                quant=spec.quant)
         # a one-rank stage is its own runner; a TP group needs its followers told each step
         self.runner = self.model if self.group is None else StageRunner(self.model, self.group, self.stage.first_rank)
         leaders = [s.first_rank for s in layout.stages]
@@ -256,5 +258,6 @@ def open_runner(spec: StagesSpec, source=None):
         return stages, stages.close
     stage = spec.stages[0]
     device = world.join(spec.world, 0, spec.threads or world.default_threads(1))
-    model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype)
+    model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype,
+                       quant=spec.quant)
     return model, lambda: None

@@ -1,0 +1,189 @@
+"""Weight-only int8 and int4 stages compute what the fp32 engine computes on their
+dequantized weights, on every plan, and a quantized stage reads only its own layers.
+
+The reference of a quantized run is a checkpoint whose linear weights are replaced by
+``quant.roundtrip`` of exactly the slices each rank packs (TP changes what a rank's
+per-row scales and column groups cover), run at fp32. What is left between the two is
+the kernels' bfloat16 activations: hence a logit tolerance, and top-1 agreement rather
+than identity. Top-1 is counted where the reference's best logit leads the next by more
+than twice the tolerance: below that, logits within tolerance may rank either way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from p2pserve.engine import quant
+from p2pserve.engine.build import load_stage
+from p2pserve.engine.generate import SamplingParams
+from p2pserve.engine.tp import shard_for
+from p2pserve.engine.weights import GGUFWeights, default_model_path, open_weights
+from p2pserve.plan import Plan
+from p2pserve.ranks.pipeline import LocalPipeline
+
+from .tiny import make_tiny_llama
+
+PLANS = [([1], [4]), ([1, 1], [2, 2]), ([2, 1], [3, 1])]
+# |logit - reference logit| at every position: activations enter the kernels as bfloat16
+LOGIT_TOLERANCE = 0.1
+MIN_TOP1 = 0.99
+PROMPT = [(i * 37) % 250 + 3 for i in range(96)]
+# tiny.py's weights make every layer amplify what enters it, a rounding error too; scaled
+# down, a layer's gain is nearer a trained model's, and a bfloat16 rounding stays small
+LAYER_SCALE = 0.35
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp("llama"), tie=True)
+    state = load_file(path / "model.safetensors")
+    for name in state:
+        if ".layers." in name and "norm" not in name:
+            state[name] = state[name] * LAYER_SCALE
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def dequantized_reference(src, dst, plan: Plan, fmt: str):
+    """``src`` with each rank's linear weights replaced by what that rank computes with."""
+    shutil.copytree(src, dst)
+    state = load_file(src / "model.safetensors")
+    config = open_weights(src).config
+    hd = config.head_dim
+
+    def rows(heads):
+        return slice(heads[0] * hd, heads[1] * hd)
+
+    def roundtrip(parts):  # parts: (name, row slice, col slice) fused side by side, as load_stage does
+        fused = quant.roundtrip(torch.cat([state[n][r, c] for n, r, c in parts]), fmt)
+        for (name, r, c), piece in zip(parts, fused.split([state[n][r, c].shape[0] for n, r, c in parts])):
+            state[name] = state[name].clone()
+            state[name][r, c] = piece
+
+    every = slice(None)
+    for stage in plan.stages:
+        for i in range(stage.start, stage.end):
+            p = f"model.layers.{i}."
+            for rank in range(stage.tp):
+                shard = shard_for(config, rank, stage.tp)
+                ffn = slice(*shard.ffn)
+                roundtrip([(p + "self_attn.q_proj.weight", rows(shard.q_heads), every),
+                           (p + "self_attn.k_proj.weight", rows(shard.kv_heads), every),
+                           (p + "self_attn.v_proj.weight", rows(shard.kv_heads), every)])
+                roundtrip([(p + "self_attn.o_proj.weight", every, rows(shard.q_heads))])
+                roundtrip([(p + "mlp.gate_proj.weight", ffn, every), (p + "mlp.up_proj.weight", ffn, every)])
+                roundtrip([(p + "mlp.down_proj.weight", every, ffn)])
+    # the head is quantized, the embedding is not: the reference unties them
+    state["lm_head.weight"] = quant.roundtrip(state.get("lm_head.weight", state["model.embed_tokens.weight"]), fmt)
+    save_file({k: v.contiguous() for k, v in state.items()}, dst / "model.safetensors")
+    hf = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": False}))
+    return dst
+
+
+def teacher_forced_logits(path, plan: Plan, dtype: str) -> torch.Tensor:
+    """The logits after each prefix of PROMPT: [len(PROMPT), vocab]."""
+    with LocalPipeline(path, plan, dtype=dtype) as pipe:
+        return torch.stack([pipe.generate(PROMPT[:n], SamplingParams(max_new_tokens=1), stop_on_eos=False,
+                                          capture_logits=True).prompt_logits for n in range(1, len(PROMPT) + 1)])
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantized_stages_agree_with_their_dequantized_weights_on_every_plan(fmt, tiny, tmp_path):
+    for hetero, partition in PLANS:
+        plan = Plan(hetero, partition)
+        reference = dequantized_reference(tiny, tmp_path / f"{fmt}-{plan.flags()}".replace(" ", ""), plan, fmt)
+        got = teacher_forced_logits(tiny, plan, fmt)
+        want = teacher_forced_logits(reference, plan, "fp32")
+        best = want.topk(2, dim=-1).values
+        decisive = best[:, 0] - best[:, 1] > 2 * LOGIT_TOLERANCE
+        same = got.argmax(-1) == want.argmax(-1)
+        top1 = same[decisive].float().mean().item()
+        assert decisive.float().mean() > 0.8  # the measure covers most positions
+        assert top1 >= MIN_TOP1, f"{fmt} {plan.flags()}: top-1 {top1:.3f} ({same.float().mean():.3f} at all positions)"
+        assert (got - want).abs().max() < LOGIT_TOLERANCE, f"{fmt} {plan.flags()}"
+    # and the reference is not the float model: int4 moves the logits well past the tolerance
+    if fmt == "int4":
+        assert (teacher_forced_logits(tiny, plan, "fp32") - want).abs().max() > 5 * LOGIT_TOLERANCE
+
+
+def test_a_quantized_greedy_answer_is_the_same_on_every_plan(tiny):
+    answers = []
+    for hetero, partition in PLANS[:2]:  # one-rank stages: the same slices, so the same weights
+        with LocalPipeline(tiny, Plan(hetero, partition), dtype="int4") as pipe:
+            answers.append(pipe.generate(PROMPT[:8], SamplingParams(max_new_tokens=16), stop_on_eos=False).tokens)
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_a_quantized_stage_holds_integers_and_keeps_its_activations_fp32(fmt, tiny):
+    stage = load_stage(open_weights(tiny), 2, 4, quant=fmt)
+    weights = [stage.head] + [w for b in stage.blocks for w in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)]
+    assert all(quant.is_quantized(w) for w in weights)
+    assert stage.dtype == torch.float32
+    fp32_bytes = sum(w.shape.numel() * 4 for w in weights)
+    packed_bytes = sum(t.nbytes for w in weights for t in w.buffers())
+    assert packed_bytes < fp32_bytes / (3 if fmt == "int8" else 5)
+
+
+def test_int4_falls_back_to_int8_where_torch_cannot_pack_the_shape():
+    assert isinstance(quant.pack(torch.randn(32, 96), "int4"), quant.Int4Weight)
+    assert isinstance(quant.pack(torch.randn(24, 96), "int4"), quant.Int8Weight)  # rows: not a multiple of 16
+    assert isinstance(quant.pack(torch.randn(32, 40), "int4"), quant.Int8Weight)  # columns: no group divides 40
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_a_packed_weight_multiplies_as_its_roundtrip(fmt):
+    w, x = torch.randn(64, 256), torch.randn(3, 256)
+    got = quant.pack(w, fmt)(x)
+    want = x.bfloat16().float() @ quant.roundtrip(w, fmt).T
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_a_quantized_stage_never_materialises_another_stages_tensors(monkeypatch):
+    import p2pserve.engine.weights as weights_module
+
+    source = GGUFWeights(default_model_path())
+    config = source.config
+    own = {t.name for t in source._tensors.values() if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= 15}
+    own |= {"output_norm.weight", "token_embd.weight"}  # the tied head is stored as the embedding
+    decoded = []
+    real_decode = weights_module._decode
+    by_address = {t.data.__array_interface__["data"][0]: t.name for t in source._tensors.values()}
+
+    def spy_decode(name, qtype, raw):
+        decoded.append(by_address.get(raw.__array_interface__["data"][0], name))
+        return real_decode(name, qtype, raw)
+
+    monkeypatch.setattr(weights_module, "_decode", spy_decode)
+    stage = load_stage(source, 15, config.n_layers, quant="int4")
+    assert decoded and set(decoded) <= own
+    assert all(n.startswith(("model.layers.", "model.norm", "lm_head")) for n in source.reads)
+    assert {int(n.split(".")[2]) for n in source.reads if n.startswith("model.layers.")} == set(range(15, 30))
+    assert quant.is_quantized(stage.head) and stage.embed is None
+
+
+def test_run_int4_answers_the_capital_of_france():
+    from click.testing import CliRunner
+
+    from p2pserve.cli.run import run
+
+    result = CliRunner().invoke(run, ["--dtype", "int4", "--max-new-tokens", "12", "What is the capital of France?"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_the_planner_counts_at_least_the_bytes_a_quantized_model_holds(fmt):
+    from p2pserve.planner.cost import DTYPES, weights_bytes
+
+    source = open_weights(None)
+    stage = load_stage(source, 0, source.config.n_layers, quant=fmt)
+    held = sum(t.nbytes for t in [*stage.parameters(), *stage.buffers()])
+    counted = weights_bytes(source.config, DTYPES[fmt])
+    assert held <= counted < 1.25 * held
