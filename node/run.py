@@ -149,7 +149,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.node.compute import compute_for
     from p2pserve.net.host import (host_multiaddrs, load_or_create_identity, lock_identity, own_identity,
                                    quiet_libp2p_logs, running_dht, running_host, serve_protocol)
-    from p2pserve.ranks.pipeline import parse_dtype
+    from p2pserve.ranks.pipeline import parse_dtype, weight_format
     from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.ranks import world
     from p2pserve.ranks.stages import StagesSpec, open_runner
@@ -195,7 +195,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             stages = ((start, end, tp),)
             world_devices = devices
         spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
-                          world.World(tuple(world_devices)), opts.threads)
+                          world.World(tuple(world_devices)), opts.threads, quant=weight_format(opts.dtype))
         # before the weights load: a --kv-memory that holds no session fails at once
         sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                      parse_dtype(opts.dtype), devices[0], opts.kv_memory)
