@@ -135,9 +135,7 @@ def _split_layers(model, groups, micro_batch, seq_len, params) -> PipelinePlan |
     n_stages = len(groups)
     if n_stages > model.n_layers:
         return None
-    ends = [dict(first=s == 0, last=s == n_stages - 1,
-                 hop=None if s == n_stages - 1 else groups[s].kinds[0].link
-                 if groups[s + 1].machine == groups[s].machine else params.network) for s in range(n_stages)]
+    ends = [_ends(groups, s, params) for s in range(n_stages)]
     layers = [1] * n_stages
 
     def time(s, n):
@@ -158,6 +156,32 @@ def _split_layers(model, groups, micro_batch, seq_len, params) -> PipelinePlan |
         layers[s] += 1
     return PipelinePlan(tuple(StagePlan(g, n, time(s, n)) for s, (g, n) in enumerate(zip(groups, layers))),
                         micro_batch)
+
+
+def _ends(groups: list[Group], s: int, params: CostParams) -> dict:
+    """Where stage ``s`` of a pipeline of ``groups`` sits: first, last, its link to the next."""
+    last = s == len(groups) - 1
+    hop = None if last else groups[s].kinds[0].link if groups[s + 1].machine == groups[s].machine else params.network
+    return dict(first=s == 0, last=last, hop=hop)
+
+
+def predict(model: ModelConfig, layout: TrainLayout, devices: list[Device], seq_len: int,
+            params: CostParams = CostParams(kv_share=0.0)) -> TrainProposal:
+    """The cost model's figures for a given layout, rank ``r`` on ``devices[r]``."""
+    if len(devices) != layout.world_size:
+        raise ConfigError(f"the layout has {layout.world_size} ranks but {len(devices)} devices were given")
+    ranks = iter(devices)
+    pipelines = []
+    for pipe in layout.pipelines:
+        groups = [Group(tuple(next(ranks) for _ in range(tp))) for tp in pipe.tps]
+        stages = tuple(StagePlan(g, n, _stage_time(model, g, n, pipe.micro_batch, seq_len, params,
+                                                   **_ends(groups, s, params)))
+                       for s, (g, n) in enumerate(zip(groups, pipe.layers)))
+        pipelines.append(PipelinePlan(stages, pipe.micro_batch))
+    chunks = tuple(p.chunks for p in layout.pipelines)
+    sync = _sync_time(model, pipelines, params)
+    return TrainProposal(tuple(pipelines), chunks, seq_len, max(p.time(c) for p, c in zip(pipelines, chunks)) + sync,
+                         sync)
 
 
 def _stage_time(model, group, n, micro_batch, seq_len, params, *, first, last, hop=None) -> float:
