@@ -152,20 +152,31 @@ def test_a_quantized_stage_never_materialises_another_stages_tensors(monkeypatch
     config = source.config
     own = {t.name for t in source._tensors.values() if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= 15}
     own |= {"output_norm.weight", "token_embd.weight"}  # the tied head is stored as the embedding
-    decoded = []
-    real_decode = weights_module._decode
-    by_address = {t.data.__array_interface__["data"][0]: t.name for t in source._tensors.values()}
+    cut = []  # every tensor whose bytes are sliced out of the map, float or 4-bit reads alike
+    real_slice = weights_module._stored_slice
 
-    def spy_decode(name, qtype, raw):
-        decoded.append(by_address.get(raw.__array_interface__["data"][0], name))
-        return real_decode(name, qtype, raw)
+    def spy_slice(tensor, rows, cols):
+        cut.append(tensor.name)
+        return real_slice(tensor, rows, cols)
 
-    monkeypatch.setattr(weights_module, "_decode", spy_decode)
+    monkeypatch.setattr(weights_module, "_stored_slice", spy_slice)
     stage = load_stage(source, 15, config.n_layers, quant="int4")
-    assert decoded and set(decoded) <= own
+    assert cut and set(cut) <= own
     assert all(n.startswith(("model.layers.", "model.norm", "lm_head")) for n in source.reads)
     assert {int(n.split(".")[2]) for n in source.reads if n.startswith("model.layers.")} == set(range(15, 30))
     assert quant.is_quantized(stage.head) and stage.embed is None
+
+
+def test_gguf_4_bit_blocks_are_packed_as_stored_not_requantized():
+    source = open_weights(None)  # SmolLM2's Q4_1 file
+    stage = load_stage(source, 0, 1, quant="int4")
+    wqkv = stage.blocks[0].attn.wqkv
+    assert isinstance(wqkv, quant.Int4Weight) and wqkv.group == 32  # Q4_1's blocks, not a group of our own
+    p = "model.layers.0.self_attn."
+    stored = torch.cat([source.get(p + f"{m}_proj.weight") for m in "qkv"])
+    x = torch.randn(2, stored.shape[1])
+    want = x.bfloat16().float() @ stored.T
+    assert (wqkv(x) - want).abs().max() < 0.02 * want.abs().max()  # bf16 activations and scales only
 
 
 def test_run_int4_answers_the_capital_of_france():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from p2pserve.engine import quant as quantized
 from p2pserve.engine.model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
 from p2pserve.engine.tp import shard_for
 from p2pserve.engine.weights import WeightSource
@@ -24,9 +25,16 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     def get(name, rows=None, cols=None):
         return source.get(name, rows=rows, cols=cols).to(device=device, dtype=dtype)
 
+    def weight(name, rows=None, cols=None):
+        """A linear weight; an int4 stage takes a file's own 4-bit values where it has them."""
+        stored = source.get_int4(name, rows=rows, cols=cols) if quant == "int4" else None
+        return get(name, rows, cols) if stored is None else tuple(t.to(device) for t in stored)
+
     def linear(*weights):
         """Linear weights, their outputs side by side, packed for ``model.linear``."""
-        return pack_linear(torch.cat(weights), quant)
+        if quant is not None:
+            return quantized.pack_parts(weights, quant)
+        return pack_linear(torch.cat(weights))
 
     def rows(heads):
         return heads[0] * hd, heads[1] * hd
@@ -35,11 +43,11 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     for i in range(start, end):
         p = f"model.layers.{i}."
         wqkv = linear(
-            get(p + "self_attn.q_proj.weight", rows=rows(shard.q_heads)),
-            get(p + "self_attn.k_proj.weight", rows=rows(shard.kv_heads)),
-            get(p + "self_attn.v_proj.weight", rows=rows(shard.kv_heads)),
+            weight(p + "self_attn.q_proj.weight", rows=rows(shard.q_heads)),
+            weight(p + "self_attn.k_proj.weight", rows=rows(shard.kv_heads)),
+            weight(p + "self_attn.v_proj.weight", rows=rows(shard.kv_heads)),
         )
-        wo = linear(get(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads)))
+        wo = linear(weight(p + "self_attn.o_proj.weight", cols=rows(shard.q_heads)))
         bqkv = q_norm = k_norm = None
         if config.qkv_bias:  # each rank's biases are the rows of its own q/k/v weights
             bqkv = torch.cat([
@@ -51,10 +59,10 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             q_norm = RMSNorm(get(p + "self_attn.q_norm.weight"), config.rms_norm_eps)
             k_norm = RMSNorm(get(p + "self_attn.k_norm.weight"), config.rms_norm_eps)
         w13 = linear(
-            get(p + "mlp.gate_proj.weight", rows=shard.ffn),
-            get(p + "mlp.up_proj.weight", rows=shard.ffn),
+            weight(p + "mlp.gate_proj.weight", rows=shard.ffn),
+            weight(p + "mlp.up_proj.weight", rows=shard.ffn),
         )
-        w2 = linear(get(p + "mlp.down_proj.weight", cols=shard.ffn))
+        w2 = linear(weight(p + "mlp.down_proj.weight", cols=shard.ffn))
         blocks.append(Block(
             Attention(config, shard, wqkv, wo, bqkv, q_norm, k_norm),
             MLP(w13, w2),
@@ -68,6 +76,8 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     if leader and end == config.n_layers:
         norm = RMSNorm(get("model.norm.weight"), config.rms_norm_eps)
         tied = config.tie_word_embeddings and embed is not None
-        # tied and dense: the head is the embedding itself, no copy
-        head = pack_linear(embed if tied else get("lm_head.weight"), quant)
+        if quant is not None:  # a quantized head of its own, the embedding staying float
+            head = linear(weight("lm_head.weight"))
+        else:  # tied and dense: the head is the embedding itself, no copy
+            head = pack_linear(embed if tied else get("lm_head.weight"))
     return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()

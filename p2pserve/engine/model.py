@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2pserve.engine import kernels, quant
+from p2pserve.engine import kernels
 from p2pserve.engine.config import ModelConfig
 from p2pserve.engine.tp import Shard
 
@@ -44,9 +44,8 @@ def _for_kernel(weight: torch.Tensor) -> bool:
     return weight.is_cpu and weight.dtype == torch.float32 and kernels.available()
 
 
-def pack_linear(weight: torch.Tensor, fmt: str | None = None):
-    """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest;
-    quantized to ``fmt`` (``quant.FORMATS``) where one is given.
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest.
 
     On CPU, fp32 weights stay dense ``[out, in]`` for ``kernels.gemv``, which streams them
     faster than any library GEMV here (oneDNN's GEMM takes batches). bf16 weights, and fp32
@@ -54,8 +53,6 @@ def pack_linear(weight: torch.Tensor, fmt: str | None = None):
     weights on every core (MKL's fp32 one does not scale past one core here, and torch's
     bf16 ``F.linear`` runs at half the speed). Everything else stays dense for ``F.linear``.
     """
-    if fmt is not None:
-        return quant.pack(weight, fmt)
     if _for_kernel(weight):
         return weight.contiguous()
     if weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_linear is not None:
@@ -64,7 +61,7 @@ def pack_linear(weight: torch.Tensor, fmt: str | None = None):
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x @ W.T`` for a weight ``W`` prepared by ``pack_linear`` or ``quant.pack``."""
+    """``x @ W.T`` for a weight ``W`` prepared by ``pack_linear``, or a quantized one (``quant``)."""
     if isinstance(weight, nn.Module):
         return weight(x)
     if weight.is_mkldnn:

@@ -130,6 +130,18 @@ def pack(w: torch.Tensor, fmt: str) -> nn.Module:
     raise ValueError(f"unknown weight format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+def pack_parts(parts: list, fmt: str) -> nn.Module:
+    """Weights side by side (their outputs stacked), each a float tensor or int4 values as
+    a file stores them (``(q, scales, zeros)``, ``WeightSource.get_int4``), in ``fmt``:
+    stored values are packed as they are where all of them are and torch can take the
+    shape, so a GGUF's own 4-bit weights are served without a second rounding."""
+    if fmt == "int4" and all(isinstance(p, tuple) for p in parts):
+        q, scales, zeros = (torch.cat(t) for t in zip(*parts))
+        if q.shape[0] % INT4_ROW_MULTIPLE == 0:
+            return Int4Weight.from_ints(q, scales, zeros, q.shape[1] // scales.shape[1])
+    return pack(torch.cat([dequantize_int4(*p) if isinstance(p, tuple) else p for p in parts]), fmt)
+
+
 def roundtrip(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """The fp32 weight that ``pack(w, fmt)`` multiplies by."""
     if fmt == "int4" and (group := int4_group(w)) is not None:

@@ -4,6 +4,8 @@ Every tensor is asked for by its Hugging Face name and comes back in Hugging Fac
 layout, whether the file is a Hugging Face directory (safetensors) or a llama.cpp GGUF.
 A stage asks only for its own layers, and only those bytes are read: safetensors slices
 and GGUF rows are cut from memory maps before anything is copied or dequantized.
+``get_int4`` hands a GGUF's Q4_0 and Q4_1 weights over as their stored 4-bit values, so an
+int4 stage packs them without a round trip through float32.
 """
 
 from __future__ import annotations
@@ -140,6 +142,27 @@ class WeightSource(ABC):
         self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """``weight[a:b]`` for ``rows=(a, b)``, ``weight[:, a:b]`` for ``cols=(a, b)``, in HF layout."""
+        stored, rows, cols = self._check(name, rows, cols)
+        self.reads.append(name)
+        return self._read(stored, rows, cols)
+
+    def get_int4(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``get``'s slice as the file stores it where that is 4-bit values in blocks of
+        ``INT4_BLOCK`` columns: ``(q, scales, zeros)``, q int32 [rows, cols] in 0..15 and
+        ``weight = (q - 8) * scale + zero`` per block; None where it is not (and nothing is read)."""
+        stored, rows, cols = self._check(name, rows, cols)
+        got = self._read_int4(stored, rows, cols)
+        if got is not None:
+            self.reads.append(name)
+        return got
+
+    def _read_int4(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None):
+        return None
+
+    def _check(self, name, rows, cols):
+        """The stored name and the checked spans of ``name[rows, cols]``."""
         shape = tensor_shape(self.config, name)
         stored = name
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -153,8 +176,7 @@ class WeightSource(ABC):
         if cols is not None and len(shape) == 1:
             raise WeightsError(f"{name} is one-dimensional: it has no columns to slice")
         cols = _span(name, "cols", cols, shape[1]) if cols is not None else None
-        self.reads.append(name)
-        return self._read(stored, rows, cols)
+        return stored, rows, cols
 
     def tokenizer(self) -> Tokenizer:
         from p2pserve.engine.tokenizer import Tokenizer
@@ -277,6 +299,43 @@ class GGUFWeights(WeightSource):
         if cols is not None:
             values = values[:, cols[0] : cols[1]].contiguous()
         return values
+
+    def _read_int4(self, name, rows, cols):
+        tensor = self._tensor(name)
+        if tensor.tensor_type not in _INT4_TYPES or len(tensor.shape) != 2:
+            return None
+        if cols is not None and (cols[0] % INT4_BLOCK or cols[1] % INT4_BLOCK):
+            return None  # a slice that cuts a block
+        permuted = self.config.arch == "llama" and name.endswith(_PERMUTED_BY_LLAMA_CPP)
+        if permuted and (rows[0] % self.config.head_dim or rows[1] % self.config.head_dim):
+            return None
+        raw, _ = _stored_slice(tensor, rows, cols)
+        q, scales, zeros = _int4_blocks(tensor.tensor_type, np.array(raw))
+        if permuted:
+            q, scales, zeros = (_unpermute_heads(t, self.config.head_dim) for t in (q, scales, zeros))
+        return q, scales, zeros
+
+
+INT4_BLOCK = 32  # values per Q4_0 / Q4_1 block
+_INT4_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+
+
+def _int4_blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 rows [rows, bytes] as ``(q, scales, zeros)``: a block is an fp16 scale
+    ``d`` (and for Q4_1 an fp16 minimum ``m``) and 16 bytes, value ``j`` in the low nibble
+    of byte ``j`` and value ``16 + j`` in its high nibble; Q4_0 means ``(q - 8) * d``, Q4_1
+    ``q * d + m``, i.e. ``(q - 8) * d + (m + 8 d)``."""
+    rows = raw.shape[0]
+    header = 2 if qtype == gguf.GGMLQuantizationType.Q4_0 else 4
+    blocks = raw.reshape(rows, -1, header + INT4_BLOCK // 2)
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    nibbles = torch.from_numpy(blocks[..., header:].astype(np.int32))
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
+    if header == 2:
+        zeros = torch.zeros_like(d)
+    else:
+        zeros = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) + 8 * d
+    return q, d, zeros
 
 
 def _stored_slice(tensor, rows, cols):
