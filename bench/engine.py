@@ -1,6 +1,6 @@
 """Decode tokens/s and time to first token of p2pserve plans vs. transformers generate().
 
-    python bench/engine.py [--quick] [--plans 1/30 1,1/15,15 ...] [--dtypes fp32 bf16]
+    python bench/engine.py [--quick] [--plans 1/30 1,1/15,15 ...] [--dtypes fp32 bf16 int8 int4]
                            [--reps 3] [--tokens 64]
 
 SmolLM2-135M-Instruct from the default GGUF, the chat prompt "What is the capital of
@@ -14,7 +14,13 @@ the one-stage plan use all cores, and each rank of a plan uses what ``p2pserve r
 gives it: cores // its stage's TP degree, as stages take turns (at least one: TP 3 on
 2 cores oversubscribes them). The column "threads/rank" lists it per stage.
 
-transformers runs fp32 (its CPU baseline); bf16 plans are compared with it too. The
+transformers runs fp32 (its CPU baseline); bf16, int8 and int4 plans are compared with it
+too. Each is also set against the *weight-streaming floor*: a decode step reads every
+weight of the model once (on every plan, split over its ranks), so no plan on this machine
+decodes faster than its read bandwidth over the bytes of those weights. The bandwidth is
+measured here, before the rounds (a sum over a tensor far larger than the caches, on all
+cores), and "of floor" is decode tokens/s over that bound. The KV cache and activations are
+left out of the bytes: at this prompt's length they are under 1% of them. The
 machine's load average is printed at the start and the end: on a busy machine every
 multi-threaded run slows down (OpenMP threads wait for a core), so read ratios, not speeds.
 Targets (from the issue): the one-stage fp32 plan at least 2x transformers' decode
@@ -35,7 +41,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from p2pserve.ranks.pipeline import LocalPipeline
+from p2pserve.engine.build import load_stage
+from p2pserve.ranks.pipeline import LocalPipeline, parse_dtype, weight_format
 from p2pserve.ranks.world import default_threads
 from p2pserve.plan import Plan
 from p2pserve.engine.generate import SamplingParams
@@ -45,6 +52,50 @@ PROMPT = "What is the capital of France?"
 ALL_PLANS = ["1/30", "1,1/15,15", "2,1/20,10", "1,2,1/7,11,12", "3/30"]
 QUICK_PLANS = ["1/30", "1,1/15,15"]
 CORES = os.cpu_count() or 1
+DTYPES = ["fp32", "bf16", "int8", "int4"]
+BANDWIDTH_BYTES = 1 << 30  # read per measurement: far beyond any CPU's caches
+
+
+def cpu_model() -> str:
+    """lscpu's model name (the figures mean little without it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown CPU")
+
+
+def read_bandwidth(threads: int, reps: int = 5) -> float:
+    """Bytes/s that ``threads`` threads read from memory: the median of ``reps`` sums."""
+    torch.set_num_threads(threads)
+    x = torch.ones(BANDWIDTH_BYTES // 4)
+    x.sum()  # faults the pages in
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return BANDWIDTH_BYTES / statistics.median(times)
+
+
+def _nbytes(w) -> int:
+    if isinstance(w, torch.nn.Module):  # a quantized weight: its integers and scales
+        return sum(t.numel() * t.element_size() for t in w.buffers())
+    return w.numel() * w.element_size()
+
+
+def bytes_per_token(dtype: str) -> int:
+    """What one decode step of the whole model reads: every layer's weights, the final norm
+    and the LM head, as the engine holds them in ``dtype``."""
+    source = open_weights(None)
+    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
+    weights = [stage.head, stage.norm.weight]
+    for b in stage.blocks:
+        weights += [b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2, b.attn_norm.weight, b.mlp_norm.weight]
+    return sum(_nbytes(w) for w in weights)
 
 
 def parse_plan(text: str) -> Plan:
@@ -182,6 +233,11 @@ class Row:
     one_stage: Samples  # the one-stage plan of the same dtype, in the same rounds
     hf: Samples  # transformers, in the same rounds
     same: bool
+    floor: float  # tokens/s: read bandwidth / bytes a decode step reads
+
+    @property
+    def of_floor(self) -> float:
+        return self.ours.decode / self.floor
 
     @property
     def vs_hf(self) -> float:
@@ -202,8 +258,12 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
     eos = source.config.eos_token_ids
     prompt = source.tokenizer().encode_chat([{"role": "user", "content": PROMPT}])
     one = Plan.single(source.config.n_layers)
-    console.print(f"prompt: {len(prompt)} tokens, {n_tokens} new tokens, {reps} rounds, {CORES} cores, "
-                  f"load average {os.getloadavg()[0]:.1f}")
+    console.print(f"{cpu_model()}: prompt {len(prompt)} tokens, {n_tokens} new tokens, {reps} rounds, "
+                  f"{CORES} cores, load average {os.getloadavg()[0]:.1f}")
+    bandwidth = read_bandwidth(CORES)
+    weight_bytes = {dtype: bytes_per_token(dtype) for dtype in dtypes}
+    console.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s on {CORES} threads; bytes per decode step: "
+                  + ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in weight_bytes.items()))
     console.print("loading transformers (slow: dequantizes the GGUF)…")
     hf = Transformers(n_tokens, CORES)
     hf.run(prompt)  # warm-up
@@ -227,29 +287,31 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                         engine.close()
                     threads = threads_label(plan)
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
-                rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same))
+                rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same,
+                                bandwidth / weight_bytes[dtype]))
                 r = rows[-1]
                 console.print(f"  {r.ours.decode:.1f} tok/s ({r.vs_hf:.2f}x transformers, {r.vs_one_stage:.2f}x "
-                              f"one-stage), TTFT {r.ours.ttft * 1e3:.0f} ms")
+                              f"one-stage, {r.of_floor:.0%} of the floor), TTFT {r.ours.ttft * 1e3:.0f} ms")
         finally:
             single.close()
     return rows
 
 
 def report(rows: list[Row], console: Console) -> None:
-    table = Table(title="p2pserve vs transformers generate() (fp32), SmolLM2-135M, CPU; medians",
+    table = Table(title=f"p2pserve vs transformers generate() (fp32), SmolLM2-135M, {cpu_model()}; medians",
                   caption="tf: transformers and 1-stage: the [1]/[30] plan of the same dtype, both measured "
                           "in the same rounds as the row's plan; vs: ratio of decode tokens/s; spread: "
-                          "(max - min) / median of the plan's decode tokens/s; same answer: greedy tokens "
-                          "equal to transformers' up to the first EOS")
-    for col in ["plan", "dtype", "threads/rank", "TTFT ms", "decode tok/s", "spread", "tf TTFT ms",
-                "tf tok/s", "vs tf", "vs 1-stage", "cost/added stage", "same answer"]:
+                          "(max - min) / median of the plan's decode tokens/s; floor: read bandwidth / "
+                          "weight bytes per decode step; same answer: greedy tokens equal to transformers' "
+                          "up to the first EOS (int8 and int4 answer from other weights)")
+    for col in ["plan", "dtype", "threads/rank", "TTFT ms", "decode tok/s", "spread", "floor tok/s", "of floor",
+                "tf TTFT ms", "tf tok/s", "vs tf", "vs 1-stage", "cost/added stage", "same answer"]:
         table.add_column(col, justify="left" if col in ("plan", "dtype") else "right")
     for r in rows:
         cost = r.cost_per_added_stage
         table.add_row(
             plan_name(r.plan), r.dtype, str(r.threads), f"{r.ours.ttft * 1e3:.0f}", f"{r.ours.decode:.1f}",
-            f"{r.ours.spread:.0%}",
+            f"{r.ours.spread:.0%}", f"{r.floor:.1f}", f"{r.of_floor:.0%}",
             f"{r.hf.ttft * 1e3:.0f}", f"{r.hf.decode:.1f}", f"{r.vs_hf:.2f}x", f"{r.vs_one_stage:.2f}x",
             "" if cost is None else f"{cost:.1%}", "yes" if r.same else "no",
         )
@@ -270,7 +332,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"plans {' '.join(QUICK_PLANS)}, 2 rounds")
     parser.add_argument("--plans", nargs="+", metavar="TP/LAYERS", help="e.g. 1/30 2,1/20,10 (default: all five)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--reps", type=int, help="measured rounds per plan and dtype (default 3, quick 2)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     args = parser.parse_args()
