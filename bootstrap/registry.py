@@ -44,6 +44,7 @@ class Standing:
 class Entry:
     record: WorkerRecord
     last_seen: float  # monotonic
+    via_stream: bool = True  # heard on its announce stream; else only read from the DHT
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Registry:
     # than the load in records, so a burst of queries spreads over replicas at once
     inflight: Counter = field(default_factory=Counter)
     standing: dict[str, Standing] = field(default_factory=dict)
+    departed: dict[str, float] = field(default_factory=dict)  # peer -> expiry of its last record
     # With admission on, a worker carries user traffic only once admitted (bootstrap/integrity.py)
     admission: bool = False
     admitted: set[str] = field(default_factory=set)
@@ -95,10 +97,22 @@ class Registry:
                 self.standing[p].strikes = 0
 
     def update(self, record: WorkerRecord, now: float | None = None) -> None:
+        """A record from the worker's own announce stream."""
         self.entries[record.peer_id] = Entry(record, time.monotonic() if now is None else now)
 
+    def update_from_dht(self, record: WorkerRecord) -> bool:
+        """A record read from the DHT: kept until it expires, unless the worker has a stream
+        here (fresher) or its stream closed after this record was signed (it left)."""
+        entry = self.entries.get(record.peer_id)
+        if (entry is not None and entry.via_stream) or record.expires_at <= self.departed.get(record.peer_id, 0):
+            return False
+        self.entries[record.peer_id] = Entry(record, time.monotonic(), via_stream=False)
+        return entry is None
+
     def remove(self, peer_id: str) -> None:
-        self.entries.pop(peer_id, None)
+        entry = self.entries.pop(peer_id, None)
+        if entry is not None:  # its DHT copies, signed before it left, must not bring it back
+            self.departed[peer_id] = entry.record.expires_at
         self.admitted.discard(peer_id)  # a worker that comes back is checked again
 
     def routable(self) -> list[WorkerRecord]:
@@ -113,9 +127,12 @@ class Registry:
         now_mono = time.monotonic() if now is None else now
         wall = time.time()
         stale = [p for p, e in self.entries.items()
-                 if now_mono - e.last_seen > HEARTBEAT * MISSED_HEARTBEATS or e.record.expires_at < wall]
+                 if (e.via_stream and now_mono - e.last_seen > HEARTBEAT * MISSED_HEARTBEATS)
+                 or e.record.expires_at < wall]
         for p in stale:
-            del self.entries[p]
+            self.remove(p)
+        for p in [p for p, expiry in self.departed.items() if expiry < wall]:
+            del self.departed[p]
         recs = [e.record for e in self.entries.values()
                 if e.record.model == self.model and e.record.fingerprint == self.fingerprint
                 and not self.banned(e.record.peer_id)]

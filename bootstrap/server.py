@@ -25,7 +25,7 @@ from p2pserve.net.host import dial
 from p2pserve.plan import Plan
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS, SESSION, STREAM_INTERVAL, Hop
 from p2pserve.net.records import RecordError, WorkerRecord, verify_record
-from p2pserve.net.tickets import sign_ticket
+from p2pserve.net.tickets import sign_head_cert, sign_ticket
 from p2pserve.engine.generate import Sampled, SamplingParams, check_sampled
 from p2pserve.net.wire import (
     RemoteError,
@@ -56,6 +56,9 @@ class Bootstrap:
         self.key_pair = KeyPair(host.get_private_key(), host.get_public_key())  # signs session tickets
         self.allowed_peers = allowed_peers  # --allow-peers: the only peer ids admitted as workers
         self._announcers: dict[str, object] = {}  # peer id -> its open announce stream
+        self.head_cert: bytes | None = None  # from the head this one joined through, if any
+        self.certified_by: str | None = None  # that head
+        self.certify_heads = False  # may other heads join through this one (a private swarm)?
         self.stream_interval = stream_interval
         self.config = config
         self.tokenizer = tokenizer
@@ -74,19 +77,30 @@ class Bootstrap:
     def plan_info(self) -> dict:
         if self.planning is not None:
             self.plans = self.planning.plans()
-        return {"type": "plan", "model": self.config.name, "fingerprint": self.config.fingerprint(),
+        heads = [self.host.get_id().to_base58()] + ([self.certified_by] if self.certified_by else [])
+        return {"type": "plan", "model": self.config.name, "fingerprint": self.config.fingerprint(), "heads": heads,
                 "config": self.config.to_dict(), "plans": [p.to_dict() for p in self.plans]}
 
     async def handle_plan(self, stream) -> None:
         try:
             request = await read_frame(stream, timeout=10)
             reply = self.plan_info()
+            peer = stream.muxed_conn.peer_id.to_base58()
             if self.planning is not None and "auto" in request:  # a --stage auto worker: where to serve
-                reply = self.planning.answer(reply, stream.muxed_conn.peer_id.to_base58(), request["auto"])
+                reply = self.planning.answer(reply, peer, request["auto"])
+            if request.get("head") is True:  # another head joining the swarm through this one
+                if not (self.certify_heads or (self.allowed_peers is not None and peer in self.allowed_peers)):
+                    raise P2PServeError("this head certifies no other heads: in an open swarm anyone could "
+                                        "then issue session tickets; start the heads with --swarm-key, or list "
+                                        f"{peer} in this head's --allow-peers", code="forbidden")
+                reply["head_cert"] = sign_head_cert(self.key_pair, peer)
+                log.info("head %s joined the swarm", peer)
             await write_frame(stream, reply)
             await stream.close()
         except (WireError, EOFError):
             await reset_stream(stream)
+        except P2PServeError as e:
+            await _try_send(stream, error_frame(e.code, e.message))
 
     def status(self) -> dict:
         chains = self.registry.chains()
@@ -104,6 +118,16 @@ class Bootstrap:
             await stream.close()
         except (WireError, EOFError):
             await reset_stream(stream)
+
+    def record_problem(self, record) -> tuple[str, str] | None:
+        """(code, message) if a valid record is not one of this swarm's workers."""
+        if record.fingerprint != self.config.fingerprint() or record.model != self.config.name:
+            return ("unknown_model", f"this swarm serves {self.config.name} (fingerprint "
+                                     f"{self.config.fingerprint()}), not {record.model} ({record.fingerprint})")
+        if record.end > self.config.n_layers:
+            return ("bad_request", f"layers {record.start}-{record.end} are outside {self.config.name}'s "
+                                   f"{self.config.n_layers} layers")
+        return None
 
     async def handle_announce(self, stream) -> None:
         """One worker's heartbeat stream: every frame a freshly signed record."""
@@ -125,15 +149,9 @@ class Bootstrap:
                 if record.peer_id != peer:
                     await write_frame(stream, error_frame("bad_request", "a record must be announced by its own peer"))
                     continue
-                if record.fingerprint != self.config.fingerprint() or record.model != self.config.name:
-                    await write_frame(stream, error_frame(
-                        "unknown_model", f"this swarm serves {self.config.name} (fingerprint "
-                                         f"{self.config.fingerprint()}), not {record.model} ({record.fingerprint})"))
-                    continue
-                if record.end > self.config.n_layers:
-                    await write_frame(stream, error_frame(
-                        "bad_request", f"layers {record.start}-{record.end} are outside {self.config.name}'s "
-                                       f"{self.config.n_layers} layers"))
+                problem = self.record_problem(record)
+                if problem is not None:
+                    await write_frame(stream, error_frame(*problem))
                     continue
                 other = self._announcers.get(peer)
                 entry = self.registry.entries.get(peer)
@@ -336,7 +354,7 @@ class Bootstrap:
             stream = await self.host.new_stream(peer, [SESSION])
             session = uuid.uuid4().hex
             await write_frame(stream, {
-                "type": "open", "session": session, "ticket": sign_ticket(self.key_pair, session, chain),
+                "type": "open", "session": session, "ticket": sign_ticket(self.key_pair, session, chain, cert=self.head_cert),
                 "chain": [h.to_dict() for h in chain],
                 "index": 0, "params": params.to_dict(), "prompt": prompt, "generated": list(generated),
                 "eos": list(self.config.eos_token_ids), "stop_on_eos": stop_on_eos,

@@ -10,7 +10,7 @@ import trio
 from p2pserve import __version__
 from p2pserve.net.host import connect
 from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT
-from p2pserve.net.records import RECORD_TTL, WorkerRecord, announce, sign_record
+from p2pserve.net.records import EPOCH, RECORD_TTL, WorkerRecord, announce, provide_worker, sign_record
 from p2pserve.net.wire import write_frame
 
 log = logging.getLogger("p2pserve.worker")
@@ -53,7 +53,9 @@ async def _refresh_dht(dht, key_pair, record_fn) -> None:
     while True:
         with trio.move_on_after(10):
             try:
-                await announce(dht, sign_record(record_fn(), key_pair))
+                record = record_fn()
+                await announce(dht, sign_record(record, key_pair))
+                await provide_worker(dht, record.fingerprint)
             except Exception as e:
                 log.info("DHT announce failed: %s", e)
-        await trio.sleep(RECORD_TTL / 3)
+        await trio.sleep(EPOCH)

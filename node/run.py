@@ -117,6 +117,14 @@ def plan_request(opts: WorkerOptions, speeds) -> dict:
                                                  max_sessions=opts.max_sessions or 1, max_seq_len=opts.max_seq_len)}
 
 
+def trusted_heads(joined: str, info: dict) -> frozenset[str]:
+    """Whose session tickets this worker honours: the head it joined through, and the heads
+    that head names as the swarm's (the one that certified it)."""
+    named = info.get("heads")
+    named = [h for h in named if isinstance(h, str) and len(h) <= 128][:8] if isinstance(named, list) else []
+    return frozenset({joined, *named})
+
+
 async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
     stream = await host.new_stream(peer_id, [PLAN])
     await write_frame(stream, request or {"type": "plan"})
@@ -207,7 +215,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue, compute=compute,
-                                 heads=frozenset({bootstrap_id.to_base58()}))
+                                 heads=trusted_heads(bootstrap_id.to_base58(), info))
             await compute.run(server.executor.warm_up)
             serve_protocol(host, SESSION, server.handle)
             serve_protocol(host, LINK, server.handle_link)

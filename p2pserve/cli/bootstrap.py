@@ -15,6 +15,9 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
 
 @click.command()
 @config_option(bootstrap_settings)
+@click.option("--peer", "join_peers", multiple=True, metavar="MULTIADDR",
+              help="Start another head of the swarm a running head serves: its model and plan come from "
+                   "there, its workers from the DHT (repeatable: tried in turn).")
 @click.option("--listen", default=f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}", show_default=True,
               help="Multiaddr to listen on.")
 @click.option("--model", "model_path", default=None, metavar="PATH",
@@ -48,7 +51,7 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
                                    "compared; a worker caught answering unlike two other chains is banned.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
-def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
+def bootstrap(join_peers, listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
               rate_limit, stream_interval, swarm_key, allow_peers, admission_probe, spot_check, home, verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio
@@ -69,7 +72,31 @@ def bootstrap(listen, model_path, hetero_config, pp_partition, policy, http_bind
                      http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit,
                      swarm_key=swarm_key and read_swarm_key(swarm_key),
                      allowed_peers=allow_peers and read_peer_list(allow_peers), admission_probe=admission_probe,
-                     spot_check=spot_check))
+                     spot_check=spot_check, join_peers=join_peers))
+
+
+async def join_swarm(host, peers: tuple[str, ...], config):
+    """(the swarm's plan, (this head's certificate, its issuer), the reachable peers) from the first head
+    of ``peers`` that answers; it must serve the same model."""
+    from p2pserve.errors import ConfigError, NetworkError
+    from p2pserve.net.host import connect
+    from p2pserve.net.wire import RemoteError
+    from p2pserve.node.run import fetch_plan
+    from p2pserve.plan import Plan
+
+    failures = []
+    for address in peers:
+        try:
+            head = await connect(host, address, timeout=15)
+            info = await fetch_plan(host, head, {"type": "plan", "head": True})
+        except (NetworkError, RemoteError) as e:
+            failures.append(str(e))
+            continue
+        if info.get("fingerprint") != config.fingerprint():
+            raise ConfigError(f"--peer {address} serves {info.get('model')} (fingerprint {info.get('fingerprint')}), "
+                              f"but --model is {config.name} ({config.fingerprint()}): give the same weights")
+        return Plan.from_dict(info["plans"][0]), (info.get("head_cert"), head.to_base58()), (address,)
+    raise NetworkError("cannot join the swarm as another head: " + "; ".join(failures))
 
 
 def default_plan(n_layers: int, stages: int = 2):
@@ -86,7 +113,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                 http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL,
                 api_keys: tuple[str, ...] = (), rate_limit: int | None = None,
                 swarm_key: str | None = None, allowed_peers: frozenset[str] | None = None,
-                admission_probe: bool = True, spot_check: float = 0.0):
+                admission_probe: bool = True, spot_check: float = 0.0, join_peers: tuple[str, ...] = ()):
     import trio
 
     from p2pserve.errors import ConfigError
@@ -107,11 +134,16 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     tokenizer = source.tokenizer()
     key, _ = own_identity(home, "bootstrap", pinned=False)
     async with running_host(key, [listen], swarm_key) as host:
-        async with running_dht(host, server=True):
+        head_cert = (None, None)
+        if join_peers:  # another head of a running swarm: its plan is the swarm's
+            plan, head_cert, join_peers = await join_swarm(host, join_peers, config)
+            explicit = plan
+        async with running_dht(host, server=True, bootstrap_peers=join_peers) as dht:
             node = Bootstrap(host, config, tokenizer, [plan],
                              policy="least-loaded" if policy == "latency" else "round-robin",
                              stream_interval=stream_interval, allowed_peers=allowed_peers)
             node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
+            (node.head_cert, node.certified_by), node.certify_heads = head_cert, swarm_key is not None
             for protocol, handler in ((ANNOUNCE, node.handle_announce), (PLAN, node.handle_plan),
                                       (QUERY, node.handle_query), (STATUS, node.handle_status)):
                 serve_protocol(host, protocol, handler)
@@ -127,8 +159,10 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
             click.echo("ask with:")
             click.echo(f"  p2pserve query --peer {addrs[0]} \"What is the capital of France?\"", nl=True)
             async with trio.open_nursery() as nursery:
+                from p2pserve.bootstrap.discovery import discover_forever
                 from p2pserve.bootstrap.integrity import Admission, SpotChecks
 
+                nursery.start_soon(discover_forever, node, dht)
                 if admission_probe:
                     nursery.start_soon(Admission(node).run)
                 if spot_check > 0:

@@ -76,6 +76,25 @@ def record_key(peer_id: str) -> str:
     return f"/{NAMESPACE}/worker/{peer_id}"
 
 
+EPOCH = RECORD_TTL / 3  # seconds: workers provide the key of this and the next epoch
+
+
+def workers_key(fingerprint: str, epoch: int) -> str:
+    """The DHT provider key under which the workers of one model list themselves.
+
+    Heads find workers through it without listing anyone's store: every worker provides
+    it (Kademlia keeps each key's providers at the k peers closest to it, however many
+    providers there are), and a head looks it up. It changes every ``EPOCH`` seconds:
+    py-libp2p answers a provider lookup from its local cache once it holds any provider
+    of a key, so a key that stays the same would hide workers that joined after the
+    first lookup."""
+    return f"/{NAMESPACE}/{fingerprint}/workers/{epoch}"
+
+
+def current_epoch(now: float | None = None) -> int:
+    return int((time.time() if now is None else now) // EPOCH)
+
+
 def sign_record(record: WorkerRecord, key_pair) -> bytes:
     fields = msgpack.packb(dataclasses.asdict(record), use_bin_type=True)
     return msgpack.packb(
@@ -217,6 +236,19 @@ async def announce(dht, blob: bytes) -> None:
     """Store a signed record under its peer's key, locally and at the closest DHT servers."""
     record = verify_record(blob)
     await dht.put_value(record_key(record.peer_id), blob)
+
+
+async def provide_worker(dht, fingerprint: str) -> None:
+    """List this peer among the workers of ``fingerprint`` for this epoch and the next."""
+    epoch = current_epoch()
+    for e in (epoch, epoch + 1):
+        await dht.provide(workers_key(fingerprint, e))
+
+
+async def find_workers(dht, fingerprint: str, limit: int = 4096) -> list[str]:
+    """Peer ids of the workers of ``fingerprint`` that listed themselves this epoch."""
+    return [info.peer_id.to_base58() for info in
+            await dht.find_providers(workers_key(fingerprint, current_epoch()), count=limit)]
 
 
 async def fetch_record(dht, peer_id: str) -> WorkerRecord | None:
