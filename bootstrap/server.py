@@ -215,6 +215,15 @@ class Bootstrap:
             raise P2PServeError(f"token ids must be in [0, {self.config.vocab_size})", code="bad_request")
         return ids
 
+    def resume_of(self, msg: dict, params: SamplingParams) -> list[int]:
+        """The tokens of this answer a client already received from a head that died."""
+        resume = msg.get("resume", [])
+        if not isinstance(resume, list) or len(resume) >= params.max_new_tokens or any(
+                type(t) is not int or not 0 <= t < self.config.vocab_size for t in resume):
+            raise P2PServeError(f"resume must be fewer than max_new_tokens ({params.max_new_tokens}) token ids",
+                                code="bad_request")
+        return resume
+
     def prepare(self, msg: dict) -> tuple[list[int], SamplingParams, int | None, bool]:
         """Check a query once, at the edge: (prompt ids, params, pinned pipeline, stop_on_eos)."""
         if not isinstance(msg.get("model"), (str, type(None))) or not isinstance(msg.get("stop_on_eos", True), bool):
@@ -239,11 +248,12 @@ class Bootstrap:
                 raise P2PServeError(f"expected a 'query' frame, got {str(msg.get('type'))[:64]!r}", code="bad_request")
             self.stats["queries"] += 1
             prompt, params, pipeline, stop_on_eos = self.prepare(msg)
+            resume = self.resume_of(msg, params)
 
             async def emit(frames):  # the frames of one chunk of tokens go in one write
                 await write_frames(stream, frames)
 
-            await self.answer(emit, prompt, params, pipeline, stop_on_eos)
+            await self.answer(emit, prompt, params, pipeline, stop_on_eos, resume)
             await stream.close()
         except (WireError, EOFError) as e:
             log.info("query stream failed: %s", e)
@@ -261,14 +271,18 @@ class Bootstrap:
         await self.metrics.observe(self._answer, emit, *args, **kwargs)
 
     async def _answer(self, emit, prompt: list[int], params: SamplingParams, pipeline: int | None,
-                     stop_on_eos: bool) -> None:
+                      stop_on_eos: bool, resume: list[int] = ()) -> None:
         """Generate on some chain, failing over to another until the answer is complete.
 
         ``emit(frames)`` delivers a list of frames to the client: route, token…, done;
-        the tokens that arrived together come in one list."""
+        the tokens that arrived together come in one list. ``resume``: the answer's first
+        tokens, delivered by another head that died; the answer goes on after them, its
+        text continuing theirs (the decoder has seen them)."""
         decoder = self.tokenizer.stream()
         eos = set(self.config.eos_token_ids)
-        generated: list[int] = []
+        generated: list[int] = list(resume)
+        for token in resume:
+            decoder.push(token)
         failed: set[str] = set()  # peers gone from the view: never again in this answer
         avoid: set[str] = set()  # peers of any chain that failed: only where no chain goes around them
         busy: set[str] = set()
@@ -307,7 +321,7 @@ class Bootstrap:
                             "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
                             else "length"}])
                 self.registry.succeeded(chain_peers)
-                if self.spot_checks is not None and attempt == 0:
+                if self.spot_checks is not None and attempt == 0 and not resume:
                     self.spot_checks.sample(chain_peers, prompt, params, generated)
                 return
             except _ChainFailed as e:

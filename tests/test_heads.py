@@ -53,6 +53,49 @@ async def test_a_second_head_finds_the_workers_in_the_dht_and_outlives_the_first
                 assert (await c.ask(tokens=ids, params=greedy, stop_on_eos=False)).tokens == ref
 
 
+async def test_an_answer_whose_head_dies_goes_on_through_another_head(tmp_path):
+    """`p2pserve query --peer A --peer B`: head A is killed mid-answer; the text printed is
+    the same as an uninterrupted answer's, for greedy and for seeded sampling."""
+    import subprocess
+    import sys
+    import time
+
+    with Swarm(tmp_path) as swarm:
+        key_file = tmp_path / "swarm.key"
+        assert swarm.cli("keygen", str(key_file)).returncode == 0
+        first = swarm.start_bootstrap("--pp-partition", "15", "15", "--swarm-key", str(key_file))
+        for p in [swarm.start_worker("--stage", s, "--swarm-key", str(key_file), wait=False) for s in ("0", "1")]:
+            swarm.wait_serving(p)
+        port = free_port()
+        head_b, log = swarm._spawn(["bootstrap", "--peer", first, "--swarm-key", str(key_file),
+                                    "--listen", f"/ip4/127.0.0.1/tcp/{port}"], "head-b")
+        second = swarm._wait_for(head_b, log, rf"(/ip4/127\.0\.0\.1/tcp/{port}/p2p/\w+)").group(1)
+        async with client(second, read_swarm_key(key_file)) as c:
+            await c.wait_chains(1, timeout=60)
+        for sampling in (["--temperature", "0"], ["--temperature", "0.8", "--seed", "7"]):
+            flags = ["--swarm-key", str(key_file), "--max-new-tokens", "64", *sampling, "Tell me about Paris."]
+            whole = swarm.cli("query", "--peer", second, *flags)
+            assert whole.returncode == 0, whole.stderr
+            if sampling[1] == "0":  # the first round kills head A; the second asks head B first
+                env = {**__import__("os").environ, "P2PSERVE_HOME": str(swarm.home)}
+                proc = subprocess.Popen([sys.executable, "-m", "p2pserve.cli", "query", "--peer", first,
+                                         "--peer", second, *flags], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env)
+                os.set_blocking(proc.stdout.fileno(), False)
+                shown, deadline = b"", time.monotonic() + 120
+                while len(shown) < 20 and time.monotonic() < deadline:  # some text is out: kill its head
+                    try:
+                        shown += os.read(proc.stdout.fileno(), 4096)
+                    except BlockingIOError:
+                        time.sleep(0.05)
+                swarm.signal(swarm.bootstrap_proc, signal.SIGKILL)
+                os.set_blocking(proc.stdout.fileno(), True)
+                out, err = proc.communicate(timeout=120)
+                assert proc.returncode == 0, err
+                assert 0 < len(shown) < len(whole.stdout.encode())  # killed mid-answer
+                assert (shown + out).decode() == whole.stdout
+
+
 def test_in_an_open_swarm_a_second_head_must_be_listed(tmp_path):
     with Swarm(tmp_path) as swarm:
         first = swarm.start_bootstrap("--pp-partition", "15", "15")

@@ -12,7 +12,9 @@ from p2pserve.cli.options import generation_options, sampling_from_options
 
 @click.command()
 @click.argument("prompt")
-@click.option("--peer", default=None, help="The bootstrap's multiaddr (default: the one started on this machine).")
+@click.option("--peer", "peers", multiple=True,
+              help="A head's multiaddr (default: the one started on this machine); repeat it to name other heads "
+                   "of the swarm, which go on with the answer if the first dies.")
 @click.option("--model", default=None, help="Model name (default: the swarm's); NAME_N pins pipeline N.")
 @generation_options
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each token.")
@@ -22,7 +24,7 @@ from p2pserve.cli.options import generation_options, sampling_from_options
               help="The private swarm's key file, if the swarm has one.")
 @click.option("--stats/--no-stats", default=False,
               help="Print the chain each attempt took and the answer's timing on stderr.")
-def query(prompt, peer, model, timeout, home, swarm_key, stats, **gen):
+def query(prompt, peers, model, timeout, home, swarm_key, stats, **gen):
     """Ask the swarm behind --peer to answer PROMPT."""
     import trio
 
@@ -31,22 +33,31 @@ def query(prompt, peer, model, timeout, home, swarm_key, stats, **gen):
     from p2pserve.net.host import read_swarm_key
 
     params, chat = sampling_from_options(gen)
-    trio.run(_query, bootstrap_addr(peer, home_dir(home)), prompt, model, chat, params, timeout, stats,
+    heads = list(peers) or [bootstrap_addr(None, home_dir(home))]
+    trio.run(_query, heads, prompt, model, chat, params, timeout, stats,
              swarm_key and read_swarm_key(swarm_key))
 
 
-async def _query(peer, prompt, model, chat, params, timeout, stats, swarm_key=None):
+async def _query(peers, prompt, model, chat, params, timeout, stats, swarm_key=None):
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pserve.net.client import ask
+    from p2pserve.errors import NetworkError
+    from p2pserve.net.client import ask_heads
     from p2pserve.net.host import connect, quiet_libp2p_logs, running_host
 
     quiet_libp2p_logs()
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"], swarm_key) as host:
-        bootstrap_id = await connect(host, peer, timeout=15)
+        heads, unreachable = [], []
+        for peer in peers:
+            try:
+                heads.append(await connect(host, peer, timeout=15))
+            except NetworkError as e:
+                unreachable.append(e)
+        if not heads:
+            raise unreachable[0]
         t0, first = time.monotonic(), None
-        async for frame in ask(host, bootstrap_id, prompt=prompt, model=model, chat=chat, params=params,
-                               timeout=timeout):
+        async for frame in ask_heads(host, heads, prompt=prompt, model=model, chat=chat, params=params,
+                                     timeout=timeout):
             if frame["type"] == "route":
                 if stats:
                     click.echo(f"[route: {' -> '.join(p[-8:] for p in frame['chain'])}]", err=True)

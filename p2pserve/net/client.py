@@ -31,11 +31,15 @@ class Answer:
 
 async def ask(host, bootstrap_id, *, prompt: str | None = None, tokens: list[int] | None = None,
               model: str | None = None, chat: bool = True, params: SamplingParams = SamplingParams(),
-              stop_on_eos: bool = True, timeout: float = 120.0) -> AsyncIterator[dict]:
+              stop_on_eos: bool = True, timeout: float = 120.0, resume: list[int] = ()) -> AsyncIterator[dict]:
     """Yield the bootstrap's frames for one query: {"type": "token", "token", "text"}…, then
-    {"type": "done", …}. A refusal or failure raises QueryError with the bootstrap's reason."""
+    {"type": "done", …}. A refusal or failure raises QueryError with the bootstrap's reason.
+    ``resume``: the answer's tokens already received (from a head that died): the head
+    goes on after them, and its text continues theirs."""
     stream = await host.new_stream(bootstrap_id, [QUERY])
     msg = {"type": "query", "model": model, "chat": chat, "params": params.to_dict(), "stop_on_eos": stop_on_eos}
+    if resume:
+        msg["resume"] = list(resume)
     if tokens is not None:
         msg["tokens"] = list(tokens)
     else:
@@ -51,6 +55,27 @@ async def ask(host, bootstrap_id, *, prompt: str | None = None, tokens: list[int
         raise QueryError(e.code, e.message) from None
     finally:
         await reset_stream(stream)
+
+
+async def ask_heads(host, heads: list, **kw) -> AsyncIterator[dict]:
+    """``ask`` through the first of ``heads`` (peer ids) that answers; when that head fails
+    mid-answer, the answer goes on through the next, after the tokens already yielded, so
+    the frames read as one uninterrupted answer. A refusal (QueryError) is not retried."""
+    generated: list[int] = []
+    failures = []
+    for head in heads:
+        try:
+            async for frame in ask(host, head, resume=generated, **kw):
+                if frame.get("type") == "token":
+                    generated.append(int(frame["token"]))
+                yield frame
+                if frame.get("type") == "done":
+                    return
+        except QueryError:
+            raise
+        except Exception as e:  # the head died or the link to it broke: the next head goes on
+            failures.append(f"{head}: {e}")
+    raise QueryError("no_pipeline", "every head failed: " + "; ".join(failures))
 
 
 async def ask_all(host, bootstrap_id, **kw) -> Answer:
