@@ -74,7 +74,7 @@ def _load():
     digest = hashlib.sha256((_SOURCE + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
     try:
         _module = load_inline(
-            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE, functions=["gemv"],
+            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE, functions=["gemv", "gemv_int8"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # a broken toolchain must not take the engine down
@@ -104,3 +104,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for fp32 ``x`` [..., in] with at most MAX_ROWS rows, ``w`` fp32 [out, in]."""
     y = module().gemv(x.reshape(-1, x.shape[-1]).contiguous(), w)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales[:, None]).T`` for fp32 ``x`` with at most MAX_ROWS rows, int8 ``q``
+    [out, in] and fp32 ``scales`` [out] (``quant.Int8Weight``)."""
+    y = module().gemv_int8(x.reshape(-1, x.shape[-1]).contiguous(), q, scales)
+    return y.view(*x.shape[:-1], q.shape[0])
