@@ -25,6 +25,7 @@ import subprocess
 import time
 
 import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve train)
+import torch
 from p2pserve.engine.weights import open_weights
 from p2pserve.planner.devices import Device
 from p2pserve.planner.measure import measure_device
@@ -84,16 +85,21 @@ def main():
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the single process and of every rank (default: as p2pserve train, "
+                         "the cores shared by the ranks)")
     ap.add_argument("--separate", action="store_true", help="predict one CPU per rank")
     args = ap.parse_args()
     source = open_weights(args.model)
     data = TokenWindows.from_file(args.data, source.tokenizer(), args.seq_len, seed=0)
     cpu = measure_device("cpu", refresh=True).device_type()
     print(f"{cpu_name()}, {os.cpu_count()} cores; {source.config.name}, seq-len {args.seq_len}, "
-          f"{args.steps} steps, best of {args.rounds} interleaved rounds; planner's CPU (measured now): "
+          f"{args.steps} steps, best of {args.rounds} interleaved rounds, "
+          f"{args.threads or 'cores / ranks'} torch threads; planner's CPU (measured now): "
           f"{cpu.flops / 1e9:.0f} GFLOP/s, {cpu.bandwidth / 1e9:.1f} GB/s", flush=True)
 
     one = make_layout(*LAYOUTS["one rank"])
+    torch.set_num_threads(args.threads or default_threads(1))
     best: dict[str, float] = {}
     last_loss: dict[str, float] = {}
     for _ in range(args.rounds):  # others' load comes and goes: every layout in every round
@@ -104,7 +110,7 @@ def main():
         for name, spec in LAYOUTS.items():
             layout = make_layout(*spec)
             results = run_processes(layout, source.config, bench_rank, Job(args.model, layout, data, args.steps),
-                                    threads=default_threads(layout.world_size))
+                                    threads=args.threads or default_threads(layout.world_size))
             step_s = max(median_step(times) for times, _ in results.values())
             best[name] = max(best.get(name, 0.0), layout.global_batch * args.seq_len / step_s)
             last_loss[name] = results[0][1][-1]
