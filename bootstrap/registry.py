@@ -203,6 +203,14 @@ class Registry:
             gaps.append((pos, self.n_layers))
         if gaps:
             ranges = ", ".join(f"{a}-{b}" for a, b in gaps)
+            bans = self.bans()
+            banned = [e.record for p, e in self.entries.items() if p in bans
+                      and any(e.record.start < b and a < e.record.end for a, b in gaps)]
+            if banned:  # there is a worker, but it failed: say so, and why
+                r = banned[0]
+                return (f"layers {ranges} of {self.model} have no worker in good standing: {r.peer_id} "
+                        f"(layers {r.start}-{r.end}) is banned for {bans[r.peer_id]['seconds_left']:.0f} s "
+                        f"({bans[r.peer_id]['reason']})")
             return f"layers {ranges} of {self.model} have no worker"
         if self.on_probation():
             return (f"workers of {self.model} are being checked before they carry queries "
