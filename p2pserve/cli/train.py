@@ -81,7 +81,8 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
     optim = OptimConfig(kind=optimizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     tokens_per_step = layout.global_batch * seq_len * accum_iter
     mine = nodes.ranks(layout.world_size)
-    here = f", ranks {mine.start}-{mine.stop - 1} on node {node_rank} of {nnodes}" if nnodes > 1 else ""
+    block = f"rank {mine.start}" if len(mine) == 1 else f"ranks {mine.start}-{mine.stop - 1}"
+    here = f", {block} on node {node_rank} of {nnodes}" if nnodes > 1 else ""
     click.echo(f"training {config.name} on {len(data.windows)} windows of {seq_len} tokens, "
                f"{layout.world_size} rank processes{here}, {len(layout.pipelines)} pipelines, "
                f"{tokens_per_step} tokens per step", err=True)
