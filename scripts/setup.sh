@@ -12,6 +12,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v ip && c
         { apt-get update -qq && apt-get install -y -qq iproute2 nftables; }; } \
         >/dev/null 2>&1 || echo "setup: could not install iproute2/nftables; tests/test_netns.py will skip" >&2
 fi
+# The dashboard's test drives a real headless Chromium (Debian's package); same terms.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null 2>&1; then
+    { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium ||
+        { apt-get update -qq && apt-get install -y -qq chromium; }; } \
+        >/dev/null 2>&1 || echo "setup: could not install chromium; the dashboard's browser test will skip" >&2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
