@@ -50,7 +50,6 @@ class Admission:
         self.mismatches: dict[str, int] = {}
         self.references: dict[str, list[int]] = {}  # prompt -> the admitted chains' greedy tokens
         self._probing: set[str] = set()
-        self.probes = 0
 
     async def run(self) -> None:
         self.registry.admission = True
@@ -105,7 +104,6 @@ class Admission:
                                    f"chain runs the same dtype to compare with")
                 return
             prompt = random.choice(PROBE_PROMPTS)
-            self.probes += 1
             try:
                 if prompt not in self.references:
                     self.references[prompt] = await self._answer(reference, prompt)
@@ -128,11 +126,7 @@ class Admission:
 
     async def _answer(self, chain: list[WorkerRecord], prompt: str) -> list[int]:
         ids = self.node.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        params = SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS)
-        tokens: list[int] = []
-        async for chunk in self.node._run_chain(hops(chain), ids, params, False):
-            tokens += chunk
-        return tokens
+        return await replay(self.node, chain, ids, SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS))
 
 
 SPOT_TOKENS = 16  # tokens of an answer a spot check compares
@@ -179,12 +173,12 @@ class SpotChecks:
         other_peers = frozenset(r.peer_id for r in other)
         sub = dataclasses.replace(params, max_new_tokens=len(tokens), logprobs=None)
         self.stats["checked"] += 1
-        got = await self._replay(other, prompt, sub)
+        got = await replay(self.node, other, prompt, sub)
         if got == tokens:
             self.stats["agreed"] += 1
             return
         judge = self._judge(served, other_peers)
-        verdict = None if judge is None else await self._replay(judge, prompt, sub)
+        verdict = None if judge is None else await replay(self.node, judge, prompt, sub)
         judged = frozenset(r.peer_id for r in judge or [])
         # the losing chain's workers that neither agreeing chain holds gave the wrong answer
         if verdict == tokens:
@@ -211,8 +205,11 @@ class SpotChecks:
                 return judge
         return None
 
-    async def _replay(self, chain: list[WorkerRecord], prompt: list[int], params) -> list[int]:
-        tokens: list[int] = []
-        async for chunk in self.node._run_chain(hops(chain), prompt, params, False):
-            tokens += chunk
-        return tokens
+
+
+async def replay(node, chain: list[WorkerRecord], prompt: list[int], params: SamplingParams) -> list[int]:
+    """The tokens ``chain`` answers to ``prompt``, through a session the head opens as for a user."""
+    tokens: list[int] = []
+    async for chunk in node._run_chain(hops(chain), prompt, params, False):
+        tokens += chunk
+    return tokens

@@ -155,7 +155,7 @@ async def wait_for_bootstrap(host, address: str, join_timeout: float):
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from p2pserve.node.compute import compute_for
-    from p2pserve.net.host import (host_multiaddrs, load_or_create_identity, lock_identity, own_identity,
+    from p2pserve.net.host import (host_multiaddrs, own_identity, pinned_identity,
                                    quiet_libp2p_logs, running_dht, running_host, serve_protocol)
     from p2pserve.ranks.pipeline import parse_dtype, weight_format
     from p2pserve.planner.swarm import device_entries, measure_devices
@@ -176,13 +176,10 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     device_names = [d.strip() for d in opts.devices.split(",") if d.strip()]
     compute = compute_for(device_names)
     speeds = await compute.run(partial(measure_devices, device_names))
-    if opts.identity is not None:
-        if not lock_identity(opts.identity):
-            raise ConfigError(f"--identity {opts.identity} is in use by another running p2pserve process")
-        key = load_or_create_identity(opts.identity)
+    if opts.identity is not None or opts.group_id:
+        key = pinned_identity(opts.identity or opts.home / f"worker-{opts.group_id}.key")
     else:
-        key, _ = own_identity(opts.home, f"worker-{opts.group_id}" if opts.group_id else "worker",
-                              pinned=bool(opts.group_id))
+        key = own_identity(opts.home, "worker")
     async with running_host(key, [opts.listen], opts.swarm_key) as host:
         bootstrap_id = await wait_for_bootstrap(host, opts.peer, opts.join_timeout)
         info = await fetch_plan(host, bootstrap_id, plan_request(opts, speeds))

@@ -353,18 +353,9 @@ class Peers:
         return self.wait_for(proc, r"worker (\w+) serving layers", timeout).group(1)
 
     def wait_for(self, proc: subprocess.Popen, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
-        import time
+        from tests.swarm import wait_for_log  # here, not at the top: the delay relay runs this file as a script
 
-        log = self.logs[proc.pid]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, log.read_text())
-            if m:
-                return m
-            if proc.poll() is not None:
-                raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{log.read_text()}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
+        return wait_for_log(proc, self.logs[proc.pid], pattern, timeout)
 
     def log(self, proc: subprocess.Popen) -> str:
         return self.logs[proc.pid].read_text()

@@ -28,6 +28,19 @@ def end_child(proc: subprocess.Popen, timeout: float = 10) -> None:
         proc.wait()
 
 
+def wait_for_log(proc, log: Path, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
+    """The first match of ``pattern`` in ``log``, waiting (bounded) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
+
+
 class Swarm:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -46,15 +59,7 @@ class Swarm:
         return proc, log
 
     def _wait_for(self, proc, log: Path, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, log.read_text())
-            if m:
-                return m
-            if proc.poll() is not None:
-                raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{log.read_text()}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{log.name}: no {pattern!r} within {timeout} s:\n{log.read_text()}")
+        return wait_for_log(proc, log, pattern, timeout)
 
     def start_bootstrap(self, *args: str, port: int | None = None) -> str:
         """Start the bootstrap (again, on the same port and identity, if ``port`` is given)."""

@@ -132,7 +132,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     plan = explicit or default_plan(config.n_layers)
     plan.check_model(config)
     tokenizer = source.tokenizer()
-    key, _ = own_identity(home, "bootstrap", pinned=False)
+    key = own_identity(home, "bootstrap")
     async with running_host(key, [listen], swarm_key) as host:
         head_cert = (None, None)
         if join_peers:  # another head of a running swarm: its plan is the swarm's

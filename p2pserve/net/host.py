@@ -117,7 +117,7 @@ def peer_id_of(key_pair: KeyPair) -> str:
 _held_locks: dict[Path, int] = {}  # identity file -> the open lock file, held for the process's life
 
 
-def lock_identity(path: Path) -> bool:
+def _lock_identity(path: Path) -> bool:
     """Hold an exclusive lock on identity file ``path`` for as long as this process lives;
     False if another live process holds it (two processes must never share a peer id:
     the swarm would see one peer whose records flip between them)."""
@@ -135,18 +135,22 @@ def lock_identity(path: Path) -> bool:
     return True
 
 
-def own_identity(directory: Path, name: str, pinned: bool) -> tuple[KeyPair, Path]:
+def pinned_identity(path: Path) -> KeyPair:
+    """The identity in ``path``, held by this process; ConfigError if a live one holds it."""
+    if not _lock_identity(path):
+        raise ConfigError(f"identity {path} is in use by another running p2pserve process; "
+                          f"give this one its own (--group-id or --identity)")
+    return load_or_create_identity(path)
+
+
+def own_identity(directory: Path, name: str) -> KeyPair:
     """This process's identity under ``directory``: ``name.key`` if no live process holds it,
-    else (unless ``pinned``) the first free ``name-2.key``, ``name-3.key``… so that two
-    workers started side by side are two peers. A pinned identity in use is an error."""
-    directory = Path(directory)
+    else the first free ``name-2.key``, ``name-3.key``… so that two workers started side by
+    side are two peers."""
     for n in range(1, 65):
-        path = directory / (f"{name}.key" if n == 1 else f"{name}-{n}.key")
-        if lock_identity(path):
-            return load_or_create_identity(path), path
-        if pinned:
-            raise ConfigError(f"identity {path} is in use by another running p2pserve process; "
-                              f"give this one its own (--group-id or --identity)")
+        path = Path(directory) / (f"{name}.key" if n == 1 else f"{name}-{n}.key")
+        if _lock_identity(path):
+            return load_or_create_identity(path)
     raise ConfigError(f"64 processes already hold identities {name}*.key in {directory}")
 
 
