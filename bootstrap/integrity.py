@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from contextlib import aclosing
 
 import trio
 
-from p2pserve.bootstrap.server import hops
-from p2pserve.engine.generate import SamplingParams
+from p2pserve.bootstrap.server import _ChainFailed, hops
+from p2pserve.engine.generate import Sampled, SamplingParams
 from p2pserve.net.records import WorkerRecord
 
 log = logging.getLogger("p2pserve.bootstrap")
@@ -130,71 +131,141 @@ class Admission:
 
 
 SPOT_TOKENS = 16  # tokens of an answer a spot check compares
-SPOT_QUEUE = 8  # answers waiting for a check; more are left unchecked rather than queued
+SPOT_AT_ONCE = 8  # witnesses running together; answers beyond that go unchecked rather than wait
+WITNESS_WAIT = 30.0  # seconds a checked answer waits for its witness before going on unchecked
+
+
+@dataclasses.dataclass
+class _Witness:
+    """A second chain computing the first tokens of a checked answer, beside the user's."""
+    peers: frozenset[str]
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+    failed: bool = False
+    changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    async def until(self, n: int) -> bool:
+        """Wait until the witness has ``n`` tokens or ended; False if it failed or is too slow."""
+        with trio.move_on_after(WITNESS_WAIT):
+            while len(self.tokens) < n and not self.done:
+                await self.changed.wait()
+            return not self.failed
+        return False
 
 
 class SpotChecks:
-    """While serving: a sample of answers (``rate``) is replayed on a chain with other
-    workers and compared token for token, which is exact for greedy and seeded sampling
-    (unseeded answers are not reproducible and are never sampled). Where the two chains
-    disagree, a third chain without the workers of one side decides, and the workers only
-    the losing chain holds are banned. Checks run one at a time, after the answer was delivered:
-    they cost the swarm a replay of ``SPOT_TOKENS`` tokens per checked answer, and the user
-    nothing."""
+    """While serving, a sample of answers (``rate``) is checked *as it streams*: a second
+    chain without the answer's workers (the witness) computes its first ``SPOT_TOKENS``
+    tokens beside the user's chain, and the user receives each of those tokens only once
+    both chains gave it. Token for token is exact for greedy and seeded sampling (unseeded
+    answers are not reproducible and are never sampled). Where the two chains disagree, a
+    third chain without the workers of one side decides; the workers only the losing chain
+    holds are banned, and when the user's chain lost, the answer goes on from the agreed
+    tokens on another chain (the head's failover), so the user never sees the wrong text.
+    A checked answer streams its first tokens at the slower chain's pace; the swarm pays a
+    replay of ``SPOT_TOKENS`` tokens per check."""
 
     def __init__(self, node, rate: float):
         self.node, self.rate = node, rate
         self.registry = node.registry
-        self._send, self._receive = trio.open_memory_channel(SPOT_QUEUE)
-        self.stats = {"checked": 0, "agreed": 0, "caught": 0, "unresolved": 0, "no_other_chain": 0}
-
-    def sample(self, chain_peers: frozenset[str], prompt: list[int], params, generated: list[int]) -> None:
-        """Maybe check this delivered answer (the whole of it came from ``chain_peers``)."""
-        reproducible = params.temperature == 0 or params.seed is not None
-        if not reproducible or not generated or random.random() >= self.rate:
-            return
-        try:
-            self._send.send_nowait((chain_peers, prompt, params, generated[:SPOT_TOKENS]))
-        except trio.WouldBlock:
-            pass
+        self._nursery = None
+        self._running = 0
+        self.stats = {"checked": 0, "agreed": 0, "caught": 0, "corrected": 0, "unresolved": 0,
+                      "no_other_chain": 0, "witness_failed": 0}
 
     async def run(self) -> None:
-        async for item in self._receive:
-            try:
-                await self._check(*item)
-            except Exception as e:  # a chain failing a check fails like any other; the check is dropped
-                log.info("spot check dropped: %s", e)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await trio.sleep_forever()
 
-    async def _check(self, served: frozenset[str], prompt, params, tokens: list[int]) -> None:
+    def witness(self, served: frozenset[str], prompt: list[int], params: SamplingParams) -> _Witness | None:
+        """Maybe check the answer about to be served by ``served``: start its witness."""
+        reproducible = params.temperature == 0 or params.seed is not None
+        if (self._nursery is None or not reproducible or self._running >= SPOT_AT_ONCE
+                or random.random() >= self.rate):
+            return None
         other = self.registry.best_chain(avoid=served)
         if other is None or {r.peer_id for r in other} == served:
             self.stats["no_other_chain"] += 1
-            return
-        other_peers = frozenset(r.peer_id for r in other)
-        sub = dataclasses.replace(params, max_new_tokens=len(tokens), logprobs=None)
+            return None
+        witness = _Witness(frozenset(r.peer_id for r in other))
+        sub = dataclasses.replace(params, max_new_tokens=min(SPOT_TOKENS, params.max_new_tokens), logprobs=None)
+        self._nursery.start_soon(self._run_witness, witness, other, prompt, sub)
         self.stats["checked"] += 1
-        got = await replay(self.node, other, prompt, sub)
-        if got == tokens:
-            self.stats["agreed"] += 1
-            return
-        judge = self._judge(served, other_peers)
+        return witness
+
+    async def _run_witness(self, witness: _Witness, chain: list[WorkerRecord], prompt, params) -> None:
+        self._running += 1
+        try:
+            with witness.scope:
+                async for chunk in self.node._run_chain(hops(chain), prompt, params, False):
+                    witness.tokens += [t.token if isinstance(t, Sampled) else t for t in chunk]
+                    witness.changed.set()
+                    witness.changed = trio.Event()
+        except Exception as e:  # a witness failing is not the answer's failure: it goes on unchecked
+            log.info("spot check dropped: its witness chain failed (%s)", e)
+            witness.failed = True
+        finally:
+            self._running -= 1
+            witness.done = True
+            witness.changed.set()
+
+    async def checked(self, served: frozenset[str], source, witness: _Witness, prompt: list[int],
+                      params: SamplingParams):
+        """``source``'s token lists (the user's chain), each passed on once the witness agrees.
+        Raises the head's chain failure, naming the liars, when a third chain sides with the
+        witness."""
+        seen: list[int] = []  # the user's chain's token ids so far
+        agreed = 0
+        try:
+            async with aclosing(source):
+                async for chunk in source:
+                    seen += [t.token if isinstance(t, Sampled) else t for t in chunk]
+                    need = min(len(seen), SPOT_TOKENS)
+                    if witness is not None and need > agreed:
+                        if not await witness.until(need):
+                            self.stats["witness_failed"] += 1
+                            witness.scope.cancel()
+                            witness = None
+                        elif seen[agreed:need] == witness.tokens[agreed:need]:
+                            agreed = need
+                        else:
+                            await self._settle(served, witness, prompt, params, seen[:need])
+                            witness = None  # the witness lost (banned), or no third chain could tell
+                    yield chunk
+        finally:
+            if witness is not None:  # every token the user's chain gave within the window agreed
+                witness.scope.cancel()
+                if agreed:
+                    self.stats["agreed"] += 1
+
+    async def _settle(self, served: frozenset[str], witness: _Witness, prompt, params, tokens: list[int]) -> None:
+        """The user's chain and its witness disagree on ``tokens``: a third chain decides."""
+        got = witness.tokens[:len(tokens)]
+        judge = self._judge(served, witness.peers)
+        sub = dataclasses.replace(params, max_new_tokens=len(tokens), logprobs=None)
         verdict = None if judge is None else await replay(self.node, judge, prompt, sub)
         judged = frozenset(r.peer_id for r in judge or [])
         # the losing chain's workers that neither agreeing chain holds gave the wrong answer
         if verdict == tokens:
-            liars = other_peers - served - judged
+            liars, user_lost = witness.peers - served - judged, False
         elif verdict == got:
-            liars = served - other_peers - judged
+            liars, user_lost = served - witness.peers - judged, True
         else:
-            liars = frozenset()
+            liars, user_lost = frozenset(), False
         if not liars:
             self.stats["unresolved"] += 1
             log.warning("spot check: chains %s and %s disagree and no third chain settles it",
-                        sorted(served), sorted(other_peers))
+                        sorted(served), sorted(witness.peers))
             return
         self.stats["caught"] += 1
         for peer in liars:
             self.registry.ban(peer, "a spot check caught it answering unlike two other chains")
+        if user_lost:
+            self.stats["corrected"] += 1
+            raise _ChainFailed(liars, "a spot check caught this chain answering unlike two others; "
+                                      "the answer goes on from the agreed tokens on another chain")
 
     def _judge(self, a: frozenset[str], b: frozenset[str]) -> list[WorkerRecord] | None:
         """A third chain for two that disagree: without the workers only one of them holds
@@ -204,7 +275,6 @@ class SpotChecks:
             if judge is not None and {r.peer_id for r in judge} != other:
                 return judge
         return None
-
 
 
 async def replay(node, chain: list[WorkerRecord], prompt: list[int], params: SamplingParams) -> list[int]:

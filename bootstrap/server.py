@@ -72,7 +72,7 @@ class Bootstrap:
     # ---- workers ---------------------------------------------------------------------
 
     planning = None  # bootstrap.planning.Planning (set by serve): published plans, --stage auto
-    spot_checks = None  # bootstrap.integrity.SpotChecks (set by serve): answers replayed elsewhere
+    spot_checks = None  # bootstrap.integrity.SpotChecks (set by serve): answers checked on a second chain
 
     def plan_info(self) -> dict:
         if self.planning is not None:
@@ -301,8 +301,13 @@ class Bootstrap:
             sub = SamplingParams(**{**params.to_dict(), "max_new_tokens": remaining})
             await emit([{"type": "route", "chain": [h.peer_id for h in chain],
                          "layers": [[h.start, h.end] for h in chain], "attempt": attempt}])
+            source = self._run_chain(chain, prompt + generated, sub, stop_on_eos, generated)
+            if self.spot_checks is not None and attempt == 0 and not resume:
+                witness = self.spot_checks.witness(chain_peers, prompt, sub)
+                if witness is not None:  # checked as it streams: only tokens a second chain agrees with go out
+                    source = self.spot_checks.checked(chain_peers, source, witness, prompt, sub)
             try:
-                async for tokens in self._run_chain(chain, prompt + generated, sub, stop_on_eos, generated):
+                async for tokens in source:
                     if t_fail is not None:
                         recoveries.append(round(time.monotonic() - t_fail, 3))
                         t_fail = None
@@ -321,8 +326,6 @@ class Bootstrap:
                             "finish_reason": "stop" if generated and generated[-1] in eos and stop_on_eos
                             else "length"}])
                 self.registry.succeeded(chain_peers)
-                if self.spot_checks is not None and attempt == 0 and not resume:
-                    self.spot_checks.sample(chain_peers, prompt, params, generated)
                 return
             except _ChainFailed as e:
                 if e.busy:

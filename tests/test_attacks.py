@@ -309,9 +309,10 @@ async def test_a_peer_holding_too_many_streams_gets_the_next_reset(monkeypatch):
                 assert (await read_frame(s, timeout=10))["ok"]
 
 
-async def test_a_liar_that_slipped_in_is_caught_by_spot_checks_and_banned(tmp_path, reference):
+async def test_a_liar_that_slipped_in_is_caught_by_spot_checks_and_its_answer_corrected(tmp_path, reference):
     """With the admission probe off (a liar that behaved while probed), every answer spot
-    checked: the liar's first user answer is caught by two honest chains and it is banned."""
+    checked as it streams: the liar's first user answer is caught by two honest chains, the
+    liar is banned, and the user still receives the right text, from another chain."""
     from .swarm import Swarm
 
     with Swarm(tmp_path) as swarm:
@@ -326,12 +327,13 @@ async def test_a_liar_that_slipped_in_is_caught_by_spot_checks_and_banned(tmp_pa
                 with trio.fail_after(120):
                     while liar not in (await c.status()).get("banned", {}):
                         answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
+                        assert answer.tokens == ref  # the lie never reaches the user
                         served_by_liar += any(liar in route for route in answer.routes)
                         await trio.sleep(0.5)
                 assert served_by_liar >= 1  # it was routed to: nothing but the spot check stopped it
-                for _ in range(3):  # and once banned, users get the right answer
+                for _ in range(3):  # once banned, it is routed to no more
                     answer = await c.ask(tokens=ids, params=GREEDY, stop_on_eos=False)
                     assert answer.tokens == ref and all(liar not in r for r in answer.routes)
                 checks = (await c.status())["spot_checks"]
-                assert checks["caught"] >= 1
+                assert checks["caught"] >= 1 and checks["corrected"] >= 1
                 print(f"liar served {served_by_liar} answers before its ban; spot checks {checks}")
