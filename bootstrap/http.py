@@ -618,6 +618,7 @@ async def serve_http(node: Bootstrap, bind: str, api_keys=(), rate_limit: int | 
 
     config = Config()
     config.bind = [bind]
-    config.accesslog = None
+    config.accesslog = logging.getLogger("p2pserve.http.access")  # one line per request, in the operator's log
+    config.access_log_format = '%(h)s "%(r)s" %(s)s %(b)s bytes %(L)s s'
     config.errorlog = None
     await serve(make_app(node, api_keys, rate_limit), config, task_status=task_status)

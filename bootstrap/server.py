@@ -266,9 +266,25 @@ class Bootstrap:
             log.exception("query failed")
             await _try_send(stream, error_frame("internal", f"{type(e).__name__}: {e}"))
 
-    async def answer(self, emit, *args, **kwargs) -> None:
-        """``_answer``, observed by the metrics (p2pserve/metrics.py)."""
-        await self.metrics.observe(self._answer, emit, *args, **kwargs)
+    async def answer(self, emit, prompt: list[int], *args, **kwargs) -> None:
+        """``_answer``, observed by the metrics (p2pserve/metrics.py) and logged in one line."""
+        seen: dict = {}
+
+        async def noted(frames):
+            for f in frames:
+                if f.get("type") in ("route", "done"):
+                    seen[f["type"]] = f
+            await emit(frames)
+
+        try:
+            await self.metrics.observe(self._answer, noted, prompt, *args, **kwargs)
+        except P2PServeError as e:
+            log.info("query of %d tokens not answered (%s): %s", len(prompt), e.code, e.message)
+            raise
+        done, chain = seen.get("done", {}), seen.get("route", {}).get("chain", [])
+        log.info("answered %d prompt tokens with %d in %.2f s through %s (%d failovers)", len(prompt),
+                 done.get("n_tokens", 0), done.get("time_s", 0.0), " -> ".join(p[-8:] for p in chain),
+                 done.get("failovers", 0))
 
     async def _answer(self, emit, prompt: list[int], params: SamplingParams, pipeline: int | None,
                       stop_on_eos: bool, resume: list[int] = ()) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -299,6 +300,22 @@ def test_dashboard_page_and_json_without_a_browser(swarm):
         data = json.loads(resp.read())
     assert {w["peer_id"] for w in data["workers"]} == set(swarm.peer_ids)
     assert data["gaps"] == [] and len(data["timeline"]) == 30 and 'class="worker"' in data["html"]
+
+
+def test_the_bootstrap_logs_joins_requests_and_http_access_without_verbose(swarm):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{swarm.http}/v1/models", timeout=30) as resp:
+        assert resp.status == 200
+    r = swarm.cli("query", "--peer", swarm.addr, "--max-new-tokens", "3", "--no-chat", "--temperature", "0", "Hi")
+    assert r.returncode == 0, r.stderr
+    log = wait_until(lambda: (lambda text: '"GET /v1/models' in text and "with 3 in" in text and text)(
+        swarm.log(swarm.bootstrap_proc)), "operator log lines")
+    for peer in swarm.peer_ids:
+        assert f"worker {peer} joined: layers" in log
+    chain = " -> ".join(p[-8:] for p in swarm.peer_ids)
+    assert re.search(rf"answered \d+ prompt tokens with 3 in [\d.]+ s through {chain} \(0 failovers\)", log), log
+    assert re.search(r'127\.0\.0\.1:\d+ "GET /v1/models 1\.1" 200 \d+ bytes', log), log
 
 
 def test_dashboard_escapes_what_peers_announce():

@@ -47,8 +47,9 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
 @click.option("--admission-probe/--no-admission-probe", default=True, show_default=True,
               help="Give a new worker user traffic only once its chain answers a probe as admitted workers do.")
 @click.option("--spot-check", "spot_check", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              metavar="RATE", help="The share of greedy and seeded answers replayed on other workers and "
-                                   "compared; a worker caught answering unlike two other chains is banned.")
+              metavar="RATE", help="The share of greedy and seeded answers checked as they stream: a second chain "
+                                   "computes their first tokens alongside, a third settles a disagreement, a "
+                                   "worker caught lying is banned and the answer goes on on an honest chain.")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
 def bootstrap(join_peers, listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
@@ -68,6 +69,8 @@ def bootstrap(join_peers, listen, model_path, hetero_config, pp_partition, polic
         raise click.UsageError("--rate-limit limits the HTTP API: give --http too")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    for operator_log in ("p2pserve.bootstrap", "p2pserve.http"):  # joins, leaves, bans, failovers, requests
+        logging.getLogger(operator_log).setLevel(logging.INFO)
     trio.run(partial(serve, listen, model_path, hetero_config, pp_partition, policy, home_dir(home), verbose,
                      http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit,
                      swarm_key=swarm_key and read_swarm_key(swarm_key),
