@@ -10,19 +10,31 @@ frame per hop instead of sixteen.
 
 Frames on a LINK stream:
 
-    down  steps  {id, items: [{session, start}]} + tensor "x" [B, hidden], row i for item i
-    up    tokens {id, results: [token | [token, logprob, top] | {code, message}]}, in item order
-          (the list when the session asked for logprobs, engine/generate.py: Sampled)
+    down  steps  {id, items: [{session, start, ring}]} + tensor "x" [B, hidden], row i for item i
+    up    tokens {id, results: [token | [token, logprob, top] | {code, message} | None]}, in item
+          order (the list when the session asked for logprobs, engine/generate.py: Sampled)
 
-A failed item (unknown session, a later stage's refusal) raises RemoteError for that
-session only; a broken stream fails every step in flight on it with StreamClosed (a
-missing reply with WireTimeout), as a session stream would, and the next step dials anew.
+A *ring* item's token does not come back on the link: the last stage sends it straight to
+stage 0 on the RING stream that stage 0 opened to it (``Ring``, ``serve_ring``), so a
+decode step crosses each link once. Its result in a reply is None, and a frame of ring
+items only gets no reply at all; a stage that fails a ring step fails its session, whose
+error then travels up the session streams (node/sessions.py). Frames on a RING stream:
+
+    down  ring   {}                          once, when stage 0 opens it
+    up    ready  {}
+          tokens {results: [[session, start, token]]}   (token as on the link)
+
+A failed relay item (unknown session, a later stage's refusal) raises RemoteError for
+that session only; a broken stream fails every step in flight on it with StreamClosed (a
+missing reply with WireTimeout), as a session stream would, and the next step dials anew;
+a ring step lost with the link calls its ``lost`` callback instead.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +42,7 @@ import trio
 
 from p2pserve.engine.generate import check_sampled
 from p2pserve.net.locks import QuickLock
-from p2pserve.net.protocols import LINK
+from p2pserve.net.protocols import LINK, RING
 from p2pserve.net.wire import (
     RemoteError,
     StreamClosed,
@@ -59,6 +71,11 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     token: int | None = None
     error: Exception | None = None  # RemoteError for this item, StreamClosed/WireTimeout for the link
+    lost: Callable[[Exception], None] | None = None  # a ring step: told if the link fails under it
+
+    @property
+    def ring(self) -> bool:
+        return self.lost is not None
 
 
 class Link:
@@ -68,7 +85,8 @@ class Link:
         self.stream = stream
         self._queue: list[_Pending] = []
         self._wake = trio.Event()
-        self._in_flight: dict[int, list[_Pending]] = {}
+        self._in_flight: dict[int, list[_Pending]] = {}  # frames awaiting a reply
+        self._ring_sent: dict[str, _Pending] = {}  # each ring session's last step sent (no reply comes)
         self._send_lock = QuickLock()  # one frame at a time on the stream
         self._ids = itertools.count()
         self._on_close = on_close
@@ -78,15 +96,19 @@ class Link:
         nursery.start_soon(self._sender)
         nursery.start_soon(self._receiver)
 
-    async def step(self, session: str, start: int, x: torch.Tensor, timeout: float, *, alone: bool = False) -> int:
-        """Send one session's decode step (x: [1, hidden]) down the chain; its token.
+    async def step(self, session: str, start: int, x: torch.Tensor, timeout: float, *, alone: bool = False,
+                   lost: Callable[[Exception], None] | None = None) -> int | None:
+        """Send one session's decode step (x: [1, hidden]) down the chain; its token, or
+        None for a ring step (``lost`` given), whose token reaches stage 0 on the ring:
+        this returns once the step is queued, and ``lost(error)`` is called if the link
+        fails before the step is known to have arrived.
 
         ``alone``: no other session's step is coming from the same forward pass, so the
         step goes in a frame of its own at once, from this task (no hop to the sender
         task); otherwise it is queued for the sender, which batches it with the others."""
         if self.closed:
             raise StreamClosed("the link to the next stage is closed")
-        p = _Pending(session, start, x.reshape(-1))
+        p = _Pending(session, start, x.reshape(-1), lost=lost)
         if alone and not self._queue and not self._send_lock.locked():
             # shielded: a session cancelled mid-write would reset the link under everyone
             # (the write has its own deadline)
@@ -95,6 +117,8 @@ class Link:
         else:
             self._queue.append(p)
             self._wake.set()
+        if p.ring:
+            return None
         with trio.move_on_after(timeout) as scope:
             await p.done.wait()
         if scope.cancelled_caught:
@@ -102,6 +126,10 @@ class Link:
         if p.error is not None:
             raise p.error
         return p.token
+
+    def forget(self, session: str) -> None:
+        """The session is closed: a failure of this link no longer concerns it."""
+        self._ring_sent.pop(session, None)
 
     async def _sender(self) -> None:
         while not self.closed:
@@ -116,15 +144,21 @@ class Link:
     async def _send(self, items: list[_Pending]) -> None:
         """One 'steps' frame; a failure fails the link (and every step on it)."""
         fid = next(self._ids)
-        self._in_flight[fid] = items  # from here on, a failure of the link answers them
+        # from here on, a failure of the link answers them; a reply comes only for a
+        # frame with a relayed token in it
+        if not all(p.ring for p in items):
+            self._in_flight[fid] = items
+        for p in items:
+            if p.ring:
+                self._ring_sent[p.session] = p
         try:
             async with self._send_lock:
                 if self.closed:  # failed while this frame waited for the lock
                     return
                 x = torch.stack([p.x for p in items])
                 await send_message(self.stream, {"type": "steps", "id": fid,
-                                                 "items": [{"session": p.session, "start": p.start}
-                                                           for p in items]}, {"x": x})
+                                                 "items": [{"session": p.session, "start": p.start,
+                                                            "ring": p.ring} for p in items]}, {"x": x})
                 self.frames_sent += 1
                 self.steps_sent += len(items)
         except Exception as e:
@@ -140,6 +174,8 @@ class Link:
                         or len(results) != len(items):
                     raise WireError(f"unexpected reply on the link: {str(msg)[:200]}")
                 for p, r in zip(items, results):
+                    if p.ring:  # its token went round the ring; an error, through its session
+                        continue
                     if isinstance(r, dict):
                         p.error = RemoteError(str(r.get("code", "internal")), str(r.get("message", r)))
                     else:
@@ -153,12 +189,15 @@ class Link:
             return
         self.closed = True
         self._on_close(self)
+        ring = {id(p): p for p in [*self._ring_sent.values(), *self._queue] if p.ring}
         for items in [self._queue, *self._in_flight.values()]:
             for p in items:
-                if not p.done.is_set():
+                if not p.done.is_set() and not p.ring:
                     p.error = StreamClosed(why)
                     p.done.set()
-        self._queue, self._in_flight = [], {}
+        self._queue, self._in_flight, self._ring_sent = [], {}, {}
+        for p in ring.values():
+            p.lost(StreamClosed(why))
         self._wake.set()
 
     async def aclose(self) -> None:
@@ -168,6 +207,8 @@ class Link:
 
 class Links:
     """A worker's links to next-stage peers, opened on first use, one per peer."""
+
+    PROTOCOL = LINK
 
     def __init__(self, host):
         self.host = host
@@ -183,7 +224,7 @@ class Links:
             self._started.set()
             await trio.sleep_forever()
 
-    async def get(self, key: str, connect) -> Link:
+    async def get(self, key: str, connect):
         """The link to the peer whose base58 id is ``key``, dialing it with ``connect()``
         (which returns its libp2p ID) if needed. Once open, no await: a decode step asks
         for its link every token."""
@@ -196,17 +237,24 @@ class Links:
             if link is None or link.closed:
                 peer = await connect()
                 try:
-                    stream = await self.host.new_stream(peer, [LINK])
+                    stream = await self.host.new_stream(peer, [self.PROTOCOL])
                 except Exception as e:
-                    raise StreamClosed(f"cannot open a link to {key}: {e}") from e
+                    raise StreamClosed(f"cannot open a {self.PROTOCOL} stream to {key}: {e}") from e
                 await self._started.wait()
-                link = Link(stream, self._nursery, lambda lk, key=key: self._forget(key, lk))
+                link = await self._make(stream, key)
                 self._links[key] = link
             return link
 
-    def _forget(self, key: str, link: Link) -> None:
+    async def _make(self, stream, key: str):
+        return Link(stream, self._nursery, lambda lk, key=key: self._forget(key, lk))
+
+    def _forget(self, key: str, link) -> None:
         if self._links.get(key) is link:
             del self._links[key]
+
+    def forget(self, session: str) -> None:
+        for link in self._links.values():
+            link.forget(session)
 
     def stats(self) -> dict:
         links = list(self._links.values())
@@ -214,12 +262,114 @@ class Links:
                 "steps": sum(lk.steps_sent for lk in links)}
 
 
+class Ring:
+    """Stage 0's end of the RING stream to one last-stage peer: it reads the tokens that
+    peer samples for this worker's sessions and hands them to ``deliver(peer, results)``;
+    ``on_close(ring)`` when the stream ends (the sessions whose tokens it carried fail)."""
+
+    def __init__(self, stream, peer: str, nursery, deliver, on_close):
+        self.stream, self.peer = stream, peer
+        self.closed = False
+        self._deliver, self._on_close = deliver, on_close
+        nursery.start_soon(self._receiver)
+
+    async def _receiver(self) -> None:
+        try:
+            while True:
+                msg = await read_frame(self.stream, timeout=float("inf"))
+                results = msg.get("results")
+                if msg.get("type") != "tokens" or not isinstance(results, list):
+                    raise WireError(f"unexpected frame on the ring: {str(msg)[:200]}")
+                self._deliver(self.peer, results)
+        except Exception as e:
+            log.info("the ring from %s closed: %s", self.peer, e)
+        self.closed = True
+        self._on_close(self)
+        await reset_stream(self.stream)
+
+    # a Links entry: no frames or steps of its own to count
+    frames_sent = steps_sent = 0
+
+    def forget(self, session: str) -> None:
+        pass
+
+
+class Rings(Links):
+    """Stage 0's ring streams, one per last-stage peer, opened when a session's chain is
+    (stage 0 dials; nothing needs to dial stage 0, which may be behind a NAT)."""
+
+    PROTOCOL = RING
+
+    def __init__(self, host, deliver, lost, timeout: float = 30.0):
+        super().__init__(host)
+        self._deliver, self._lost, self._timeout = deliver, lost, timeout
+
+    async def _make(self, stream, key: str) -> Ring:
+        try:
+            await write_frame(stream, {"type": "ring"}, timeout=self._timeout)
+            reply = await read_frame(stream, timeout=self._timeout)
+            if reply.get("type") != "ready":
+                raise WireError(f"the last stage answered {reply.get('type')!r} to 'ring'")
+        except BaseException:
+            await reset_stream(stream)
+            raise
+
+        def closed(ring):
+            self._forget(key, ring)
+            self._lost(key)
+
+        return Ring(stream, key, self._nursery, self._deliver, closed)
+
+
+class RingOut:
+    """The last stage's end of a RING stream: tokens for the sessions of the peer that
+    opened it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.closed = False
+        self._lock = QuickLock()
+
+    async def send(self, results: list, timeout: float) -> None:
+        if self.closed:
+            raise StreamClosed("the ring to stage 0 is closed")
+        try:
+            async with self._lock:
+                await write_frame(self.stream, {"type": "tokens", "results": results}, timeout=timeout)
+        except WireError:
+            self.closed = True
+            raise
+
+
+async def serve_ring(stream, peer: str, outs: dict[str, RingOut], timeout: float = 30.0) -> None:
+    """Stream handler body for RING on the last stage: register the stream as the way to
+    ``peer`` (stage 0 of its sessions) in ``outs`` until it closes."""
+    out = None
+    try:
+        msg = await read_frame(stream, timeout=timeout)
+        if msg.get("type") != "ring":
+            raise WireError(f"expected a 'ring' frame, got {str(msg)[:200]}")
+        out = RingOut(stream)
+        outs[peer] = out
+        await write_frame(stream, {"type": "ready"}, timeout=timeout)
+        await read_frame(stream, timeout=float("inf"))  # stage 0 sends nothing more: this ends with it
+    except (WireError, EOFError) as e:
+        log.info("ring from %s closed: %s", peer, e)
+    finally:
+        if out is not None:
+            out.closed = True
+            if outs.get(peer) is out:
+                del outs[peer]
+    await reset_stream(stream)
+
+
 async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_size: int | None = None,
                      max_items: int = MAX_ITEMS, idle_timeout: float = LINK_IDLE_TIMEOUT) -> None:
     """Stream handler body for LINK: answer each 'steps' frame with one 'tokens' frame.
 
     ``run_steps(items, x)`` runs the batch through this stage and the rest of the chain
-    and returns one result per item (a token, or {code, message}); it must not raise.
+    and returns one result per item (a token, {code, message}, or None for a ring step);
+    it must not raise. A frame of ring steps only is not replied to.
     Frames are served concurrently, each replied to as soon as its batch is done; except
     that a frame for which ``alone(items)`` says that ``run_steps`` will not wait (the
     last stage computing a lone step on the spot) is served by this reading task itself,
@@ -231,6 +381,8 @@ async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_siz
 
     async def one(msg, x, cancel_scope):
         results = await run_steps(msg["items"], x)
+        if all(isinstance(it, dict) and it.get("ring") is True for it in msg["items"]):
+            return  # ring steps: their tokens (or their sessions' errors) go another way
         try:
             async with write_lock:
                 await write_frame(stream, {"type": "tokens", "id": msg["id"], "results": results})

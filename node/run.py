@@ -13,7 +13,7 @@ import trio
 
 from p2pserve.errors import ConfigError, P2PServeError
 from p2pserve.heap import freeze_startup_heap
-from p2pserve.net.protocols import LINK, PLAN, SESSION
+from p2pserve.net.protocols import LINK, PLAN, RING, SESSION
 from p2pserve.net.wire import read_frame, write_frame
 
 log = logging.getLogger("p2pserve.worker")
@@ -42,6 +42,7 @@ class WorkerOptions:
     swarm_key: str | None = None  # the private swarm's pre-shared key, 64 hex digits
     join_timeout: float = 300.0  # seconds to wait for a bootstrap that is not up yet
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at
+    token_path: str = "ring"  # how tokens reach this worker as stage 0 (protocols.TOKEN_PATHS)
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -212,10 +213,11 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue, compute=compute,
-                                 heads=trusted_heads(bootstrap_id.to_base58(), info))
+                                 heads=trusted_heads(bootstrap_id.to_base58(), info), token_path=opts.token_path)
             await compute.run(server.executor.warm_up)
             serve_protocol(host, SESSION, server.handle)
             serve_protocol(host, LINK, server.handle_link)
+            serve_protocol(host, RING, server.handle_ring)
             addrs = host_multiaddrs(host)
             # measured again: the stage now runs with its own thread count (--threads, or
             # cores // TP), which the record's speed must reflect (cached per thread count)

@@ -46,10 +46,14 @@ from p2pserve.errors import ConfigError
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, queue, forward passes).")
 @click.option("--join-timeout", type=click.FloatRange(0, 86400), default=300, show_default=True, metavar="SECONDS",
               help="How long to wait for a bootstrap that is not up yet (retried with backoff).")
+@click.option("--token-path", type=click.Choice(["ring", "relay"]), default="ring", show_default=True,
+              help="As stage 0, how its sessions' tokens come back: straight from the last stage (ring, k link "
+                   "crossings a token for k stages) or relayed back by every stage (relay, 2(k-1); only where "
+                   "the last stage reaches stage 0 by a much longer way than the chain, e.g. through a relay).")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
 def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_key, listen, max_sessions, kv_memory, max_queue,
-           max_seq_len, dtype, threads, metrics, join_timeout, home, verbose):
+           max_seq_len, dtype, threads, metrics, join_timeout, token_path, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
@@ -68,6 +72,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_k
         kv_memory=kv_memory, max_queue=max_queue, threads=threads,
         max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, identity=identity,
         swarm_key=swarm_key and read_swarm_key(swarm_key), join_timeout=join_timeout, metrics=metrics,
+        token_path=token_path,
     )
     trio.run(run_worker, opts)
 

@@ -8,6 +8,9 @@
                                      (hidden states) go down and 'token' frames come back
     link       stage -> next stage  the decode steps of all sessions between two workers,
                                      batched: one 'steps' frame down, one 'tokens' frame back
+                                     (none for ring steps)
+    ring       stage 0 -> last stage the last stage's tokens for stage 0's sessions, straight
+                                     back (opened by stage 0, which may not be dialable)
     query      client -> bootstrap   a prompt in, a stream of tokens and text out
     status     anyone -> bootstrap   the live view: workers, complete chains, what is missing
 """
@@ -22,6 +25,7 @@ ANNOUNCE = protocol_id("announce")
 PLAN = protocol_id("plan")
 SESSION = protocol_id("session")
 LINK = protocol_id("link")
+RING = protocol_id("ring")
 QUERY = protocol_id("query")
 STATUS = protocol_id("status")
 
@@ -33,6 +37,10 @@ DEFAULT_PORT = 31337  # the bootstrap's default TCP port
 # client, on cores that compute the next token. The bootstrap chooses it per session.
 STREAM_INTERVAL = 0.1
 MAX_STREAM_INTERVAL = 1.0
+# How a decode step's token gets back to stage 0: straight from the last stage ("ring",
+# k link crossings per step for k stages), or relayed back by every stage ("relay",
+# 2(k-1)). Stage 0 chooses per session (worker --token-path); the chain follows.
+TOKEN_PATHS = ("ring", "relay")
 
 
 @dataclass(frozen=True)
