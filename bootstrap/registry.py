@@ -10,11 +10,17 @@ Every peer may lie or break, so the view also keeps each peer's *standing*: a st
 each failed chain it was part of, cleared by an answer it helped complete; a peer with
 ``STRIKES_TO_BAN`` strikes in a row, or caught returning wrong results, is banned (out of
 every chain) for ``BAN_BASE`` seconds, doubled on each repeat, as Petals does.
+
+Routing (``best_chain``) is a shortest path over layer boundaries on measured figures: a
+stage costs its layers at the peer's per-layer time, which is what the head *saw* it take
+once there are observations (``observe``: each answer's per-token time, shared among its
+chain's peers) and never less than the peer claims; a hop between two consecutive stages
+costs the round-trip time the two peers announce (``WorkerRecord.rtts``).
 """
 
 from __future__ import annotations
 
-import heapq
+import dataclasses
 import itertools
 import logging
 import time
@@ -30,6 +36,14 @@ MAX_CHAINS = 256  # enough for any sensible swarm; bounds the enumeration
 STRIKES_TO_BAN = 2  # failed chains in a row, with no completed answer between them
 BAN_BASE = 15.0  # seconds of a first ban; each later ban of the same peer doubles it
 AVOID_COST = 1e3  # seconds added per peer of an earlier failed chain: route around it where possible
+HOP_COST = 1e-3  # seconds per stage-to-stage hop of a pair of peers that announced no round-trip time
+DEFAULT_LAYER_TIME = 1e-3  # seconds per layer of a peer whose record states none
+MIN_LAYER_TIME = 1e-7  # seconds: no estimate goes below it (or below the peer's own claim)
+# An observation's excess over the peer's claim halves every HALF_LIFE seconds, so a peer
+# that was slow (overloaded, or a passing fault) is tried again and, if it recovered, seen so
+OBSERVED_HALF_LIFE = 300.0
+OBSERVED_RELAX = 0.5  # share of a residual applied per observation once every peer was observed
+OBSERVED_WEIGHT = 0.25  # an observed peer's share of a residual, against 1 for a peer never observed
 
 
 @dataclass
@@ -38,6 +52,12 @@ class Standing:
     bans: int = 0
     banned_until: float = 0.0  # monotonic
     reason: str = ""
+
+
+@dataclass
+class Observed:
+    layer_time: float  # seconds per layer of one session's decode step, as last estimated
+    at: float  # monotonic
 
 
 @dataclass
@@ -61,6 +81,9 @@ class Registry:
     # With admission on, a worker carries user traffic only once admitted (bootstrap/integrity.py)
     admission: bool = False
     admitted: set[str] = field(default_factory=set)
+    observed: dict[str, Observed] = field(default_factory=dict)
+    # peer -> {peer: round-trip seconds}, symmetric, from both peers' records (_note_rtts)
+    rtt: dict[str, dict[str, float]] = field(default_factory=dict)
     _rr: itertools.count = field(default_factory=itertools.count)
 
     def banned(self, peer_id: str) -> bool:
@@ -98,7 +121,9 @@ class Registry:
 
     def update(self, record: WorkerRecord, now: float | None = None) -> None:
         """A record from the worker's own announce stream."""
+        old = self.entries.get(record.peer_id)
         self.entries[record.peer_id] = Entry(record, time.monotonic() if now is None else now)
+        self._note_rtts(record, old.record.rtts if old else {})
 
     def update_from_dht(self, record: WorkerRecord) -> bool:
         """A record read from the DHT: kept until it expires, unless the worker has a stream
@@ -107,12 +132,14 @@ class Registry:
         if (entry is not None and entry.via_stream) or record.expires_at <= self.departed.get(record.peer_id, 0):
             return False
         self.entries[record.peer_id] = Entry(record, time.monotonic(), via_stream=False)
+        self._note_rtts(record, entry.record.rtts if entry else {})
         return entry is None
 
     def remove(self, peer_id: str) -> None:
         entry = self.entries.pop(peer_id, None)
         if entry is not None:  # its DHT copies, signed before it left, must not bring it back
             self.departed[peer_id] = entry.record.expires_at
+            self._note_rtts(dataclasses.replace(entry.record, rtts={}), entry.record.rtts)
         self.admitted.discard(peer_id)  # a worker that comes back is checked again
 
     def routable(self) -> list[WorkerRecord]:
@@ -161,35 +188,69 @@ class Registry:
     def best_chain(self, exclude: frozenset[str] = frozenset(), avoid: frozenset[str] = frozenset(),
                    records: list[WorkerRecord] | None = None, start: int = 0,
                    end: int | None = None) -> list[WorkerRecord] | None:
-        """The cheapest chain by ``stage_cost``: a shortest path over layer boundaries
-        (Dijkstra, as Petals' client routes), so its cost does not grow with the number of
-        chains. Peers in ``avoid`` (of a chain that failed this answer) cost ``AVOID_COST``
-        more: used only where no chain goes around them. ``records`` (default: the routable
-        ones), ``start`` and ``end`` search among other workers or over part of the model."""
+        """The cheapest chain: a shortest path over layer boundaries, as Petals' client routes.
+
+        A chain's cost is its stages' ``stage_cost`` plus a ``hop_cost`` between each two
+        consecutive peers. The hop depends on the pair, so the search runs over workers
+        (the cheapest chain prefix ending with each), not over boundaries; every range
+        moves forward (start < end, checked on acceptance), so the graph is acyclic and
+        workers taken in order of their first layer is a topological order: one pass, no
+        heap. A worker's cheapest predecessor is found among the few peers it has a
+        round-trip time with, and else the cheapest of the rest (at ``HOP_COST``). Peers in
+        ``avoid`` (of a chain that failed this answer) cost ``AVOID_COST`` more: used only
+        where no chain goes around them. ``records`` (default: the routable ones), ``start``
+        and ``end`` search among other workers or over part of the model."""
         end = self.n_layers if end is None else end
-        by_start: dict[int, list[WorkerRecord]] = {}
-        for r in self.routable() if records is None else records:
-            if r.peer_id not in exclude and r.end <= end:
-                by_start.setdefault(r.start, []).append(r)
-        best = {start: 0.0}
-        came: dict[int, tuple[int, WorkerRecord]] = {}
-        heap = [(0.0, start)]
-        while heap:
-            cost, pos = heapq.heappop(heap)
-            if pos == end:
-                chain = []
-                while pos != start:
-                    pos, r = came[pos]
-                    chain.append(r)
-                return chain[::-1]
-            if cost > best.get(pos, float("inf")):
-                continue
-            for r in by_start.get(pos, []):
-                c = cost + self.stage_cost(r) + (AVOID_COST if r.peer_id in avoid else 0.0)
-                if c < best.get(r.end, float("inf")):
-                    best[r.end], came[r.end] = c, (pos, r)
-                    heapq.heappush(heap, (c, r.end))
-        return None
+        now = time.monotonic()
+        workers = sorted((r for r in (self.routable() if records is None else records)
+                          if r.peer_id not in exclude and start <= r.start and r.end <= end),
+                         key=lambda r: r.start)
+        # ending[pos]: peer -> cost of the cheapest chain prefix from start that ends with it at pos
+        ending: dict[int, dict[str, float]] = {start: {}}
+        ranked: dict[int, list[tuple[float, str]]] = {}  # ending[pos] cheapest first, once complete
+        came: dict[str, str | None] = {}
+        by_id: dict[str, WorkerRecord] = {}
+        for r in workers:
+            before = ending.get(r.start)
+            if r.start == start:
+                prefix, prev = 0.0, None
+            elif not before:
+                continue  # no chain from start reaches this worker's first layer
+            else:
+                prefix, prev = self._cheapest_before(r.peer_id, before, ranked, r.start)
+            cost = prefix + self.stage_cost(r, now) + (AVOID_COST if r.peer_id in avoid else 0.0)
+            at_end = ending.setdefault(r.end, {})
+            if cost < at_end.get(r.peer_id, float("inf")):
+                at_end[r.peer_id], came[r.peer_id], by_id[r.peer_id] = cost, prev, r
+        last = ending.get(end)
+        if not last or end == start:
+            return None
+        peer = min(last, key=lambda p: (last[p], p))
+        chain = []
+        while peer is not None:
+            chain.append(by_id[peer])
+            peer = came[peer]
+        return chain[::-1]
+
+    def _cheapest_before(self, peer: str, before: dict[str, float], ranked: dict, pos: int):
+        """(cost, peer) of the cheapest chain prefix ending at ``pos`` that ``peer`` can
+        follow, the hop to it included."""
+        known = self.rtt.get(peer, {})
+        best, prev = float("inf"), None
+        pairs = ((q, known.get(q)) for q in before) if len(before) < len(known) else \
+            ((q, rtt) for q, rtt in known.items() if q in before)
+        for q, rtt in pairs:
+            if rtt is not None and before[q] + rtt < best:
+                best, prev = before[q] + rtt, q
+        order = ranked.get(pos)
+        if order is None:  # every worker ending at pos came earlier in the pass: it is complete
+            order = ranked[pos] = sorted((c, q) for q, c in before.items())
+        for c, q in order:  # the cheapest peer without a measured hop to this one
+            if q not in known:
+                if c + HOP_COST < best:
+                    best, prev = c + HOP_COST, q
+                break
+        return best, prev
 
     def missing(self) -> str:
         """Why there is no complete chain, in words a user can act on."""
@@ -231,18 +292,102 @@ class Registry:
         chains = [c for c in chains if sum(r.peer_id in avoid for r in c) == fewest]
         return chains[next(self._rr) % len(chains)]
 
-    def stage_cost(self, r: WorkerRecord) -> float:
-        """Expected seconds one stage adds to a decode step: its layers at its measured
-        speed, slowed by the sessions it serves, plus one hop.
+    def stage_cost(self, r: WorkerRecord, now: float | None = None) -> float:
+        """Expected seconds one stage adds to a decode step: its layers at ``layer_time``,
+        slowed by the sessions it serves.
 
         A batched decode step costs little more than a single one (weights are read once),
         so each extra session adds a fraction of a step; queued sessions add whole ones."""
-        per_layer = (r.devices[0] if r.devices else {}).get("layer_time")
-        if not isinstance(per_layer, (int, float)):  # records bound numbers, not which fields hold them
-            per_layer = 1e-3
+        return (r.end - r.start) * self.layer_time(r.peer_id, now) * self.load_factor(r)
+
+    def load_factor(self, r: WorkerRecord) -> float:
         sessions = max(int(r.load.get("sessions", 0)), self.inflight[r.peer_id])
-        queued = int(r.load.get("queue", 0))
-        return (r.end - r.start) * per_layer * (1 + 0.25 * sessions + queued) + HOP_COST
+        return 1 + 0.25 * sessions + int(r.load.get("queue", 0))
 
+    def claimed(self, peer: str) -> float:
+        """Seconds per layer the peer's record states (the worker's own benchmark)."""
+        entry = self.entries.get(peer)
+        devices = entry.record.devices if entry is not None else []
+        per_layer = (devices[0] if devices else {}).get("layer_time")
+        if not isinstance(per_layer, (int, float)):  # records bound numbers, not which fields hold them
+            return DEFAULT_LAYER_TIME
+        return max(float(per_layer), MIN_LAYER_TIME)
 
-HOP_COST = 1e-3  # seconds per stage-to-stage hop on a LAN (bench/hop.py measures ~1 ms on loopback)
+    def estimate(self, peer: str, now: float | None = None) -> float:
+        """Seconds per layer as observed, the excess over the claim decaying with age; the
+        claim while there is no observation."""
+        claim = self.claimed(peer)
+        seen = self.observed.get(peer)
+        if seen is None:
+            return claim
+        age = (time.monotonic() if now is None else now) - seen.at
+        return claim + (seen.layer_time - claim) * 0.5 ** (age / OBSERVED_HALF_LIFE)
+
+    def layer_time(self, peer: str, now: float | None = None) -> float:
+        """Seconds per layer that routing assumes: never less than claimed (a claim is a
+        promise, not a measurement), nor than the head saw the peer take."""
+        return max(self.claimed(peer), self.estimate(peer, now))
+
+    def hop_cost(self, a: str, b: str) -> float:
+        return self.rtt.get(a, {}).get(b, HOP_COST)
+
+    def _note_rtts(self, record: WorkerRecord, old: dict) -> None:
+        """Keep ``rtt`` in step with the round trips ``record`` announces (``old``: what
+        its previous record announced).
+
+        A round trip is reported by each of its two ends, and either may lie to look close
+        to the other: a pair's figure is the larger of the two where both reported, the one
+        figure where only one did. Two colluding ends can still claim a fast hop; the time
+        observed through chains (``observe``) catches what that hides."""
+        if record.rtts == old:
+            return
+        me = record.peer_id
+        for q in set(old) | set(record.rtts):
+            theirs = self.entries[q].record.rtts.get(me) if q in self.entries else None
+            figures = [x for x in (record.rtts.get(q), theirs) if x is not None]
+            if figures:
+                self.rtt.setdefault(me, {})[q] = self.rtt.setdefault(q, {})[me] = max(figures)
+            else:
+                self.rtt.get(me, {}).pop(q, None)
+                self.rtt.get(q, {}).pop(me, None)
+        for p in [p for p in (me, *record.rtts, *old) if p in self.rtt and not self.rtt[p]]:
+            del self.rtt[p]
+
+    def observe(self, chain, seconds_per_token: float, now: float | None = None) -> None:
+        """An answer's decode steps through ``chain`` (records or hops: peer_id, start,
+        end) took ``seconds_per_token`` each, as the head saw them arrive.
+
+        The time less the chain's hops is shared among its peers as a projection (one
+        Kaczmarz step on "the sum of the stages' layers x per-layer time = what was seen"):
+        in proportion to each stage's layers and load, not to its current estimate, or a
+        peer claiming near-zero time would pass its slowness to the honest peers of its
+        chains. Peers never observed take the larger share (their claim is no evidence),
+        no estimate drops below the peer's claim, and over many chains the estimates
+        converge on the figures that explain what was seen."""
+        now = time.monotonic() if now is None else now
+        peers = [h.peer_id for h in chain]
+        hops = sum(self.hop_cost(a, b) for a, b in zip(peers, peers[1:]))
+        loads = {r.peer_id: self.load_factor(r) for r in self.live() if r.peer_id in peers}
+        scale = {h.peer_id: (h.end - h.start) * loads.get(h.peer_id, 1.0) for h in chain}
+        x = {p: self.estimate(p, now) for p in peers}
+        floor = {p: self.claimed(p) for p in peers}
+        weight = {p: OBSERVED_WEIGHT if p in self.observed else 1.0 for p in peers}
+        predicted = sum(scale[p] * x[p] for p in peers)
+        relax = OBSERVED_RELAX if all(p in self.observed for p in peers) else 1.0
+        goal = predicted + relax * (seconds_per_token - hops - predicted)
+        free = set(peers)
+        while free:  # a peer pushed below its claim stays there; the rest is shared again
+            residual = goal - sum(scale[p] * x[p] for p in peers)
+            norm = sum(weight[p] * scale[p] ** 2 for p in free)
+            if norm <= 0:
+                break
+            for p in free:
+                x[p] += residual * weight[p] * scale[p] / norm
+            clamped = {p for p in free if x[p] < floor[p]}
+            if not clamped:
+                break
+            for p in clamped:
+                x[p] = floor[p]
+            free -= clamped
+        for p in peers:
+            self.observed[p] = Observed(x[p], now)

@@ -397,6 +397,7 @@ class Bootstrap:
             if reply.get("type") != "ready":
                 raise _ChainFailed(all_peers, f"stage 0 answered {reply.get('type')!r} to 'open'")
             timeout, interval, last = FIRST_TOKEN_TIMEOUT, None, None
+            pace = _Pace()
             while True:
                 msg = await read_frame(stream, timeout=timeout)
                 now = time.monotonic()
@@ -406,11 +407,15 @@ class Bootstrap:
                 last = now
                 if msg.get("type") == "tokens":
                     try:
-                        yield tokens_of(msg, self.config.vocab_size)
+                        tokens = tokens_of(msg, self.config.vocab_size)
                     except ValueError as e:
                         raise _ChainFailed(all_peers, str(e)) from None
+                    pace.arrived(len(tokens), now)
+                    yield tokens
                 elif msg.get("type") == "done":
                     await stream.close()
+                    if pace.per_token() is not None:  # what routing goes on (Registry.observe)
+                        self.registry.observe(chain, pace.per_token())
                     return
                 else:
                     raise _ChainFailed(all_peers, f"unexpected frame {msg.get('type')!r}")
@@ -463,6 +468,28 @@ def tokens_of(msg: dict, vocab_size: int) -> list[int | Sampled]:
             isinstance(e, list) and len(e) == 2 for e in logprobs):
         raise ValueError(f"stage 0 sent invalid logprobs {str(logprobs)[:200]!r}")
     return [check_sampled([t, *e], vocab_size) for t, e in zip(tokens, logprobs)]
+
+
+class _Pace:
+    """The decode pace of one answer as the head sees it: tokens after the first over the
+    time since the first arrived (the first also waited for the prefill). Tokens come in
+    frames of up to a stream interval, the last frame at the end of the answer, so the
+    pace over a whole answer is exact however they were grouped."""
+
+    MIN_TOKENS = 4  # decode steps: fewer say too little to route on
+
+    def __init__(self):
+        self.first: float | None = None
+        self.last = 0.0
+        self.steps = 0
+
+    def arrived(self, n_tokens: int, now: float) -> None:
+        if self.first is None:
+            self.first, n_tokens = now, n_tokens - 1
+        self.last, self.steps = now, self.steps + n_tokens
+
+    def per_token(self) -> float | None:
+        return (self.last - self.first) / self.steps if self.steps >= self.MIN_TOKENS else None
 
 
 class _ChainFailed(Exception):

@@ -1,7 +1,9 @@
-"""A worker announcing itself: a heartbeat stream to the head and a signed record in the DHT."""
+"""A worker announcing itself: a heartbeat stream to the head and a signed record in the DHT,
+carrying the round-trip times it measures to the peers it is connected to (node/pings.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -12,6 +14,7 @@ from p2pserve.net.host import connect
 from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT
 from p2pserve.net.records import EPOCH, RECORD_TTL, WorkerRecord, announce, provide_worker, sign_record
 from p2pserve.net.wire import write_frame
+from p2pserve.node.pings import Pings
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -28,11 +31,18 @@ def make_record(host, server, *, stage: int, tp: int, devices: list[dict],
 
 async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) -> None:
     """Heartbeat the bootstrap on one stream (re-dialing if it restarts) and keep the DHT
-    record fresh. Never returns; cancel it to leave."""
+    record fresh, with the round-trip times of the latest pings. Never returns; cancel it
+    to leave."""
+    pings = Pings(host)
+
+    def with_rtts():
+        return dataclasses.replace(record_fn(), rtts=pings.rtts())
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(pings.run)
         if dht is not None:  # a slow DHT put must never delay a heartbeat
-            nursery.start_soon(_refresh_dht, dht, key_pair, record_fn)
-        await _heartbeat(host, key_pair, bootstrap_peer, record_fn)
+            nursery.start_soon(_refresh_dht, dht, key_pair, with_rtts)
+        await _heartbeat(host, key_pair, bootstrap_peer, with_rtts)
 
 
 async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:

@@ -10,6 +10,8 @@ from libp2p.peer.id import ID
 
 from p2pserve.net.records import (
     MAX_LIFETIME,
+    MAX_RTT,
+    MAX_RTTS,
     RECORD_TTL,
     RecordError,
     RecordValidator,
@@ -144,3 +146,39 @@ def test_validator_selects_the_record_that_expires_last_and_never_an_invalid_one
     assert validator.select(key, [older, newer]) == 1
     assert validator.select(key, [newer, older]) == 0
     assert validator.select(key, [b"junk", expired, older]) == 2
+
+
+def test_round_trip_times_travel_in_the_signed_record():
+    key_pair = create_new_key_pair()
+    record = make_record(key_pair, rtts={"12D3KooWnext": 0.012, "12D3KooWprev": 3})
+    assert verify_record(sign_record(record, key_pair), now=NOW).rtts == record.rtts
+
+
+def test_a_record_of_an_older_worker_without_round_trip_times_is_read_with_none():
+    key_pair = create_new_key_pair()
+    fields = dataclasses.asdict(make_record(key_pair))
+    del fields["rtts"]
+    packed = msgpack.packb(fields)
+    blob = msgpack.packb({"record": packed, "pubkey": key_pair.public_key.serialize(),
+                          "sig": key_pair.private_key.sign(b"p2pserve-worker-record:" + packed)})
+    assert verify_record(blob, now=NOW).rtts == {}
+
+
+@pytest.mark.parametrize("rtts, message", [
+    ([0.1], "field 'rtts'"),
+    ({f"12D3KooW{i}": 0.01 for i in range(MAX_RTTS + 1)}, "rtts must map at most"),
+    ({"12D3KooWx": "fast"}, "rtts must map"),
+    ({"12D3KooWx": True}, "rtts must map"),
+    ({"12D3KooWx": -0.001}, "rtts must map"),
+    ({"12D3KooWx": float("nan")}, "rtts must map"),
+    ({"12D3KooWx": MAX_RTT + 1}, "rtts must map"),
+    ({"12D3KooWx": {"nested": 1}}, "rtts must map"),
+    ({7: 0.01}, "not msgpack"),  # msgpack itself refuses a map keyed by an int
+    ({"": 0.01}, "rtts must map"),
+    ({"x" * 300: 0.01}, "rtts must map"),
+])
+def test_round_trip_maps_that_are_too_long_or_mistyped_are_refused(rtts, message):
+    key_pair = create_new_key_pair()
+    blob = sign_record(make_record(key_pair, rtts=rtts), key_pair)
+    with pytest.raises(RecordError, match=message):
+        verify_record(blob, now=NOW)

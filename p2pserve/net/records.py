@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 from libp2p.crypto.serialization import deserialize_public_key
@@ -52,6 +52,8 @@ class WorkerRecord:
     version: str
     load: dict  # {"sessions": n, "queue": n}
     expires_at: float  # unix time
+    # round-trip seconds to the peers it pinged (node/pings.py), at most MAX_RTTS of them
+    rtts: dict = field(default_factory=dict)
 
 
 _FIELD_TYPES = {
@@ -69,7 +71,9 @@ _FIELD_TYPES = {
     "load": dict,
     "expires_at": (float, int),
 }
-assert set(_FIELD_TYPES) == {f.name for f in dataclasses.fields(WorkerRecord)}
+# fields a record of an older worker may lack: read as their default
+_OPTIONAL_TYPES = {"rtts": dict}
+assert set(_FIELD_TYPES) | set(_OPTIONAL_TYPES) == {f.name for f in dataclasses.fields(WorkerRecord)}
 
 
 def record_key(peer_id: str) -> str:
@@ -158,7 +162,12 @@ def _record_from_dict(d: dict) -> WorkerRecord:
             raise RecordError(
                 f"malformed record: field {name!r} is {value!r}, expected {_type_names(types)}"
             )
-    record = WorkerRecord(**{name: d[name] for name in _FIELD_TYPES})
+    for name, types in _OPTIONAL_TYPES.items():
+        if name in d and not isinstance(d[name], types):
+            raise RecordError(f"malformed record: field {name!r} is {str(d[name])[:64]!r}, "
+                              f"expected {_type_names(types)}")
+    record = WorkerRecord(**{name: d[name] for name in _FIELD_TYPES},
+                          **{name: d[name] for name in _OPTIONAL_TYPES if name in d})
     problem = _bounds_problem(record)
     if problem:
         raise RecordError(f"malformed record of peer {record.peer_id[:64]}: {problem}")
@@ -167,6 +176,8 @@ def _record_from_dict(d: dict) -> WorkerRecord:
 
 MAX_TEXT = 256  # characters of an id, address, name or version
 MAX_ITEMS = 64  # addresses or devices of one record
+MAX_RTTS = 64  # peers in a record's round-trip map: the replicas of the stages before and after
+MAX_RTT = 60.0  # seconds: a longer round trip is no link to route over
 
 
 def _number_ok(value) -> bool:
@@ -199,6 +210,10 @@ def _bounds_problem(r: WorkerRecord) -> str | None:
                 return f"device field {str(key)[:32]!r} must be a non-negative number, a short text or a map of them"
     if len(r.load) > MAX_ITEMS or not all(isinstance(k, str) and _number_ok(v) for k, v in r.load.items()):
         return "load must map names to non-negative numbers"
+    if len(r.rtts) > MAX_RTTS or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_TEXT and _number_ok(v) and v <= MAX_RTT
+            for k, v in r.rtts.items()):
+        return f"rtts must map at most {MAX_RTTS} peer ids to round-trip seconds in [0, {MAX_RTT:g}]"
     return None
 
 
