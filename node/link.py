@@ -364,7 +364,8 @@ async def serve_ring(stream, peer: str, outs: dict[str, RingOut], timeout: float
 
 
 async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_size: int | None = None,
-                     max_items: int = MAX_ITEMS, idle_timeout: float = LINK_IDLE_TIMEOUT) -> None:
+                     max_items: int = MAX_ITEMS, idle_timeout: float = LINK_IDLE_TIMEOUT,
+                     replied=lambda: None) -> None:
     """Stream handler body for LINK: answer each 'steps' frame with one 'tokens' frame.
 
     ``run_steps(items, x)`` runs the batch through this stage and the rest of the chain
@@ -375,7 +376,8 @@ async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_siz
     last stage computing a lone step on the spot) is served by this reading task itself,
     a scheduler turn sooner. A malformed frame, or none for ``idle_timeout`` seconds, ends
     the link (the sender fails its steps and dials anew); no frame is buffered beyond
-    ``max_items`` rows of ``hidden_size``."""
+    ``max_items`` rows of ``hidden_size``. ``replied()`` after each reply written (the
+    worker counts them: a stage of a ring chain writes none)."""
     write_lock = QuickLock()  # replies rarely overlap: no scheduler turn when free
     max_message = max_items * (hidden_size or MAX_HIDDEN) * 4  # fp32 rows, the widest dtype
 
@@ -386,6 +388,7 @@ async def serve_link(stream, run_steps, alone=lambda items: False, *, hidden_siz
         try:
             async with write_lock:
                 await write_frame(stream, {"type": "tokens", "id": msg["id"], "results": results})
+            replied()
         except WireError as e:
             log.info("link closed while replying: %s", e)
             cancel_scope.cancel()

@@ -142,6 +142,8 @@ class StageServer:
         self.links = Links(host)
         self.rings = Rings(host, self._ring_tokens, self._ring_lost)  # stage 0: to last stages
         self.ring_outs: dict[str, RingOut] = {}  # the last stage: to each stage 0, by peer id
+        self.link_replies = 0  # 'tokens' frames written back up links (relay sessions only)
+        self.ring_tokens = 0  # tokens sent straight to stage 0s, as a last stage
         self.draining = False
 
     @property
@@ -153,6 +155,7 @@ class StageServer:
         return {"sessions": len(self.sessions), "queue": self.slots.waiting,
                 "max_sessions": self.slots.n_slots,
                 "link_frames": links["frames"], "link_steps": links["steps"],
+                "link_replies": self.link_replies, "ring_tokens": self.ring_tokens,
                 "forwards": self.executor.steps, "forward_steps": self.executor.batched_requests}
 
     async def serve(self) -> None:
@@ -425,6 +428,7 @@ class StageServer:
                 if out is None:
                     raise StreamClosed("stage 0 has no ring open to this worker")
                 await out.send([[s.id, start, token] for s, start, token in items], timeout=STEP_TIMEOUT)
+                self.ring_tokens += len(items)
             except WireError as e:
                 for s, _, _ in items:
                     s.fail(P2PServeError(f"cannot send tokens to stage 0 ({peer}): {e}", code="stage_failed"))
@@ -439,7 +443,11 @@ class StageServer:
         """Stream handler for LINK."""
         upstream = stream.muxed_conn.peer_id.to_base58()
         await serve_link(stream, lambda items, x: self._link_steps(upstream, items, x), self._alone,
-                         hidden_size=self.config.hidden_size, max_items=max(1, self.slots.n_slots))
+                         hidden_size=self.config.hidden_size, max_items=max(1, self.slots.n_slots),
+                         replied=self._replied)
+
+    def _replied(self) -> None:
+        self.link_replies += 1
 
     def _alone(self, items: list) -> bool:
         """Is this link frame the lone step of a session that ends here, which the executor

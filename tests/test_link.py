@@ -135,3 +135,75 @@ async def test_a_frame_the_stage_answers_on_the_spot_is_served_by_the_reading_ta
             writers = set(link.replies.writers)
             assert len(writers) == 1 and next(iter(writers)).endswith("serve_link") == at_once, writers
             nursery.cancel_scope.cancel()
+
+
+async def _no_token(items, x):
+    """A middle stage of a ring: its steps go on down, no token comes back here."""
+    return [None] * len(items)
+
+
+async def test_a_ring_step_returns_once_sent_and_its_frame_gets_no_reply():
+    """The token of a ring step goes from the last stage straight to stage 0: a stage
+    waits for nothing from the next one, which writes nothing back."""
+    async with trio.open_nursery() as nursery:
+        down, up = _WriterNoted(), _WriterNoted()
+        served = []
+
+        async def run_steps(items, x):
+            served.extend(items)
+            return [None] * len(items)
+
+        nursery.start_soon(serve_link, _End(down, up), run_steps)
+        link = Link(_End(up, down), nursery, on_close=lambda link: None)
+        with trio.fail_after(5):
+            for pos in range(3):
+                assert await link.step("a", pos, torch.ones(1, 4), timeout=5, alone=True, lost=print) is None
+            while len(served) < 3:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted((i["start"], i["ring"]) for i in served) == [(0, True), (1, True), (2, True)]
+        assert up.writers == []  # not one frame back up the link
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ring_step_lost_with_its_link_is_reported_not_forgotten():
+    """A ring step has nobody waiting on the link: when the link dies under it, its
+    ``lost`` callback says so (the stage then fails the session), once; a step of a
+    closed session is no longer reported."""
+    lost = []
+    async with trio.open_nursery() as nursery:
+        down, up = _WriterNoted(), _WriterNoted()
+        nursery.start_soon(serve_link, _End(down, up), _no_token)
+        link = Link(_End(up, down), nursery, on_close=lambda link: None)
+        with trio.fail_after(5):
+            for name in "abc":
+                await link.step(name, 0, torch.ones(1, 4), timeout=5, alone=True, lost=lambda e, n=name: lost.append(n))
+            link.forget("c")
+            await link.aclose()
+        assert sorted(lost) == ["a", "b"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_with_a_relayed_step_is_replied_to_and_ring_results_are_ignored():
+    """Sessions of both paths in one frame (stage 0s with different --token-path): the
+    relayed step gets its token, the ring step's None in the reply is skipped."""
+    async def mixed(items, x):
+        return [None if item["ring"] else int(item["start"]) + 100 for item in items]
+
+    tokens = {}
+    async with trio.open_nursery() as nursery:
+        down, up = _WriterNoted(), _WriterNoted()
+        nursery.start_soon(serve_link, _End(down, up), mixed)
+        link = Link(_End(up, down), nursery, on_close=lambda link: None)
+
+        async def step(name, pos, ring):
+            tokens[name] = await link.step(name, pos, torch.ones(1, 4), timeout=5,
+                                           lost=(lambda e: None) if ring else None)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(step, "ring", 1, True)
+                sessions.start_soon(step, "relay", 2, False)
+        assert tokens == {"ring": None, "relay": 102}
+        assert (link.frames_sent, link.steps_sent) == (1, 2)
+        nursery.cancel_scope.cancel()
