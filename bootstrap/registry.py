@@ -160,9 +160,10 @@ class Registry:
             self.remove(p)
         for p in [p for p, expiry in self.departed.items() if expiry < wall]:
             del self.departed[p]
+        banned = {p for p, s in self.standing.items() if s.banned_until > now_mono}
         recs = [e.record for e in self.entries.values()
                 if e.record.model == self.model and e.record.fingerprint == self.fingerprint
-                and not self.banned(e.record.peer_id)]
+                and e.record.peer_id not in banned]
         return sorted(recs, key=lambda r: (r.start, r.end, r.peer_id))
 
     def chains(self, exclude: frozenset[str] = frozenset()) -> list[list[WorkerRecord]]:
@@ -237,11 +238,16 @@ class Registry:
         follow, the hop to it included."""
         known = self.rtt.get(peer, {})
         best, prev = float("inf"), None
-        pairs = ((q, known.get(q)) for q in before) if len(before) < len(known) else \
-            ((q, rtt) for q, rtt in known.items() if q in before)
-        for q, rtt in pairs:
-            if rtt is not None and before[q] + rtt < best:
-                best, prev = before[q] + rtt, q
+        if len(before) < len(known):  # walk the shorter of the two maps
+            for q, cost in before.items():
+                rtt = known.get(q)
+                if rtt is not None and cost + rtt < best:
+                    best, prev = cost + rtt, q
+        else:
+            for q, rtt in known.items():
+                cost = before.get(q)
+                if cost is not None and cost + rtt < best:
+                    best, prev = cost + rtt, q
         order = ranked.get(pos)
         if order is None:  # every worker ending at pos came earlier in the pass: it is complete
             order = ranked[pos] = sorted((c, q) for q, c in before.items())
@@ -298,7 +304,8 @@ class Registry:
 
         A batched decode step costs little more than a single one (weights are read once),
         so each extra session adds a fraction of a step; queued sessions add whole ones."""
-        return (r.end - r.start) * self.layer_time(r.peer_id, now) * self.load_factor(r)
+        claim = _claim(r)
+        return (r.end - r.start) * max(claim, self._estimate(r.peer_id, claim, now)) * self.load_factor(r)
 
     def load_factor(self, r: WorkerRecord) -> float:
         sessions = max(int(r.load.get("sessions", 0)), self.inflight[r.peer_id])
@@ -307,16 +314,14 @@ class Registry:
     def claimed(self, peer: str) -> float:
         """Seconds per layer the peer's record states (the worker's own benchmark)."""
         entry = self.entries.get(peer)
-        devices = entry.record.devices if entry is not None else []
-        per_layer = (devices[0] if devices else {}).get("layer_time")
-        if not isinstance(per_layer, (int, float)):  # records bound numbers, not which fields hold them
-            return DEFAULT_LAYER_TIME
-        return max(float(per_layer), MIN_LAYER_TIME)
+        return _claim(entry.record) if entry is not None else DEFAULT_LAYER_TIME
 
     def estimate(self, peer: str, now: float | None = None) -> float:
         """Seconds per layer as observed, the excess over the claim decaying with age; the
         claim while there is no observation."""
-        claim = self.claimed(peer)
+        return self._estimate(peer, self.claimed(peer), now)
+
+    def _estimate(self, peer: str, claim: float, now: float | None) -> float:
         seen = self.observed.get(peer)
         if seen is None:
             return claim
@@ -367,8 +372,8 @@ class Registry:
         now = time.monotonic() if now is None else now
         peers = [h.peer_id for h in chain]
         hops = sum(self.hop_cost(a, b) for a, b in zip(peers, peers[1:]))
-        loads = {r.peer_id: self.load_factor(r) for r in self.live() if r.peer_id in peers}
-        scale = {h.peer_id: (h.end - h.start) * loads.get(h.peer_id, 1.0) for h in chain}
+        scale = {h.peer_id: (h.end - h.start) * (self.load_factor(self.entries[h.peer_id].record)
+                                                 if h.peer_id in self.entries else 1.0) for h in chain}
         x = {p: self.estimate(p, now) for p in peers}
         floor = {p: self.claimed(p) for p in peers}
         weight = {p: OBSERVED_WEIGHT if p in self.observed else 1.0 for p in peers}
@@ -391,3 +396,10 @@ class Registry:
             free -= clamped
         for p in peers:
             self.observed[p] = Observed(x[p], now)
+
+
+def _claim(r: WorkerRecord) -> float:
+    per_layer = r.devices[0].get("layer_time")  # a record has 1 to 64 devices (checked on acceptance)
+    if not isinstance(per_layer, (int, float)):  # records bound numbers, not which fields hold them
+        return DEFAULT_LAYER_TIME
+    return max(float(per_layer), MIN_LAYER_TIME)
