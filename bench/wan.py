@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -370,6 +371,10 @@ def main() -> None:
                 print(f"{k} stages: a loopback swarm and a WAN swarm for each of {', '.join(v.name for v in variants)}…",
                       file=sys.stderr, flush=True)
                 results[k] = bench_stages(k, args, tmp, variants)
+        except BaseException:
+            kept = shutil.copytree(tmp, f"{tmp}.failed", ignore=shutil.ignore_patterns("baseline"))
+            print(f"the swarms' logs are kept in {kept}", file=sys.stderr)
+            raise
         finally:
             if args.baseline:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
