@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p2pserve.engine import kernels
+from p2pserve.engine import kernels, quant
 from p2pserve.engine.model import linear, pack_linear
 
 
@@ -22,6 +22,7 @@ def test_kernel_builds_where_it_can():
     if not _toolchain():
         pytest.skip("no AVX2 / compiler / ninja here")
     assert kernels.available(), kernels.why_not()
+    assert kernels.isa() in ("avx2", "avx512")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
@@ -47,3 +48,75 @@ def test_linear_dispatch_matches_torch(dtype, rows):
     x = torch.randn(rows, 64, generator=g).to(dtype)
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(linear(x, pack_linear(w)), F.linear(x, w), **tol)
+
+
+def _int4_case(out, inp, group, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    q, scales, mins = quant.quantize_int4(w, group)
+    x = torch.randn(rows, inp, generator=g)
+    return q, scales, mins, x, x @ quant.dequantize_int4(q, scales, mins).T
+
+
+def _relative_error(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+# 1e-5 of the largest output: fp32 sums in another order; a wrong nibble, group, scale or
+# row is off by far more (the quantization step alone is ~7% of a weight's range)
+EXACT = 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("shape", [(576, 576, 64), (1536, 576, 32), (576, 1536, 128), (16, 96, 32)])
+def test_gemv_int4_is_the_product_with_its_dequantized_weight(rows, shape):
+    """Every row count (a decode step's few, a prefill chunk's many) and group size."""
+    if not kernels.available():
+        pytest.skip(kernels.why_not())
+    out, inp, group = shape
+    q, scales, mins, x, want = _int4_case(out, inp, group, rows, seed=rows * 7 + out)
+    w = quant.Int4Weight(q, scales, mins, group)
+    assert w.for_kernel
+    assert torch.equal(w.dequantize(), quant.dequantize_int4(q, scales, mins))
+    assert _relative_error(w(x), want) < EXACT
+
+
+def test_gemv_int4_fails_where_a_nibble_is_wrong():
+    """The tolerance above is one a wrong kernel fails: a single weight off by one level is seen."""
+    if not kernels.available():
+        pytest.skip(kernels.why_not())
+    q, scales, mins, x, want = _int4_case(64, 128, 32, 1, seed=3)
+    q[5, 77] = (q[5, 77] + 1) % 16
+    assert _relative_error(quant.Int4Weight(q, scales, mins, 32)(x), want) > 100 * EXACT
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+@pytest.mark.parametrize("group", [None, 32])
+def test_gemv_int8_with_row_or_group_scales(rows, group):
+    if not kernels.available():
+        pytest.skip(kernels.why_not())
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(96, 160, generator=g), torch.randn(rows, 160, generator=g)
+    q, scales = quant.quantize_int8(w) if group is None else quant.quantize_int8_groups(w, group)
+    want = x @ quant.dequantize_int8(q, scales).T
+    assert _relative_error(kernels.gemv_int8(x, q, scales.reshape(96, -1)), want) < EXACT
+
+
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell"])
+def test_every_instruction_set_path_computes_the_same(arch):
+    """The portable and AVX2 loops, built here beside this CPU's own (AVX-512 where it has
+    it), give the same products: each machine runs only one of them."""
+    if not _toolchain():
+        pytest.skip("no AVX2 / compiler / ninja here")
+    module = kernels.build(arch)
+    assert module.isa() == {"-march=x86-64": "portable", "-march=haswell": "avx2"}[arch]
+    for rows in (1, 3, 8, 11):
+        q, scales, mins, x, want = _int4_case(48, 192, 64, rows, seed=rows)
+        w = quant.Int4Weight(q, scales, mins, 64)
+        assert _relative_error(module.gemv_int4(x, w.packed, w.scales, w.mins), want) < EXACT
+        q8, s8 = quant.quantize_int8_groups(torch.randn(48, 192), 32)
+        want8 = x @ quant.dequantize_int8(q8, s8).T
+        assert _relative_error(module.gemv_int8(x, q8, s8), want8) < EXACT
+        w32 = torch.randn(40, 192)
+        if rows <= kernels.MAX_ROWS:
+            assert _relative_error(module.gemv(x, w32), x @ w32.T) < EXACT

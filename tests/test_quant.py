@@ -175,8 +175,40 @@ def test_gguf_4_bit_blocks_are_packed_as_stored_not_requantized():
     p = "model.layers.0.self_attn."
     stored = torch.cat([source.get(p + f"{m}_proj.weight") for m in "qkv"])
     x = torch.randn(2, stored.shape[1])
-    want = x.bfloat16().float() @ stored.T
-    assert (wqkv(x) - want).abs().max() < 0.02 * want.abs().max()  # bf16 activations and scales only
+    if wqkv.for_kernel:  # the file's numbers exactly: only the order of the fp32 sums differs
+        assert torch.equal(wqkv.dequantize(), stored)
+        torch.testing.assert_close(wqkv(x), x @ stored.T, atol=1e-4, rtol=1e-4)
+    else:  # torch's kernels: bf16 activations, scales and offsets
+        want = x.bfloat16().float() @ stored.T
+        assert (wqkv(x) - want).abs().max() < 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("qtype,fmt", [("Q8_0", "int8"), ("Q4_0", "int4"), ("Q4_1", "int4")])
+def test_a_gguf_native_stage_answers_as_its_dequantized_weights(qtype, fmt, tiny, tmp_path):
+    """A GGUF's Q8_0 blocks served as int8 and its Q4_0 / Q4_1 blocks as int4, as stored:
+    the quantized stage's greedy answer is the fp32 engine's on the same file (which
+    dequantizes every block), token for token, on a one-stage and a TP plan."""
+    from .tiny import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path / f"tiny.{qtype}.gguf", tiny, qtype=qtype)
+    stage = load_stage(open_weights(path), 0, 4, quant=fmt)
+    for w in [stage.head] + [w for b in stage.blocks for w in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)]:
+        if fmt == "int8":  # a scale per 32-value block, as stored, not one per row of our own
+            assert isinstance(w, quant.Int8Weight) and w.group == 32 and w.scales.shape[1] == w.shape[1] // 32
+        else:
+            assert isinstance(w, quant.Int4Weight) and w.group == 32
+    params = SamplingParams(max_new_tokens=24)
+    for hetero, partition in [([1], [4]), ([2, 1], [3, 1])]:
+        plan = Plan(hetero, partition)
+        answers, logits = {}, {}
+        for dtype in (fmt, "fp32"):
+            with LocalPipeline(path, plan, dtype=dtype) as pipe:
+                gen = pipe.generate(PROMPT[:12], params, stop_on_eos=False, capture_logits=True)
+                answers[dtype], logits[dtype] = gen.tokens, gen.prompt_logits
+        assert answers[fmt] == answers["fp32"], plan.flags()
+        exact = stage.head.for_kernel if fmt == "int4" else True
+        tolerance = 1e-3 if exact else LOGIT_TOLERANCE  # fp32 sums in another order; or bf16 activations
+        assert (logits[fmt] - logits["fp32"]).abs().max() < tolerance, plan.flags()
 
 
 def test_run_int4_answers_the_capital_of_france():

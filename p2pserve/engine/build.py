@@ -26,8 +26,8 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
         return source.get(name, rows=rows, cols=cols).to(device=device, dtype=dtype)
 
     def weight(name, rows=None, cols=None):
-        """A linear weight; an int4 stage takes a file's own 4-bit values where it has them."""
-        stored = source.get_int4(name, rows=rows, cols=cols) if quant == "int4" else None
+        """A linear weight; a quantized stage takes a file's own values where they are in its format."""
+        stored = source.get_stored(name, quant, rows=rows, cols=cols) if quant is not None else None
         return get(name, rows, cols) if stored is None else tuple(t.to(device) for t in stored)
 
     def linear(*weights):

@@ -1,23 +1,24 @@
-"""A hand-written CPU matrix-vector product for decode steps.
+"""Hand-written CPU matrix-vector products for decode steps (``gemv.cpp``).
 
 A decode step multiplies one token's activations by every weight of the stage: it is
-bound by how fast the weights stream from memory. On this project's reference machine
-(2-core AMD EPYC) one core reads memory at ~31 GB/s, yet MKL's fp32 GEMV streams at
-~15-20 GB/s on one core only and oneDNN's reaches ~26 GB/s; this kernel, rows split
-over torch's OpenMP threads with two AVX2 FMA accumulators per row, streams at ~34 GB/s
-(``python bench/engine.py`` shows what it buys end to end; ``P2PSERVE_KERNELS=0``
-turns it off for comparison).
+bound by how fast the weights stream from memory. ``gemv`` takes a dense fp32 weight,
+``gemv_int8`` int8 rows with a scale per row or per group, ``gemv_int4`` 4-bit values in
+GGUF's block order with an fp16 scale and minimum per group; rows are split over torch's
+OpenMP threads and each weight row is read once for every activation row. Torch's own
+kernels stream these formats more slowly on the CPUs measured (``python bench/engine.py``
+shows what the kernels buy end to end; ``P2PSERVE_KERNELS=0`` turns them off to compare).
 
-It handles ``M <= MAX_ROWS`` activation rows (a decode step of a few sequences) against
-a dense ``[out, in]`` fp32 weight and reads each weight row once for all ``M`` rows.
-Larger batches go to oneDNN's GEMM. bf16 stays with oneDNN: widening bf16 in this loop
-measured 5% slower than oneDNN's packed bf16 GEMV.
+``gemv`` handles ``M <= MAX_ROWS`` activation rows; larger batches go to oneDNN's GEMM,
+and bf16 stays with oneDNN (widening bf16 in this loop measured slower than its packed
+bf16 GEMV). The quantized ones take any number of rows, a prefill chunk too: a weight row
+stays in L1 while every activation row passes over it.
 
-The extension is compiled on first use with the system C++ compiler (``-march=native``,
-cached by torch under ``~/.cache/torch_extensions`` under a name that includes the
-source and the CPU's flags) and linked against the OpenMP runtime torch already
-loaded, so it shares torch's thread pool. Without a compiler, ninja or AVX2 it is
-simply absent and ``available()`` says why.
+The extension is compiled on first use with the system C++ compiler for this CPU
+(``-march=native``, cached by torch under ``~/.cache/torch_extensions`` under a name that
+includes the source and the CPU's flags), so the loops it runs are the AVX-512, AVX2 or
+portable ones of ``gemv.cpp`` as the CPU allows (``isa()``); it links against the OpenMP
+runtime torch already loaded, so it shares torch's thread pool. Without a compiler or
+ninja it is absent and ``available()`` says why.
 """
 
 from __future__ import annotations
@@ -59,27 +60,33 @@ def _load():
     if os.environ.get("P2PSERVE_KERNELS", "1") == "0":
         _why_not = "turned off by P2PSERVE_KERNELS=0"
         return
-    flags = _cpu_flags().split()
-    if not {"avx2", "fma"} <= set(flags):
-        _why_not = "the CPU lacks AVX2/FMA"
-        return
+    try:
+        _module = build("-march=native")
+    except RuntimeError as e:
+        _why_not = str(e)
+        if shutil.which("c++") or shutil.which("g++"):
+            log.warning("CPU decode kernel unavailable (%s); using torch's kernels", _why_not)
+
+
+def build(arch_flag: str):
+    """Compile gemv.cpp for ``arch_flag`` (``-march=native``: the instructions of this CPU,
+    which pick the source's AVX-512, AVX2 or portable loops), or raise RuntimeError why not."""
     bindir = os.path.dirname(sys.executable)  # pip's ninja lives beside python, maybe off PATH
     if os.path.exists(os.path.join(bindir, "ninja")) and not shutil.which("ninja"):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja"):
-        _why_not = "no C++ compiler or ninja on PATH"
-        return
+        raise RuntimeError("no C++ compiler or ninja on PATH")
     from torch.utils.cpp_extension import load_inline
 
-    digest = hashlib.sha256((_SOURCE + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
+    key = _SOURCE + arch_flag + _cpu_flags() + torch.__version__
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     try:
-        _module = load_inline(
-            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE, functions=["gemv", "gemv_int8"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        return load_inline(
+            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE, functions=["gemv", "gemv_int8", "gemv_int4", "isa"],
+            extra_cflags=["-O3", arch_flag, "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # a broken toolchain must not take the engine down
-        _why_not = f"compiling it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        log.warning("CPU decode kernel unavailable (%s); using oneDNN", _why_not)
+        raise RuntimeError(f"compiling it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def module():
@@ -95,6 +102,16 @@ def available() -> bool:
     return module() is not None
 
 
+def isa() -> str | None:
+    """The instructions the built kernels use: "avx512", "avx2", "portable", or None unbuilt."""
+    return module().isa() if available() else None
+
+
+def fast_fp32() -> bool:
+    """Whether ``gemv`` is vectorised here: its portable loop is slower than oneDNN's."""
+    return isa() in ("avx2", "avx512")
+
+
 def why_not() -> str | None:
     module()
     return _why_not
@@ -107,7 +124,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scales[:, None]).T`` for fp32 ``x`` with at most MAX_ROWS rows, int8 ``q``
-    [out, in] and fp32 ``scales`` [out] (``quant.Int8Weight``)."""
+    """``x @ W.T`` for fp32 ``x`` [..., in], any number of rows, int8 ``q`` [out, in] and fp32
+    ``scales`` [out, groups]: ``W = q * scales`` per group of ``in / groups`` columns
+    (``quant.Int8Weight``)."""
     y = module().gemv_int8(x.reshape(-1, x.shape[-1]).contiguous(), q, scales)
     return y.view(*x.shape[:-1], q.shape[0])
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for fp32 ``x`` [..., in], any number of rows, and an int4 weight in the
+    kernel's layout (``quant.Int4Weight``): ``packed`` uint8 [out, in / 2], fp16 ``scales``
+    and ``mins`` [out, groups], ``W = q * scale + min`` per group."""
+    y = module().gemv_int4(x.reshape(-1, x.shape[-1]).contiguous(), packed, scales, mins)
+    return y.view(*x.shape[:-1], packed.shape[0])

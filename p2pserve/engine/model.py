@@ -41,7 +41,7 @@ if torch.backends.mkldnn.is_available():
 
 
 def _for_kernel(weight: torch.Tensor) -> bool:
-    return weight.is_cpu and weight.dtype == torch.float32 and kernels.available()
+    return weight.is_cpu and weight.dtype == torch.float32 and kernels.fast_fp32()
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:

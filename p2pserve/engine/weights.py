@@ -4,8 +4,9 @@ Every tensor is asked for by its Hugging Face name and comes back in Hugging Fac
 layout, whether the file is a Hugging Face directory (safetensors) or a llama.cpp GGUF.
 A stage asks only for its own layers, and only those bytes are read: safetensors slices
 and GGUF rows are cut from memory maps before anything is copied or dequantized.
-``get_int4`` hands a GGUF's Q4_0 and Q4_1 weights over as their stored 4-bit values, so an
-int4 stage packs them without a round trip through float32.
+``get_stored`` hands a GGUF's Q4_0 and Q4_1 weights to an int4 stage, and its Q8_0 weights
+to an int8 stage, as their stored values and block scales, so the stage packs them
+without a round trip through float32 and without a second rounding.
 """
 
 from __future__ import annotations
@@ -146,19 +147,20 @@ class WeightSource(ABC):
         self.reads.append(name)
         return self._read(stored, rows, cols)
 
-    def get_int4(
-        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``get``'s slice as the file stores it where that is 4-bit values in blocks of
-        ``INT4_BLOCK`` columns: ``(q, scales, zeros)``, q int32 [rows, cols] in 0..15 and
-        ``weight = (q - 8) * scale + zero`` per block; None where it is not (and nothing is read)."""
+    def get_stored(
+        self, name: str, fmt: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...] | None:
+        """``get``'s slice as the file stores it where that is ``fmt`` (``quant.FORMATS``) in
+        blocks of ``BLOCK`` columns, None where it is not (and then nothing is read).
+        int4: ``(q, scales, mins)``, q int32 [rows, cols] in 0..15 and ``weight = q * scale +
+        min`` per block; int8: ``(q, scales)``, q int8 and ``weight = q * scale`` per block."""
         stored, rows, cols = self._check(name, rows, cols)
-        got = self._read_int4(stored, rows, cols)
+        got = self._read_stored(stored, fmt, rows, cols)
         if got is not None:
             self.reads.append(name)
         return got
 
-    def _read_int4(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None):
+    def _read_stored(self, name: str, fmt: str, rows: tuple[int, int], cols: tuple[int, int] | None):
         return None
 
     def _check(self, name, rows, cols):
@@ -300,42 +302,52 @@ class GGUFWeights(WeightSource):
             values = values[:, cols[0] : cols[1]].contiguous()
         return values
 
-    def _read_int4(self, name, rows, cols):
+    def _read_stored(self, name, fmt, rows, cols):
         tensor = self._tensor(name)
-        if tensor.tensor_type not in _INT4_TYPES or len(tensor.shape) != 2:
+        if tensor.tensor_type not in _STORED_TYPES[fmt] or len(tensor.shape) != 2:
             return None
-        if cols is not None and (cols[0] % INT4_BLOCK or cols[1] % INT4_BLOCK):
+        if cols is not None and (cols[0] % BLOCK or cols[1] % BLOCK):
             return None  # a slice that cuts a block
         permuted = self.config.arch == "llama" and name.endswith(_PERMUTED_BY_LLAMA_CPP)
         if permuted and (rows[0] % self.config.head_dim or rows[1] % self.config.head_dim):
             return None
         raw, _ = _stored_slice(tensor, rows, cols)
-        q, scales, zeros = _int4_blocks(tensor.tensor_type, np.array(raw))
+        parts = _blocks(tensor.tensor_type, np.array(raw))
         if permuted:
-            q, scales, zeros = (_unpermute_heads(t, self.config.head_dim) for t in (q, scales, zeros))
-        return q, scales, zeros
+            parts = tuple(_unpermute_heads(t, self.config.head_dim) for t in parts)
+        return parts
 
 
-INT4_BLOCK = 32  # values per Q4_0 / Q4_1 block
-_INT4_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block
+_STORED_TYPES = {
+    "int4": (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1),
+    "int8": (gguf.GGMLQuantizationType.Q8_0,),
+}
 
 
-def _int4_blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 rows [rows, bytes] as ``(q, scales, zeros)``: a block is an fp16 scale
-    ``d`` (and for Q4_1 an fp16 minimum ``m``) and 16 bytes, value ``j`` in the low nibble
-    of byte ``j`` and value ``16 + j`` in its high nibble; Q4_0 means ``(q - 8) * d``, Q4_1
-    ``q * d + m``, i.e. ``(q - 8) * d + (m + 8 d)``."""
+def _blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Q4_0 / Q4_1 / Q8_0 rows [rows, bytes] as their values and per-block fp16 numbers.
+
+    A block is an fp16 scale ``d`` (Q4_1: and an fp16 minimum ``m``) and its 32 values:
+    Q8_0 32 int8 bytes, ``q * d``; Q4_0 and Q4_1 16 bytes, value ``j`` in the low nibble of
+    byte ``j`` and value ``16 + j`` in its high nibble, ``(q - 8) * d`` and ``q * d + m``.
+    Returned as ``(q, scales)`` for Q8_0, ``(q, scales, mins)`` (``W = q * scale + min``) for
+    the 4-bit ones: every number exactly as stored (fp16 widened to fp32)."""
     rows = raw.shape[0]
+
+    def fp16(at: int) -> torch.Tensor:
+        return torch.from_numpy(blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        blocks = raw.reshape(rows, -1, 2 + BLOCK)
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, -1)
+        return q, fp16(0)
     header = 2 if qtype == gguf.GGMLQuantizationType.Q4_0 else 4
-    blocks = raw.reshape(rows, -1, header + INT4_BLOCK // 2)
-    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    blocks = raw.reshape(rows, -1, header + BLOCK // 2)
+    d = fp16(0)
     nibbles = torch.from_numpy(blocks[..., header:].astype(np.int32))
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
-    if header == 2:
-        zeros = torch.zeros_like(d)
-    else:
-        zeros = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) + 8 * d
-    return q, d, zeros
+    return q, d, (-8 * d if header == 2 else fp16(2))
 
 
 def _stored_slice(tensor, rows, cols):

@@ -46,13 +46,14 @@ class Dtype:
 
 
 # int8 and int4 are the engine's weight-only formats (engine/quant.py): fp32 activations and
-# KV cache, an fp32 embedding table, an fp32 scale per output row (int8) or a bf16 scale and
-# offset per group of at least 32 inputs (int4; counted at 32, GGUF's block, the largest cost)
+# KV cache, an fp32 embedding table, an fp32 scale per output row or per 32-input block of a
+# GGUF's Q8_0 (int8; counted per block, the largest cost) or an fp16 scale and minimum per
+# group of at least 32 inputs (int4; counted at 32, GGUF's block, the largest cost)
 DTYPES = {
     "fp16": Dtype("fp16", 2, 2, 2),
     "bf16": Dtype("bf16", 2, 2, 2),
     "fp32": Dtype("fp32", 4, 4, 4, flops_scale=0.5),  # TF32 tensor cores run at half fp16 rate
-    "int8": Dtype("int8", 1 + 4 / 256, 4, 4, flops_scale=0.5, embed_bytes=4),  # rows of >= 256 inputs
+    "int8": Dtype("int8", 1 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4),
     "int4": Dtype("int4", 0.5 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4),
 }
 
