@@ -103,9 +103,11 @@ class Int4Weight(nn.Module):
         self.register_buffer("scales_and_zeros", sz)  # [in / group, out, 2]
         if q.is_cpu:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        else:  # the CUDA packing takes two values per byte, the even column in the high nibble
+        else:  # the CUDA packing takes two values per byte, the even column in the high nibble,
+            # and tiles of 16 inputs, `inner` of them at once: as many as the inputs allow
             q8 = q.to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack((q8[:, ::2] << 4 | q8[:, 1::2]).contiguous(), 8)
+            inner = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q8[:, ::2] << 4 | q8[:, 1::2]).contiguous(), inner)
         self.register_buffer("packed", packed)
 
     @property
