@@ -218,15 +218,20 @@ def bench_stages(k, args, tmp, variants) -> dict:
         stages = [net.machine(f"s{i}") for i in range(k)]
         echo = net.spawn(stages[0], _here("echo", str(ECHO_PORT)), stdout=subprocess.PIPE, text=True)
         echo.stdout.readline()
-        swarms = {}
+        swarms, everyone = {}, []
         for i, v in enumerate(variants):  # one bootstrap port per variant on each machine
             loop_peers = v.peers(lan, Path(tmp) / f"loop{k}-{v.name}")
             wan_peers = v.peers(net, Path(tmp) / f"wan{k}-{v.name}")
             procs = [(loop_peers, p) for p in start_swarm(loop_peers, one, [one] * k, k, v, 31337 + i)]
             procs += [(wan_peers, p) for p in start_swarm(wan_peers, head, stages, k, v, 31337 + i)]
+            everyone += procs
             for peers, proc in procs:
                 peers.wait_serving(proc, timeout=300)
-            swarms[v.name] = (Client(lan, one, loop_peers.addr, args), Client(net, head, wan_peers.addr, args))
+            try:
+                swarms[v.name] = (Client(lan, one, loop_peers.addr, args), Client(net, head, wan_peers.addr, args))
+            except RuntimeError:
+                _dead(everyone)
+                raise
         pipe = LocalPipeline(None, Plan([1] * k, PLANS[k]), threads=1)
         try:
             out = {"compute": [], **{v.name: {"loopback": [], **{d: {"rtt": [], "runs": []} for d in args.delays}}
@@ -244,9 +249,18 @@ def bench_stages(k, args, tmp, variants) -> dict:
                         out[v.name][d]["rtt"].append(float(rtt.stdout))
                         out[v.name][d]["runs"].append(round_trip(swarms[v.name][1]))
                 print(f"  {k} stages: round {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
+        except RuntimeError:
+            _dead(everyone)
+            raise
         finally:
             pipe.close()
     return out
+
+
+def _dead(procs) -> None:
+    for peers, proc in procs:
+        if proc.poll() is not None:
+            print(f"{peers.logs[proc.pid]} exited with {proc.returncode}", file=sys.stderr)
 
 
 def round_trip(client: Client) -> dict:
