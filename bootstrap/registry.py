@@ -396,6 +396,9 @@ class Registry:
             free -= clamped
         for p in peers:
             self.observed[p] = Observed(x[p], now)
+        if len(self.observed) > 2 * len(self.entries) + 64:  # forget peers gone long enough to decay
+            for p in [p for p, seen in self.observed.items() if now - seen.at > 10 * OBSERVED_HALF_LIFE]:
+                del self.observed[p]
 
 
 def _claim(r: WorkerRecord) -> float:
