@@ -10,7 +10,7 @@ Fairness on a shared machine: no number is compared with one taken at another ti
 each plan and dtype, after a warm-up, ``--reps`` rounds each run the plan, the one-stage
 plan of the same dtype and transformers, in an order that rotates from round to round;
 every ratio is of medians over the same rounds. Threads are pinned: transformers and
-the one-stage plan use all cores, and each rank of a plan uses what ``p2pserve run``
+the one-stage plan use all cores (or ``--threads``), and each rank of a plan uses what ``p2pserve run``
 gives it: cores // its stage's TP degree, as stages take turns (at least one: TP 3 on
 2 cores oversubscribes them). The column "threads/rank" lists it per stage.
 
@@ -110,10 +110,10 @@ def plan_name(plan: Plan) -> str:
     return f"[{' '.join(map(str, plan.hetero_config))}]/[{' '.join(map(str, plan.pp_partition))}]"
 
 
-def rank_threads(plan: Plan) -> int | None:
-    """Threads per rank: a one-rank plan all cores; otherwise None, ``p2pserve run``'s own
+def rank_threads(plan: Plan, threads: int) -> int | None:
+    """Threads per rank: a one-rank plan ``threads``; otherwise None, ``p2pserve run``'s own
     choice (cores // the rank's TP degree)."""
-    return CORES if plan.world_size == 1 else None
+    return threads if plan.world_size == 1 else None
 
 
 def threads_label(plan: Plan) -> str:
@@ -191,9 +191,9 @@ class Transformers:
 class Engine:
     """One p2pserve plan, open for the whole measurement."""
 
-    def __init__(self, plan: Plan, dtype: str, n_tokens: int):
+    def __init__(self, plan: Plan, dtype: str, n_tokens: int, threads: int):
         self.plan, self.dtype = plan, dtype
-        self.threads = rank_threads(plan)
+        self.threads = rank_threads(plan, threads)
         self.pipe = LocalPipeline(None, plan, dtype=dtype, threads=self.threads)
         self.params = SamplingParams(max_new_tokens=n_tokens)
 
@@ -253,23 +253,24 @@ class Row:
         return (1 - self.vs_one_stage) / added if added else None
 
 
-def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, console: Console) -> list[Row]:
+def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, console: Console,
+              threads: int = CORES) -> list[Row]:
     source = open_weights(None)
     eos = source.config.eos_token_ids
     prompt = source.tokenizer().encode_chat([{"role": "user", "content": PROMPT}])
     one = Plan.single(source.config.n_layers)
     console.print(f"{cpu_model()}: prompt {len(prompt)} tokens, {n_tokens} new tokens, {reps} rounds, "
-                  f"{CORES} cores, load average {os.getloadavg()[0]:.1f}")
-    bandwidth = read_bandwidth(CORES)
+                  f"{CORES} cores, {threads} threads, load average {os.getloadavg()[0]:.1f}")
+    bandwidth = read_bandwidth(threads)
     weight_bytes = {dtype: bytes_per_token(dtype) for dtype in dtypes}
-    console.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s on {CORES} threads; bytes per decode step: "
+    console.print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s on {threads} threads; bytes per decode step: "
                   + ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in weight_bytes.items()))
     console.print("loading transformers (slow: dequantizes the GGUF)…")
-    hf = Transformers(n_tokens, CORES)
+    hf = Transformers(n_tokens, threads)
     hf.run(prompt)  # warm-up
     rows = []
     for dtype in dtypes:
-        single = Engine(one, dtype, n_tokens)
+        single = Engine(one, dtype, n_tokens, threads)
         single.run(prompt)
         try:
             for plan in plans:
@@ -277,17 +278,17 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                 if plan == one:
                     s = measure({"ours": single, "hf": hf}, prompt, reps)
                     s["one"] = s["ours"]
-                    threads = threads_label(plan)
+                    label = str(threads)
                 else:
-                    engine = Engine(plan, dtype, n_tokens)
+                    engine = Engine(plan, dtype, n_tokens, threads)
                     try:
                         engine.run(prompt)
                         s = measure({"ours": engine, "one": single, "hf": hf}, prompt, reps)
                     finally:
                         engine.close()
-                    threads = threads_label(plan)
+                    label = threads_label(plan)
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
-                rows.append(Row(plan, dtype, threads, s["ours"], s["one"], s["hf"], same,
+                rows.append(Row(plan, dtype, label, s["ours"], s["one"], s["hf"], same,
                                 bandwidth / weight_bytes[dtype]))
                 r = rows[-1]
                 console.print(f"  {r.ours.decode:.1f} tok/s ({r.vs_hf:.2f}x transformers, {r.vs_one_stage:.2f}x "
@@ -335,12 +336,15 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--reps", type=int, help="measured rounds per plan and dtype (default 3, quick 2)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    parser.add_argument("--threads", type=int, default=CORES,
+                        help="threads of transformers, one-rank plans and the bandwidth measurement (default: "
+                             "all cores; 1 shows the kernels' speed when other processes hold some cores)")
     args = parser.parse_args()
     plans = [parse_plan(p) for p in (args.plans or (QUICK_PLANS if args.quick else ALL_PLANS))]
     reps = args.reps or (2 if args.quick else 3)
     console = Console(width=150)
     t0 = time.perf_counter()
-    rows = run_bench(plans, args.dtypes, reps, args.tokens, console)
+    rows = run_bench(plans, args.dtypes, reps, args.tokens, console, args.threads)
     report(rows, console)
     console.print(f"({time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f})")
 

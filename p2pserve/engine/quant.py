@@ -88,7 +88,7 @@ class Int4Weight(nn.Module):
     ``_weight_int4pack_mm_for_cpu``, whose bf16 scales and offsets round the fp16 ones."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int):
-        """``q`` integers [out, in] in 0..15; ``scales``, ``mins`` [out, in / group]."""
+        """``q`` integers [out, in] in 0..15 (uint8); ``scales``, ``mins`` [out, in / group]."""
         super().__init__()
         self.group, self.out_features = group, q.shape[0]
         self.for_kernel = q.is_cpu and kernels.available()
@@ -167,14 +167,14 @@ def int4_group(w: torch.Tensor) -> int | None:
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of ``group`` columns, min to max over 16 levels:
-    ``(q int32 [out, in], scales, mins)`` with ``W ~ q * scale + min``; the scales and
+    ``(q uint8 [out, in], scales, mins)`` with ``W ~ q * scale + min``; the scales and
     minima already rounded to fp16, as stored."""
     rows, cols = w.shape
     g = w.float().reshape(rows, cols // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scales = ((hi - lo) / 15).clamp(min=1e-6).to(torch.float16).float()
     mins = lo.to(torch.float16).float()
-    q = torch.round((g - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    q = torch.round((g - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     return q.reshape(rows, cols), scales, mins
 
 

@@ -152,7 +152,7 @@ class WeightSource(ABC):
     ) -> tuple[torch.Tensor, ...] | None:
         """``get``'s slice as the file stores it where that is ``fmt`` (``quant.FORMATS``) in
         blocks of ``BLOCK`` columns, None where it is not (and then nothing is read).
-        int4: ``(q, scales, mins)``, q int32 [rows, cols] in 0..15 and ``weight = q * scale +
+        int4: ``(q, scales, mins)``, q uint8 [rows, cols] in 0..15 and ``weight = q * scale +
         min`` per block; int8: ``(q, scales)``, q int8 and ``weight = q * scale`` per block."""
         stored, rows, cols = self._check(name, rows, cols)
         got = self._read_stored(stored, fmt, rows, cols)
@@ -345,7 +345,7 @@ def _blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, ...]:
     header = 2 if qtype == gguf.GGMLQuantizationType.Q4_0 else 4
     blocks = raw.reshape(rows, -1, header + BLOCK // 2)
     d = fp16(0)
-    nibbles = torch.from_numpy(blocks[..., header:].astype(np.int32))
+    nibbles = torch.from_numpy(blocks[..., header:].copy())  # uint8: a byte per value, not four
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
     return q, d, (-8 * d if header == 2 else fp16(2))
 
