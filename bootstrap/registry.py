@@ -211,7 +211,8 @@ class Registry:
         ranked: dict[int, list[tuple[float, str]]] = {}  # ending[pos] cheapest first, once complete
         came: dict[str, str | None] = {}
         by_id: dict[str, WorkerRecord] = {}
-        for r in workers:
+        observed, inflight, inf = self.observed, self.inflight, float("inf")
+        for r in workers:  # stage_cost, inlined: this loop is the routing time
             before = ending.get(r.start)
             if r.start == start:
                 prefix, prev = 0.0, None
@@ -219,10 +220,18 @@ class Registry:
                 continue  # no chain from start reaches this worker's first layer
             else:
                 prefix, prev = self._cheapest_before(r.peer_id, before, ranked, r.start)
-            cost = prefix + self.stage_cost(r, now) + (AVOID_COST if r.peer_id in avoid else 0.0)
-            at_end = ending.setdefault(r.end, {})
-            if cost < at_end.get(r.peer_id, float("inf")):
-                at_end[r.peer_id], came[r.peer_id], by_id[r.peer_id] = cost, prev, r
+            peer = r.peer_id
+            claim = _claim(r)
+            per_layer = claim if peer not in observed else max(claim, self._estimate(peer, claim, now))
+            sessions = max(r.load.get("sessions", 0), inflight[peer])
+            cost = prefix + (r.end - r.start) * per_layer * (1 + 0.25 * sessions + r.load.get("queue", 0))
+            if peer in avoid:
+                cost += AVOID_COST
+            at_end = ending.get(r.end)
+            if at_end is None:
+                at_end = ending[r.end] = {}
+            if cost < at_end.get(peer, inf):
+                at_end[peer], came[peer], by_id[peer] = cost, prev, r
         last = ending.get(end)
         if not last or end == start:
             return None
@@ -307,9 +316,9 @@ class Registry:
         claim = _claim(r)
         return (r.end - r.start) * max(claim, self._estimate(r.peer_id, claim, now)) * self.load_factor(r)
 
-    def load_factor(self, r: WorkerRecord) -> float:
-        sessions = max(int(r.load.get("sessions", 0)), self.inflight[r.peer_id])
-        return 1 + 0.25 * sessions + int(r.load.get("queue", 0))
+    def load_factor(self, r: WorkerRecord) -> float:  # (best_chain has it inlined)
+        sessions = max(r.load.get("sessions", 0), self.inflight[r.peer_id])
+        return 1 + 0.25 * sessions + r.load.get("queue", 0)
 
     def claimed(self, peer: str) -> float:
         """Seconds per layer the peer's record states (the worker's own benchmark)."""
