@@ -354,13 +354,18 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
 
 async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
     """The one way to reach a peer named in a record or a chain: its open connection, or
-    each of its announced addresses in turn. NetworkError naming the peer if none answers."""
+    each of its announced addresses in turn, relayed ones (``…/p2p-circuit/p2p/<id>``,
+    net/nat.py) through their relay. NetworkError naming the peer if none answers."""
     peer = ID.from_base58(peer_id)
     if host.get_network().connections.get(peer):
         return peer
     failures = []
     for addr in addrs:
         try:
+            if "/p2p-circuit" in addr:  # a worker behind a NAT, reached through its relay
+                from p2pserve.net.nat import dial_through_relay
+
+                return await dial_through_relay(host, addr, timeout=timeout)
             return await connect(host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}", timeout=timeout)
         except NetworkError as e:
             failures.append(str(e))

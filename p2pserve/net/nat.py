@@ -1,0 +1,236 @@
+"""NAT traversal: how a worker nobody can dial still serves, with py-libp2p's own pieces.
+
+    head (every `p2pserve bootstrap`)        worker behind a NAT
+    circuit relay v2 hop  ◀──reserve────────  asks the head to dial it back (AutoNAT's
+    AutoNAT dial-back     ──dial back──✗      wire format): no answer, so it reserves a
+                                              slot and announces
+        /ip4/<head>/tcp/<port>/p2p/<head>/p2p-circuit/p2p/<worker>
+    stage 0 ──dial(that address)──▶ head ──STOP──▶ worker   (net/host.py: dial)
+    DCUtR then tries to punch a direct connection beside the relayed one.
+
+Why not py-libp2p's AutoNAT as it ships (libp2p/host/autonat/autonat.py, 0.8.1): its
+server dials back with ``host.connect`` on the host the request arrived on, which is
+already connected to the requester, so every dial-back "succeeds" and every peer is
+PUBLIC. `DialBackServer` keeps its protocol and message handling and dials from a host of
+its own (a fresh connection, the requester's identity checked by Noise). It also drops
+the server's rule that a dialled address must carry the IP the request came from: behind
+a TCP proxy (the delay relay of tests/netns.py, a carrier's middlebox) that IP is the
+proxy's, and a public worker would be judged private. What a requester can make a head
+dial is bounded instead: a few addresses, each under a short deadline, and a dial reaches
+nothing but the requester's own peer id.
+
+What is broken in py-libp2p's relay (0.8.1) and worked around here:
+- ``CircuitV2Transport.dial`` upgrades the relayed stream without the private network's
+  protector, while the receiving side (``upgrade_inbound_raw_conn``) applies it: with a
+  swarm key every relayed connection fails its handshake. `dial_through_relay` wraps
+  the raw relayed connection itself before upgrading it.
+- A transport built with the CLIENT role reserves a slot on the relay before every
+  dial; the dialling side here is built without it.
+- The relay's default limits (4 reservations, 8 circuits, an hour and 1 GiB a circuit)
+  are a public relay's; a head passes limits for a swarm whose tokens cross it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import click
+import multiaddr
+import trio
+from multiaddr.protocols import P_P2P
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.security.pnet.protector import new_protected_conn
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2pserve.errors import NetworkError
+
+log = logging.getLogger("p2pserve.nat")
+
+DIALBACK_TIMEOUT = 5.0   # seconds a head spends dialling back one address
+DIALBACK_MAX_ADDRS = 8   # addresses a head dials back for one request
+CHECK_TIMEOUT = 30.0     # seconds a worker waits for the head's verdict
+# A head relays the swarm's own traffic, for as long as a worker serves.
+HEAD_RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=1024,
+                                max_reservations=1024, reservation_ttl=3600)
+
+
+def is_relayed(address: str) -> bool:
+    return "/p2p-circuit" in address
+
+
+# --- the head: a relay hop and a dial-back server -----------------------------------------
+
+
+class DialBackServer(AutoNATService):
+    """AutoNAT's server, dialling back from ``dialer`` (a host of its own, see above)."""
+
+    def __init__(self, host, dialer):
+        super().__init__(host, serve=True)
+        self.dialer = dialer
+
+    @staticmethod
+    def _filter_by_observed_ip(addrs, observed_ip):
+        return [a for a in addrs if "/p2p-circuit" not in str(_maddr(a))][:DIALBACK_MAX_ADDRS]
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        for addr in addrs:
+            reached = False
+            with trio.move_on_after(DIALBACK_TIMEOUT):
+                try:
+                    self.dialer.get_network().unblock_peer(peer_id)  # a failed address must not bar the next
+                    await self.dialer.connect(PeerInfo(peer_id, [multiaddr.Multiaddr(addr)]))
+                    reached = True
+                except Exception as e:
+                    log.debug("dial-back to %s at %s failed: %s", peer_id, _maddr(addr), e)
+            with trio.move_on_after(DIALBACK_TIMEOUT), trio.CancelScope(shield=True):
+                try:
+                    await self.dialer.disconnect(peer_id)
+                except Exception:
+                    pass
+            self.dialer.get_peerstore().clear_addrs(peer_id)
+            if reached:
+                return bytes(addr)
+        return None
+
+
+@asynccontextmanager
+async def serving_relay(host, swarm_key: str | None = None):
+    """For the block: ``host`` relays for workers behind NATs (circuit relay v2 hop) and
+    tells a worker whether it can be dialled (AutoNAT dial-back from a second host)."""
+    from p2pserve.net.host import make_host
+
+    relay = CircuitV2Protocol(host, limits=HEAD_RELAY_LIMITS, allow_hop=True)
+    dialer = make_host(create_new_key_pair(), swarm_key)
+    async with background_trio_service(relay), dialer.run(listen_addrs=[]):
+        DialBackServer(host, dialer)
+        try:
+            yield relay
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await dialer.close()
+
+
+# --- a worker: reachability, a reservation, hole punching ----------------------------------
+
+
+@dataclass
+class Reachability:
+    addrs: list[str]          # what the worker announces, best first
+    direct: str | None        # the address the head reached it at, if any
+    relay: str | None         # its relayed address, if it serves through a relay
+
+
+async def check_reachable(host, head: ID, addrs: list[str]) -> str | None:
+    """The first of ``addrs`` at which ``head`` dialled this host back, or None."""
+    client = AutoNATService(host, serve=False, confirmations=1)
+    raw = [_without_p2p(a).to_bytes() for a in addrs if not is_relayed(a)]
+    try:
+        status, reached = await client.query_server(head, raw, timeout=CHECK_TIMEOUT)
+    except Exception as e:
+        log.info("dial-back check through %s failed: %s", head, e)
+        return None
+    if status != Message.OK or not reached:
+        return None
+    return f"{_maddr(reached)}/p2p/{host.get_id().to_base58()}"
+
+
+async def reserve(host, relay: ID, relay_addr: str, transport: CircuitV2Transport, nursery) -> str:
+    """A slot on ``relay`` (refreshed before it lapses); this host's relayed address.
+    NetworkError if the relay refuses or does not answer."""
+    try:
+        with trio.fail_after(CHECK_TIMEOUT):
+            stream = await host.new_stream(relay, [HOP_PROTOCOL_ID])
+            try:
+                ok = await transport.reserve(stream, relay, nursery)
+            finally:
+                await stream.close()
+    except Exception as e:
+        raise NetworkError(f"cannot reserve a slot on relay {relay}: {e or type(e).__name__}") from None
+    if not ok:
+        raise NetworkError(f"relay {relay} refused a reservation (is it a p2pserve head of this swarm?)")
+    return f"{relay_addr}/p2p-circuit/p2p/{host.get_id().to_base58()}"
+
+
+@asynccontextmanager
+async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str], announce: list[str] = ()):
+    """For the block: this worker accepts relayed connections and punches holes (DCUtR);
+    yields its `Reachability` after one line on stderr says what it found. Addresses in
+    ``announce`` (port-forwarded ones) come first whatever the check finds."""
+    stop = CircuitV2Protocol(host, allow_hop=False)  # accepts connections relayed to us
+    async with background_trio_service(stop), background_trio_service(DCUtRProtocol(host)), \
+            trio.open_nursery() as nursery:
+        announce = list(announce)
+        direct = await check_reachable(host, head, announce + listen_addrs)
+        relay_addr = None
+        if direct:
+            click.echo(f"reachable directly at {direct}", err=True)
+            addrs = announce + [a for a in listen_addrs if a not in announce]
+        else:
+            transport = CircuitV2Transport(host, stop, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT))
+            try:
+                relay_addr = await reserve(host, head, head_addr, transport, nursery)
+            except NetworkError as e:
+                click.echo(f"not reachable directly and no relay slot ({e}): announcing "
+                           f"{', '.join(announce + listen_addrs)}", err=True)
+                addrs = announce + listen_addrs
+            else:
+                click.echo(f"behind NAT: serving through relay {relay_addr}", err=True)
+                addrs = announce + [relay_addr]
+        yield Reachability(addrs, direct, relay_addr)
+        nursery.cancel_scope.cancel()  # the reservation's refresher
+
+
+# --- dialling a relayed address -----------------------------------------------------------
+
+
+async def dial_through_relay(host, address: str, timeout: float) -> ID:
+    """Connect to the peer at relayed ``address`` (<relay>/p2p-circuit/p2p/<peer>); its id."""
+    from p2pserve.net.host import connect
+
+    ma = multiaddr.Multiaddr(address)
+    # the dialling side reserves nothing: no CLIENT role (see the module's notes)
+    transport = CircuitV2Transport(host, CircuitV2Protocol(host), RelayConfig(roles=RelayRole.STOP))
+    try:
+        relay_ma, peer = transport.parse_circuit_ma(ma)
+        relay = ID.from_base58(relay_ma.get_peer_id())
+    except Exception as e:
+        raise NetworkError(f"bad relayed address {address!r}: {e}; expected "
+                           f"/ip4/<ip>/tcp/<port>/p2p/<relay-id>/p2p-circuit/p2p/<peer-id>") from None
+    if not host.get_network().connections.get(relay):
+        await connect(host, str(relay_ma), timeout=timeout)
+    try:
+        with trio.fail_after(timeout):
+            raw = await transport.dial_peer_info(PeerInfo(peer, [ma]), relay_info=PeerInfo(relay, [relay_ma]))
+            psk = getattr(host.get_network(), "psk", None)
+            if psk:  # the transport's own dial forgets this (see the module's notes)
+                raw = new_protected_conn(raw, psk)
+            await host.upgrade_outbound_connection(raw, peer)
+    except trio.TooSlowError:
+        raise NetworkError(f"cannot reach {address}: no answer through the relay within {timeout:g} s") from None
+    except Exception as e:
+        raise NetworkError(f"cannot reach {address}: {e or type(e).__name__}") from None
+    return peer
+
+
+def _maddr(raw) -> multiaddr.Multiaddr:
+    return multiaddr.Multiaddr(bytes(raw)) if isinstance(raw, (bytes, bytearray)) else multiaddr.Multiaddr(raw)
+
+
+def _without_p2p(address: str) -> multiaddr.Multiaddr:
+    ma = multiaddr.Multiaddr(address)
+    try:
+        return ma.decapsulate_code(P_P2P) if ma.get_peer_id() else ma
+    except Exception:
+        return ma
