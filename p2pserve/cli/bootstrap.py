@@ -122,6 +122,7 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
     from p2pserve.errors import ConfigError
     from p2pserve.home import write_bootstrap_addr
     from p2pserve.net.host import host_multiaddrs, own_identity, quiet_libp2p_logs, running_dht, running_host, serve_protocol
+    from p2pserve.net.nat import serving_relay
     from p2pserve.net.protocols import ANNOUNCE, PLAN, QUERY, STATUS
     from p2pserve.engine.weights import open_weights
 
@@ -141,7 +142,9 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
         if join_peers:  # another head of a running swarm: its plan is the swarm's
             plan, head_cert, join_peers = await join_swarm(host, join_peers, config)
             explicit = plan
-        async with running_dht(host, server=True, bootstrap_peers=join_peers) as dht:
+        # every head relays for workers behind NATs and tells a worker whether it can be dialled
+        async with serving_relay(host, swarm_key), \
+                running_dht(host, server=True, bootstrap_peers=join_peers) as dht:
             node = Bootstrap(host, config, tokenizer, [plan],
                              policy="least-loaded" if policy == "latency" else "round-robin",
                              stream_interval=stream_interval, allowed_peers=allowed_peers)
