@@ -43,6 +43,7 @@ class WorkerOptions:
     join_timeout: float = 300.0  # seconds to wait for a bootstrap that is not up yet
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at
     token_path: str = "ring"  # how tokens reach this worker as stage 0 (protocols.TOKEN_PATHS)
+    announce: tuple[str, ...] = ()  # --announce: addresses announced before the listen ones (port forwarding)
 
 
 def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
@@ -167,6 +168,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.node.budget import max_sessions
     from p2pserve.node.announce import announce_forever, make_record
     from p2pserve.node.sessions import StageServer
+    from p2pserve.net.nat import traversing_nat
 
     quiet_libp2p_logs(opts.verbose)
     source = open_weights(opts.model_path)
@@ -218,7 +220,6 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             serve_protocol(host, SESSION, server.handle)
             serve_protocol(host, LINK, server.handle_link)
             serve_protocol(host, RING, server.handle_ring)
-            addrs = host_multiaddrs(host)
             # measured again: the stage now runs with its own thread count (--threads, or
             # cores // TP), which the record's speed must reflect (cached per thread count)
             device_info = device_entries(await compute.run(partial(measure_devices, devices)), config, opts.dtype,
@@ -228,7 +229,10 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,
                                    group_id=opts.group_id, addrs=addrs)
 
-            async with running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
+            # reachable directly, or behind a NAT through a relay slot on the head (one line says which)
+            async with traversing_nat(host, bootstrap_id, opts.peer, host_multiaddrs(host), opts.announce) as reach, \
+                    running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
+                addrs = reach.addrs
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.serve)
                     if opts.metrics:

@@ -29,6 +29,9 @@ from p2pserve.errors import ConfigError
 @click.option("--swarm-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The private swarm's key file (`p2pserve keygen`); without the right one no connection forms.")
 @click.option("--listen", default="/ip4/0.0.0.0/tcp/0", show_default=True)
+@click.option("--announce", multiple=True, metavar="MULTIADDR",
+              help="An address others reach this worker at (a forwarded port), announced before the listen "
+                   "addresses; repeatable.")
 @click.option("--max-sessions", type=click.IntRange(1, 4096), default=None,
               help="Concurrent sessions (KV-cache slots); more wait in a bounded queue. "
                    "Default: what --kv-memory holds.")
@@ -52,7 +55,7 @@ from p2pserve.errors import ConfigError
                    "the last stage reaches stage 0 by a much longer way than the chain, e.g. through a relay).")
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
-def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_key, listen, max_sessions, kv_memory, max_queue,
+def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_key, listen, announce, max_sessions, kv_memory, max_queue,
            max_seq_len, dtype, threads, metrics, join_timeout, token_path, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
@@ -72,7 +75,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_k
         kv_memory=kv_memory, max_queue=max_queue, threads=threads,
         max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, identity=identity,
         swarm_key=swarm_key and read_swarm_key(swarm_key), join_timeout=join_timeout, metrics=metrics,
-        token_path=token_path,
+        token_path=token_path, announce=check_announce(announce),
     )
     trio.run(run_worker, opts)
 
@@ -87,3 +90,18 @@ def check_worker_flags(devices: str, kv_memory: str | None, metrics: str | None 
         raise ConfigError(f"--kv-memory {kv_memory}: give a positive size, e.g. 2GB")
     if metrics is not None:
         check_bindable(metrics, "--metrics")
+
+
+def check_announce(addrs: tuple[str, ...]) -> tuple[str, ...]:
+    """--announce addresses as multiaddrs others can dial, or ConfigError naming the bad one."""
+    import multiaddr
+
+    for a in addrs:
+        try:
+            ma = multiaddr.Multiaddr(a)
+            ma.value_for_protocol("tcp")
+        except Exception:
+            raise ConfigError(f"--announce {a!r}: expected a multiaddr such as /ip4/203.0.113.7/tcp/4001") from None
+        if ma.get_peer_id():
+            raise ConfigError(f"--announce {a!r}: give the address without /p2p/<peer-id>; the worker adds its own")
+    return tuple(addrs)
