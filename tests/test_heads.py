@@ -103,6 +103,9 @@ def test_in_an_open_swarm_a_second_head_must_be_listed(tmp_path):
         assert r.returncode == 2 and "certifies no other heads" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(not os.environ.get("P2PSERVE_SLOW_TESTS"),
+                    reason="30 in-process py-libp2p DHT servers need about a minute of one core's CPU "
+                           "(1 to 2.5 min of wall time on 2 shared cores); set P2PSERVE_SLOW_TESTS=1 to run")
 async def test_a_head_finds_every_worker_past_k_dht_peers():
     """30 DHT servers (k = 20): 8 workers list themselves and their signed records, and a
     head reads all eight through the DHT alone; 21 hold no model.
