@@ -76,13 +76,24 @@ def test_worker_behind_nat_serves_the_first_stage(reference, wan):
     assert f"[route: {wan.ids[wan.n0.pid][-8:]} -> " in answer.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="stage 0 must dial the last stage, which a NAT hides: needs the circuit "
-                                       "relay / hole punching of issue 17")
+def test_each_worker_says_how_it_is_reached(wan):
+    # a public machine is dialled back by the head; a NAT'd one reserves a slot on the
+    # head's relay and announces the relayed address
+    for proc in (wan.a, wan.b):
+        assert "reachable directly at /ip4/10.77." in wan.log(proc), wan.log(proc)
+    assert (f"behind NAT: serving through relay {wan.addr}/p2p-circuit/p2p/{wan.ids[wan.n0.pid]}"
+            in wan.log(wan.n0)), wan.log(wan.n0)
+
+
 def test_worker_behind_nat_serves_the_last_stage(reference, wan):
+    # Stage 0 (n0, itself behind a NAT) must dial the last stage, which only a relay
+    # reaches: it dials n1's relayed address, and the head relays the connection.
     n1 = wan.start_worker(wan.net.machine("n1", nat=True), "--stage", "1", *SMALL)
-    wan.wait_serving(n1)
+    n1_id = wan.wait_serving(n1)
+    assert "behind NAT: serving through relay" in wan.log(n1), wan.log(n1)
     wan.b.kill()
     wan.b.wait()
     answer = ask(wan)
     assert answer.returncode == 0, f"{answer.stderr}\nbootstrap: {wan.log(wan.bootstrap)[-1500:]}"
     assert answer.stdout == reference()
+    assert f"-> {n1_id[-8:]}" in answer.stderr, answer.stderr
