@@ -3,6 +3,7 @@ check and circuit relay, a reservation, and a dial through the relayed address b
 one dial every peer uses (net/host.py: dial). The NAT itself is emulated in
 tests/test_netns.py; here nothing is hidden, the relay path is only forced."""
 
+import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -10,6 +11,8 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2pserve.cli.worker import check_announce
+from p2pserve.errors import ConfigError
 from p2pserve.net.host import connect, dial, host_multiaddrs, quiet_libp2p_logs, running_host
 from p2pserve.net.nat import check_reachable, reserve, serving_relay, traversing_nat
 from p2pserve.net.wire import protocol_id, read_frame, write_frame
@@ -81,3 +84,11 @@ async def test_relayed_connections_work_in_a_private_swarm():
     # py-libp2p's relay dial forgets the swarm key's protector; net/nat.py adds it
     with trio.fail_after(60):
         await _relayed_echo(SWARM_KEY)
+
+
+def test_announce_takes_dialable_multiaddrs_without_a_peer_id():
+    assert check_announce(("/ip4/203.0.113.7/tcp/4001",)) == ("/ip4/203.0.113.7/tcp/4001",)
+    with pytest.raises(ConfigError, match="--announce 'example.org:4001': expected a multiaddr"):
+        check_announce(("example.org:4001",))
+    with pytest.raises(ConfigError, match="without /p2p/<peer-id>"):
+        check_announce(("/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWGzh8hXbGGM7dRtpmMhJ3KnnfnVzy8YwPMBo6W9Ehk9Rv",))

@@ -41,7 +41,7 @@ import multiaddr
 import trio
 from multiaddr.protocols import P_P2P
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -77,8 +77,11 @@ class DialBackServer(AutoNATService):
     """AutoNAT's server, dialling back from ``dialer`` (a host of its own, see above)."""
 
     def __init__(self, host, dialer):
-        super().__init__(host, serve=True)
+        from p2pserve.net.host import serve_protocol
+
+        super().__init__(host, serve=False)
         self.dialer = dialer
+        serve_protocol(host, AUTONAT_PROTOCOL_ID, self.handle_stream)  # p2pserve's per-peer stream cap
 
     @staticmethod
     def _filter_by_observed_ip(addrs, observed_ip):
