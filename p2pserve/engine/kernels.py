@@ -5,8 +5,10 @@ bound by how fast the weights stream from memory. ``gemv`` takes a dense fp32 we
 ``gemv_int8`` int8 rows with a scale per row or per group, ``gemv_int4`` 4-bit values in
 GGUF's block order with an fp16 scale and minimum per group; rows are split over torch's
 OpenMP threads and each weight row is read once for every activation row. Torch's own
-kernels stream these formats more slowly on the CPUs measured (``python bench/engine.py``
-shows what the kernels buy end to end; ``P2PSERVE_KERNELS=0`` turns them off to compare).
+kernels take bf16 activations and, for int8, stream far more slowly on the CPU measured;
+``gemv_int4`` keeps fp32 activations and the file's fp16 scales exactly, at about the
+speed of torch's int4 kernel per product (``python bench/engine.py`` shows what the
+kernels buy end to end; ``P2PSERVE_KERNELS=0`` turns them off to compare).
 
 ``gemv`` handles ``M <= MAX_ROWS`` activation rows; larger batches go to oneDNN's GEMM,
 and bf16 stays with oneDNN (widening bf16 in this loop measured slower than its packed
