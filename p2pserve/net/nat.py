@@ -61,6 +61,8 @@ log = logging.getLogger("p2pserve.nat")
 DIALBACK_TIMEOUT = 5.0   # seconds a head spends dialling back one address
 DIALBACK_MAX_ADDRS = 8   # addresses a head dials back for one request
 CHECK_TIMEOUT = 30.0     # seconds a worker waits for the head's verdict
+RELAY_DIAL_ATTEMPTS = 3
+RELAY_DIAL_BACKOFF = 0.5  # seconds before the second try, twice that before the third
 # A head relays the swarm's own traffic, for as long as a worker serves.
 HEAD_RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=1024,
                                 max_reservations=1024, reservation_ttl=3600)
@@ -213,18 +215,23 @@ async def dial_through_relay(host, address: str, timeout: float) -> ID:
                            f"/ip4/<ip>/tcp/<port>/p2p/<relay-id>/p2p-circuit/p2p/<peer-id>") from None
     if not host.get_network().connections.get(relay):
         await connect(host, str(relay_ma), timeout=timeout)
-    try:
-        with trio.fail_after(timeout):
-            raw = await transport.dial_peer_info(PeerInfo(peer, [ma]), relay_info=PeerInfo(relay, [relay_ma]))
-            psk = getattr(host.get_network(), "psk", None)
-            if psk:  # the transport's own dial forgets this (see the module's notes)
-                raw = new_protected_conn(raw, psk)
-            await host.upgrade_outbound_connection(raw, peer)
-    except trio.TooSlowError:
-        raise NetworkError(f"cannot reach {address}: no answer through the relay within {timeout:g} s") from None
-    except Exception as e:
-        raise NetworkError(f"cannot reach {address}: {e or type(e).__name__}") from None
-    return peer
+    failure = None
+    with trio.move_on_after(timeout):
+        for attempt in range(RELAY_DIAL_ATTEMPTS):
+            try:
+                raw = await transport.dial_peer_info(PeerInfo(peer, [ma]), relay_info=PeerInfo(relay, [relay_ma]))
+                psk = getattr(host.get_network(), "psk", None)
+                if psk:  # the transport's own dial forgets this (see the module's notes)
+                    raw = new_protected_conn(raw, psk)
+                await host.upgrade_outbound_connection(raw, peer)
+                return peer
+            except Exception as e:
+                # py-libp2p's relay dial now and then fails at once with an empty "Failed
+                # to establish relay connection" that a second try does not meet
+                failure = f"{e or type(e).__name__}"
+                log.info("relayed dial to %s failed (try %d): %s", peer, attempt + 1, failure)
+                await trio.sleep(RELAY_DIAL_BACKOFF * (attempt + 1))
+    raise NetworkError(f"cannot reach {address}: " + (failure or f"no answer through the relay within {timeout:g} s"))
 
 
 def _maddr(raw) -> multiaddr.Multiaddr:
