@@ -92,7 +92,10 @@ class Machine:
 
 
 class Network:
-    def __init__(self, rate: str = "100mbit", delay_ms: float = 0.0):
+    def __init__(self, rate: str = "100mbit", delay_ms: float = 0.0, delay_relay: bool = True):
+        """``delay_relay=False`` leaves TCP untouched in the hub where netem is missing (no
+        added delay then): hole punching needs the peers' own SYNs to meet, which a relay
+        terminating every connection in the hub would answer itself."""
         why = why_unavailable()
         if why:
             raise RuntimeError(why)
@@ -109,7 +112,7 @@ class Network:
         try:
             self.hub = self._namespace("hub")
             self._in(self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            if not self.netem:
+            if not self.netem and delay_relay:
                 self._start_relay()
         except BaseException:
             self.close()
@@ -446,8 +449,71 @@ def relay_main(port: int, delay_ms: float) -> None:
     asyncio.run(main())
 
 
+# --- bare libp2p peers for NAT traversal (python tests/netns.py nat-peer ROLE ...) ----------
+
+
+def nat_peer_main(role: str, args: list[str]) -> None:
+    """``head IP``: a host on IP:31337 relaying (net/nat.py: serving_relay); prints its address.
+    ``hidden HEAD``: joins HEAD, prints what net/nat.py found ("relayed ADDR" or "direct ADDR").
+    ``dial HEAD TARGET``: the same, then dials TARGET (a relayed address) and prints
+    "direct" once DCUtR has given it a direct connection to the target, "relayed" if none
+    came within the wait. Each runs until stdin closes."""
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pserve.net.host import connect, dial, host_multiaddrs, quiet_libp2p_logs, running_host
+    from p2pserve.net.nat import serving_relay, traversing_nat
+
+    from multiaddr import Multiaddr as multiaddr_of
+
+    quiet_libp2p_logs()
+    if os.environ.get("NAT_PEER_DEBUG"):  # DCUtR's own account of each hole-punching attempt
+        import logging
+
+        dcutr_log = logging.getLogger("libp2p.relay.circuit_v2.dcutr")
+        dcutr_log.addHandler(logging.StreamHandler())  # py-libp2p's loggers do not propagate
+        dcutr_log.setLevel(logging.DEBUG)
+
+    async def until_stdin_closes():
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+    async def main():
+        if role == "head":
+            async with running_host(create_new_key_pair(), [f"/ip4/{args[0]}/tcp/31337"]) as host, \
+                    serving_relay(host):
+                print(f"head {host_multiaddrs(host)[0]}", flush=True)
+                await until_stdin_closes()
+            return
+        async with running_host(create_new_key_pair(), ["/ip4/0.0.0.0/tcp/0"]) as host:
+            head = await connect(host, args[0])
+            async with traversing_nat(host, head, args[0], host_multiaddrs(host)) as reach:
+                print(f"relayed {reach.relay}" if reach.relay else f"direct {reach.direct}", flush=True)
+                if role == "dial":
+                    target = args[1].rsplit("/p2p/", 1)[1]
+                    peer = await dial(host, target, [args[1]])
+                    found = "relayed"
+                    if os.environ.get("NAT_PEER_DEBUG"):
+                        dcutr = host._dcutr_protocol
+                        print("observed", [str(multiaddr_of(a)) for a in await dcutr._get_observed_addrs()], flush=True)
+                        print("punch", await dcutr.initiate_hole_punch(peer), flush=True)
+                    with trio.move_on_after(float(args[2]) if len(args) > 2 else 30):
+                        while True:
+                            conns = host.get_network().connections.get(peer) or []
+                            if any("/p2p-circuit" not in str(a) for c in conns for a in c.get_transport_addresses()):
+                                found = "direct"
+                                break
+                            await trio.sleep(0.5)
+                    print(found, flush=True)
+                await until_stdin_closes()
+
+    trio.run(main)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["relay"]:
         relay_main(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1:2] == ["nat-peer"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        nat_peer_main(sys.argv[2], sys.argv[3:])
     else:
-        sys.exit("usage: python tests/netns.py relay PORT DELAY_MS")
+        sys.exit("usage: python tests/netns.py relay PORT DELAY_MS | nat-peer ROLE ARGS...")
