@@ -467,10 +467,10 @@ def nat_peer_main(role: str, args: list[str]) -> None:
     from multiaddr import Multiaddr as multiaddr_of
 
     quiet_libp2p_logs()
-    if os.environ.get("NAT_PEER_DEBUG"):  # DCUtR's own account of each hole-punching attempt
+    if os.environ.get("NAT_PEER_DEBUG"):  # the relay's and DCUtR's own account of each step
         import logging
 
-        dcutr_log = logging.getLogger("libp2p.relay.circuit_v2.dcutr")
+        dcutr_log = logging.getLogger("libp2p.relay")
         dcutr_log.addHandler(logging.StreamHandler())  # py-libp2p's loggers do not propagate
         dcutr_log.setLevel(logging.DEBUG)
 
