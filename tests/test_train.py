@@ -290,6 +290,11 @@ def run_cli(*args) -> tuple[int, str, str]:
      "is not a list of lists of integers"),
     (["--hetero-configs", "[[1], [1]]", "--layer-partitions", "[[4], [4]]", "--global_bsz_size", "3", "1",
       "--chunks", "2", "1"], "pipeline 0: batch size 3 is not divisible by 2 chunks"),
+    (["--templates", "[[[1], [4]]]", "--hetero-configs", "[[1]]", "--ranks", "1", "--global-batch", "1"],
+     "--templates chooses the layout itself .*: drop --hetero-configs"),
+    (["--templates", "[[[1], [4]]]"], "--templates needs --ranks N"),
+    (["--templates", "[[[1, 1], [2, 1]]]", "--ranks", "2", "--global-batch", "2"], "must add up to .* 4"),
+    (["--templates", "[[[2], [4]]]", "--ranks", "3", "--global-batch", "2"], "no set of templates uses exactly 3"),
 ])
 def test_the_train_command_refuses_a_layout_with_one_line_and_exit_2(checkpoints, tmp_path, flags, message):
     import re

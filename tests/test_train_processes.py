@@ -5,6 +5,7 @@ a failed rank is named and every rank is gone after a failure or Ctrl-C."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,3 +151,72 @@ def living_in_group(pgid: int) -> list[int]:
         except (psutil.Error, ProcessLookupError):
             pass
     return out
+
+
+def test_a_rank_process_killed_mid_training_leaves_training_exact_on_the_surviving_templates(model):
+    """Oobleck's reconfiguration with real processes: six ranks from templates; once step 2
+    is taken, a rank of the deepest pipeline is SIGKILLed. The survivors leave their broken
+    world, the launcher re-instantiates five ranks from the templates with the survivors'
+    pieces and optimizer state, and training goes on from the step all of them committed:
+    all 5 losses and the final parameters equal one process's."""
+    from p2pserve.train.elastic import ElasticSpec, run_elastic
+    from p2pserve.train.templates import PipelineTemplate
+
+    templates = (PipelineTemplate((1, 1, 1), (1, 1, 2)), PipelineTemplate((2,), (4,)),
+                 PipelineTemplate((1,), (4,)))
+    spec = ElasticSpec(str(model), templates, 6, 1, token_data(), ADAMW, "1f1b", 5)
+    killed, said = [], []
+
+    def kill_a_rank_after_step_2(step, loss, pids):
+        if step == 2 and not killed:
+            killed.append(pids[1])  # the deepest pipeline's middle stage: its peers wait on it
+            os.kill(pids[1], signal.SIGKILL)
+
+    run = run_elastic(spec, 6, open_weights(model).config, threads=1, on_step=kill_a_rank_after_step_2,
+                      say=said.append)
+    assert killed and any("was killed (SIGKILL)" in line for line in said), said
+    assert [layout.world_size for layout in run.layouts] == [6, 5]
+    assert [p.tps for p in run.layouts[0].pipelines] != [p.tps for p in run.layouts[1].pipelines]
+    ref_losses, ref_state = train_reference(model, 6, 5, ADAMW)
+    saved = checkpoint.by_name([r for records in run.final_pieces.values() for r in records])
+    pieces = [[(r["piece"], r["value"]) for records in saved.values() for r in records]]
+    loss_rel, param = worst_differences(run.losses, pieces, ref_losses, ref_state)
+    assert len(run.losses) == 5 and loss_rel < 1e-6 and param < 1e-5
+
+
+TEMPLATES = "[[[1, 1, 1], [1, 1, 2]], [[2], [4]], [[1], [4]]]"
+
+
+def test_train_templates_goes_on_when_a_rank_process_is_killed(model_with_tokenizer, tmp_path):
+    """`p2pserve train --templates … --ranks 6`: a rank process is SIGKILLed once step 2 is
+    printed; the command says so, goes on from the templates on five ranks, exits 0, and
+    prints the losses one process prints for the same global batches."""
+    text = tmp_path / "data.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--model", model_with_tokenizer, "--data", text, "--seq-len", SEQ_LEN, "--steps", 5, "--threads", 1]
+    one = cli(*common, "--global-batch-sizes", 6)
+    elastic = cli(*common, "--templates", TEMPLATES, "--ranks", 6, "--global-batch", 6)
+    try:
+        shown = []
+        for line in elastic.stdout:  # bounded by communicate()'s timeout below if step 2 never comes
+            shown.append(line)
+            if line.startswith("step 2 "):
+                break
+        ranks = sorted((p for p in psutil.Process(elastic.pid).children() if "spawn_main" in " ".join(p.cmdline())),
+                       key=lambda p: p.pid)
+        assert len(ranks) == 6
+        ranks[1].send_signal(signal.SIGKILL)
+        out, err = elastic.communicate(timeout=300)
+        one_out, one_err = one.communicate(timeout=300)
+    finally:
+        for proc in (one, elastic):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert one.returncode == 0, one_err
+    assert elastic.returncode == 0, err
+    # step 3 needs every rank, so the survivors go on from step 2 (3 if it was taken before the kill landed)
+    assert "was killed (SIGKILL)" in err and re.search(r"going on from step [23] on 5 ranks", err), err
+    got, want = step_losses("".join(shown) + out), step_losses(one_out)
+    assert len(got) == len(want) == 5
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 1e-6

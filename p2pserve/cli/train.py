@@ -40,6 +40,15 @@ from p2pserve.train.trainer import OPTIMIZERS, OptimConfig
               help="Sequences per step of each pipeline, e.g. --global-batch-sizes 3 1 (default: 1 each).")
 @click.option("--chunks", type=int, multiple=True, metavar="N",
               help="Micro-batches of each pipeline, e.g. --chunks 3 1 (default: 1 each).")
+@click.option("--templates", default=None, metavar="LISTS",
+              help='Oobleck pipeline templates instead of a fixed layout: each template\'s TP degrees and '
+                   'layers, e.g. "[[[1, 1], [12, 18]], [[2], [30]]]". The layout is instantiated from them for '
+                   '--ranks ranks, and again for the survivors whenever a rank dies: training goes on.')
+@click.option("--ranks", type=click.IntRange(min=1), default=None, help="Rank processes of a --templates job.")
+@click.option("--global-batch", type=click.IntRange(min=1), default=None,
+              help="Sequences per step of a --templates job, spread over its pipelines.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences per micro-batch of a --templates job.")
 @click.option("--accum-iter", "--accum_iter", type=click.IntRange(min=1), default=1, show_default=True,
               help="Global batches per optimizer step.")
 @click.option("--schedule", "--pipeline-type", "--pipeline_type", "schedule_kind", default="1f1b",
@@ -62,8 +71,8 @@ from p2pserve.train.trainer import OPTIMIZERS, OptimConfig
 @click.option("--master", default=None, metavar="HOST:PORT",
               help="Where node 0 listens and every rank meets (needed with --nnodes above 1).")
 def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer_partitions, batch_sizes,
-          chunks, accum_iter, schedule_kind, optimizer, weight_decay, max_grad_norm, save_dir, resume_dir,
-          device, threads, nnodes, node_rank, master):
+          chunks, templates, ranks, global_batch, micro_batch, accum_iter, schedule_kind, optimizer, weight_decay,
+          max_grad_norm, save_dir, resume_dir, device, threads, nnodes, node_rank, master):
     """Train MODEL on FILE with heterogeneous pipelines, one process per rank; prints
     `step N loss X tokens/s Y`."""
     from p2pserve.engine.weights import open_weights
@@ -71,6 +80,21 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
 
     source = open_weights(model_path)
     config = source.config
+    if templates is not None:
+        fixed = [flag for flag, value in (("--hetero-configs", hetero_configs), ("--layer-partitions", layer_partitions),
+                                          ("--global-batch-sizes", batch_sizes), ("--chunks", chunks),
+                                          ("--accum-iter", accum_iter != 1), ("--nnodes", nnodes != 1)) if value]
+        if fixed:
+            raise ConfigError(f"--templates chooses the layout itself (on this machine): drop {', '.join(fixed)}")
+        if ranks is None or global_batch is None:
+            raise ConfigError("--templates needs --ranks N (rank processes) and --global-batch N (sequences per step)")
+        return train_elastic(source, data_path, seq_len, steps, seed, templates, ranks, global_batch, micro_batch,
+                             schedule_kind.lower(), OptimConfig(kind=optimizer, lr=lr, weight_decay=weight_decay,
+                                                                max_grad_norm=max_grad_norm),
+                             model_path, save_dir, resume_dir, device, threads)
+    if ranks is not None or global_batch is not None:
+        raise ConfigError("--ranks and --global-batch size a --templates job; a fixed layout is sized by "
+                          "--hetero-configs and --global-batch-sizes")
     layout = check_layout(config, hetero_configs, layer_partitions, batch_sizes, chunks, accum_iter, seq_len)
     nodes = parse_nodes(nnodes, node_rank, master, layout.world_size)
     if resume_dir is not None:
@@ -94,6 +118,46 @@ def train(model_path, data_path, seq_len, steps, lr, seed, hetero_configs, layer
     if losses:
         click.echo(f"done: {len(losses)} steps, loss {losses[0]:.6g} -> {losses[-1]:.6g}, "
                    f"{tokens_per_step * len(losses) / elapsed:.1f} tokens/s"
+                   + (f", checkpoint in {save_dir}" if save_dir else ""))
+
+
+def train_elastic(source, data_path, seq_len, steps, seed, templates_text, ranks, global_batch, micro_batch,
+                  schedule_kind, optim, model_path, save_dir, resume_dir, device, threads) -> None:
+    """``p2pserve train --templates``: Oobleck's job, going on from the templates when a rank dies."""
+    from p2pserve.train.elastic import ElasticSpec, run_elastic
+    from p2pserve.train.templates import instantiate, parse_templates
+
+    config = source.config
+    templates = parse_templates(templates_text)
+    for t in templates:
+        if len(t.tps) != len(t.layers) or sum(t.layers) != config.n_layers or min(t.tps + t.layers) < 1:
+            raise ConfigError(f"template {[list(t.tps), list(t.layers)]}: each stage needs a TP degree and a layer "
+                              f"count (at least 1), and the layers must add up to {config.name}'s {config.n_layers}")
+    layout = instantiate(templates, ranks, global_batch, micro_batch)
+    layout.check_model(config)
+    if resume_dir is not None:
+        from p2pserve.train.checkpoint import read_meta
+
+        read_meta(resume_dir, config)
+    data = TokenWindows.from_file(data_path, source.tokenizer(), seq_len, seed)
+    tokens_per_step = global_batch * seq_len
+    click.echo(f"training {config.name} on {len(data.windows)} windows of {seq_len} tokens, {ranks} rank processes "
+               f"from {len(templates)} templates: {' + '.join(map(str, layout.pipelines))}, "
+               f"{tokens_per_step} tokens per step", err=True)
+    last = [time.perf_counter()]
+
+    def on_step(step, loss, pids):
+        now = time.perf_counter()
+        click.echo(f"step {step} loss {loss:.8g} tokens/s {tokens_per_step / (now - last[0]):.1f}")
+        last[0] = now
+
+    spec = ElasticSpec(None if model_path is None else str(model_path), tuple(templates), global_batch, micro_batch,
+                       data, optim, schedule_kind, steps, resume_dir, save_dir)
+    run = run_elastic(spec, ranks, config, device=device, threads=threads, on_step=on_step,
+                      say=lambda line: click.echo(line, err=True))
+    if run.losses:
+        click.echo(f"done: {len(run.losses)} steps, loss {run.losses[0]:.6g} -> {run.losses[-1]:.6g}, "
+                   f"{tokens_per_step * len(run.losses) / run.seconds:.1f} tokens/s"
                    + (f", checkpoint in {save_dir}" if save_dir else ""))
 
 

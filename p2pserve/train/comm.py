@@ -167,6 +167,12 @@ class DistComm:
             work.wait()
         self._pending.clear()
 
+    def close(self):
+        """Let go of this world's groups, so that leaving it closes their connections: a
+        peer still waiting in one of them then fails at once instead of at gloo's timeout."""
+        self._groups = {}
+        self._pending.clear()
+
 
 class _ToTP(torch.autograd.Function):
     """Megatron's ``f``: the replicated input of a column-parallel layer; its gradient is

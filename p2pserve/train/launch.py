@@ -116,7 +116,7 @@ def run_processes(layout: TrainLayout, config: ModelConfig, target: Callable, *a
 
 
 def _rank_main(rank: int, job: RankJob, results_queue, parent: int) -> None:
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
     device = world.join(job.world, rank, job.threads)
     try:
         groups = dict(zip(job.groups, world.new_groups(job.groups)))
@@ -137,7 +137,7 @@ def _rank_main(rank: int, job: RankJob, results_queue, parent: int) -> None:
     os._exit(0)
 
 
-def _exit_when_orphaned(parent: int) -> None:
+def exit_when_orphaned(parent: int) -> None:
     """A rank whose launcher died (SIGKILL, a lost terminal) would wait in a collective
     for gloo's timeout: it exits instead."""
     while os.getppid() == parent:

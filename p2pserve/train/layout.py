@@ -38,6 +38,10 @@ class PipelineLayout:
         start = sum(self.layers[:stage])
         return start, start + self.layers[stage]
 
+    def __str__(self) -> str:
+        """``[1 2]/[12 18] x3``: TP degrees / layers of its stages, and its batch."""
+        return f"[{' '.join(map(str, self.tps))}]/[{' '.join(map(str, self.layers))}] x{self.batch_size}"
+
 
 @dataclass(frozen=True)
 class Role:
