@@ -36,6 +36,7 @@ from p2pserve.net.wire import WireError, protocol_id, read_frame, write_frame
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PING = protocol_id("test-ping")
+BULK = protocol_id("test-bulk")
 
 quiet_libp2p_logs()
 
@@ -165,6 +166,60 @@ async def test_a_big_transfer_after_many_small_frames_still_flows(monkeypatch):
                     await write_frame(stream, {"n": n, "blob": blob})
                     assert await read_frame(stream) == {"n": n, "ack": 1 << 20}
                 assert sum(updates) >= 7 << 20
+
+
+@pytest.mark.parametrize("noise", ["cancel-safe", "py-libp2p's"])
+async def test_a_write_cancelled_midway_leaves_the_connection_working(noise, monkeypatch):
+    """A timeout or a cancelled session that strikes while a big write is going out must
+    cost that write only: the connection, and every other stream on it, goes on. With
+    py-libp2p's own Noise the cut message (encrypted, half sent) kills the connection, which
+    this test shows, so that it would notice when p2pserve's Noise stops mattering."""
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+
+    from p2pserve.net import host as host_module
+
+    if noise != "cancel-safe":
+        monkeypatch.setattr(host_module, "CancelSafeNoise", NoiseTransport)
+
+    async def sink(stream):
+        with contextlib.suppress(Exception):  # until the cut write's stream ends, one way or another
+            while await stream.read(1 << 16):
+                pass
+
+    async def echo(stream):
+        msg = await read_frame(stream, timeout=5)
+        await write_frame(stream, msg, timeout=5)
+
+    async with running_host(create_new_key_pair(), LOOPBACK) as server:
+        server.set_stream_handler(BULK, sink)
+        server.set_stream_handler(PING, echo)
+        async with running_host(create_new_key_pair(), LOOPBACK) as client:
+            peer = await connect(client, host_multiaddrs(server)[0], timeout=5)
+            cut, answer = 0, None
+            try:
+                for attempt in range(20):  # each a 1 MiB write cancelled after a few scheduler turns
+                    bulk = await client.new_stream(peer, [BULK])
+                    with trio.CancelScope() as scope:
+                        async with trio.open_nursery() as nursery:
+                            async def cancel_soon(turns=attempt % 5 + 1):
+                                for _ in range(turns):
+                                    await trio.sleep(0)
+                                scope.cancel()
+
+                            nursery.start_soon(cancel_soon)
+                            await bulk.write(b"x" * (1 << 20))
+                    cut += scope.cancelled_caught
+                with trio.move_on_after(5):
+                    stream = await client.new_stream(peer, [PING])
+                    await write_frame(stream, {"n": 1}, timeout=5)
+                    answer = await read_frame(stream, timeout=5)
+            except Exception as e:  # the connection died under a cut write
+                answer = e
+            if noise == "cancel-safe":
+                assert cut, "no write was cancelled midway: the test did not test anything"
+                assert answer == {"n": 1}
+            else:
+                assert answer != {"n": 1}, "py-libp2p's Noise survived cut writes: this test no longer provokes them"
 
 
 async def test_connecting_to_a_closed_port_says_cannot_reach_within_the_timeout():

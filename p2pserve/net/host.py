@@ -39,6 +39,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -56,6 +57,7 @@ NOISY_LOGGERS = ("libp2p", "multiaddr", "quic", "zeroconf", "trio-websocket")
 _SEED_BYTES = 32
 _CLOSE_GRACE = 5.0  # seconds to close connections and listeners on the way out
 PEER_ADDRESS_FORM = "/ip4/<ip>/tcp/<port>/p2p/<peer-id>"
+WRITE_STALL_LIMIT = 30.0  # seconds one write may wait on the socket before its connection is given up
 
 
 def quiet_libp2p_logs(verbose: bool = False) -> None:
@@ -200,6 +202,50 @@ def read_swarm_key(path: Path) -> str:
 # --- host -------------------------------------------------------------------------------
 
 
+class CancelSafeNoise(NoiseTransport):
+    """Noise whose writes go out whole even when the task writing is cancelled.
+
+    Noise encrypts each message with the next nonce before the socket takes it (and a
+    private swarm's pnet layer below it runs a stream cipher), so a write cancelled after
+    that point (a timeout, a reset's grace running out, a cancelled session) leaves the
+    peer a cut message or a skipped nonce: it cannot decrypt anything after it, and the
+    whole connection dies with every stream on it. A write blocks, and so can be cut,
+    where the socket is full, which is the normal state of a link carrying a prefill's
+    activations. So the connection under Noise takes each write whole (``_WholeWrites``);
+    a cancellation reaches the writer at its next checkpoint, after the message. (Yamux
+    would be the natural place, but py-libp2p builds its own Yamux whatever class the
+    host is given.)"""
+
+    async def secure_inbound(self, conn):
+        return await super().secure_inbound(_WholeWrites(conn))
+
+    async def secure_outbound(self, conn, peer_id):
+        return await super().secure_outbound(_WholeWrites(conn), peer_id)
+
+
+class _WholeWrites:
+    """A raw connection whose writes no cancellation cuts. Their only bound is
+    ``WRITE_STALL_LIMIT``: a peer that takes nothing for that long is not reading, and its
+    connection is closed (a message cut by that bound could not be used anyway)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    async def write(self, data: bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_STALL_LIMIT) as stalled:
+                await self._conn.write(data)
+            if stalled.cancelled_caught:
+                log.warning("a write to %s took over %g s; closing the connection",
+                            self._conn.get_remote_address(), WRITE_STALL_LIMIT)
+                with trio.move_on_after(_CLOSE_GRACE):
+                    await self._conn.close()
+                raise RawConnError(f"the connection stopped taking writes for {WRITE_STALL_LIMIT:g} s")
+
+
 def make_host(key_pair: KeyPair, swarm_key: str | None = None):
     """A libp2p host (not yet listening): TCP + Noise + Yamux only, inside the private
     network of ``swarm_key`` (64 hex digits) when one is given.
@@ -209,7 +255,7 @@ def make_host(key_pair: KeyPair, swarm_key: str | None = None):
     dial (the wait only ends early once the per-peer limit is reached)."""
     return new_host(
         key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_noise_key_pair().private_key)},
+        sec_opt={NOISE_PROTOCOL_ID: CancelSafeNoise(key_pair, noise_privkey=create_noise_key_pair().private_key)},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=ConnectionConfig(
             min_connections=0, low_watermark=0, max_connections_per_peer=1
