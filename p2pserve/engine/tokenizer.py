@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError, WeightsError
 
@@ -52,8 +54,6 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation ([{"role": ..., "content": ...}]) in the model's chat template."""
-        from jinja2 import TemplateError
-
         if not self._hf.chat_template:
             raise ConfigError(
                 f"{self.name} has no chat template: send the prompt as plain text with --no-chat"

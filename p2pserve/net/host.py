@@ -409,7 +409,7 @@ async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
     for addr in addrs:
         try:
             if "/p2p-circuit" in addr:  # a worker behind a NAT, reached through its relay
-                from p2pserve.net.nat import dial_through_relay
+                from p2pserve.net.nat import dial_through_relay  # nat.py builds on this module
 
                 return await dial_through_relay(host, addr, timeout=timeout)
             return await connect(host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}", timeout=timeout)

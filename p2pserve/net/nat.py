@@ -55,6 +55,7 @@ from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pserve.errors import NetworkError
+from p2pserve.net.host import connect, make_host, serve_protocol
 
 log = logging.getLogger("p2pserve.nat")
 
@@ -79,8 +80,6 @@ class DialBackServer(AutoNATService):
     """AutoNAT's server, dialling back from ``dialer`` (a host of its own, see above)."""
 
     def __init__(self, host, dialer):
-        from p2pserve.net.host import serve_protocol
-
         super().__init__(host, serve=False)
         self.dialer = dialer
         serve_protocol(host, AUTONAT_PROTOCOL_ID, self.handle_stream)  # p2pserve's per-peer stream cap
@@ -114,8 +113,6 @@ class DialBackServer(AutoNATService):
 async def serving_relay(host, swarm_key: str | None = None):
     """For the block: ``host`` relays for workers behind NATs (circuit relay v2 hop) and
     tells a worker whether it can be dialled (AutoNAT dial-back from a second host)."""
-    from p2pserve.net.host import make_host
-
     relay = CircuitV2Protocol(host, limits=HEAD_RELAY_LIMITS, allow_hop=True)
     dialer = make_host(create_new_key_pair(), swarm_key)
     async with background_trio_service(relay), dialer.run(listen_addrs=[]):
@@ -202,8 +199,6 @@ async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str]
 
 async def dial_through_relay(host, address: str, timeout: float) -> ID:
     """Connect to the peer at relayed ``address`` (<relay>/p2p-circuit/p2p/<peer>); its id."""
-    from p2pserve.net.host import connect
-
     ma = multiaddr.Multiaddr(address)
     # the dialling side reserves nothing: no CLIENT role (see the module's notes)
     transport = CircuitV2Transport(host, CircuitV2Protocol(host), RelayConfig(roles=RelayRole.STOP))

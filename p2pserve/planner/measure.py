@@ -16,6 +16,9 @@ two seconds; the result is cached in ``~/.cache/p2pserve/devices.json``
 (``P2PSERVE_CACHE_DIR`` overrides the directory), keyed by device name, torch version and
 thread count; ``refresh=True`` measures again. Workers announce these figures in their DHT
 records; ``DeviceSpeed.device_type()`` turns them into a planner device.
+
+torch and the engine are imported inside the functions that measure: the package imports
+this module, and the rest of the planner (``p2pserve plan``) runs without torch.
 """
 
 from __future__ import annotations

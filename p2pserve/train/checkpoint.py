@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
@@ -129,8 +130,6 @@ def _cut(saved, piece: Piece, get) -> torch.Tensor:
 def export_hf(checkpoint: Path, model_dir: Path, out: Path) -> Path:
     """A Hugging Face directory with the trained weights: config and tokenizer files copied
     from ``model_dir`` (a Hugging Face directory), tensors joined from the checkpoint."""
-    from safetensors.torch import save_file
-
     checkpoint, model_dir, out = Path(checkpoint), Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir} is not a Hugging Face directory: export needs its config.json")

@@ -20,6 +20,7 @@ import threading
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 
 class Comm(Protocol):
@@ -141,9 +142,6 @@ class DistComm:
     reduces over to its process group (every rank created every group, in one order)."""
 
     def __init__(self, groups: dict[tuple[int, ...], object], device: str):
-        import torch.distributed as dist
-
-        self._dist = dist
         # A one-rank world has no process group (``world.join`` makes none) and no peer.
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = torch.device(device)
@@ -153,14 +151,14 @@ class DistComm:
     def all_reduce(self, tensor, ranks):
         if len(ranks) == 1:
             return
-        self._dist.all_reduce(tensor, group=self._groups[ranks])
+        dist.all_reduce(tensor, group=self._groups[ranks])
 
     def send(self, tensor, dst):
         payload = tensor.detach().contiguous()
-        self._pending.append((self._dist.isend(payload, dst), payload))
+        self._pending.append((dist.isend(payload, dst), payload))
 
     def recv(self, tensor, src):
-        self._dist.recv(tensor, src)
+        dist.recv(tensor, src)
 
     def finish(self):
         for work, _ in self._pending:
