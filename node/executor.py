@@ -15,6 +15,7 @@ pass after it.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +27,8 @@ from p2pserve.node.compute import InlineCompute, compute_thread
 from p2pserve.errors import Busy
 from p2pserve.engine.model import Batch
 from p2pserve.engine.generate import SamplingParams, next_token
+
+log = logging.getLogger("p2pserve.cores")  # on without --verbose: an operator wants to see it
 
 
 @dataclass
@@ -98,8 +101,9 @@ class BatchingExecutor:
     MAX_PASS = 0.2  # seconds a pass may block (the loop's heartbeats are every 2 s)
     MIN_PIECE = 16  # tokens: a prefill piece is never cut smaller, and the shortest one timed
 
-    def __init__(self, runner, max_batch: int = 64, sessions=lambda: 0, compute=None):
+    def __init__(self, runner, max_batch: int = 64, sessions=lambda: 0, compute=None, threads=None):
         self.runner = runner
+        self.threads = threads  # a ranks.cores.ThreadFollower, or None: the thread count stays
         self.compute = compute or compute_thread()
         self.max_batch = max_batch
         self.sessions = sessions
@@ -152,6 +156,8 @@ class BatchingExecutor:
 
     def _run_pass(self, decodes: list[StepRequest], prefill: StepRequest | None) -> None:
         """One forward pass, on whatever thread runs it, and its bookkeeping."""
+        if self.threads is not None and (threads := self.threads.follow()):
+            log.info("now %d torch thread(s) per rank: p2pserve workers came or went on this machine", threads)
         t0 = time.perf_counter()
         self._compute(decodes, prefill)
         self._last_forward = time.perf_counter() - t0

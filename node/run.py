@@ -162,6 +162,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
     from p2pserve.ranks.pipeline import parse_dtype, weight_format
     from p2pserve.planner.swarm import device_entries, measure_devices
     from p2pserve.ranks import world
+    from p2pserve.ranks.cores import CoreShare, machine_cores
     from p2pserve.ranks.stages import StagesSpec, open_runner
     from p2pserve.engine.weights import open_weights
 
@@ -202,8 +203,17 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             devices = device_list(opts.devices, tp)
             stages = ((start, end, tp),)
             world_devices = devices
+        # CPU workers of one machine divide its cores between them (ranks/cores.py)
+        share = CoreShare(max(t for _, _, t in stages), opts.threads) if devices[0].startswith("cpu") else None
         spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
-                          world.World(tuple(world_devices)), opts.threads, quant=weight_format(opts.dtype))
+                          world.World(tuple(world_devices)), opts.threads, quant=weight_format(opts.dtype),
+                          share_cores=share is not None)
+        if share is not None:
+            others = share.others()
+            click.echo(f"{share.threads()} torch thread(s) per rank: {machine_cores()} cores"
+                       + (f" shared with {others} rank(s) of other p2pserve workers on this machine"
+                          if others else "") + (" (--threads)" if opts.threads else ", following as workers come and go"),
+                       err=True)
         # before the weights load: a --kv-memory that holds no session fails at once
         sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
                                                      parse_dtype(opts.dtype), devices[0], opts.kv_memory)
@@ -215,7 +225,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
                                  start=start, end=end, max_sessions=sessions, max_len=opts.max_seq_len,
                                  max_waiting=opts.max_queue, compute=compute,
-                                 heads=trusted_heads(bootstrap_id.to_base58(), info), token_path=opts.token_path)
+                                 heads=trusted_heads(bootstrap_id.to_base58(), info), token_path=opts.token_path,
+                                 threads=spec.thread_follower())
             await compute.run(server.executor.warm_up)
             serve_protocol(host, SESSION, server.handle)
             serve_protocol(host, LINK, server.handle_link)
@@ -259,6 +270,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                     nursery.cancel_scope.cancel()
         finally:
             close_runner()
+            if share is not None:
+                share.close()
 
 
 async def _wait_for_signal() -> None:

@@ -120,12 +120,13 @@ class StageServer:
 
     def __init__(self, host, runner, *, model_name: str, fingerprint: str, start: int, end: int,
                  max_sessions: int, max_len: int, max_waiting: int | None = None, compute=None,
-                 heads: frozenset[str] | None = None, token_path: str = "ring"):
+                 heads: frozenset[str] | None = None, token_path: str = "ring", threads=None):
         """``runner``'s KV cache must already hold ``max_sessions`` x ``max_len`` positions:
         a worker allocates it where it computes (``compute``, see node/compute.py).
         ``heads``: the peer ids whose session tickets this stage honours (net/tickets.py);
         None serves any 'open' frame, for a stage tested on its own. ``token_path``: how
-        the tokens of the sessions this worker drives as stage 0 come back (TOKEN_PATHS)."""
+        the tokens of the sessions this worker drives as stage 0 come back (TOKEN_PATHS).
+        ``threads``: a ``ranks.cores.ThreadFollower`` for a worker sharing the machine's cores."""
         if token_path not in TOKEN_PATHS:
             raise ConfigError(f"token path {token_path!r}: expected one of {', '.join(TOKEN_PATHS)}")
         self.token_path = token_path
@@ -137,7 +138,8 @@ class StageServer:
         self.config = runner.config
         self.max_len = max_len
         self.slots = SlotPool(max_sessions, max_waiting if max_waiting is not None else 4 * max_sessions)
-        self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions), compute=compute)
+        self.executor = BatchingExecutor(runner, sessions=lambda: len(self.sessions), compute=compute,
+                                         threads=threads)
         self.sessions: dict[str, Session] = {}
         self.links = Links(host)
         self.rings = Rings(host, self._ring_tokens, self._ring_lost)  # stage 0: to last stages

@@ -83,11 +83,9 @@ wait_for bootstrap.log "/ip4/127.0.0.1/tcp/.*/p2p/" "${PIDS[0]}"
 PEER=$(grep -o -m1 "/ip4/127\.0\.0\.1/tcp/[0-9]*/p2p/[A-Za-z0-9]*" "$WORK/bootstrap.log")
 echo "bootstrap at $PEER; starting two workers…" >&2
 
-# The two workers compute at once under load: split the cores between them (README, --threads).
-CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
-THREADS=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
-start worker0 worker --peer "$PEER" --stage 0 --group-id w0 --listen /ip4/127.0.0.1/tcp/0 --threads "$THREADS"
-start worker1 worker --peer "$PEER" --stage 1 --group-id w1 --listen /ip4/127.0.0.1/tcp/0 --threads "$THREADS"
+# The two workers divide the machine's cores between them by themselves (ranks/cores.py).
+start worker0 worker --peer "$PEER" --stage 0 --group-id w0 --listen /ip4/127.0.0.1/tcp/0
+start worker1 worker --peer "$PEER" --stage 1 --group-id w1 --listen /ip4/127.0.0.1/tcp/0
 wait_for worker0.log "serving layers" "${PIDS[1]}"
 wait_for worker1.log "serving layers" "${PIDS[2]}"
 echo "both workers serving after ${SECONDS} s; asking: $PROMPT" >&2

@@ -70,13 +70,15 @@ class Swarm:
         self.addr = self._wait_for(proc, log, rf"(/ip4/127\.0\.0\.1/tcp/{port}/p2p/\w+)").group(1)
         return self.addr
 
-    def start_worker(self, *args: str, wait: bool = True, group_id: bool = True) -> subprocess.Popen:
+    def start_worker(self, *args: str, wait: bool = True, group_id: bool = True,
+                     threads: int | None = 1) -> subprocess.Popen:
         """A worker; with its own ``--group-id`` unless ``group_id`` is False (then its
-        identity is the first one no running worker holds)."""
+        identity is the first one no running worker holds). ``threads`` per rank: one
+        unless told, the suite's processes being many; None lets the worker take its
+        share of the machine's cores."""
         self._n += 1
         name = f"worker{self._n}"
-        # several workers share this machine's few cores: one thread each unless told
-        threads = [] if "--threads" in args else ["--threads", "1"]
+        threads = [] if "--threads" in args or threads is None else ["--threads", str(threads)]
         pinned = ["--group-id", name] if group_id else []
         proc, log = self._spawn(["worker", "--peer", self.addr, *pinned,
                                  "--listen", "/ip4/127.0.0.1/tcp/0", *threads, *args], name)

@@ -44,7 +44,8 @@ from p2pserve.errors import ConfigError
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(ENGINE_DTYPES),
               help="int8, int4: weight-only quantized, each rank quantizing its own slice as it loads.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="CPU threads per rank (default: cores / TP degree; use 1 when several workers share few cores).")
+              help="CPU threads per rank (default: the machine's cores divided among the ranks of its "
+                   "p2pserve workers, followed as workers come and go).")
 @click.option("--metrics", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, queue, forward passes).")
 @click.option("--join-timeout", type=click.FloatRange(0, 86400), default=300, show_default=True, metavar="SECONDS",
@@ -68,6 +69,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_k
     check_worker_flags(devices, kv_memory, metrics)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("p2pserve.cores").setLevel(logging.INFO)  # thread counts following the machine's workers
     h = home_dir(home)
     opts = WorkerOptions(
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,

@@ -31,7 +31,7 @@ from p2pserve.engine.weights import open_weights
 from p2pserve.errors import P2PServeError
 from p2pserve.heap import freeze_startup_heap
 from p2pserve.plan import Plan
-from p2pserve.ranks import world
+from p2pserve.ranks import cores, world
 from p2pserve.ranks.header import OP_ALLOC, OP_STEP, OP_STOP, Messenger
 from p2pserve.ranks.shm import all_reduce_for
 
@@ -80,11 +80,13 @@ class StageRunner:
 
 
 @torch.inference_mode()
-def follow(model: StageModel, group, leader_rank: int) -> None:
+def follow(model: StageModel, group, leader_rank: int, threads: cores.ThreadFollower | None = None) -> None:
     """A follower's whole life: mirror the leader's steps until it says stop."""
     leader = _group_messenger(model, group, leader_rank)
     while True:
         msg = leader.get()
+        if threads is not None:
+            threads.follow()
         if msg.op == OP_STOP:
             return
         if msg.op == OP_ALLOC:
@@ -103,12 +105,26 @@ class StagesSpec:
     world: world.World
     threads: int | None = None  # per rank; None: world.default_threads of its stage's TP
     quant: str | None = None  # weight format (int8, int4) of a quantized world, None for float weights
+    share_cores: bool = False  # without threads: follow this machine's share among its workers (ranks/cores.py)
 
     def __post_init__(self):
         if any(self.stages[k][1] != self.stages[k + 1][0] for k in range(len(self.stages) - 1)):
             raise P2PServeError(f"the stages of one world must be consecutive, got {list(self.stages)}")
         if self.world.size != self.layout.world_size:
             raise P2PServeError(f"{len(self.world.devices)} devices for a world of {self.layout.world_size} ranks")
+
+    @property
+    def ranks_at_once(self) -> int:
+        """Ranks computing at the same moment: one stage's TP group (stages take turns)."""
+        return max(tp for _, _, tp in self.stages)
+
+    def rank_threads(self, tp: int) -> int:
+        if self.threads:
+            return self.threads
+        return cores.share(self.ranks_at_once) if self.share_cores else world.default_threads(tp)
+
+    def thread_follower(self) -> cores.ThreadFollower | None:
+        return cores.ThreadFollower(self.ranks_at_once) if self.share_cores and not self.threads else None
 
     @property
     def layout(self) -> Plan:  # the world's ranks laid out as a plan: stage after stage
@@ -121,7 +137,8 @@ class _Member:
     def __init__(self, rank: int, spec: StagesSpec, source=None):
         layout = spec.layout
         self.stage = layout.stage_of_rank(rank)
-        device = world.join(spec.world, rank, spec.threads or world.default_threads(self.stage.tp))
+        device = world.join(spec.world, rank, spec.rank_threads(self.stage.tp))
+        self.threads = spec.thread_follower()
         groups = world.new_groups([s.ranks for s in layout.stages])
         self.group = groups[self.stage.index]
         start, end, tp = spec.stages[self.stage.index]
@@ -151,7 +168,7 @@ def serve_rank(rank: int, spec: StagesSpec) -> None:
     me = _Member(rank, spec)
     freeze_startup_heap()  # full GC passes must not walk the model and torch
     if rank != me.stage.first_rank:
-        follow(me.model, me.group, me.stage.first_rank)
+        follow(me.model, me.group, me.stage.first_rank, me.threads)
     else:
         _lead_later_stage(me)
     world.leave()
@@ -164,6 +181,8 @@ def _lead_later_stage(me: _Member) -> None:
     runner = me.runner
     while True:
         msg = upstream.get()
+        if me.threads is not None:
+            me.threads.follow()
         if msg.op == OP_STOP:
             if downstream is not None:
                 downstream.put(OP_STOP)
@@ -257,7 +276,7 @@ def open_runner(spec: StagesSpec, source=None):
         stages = LocalStages.start(spec, source)
         return stages, stages.close
     stage = spec.stages[0]
-    device = world.join(spec.world, 0, spec.threads or world.default_threads(1))
+    device = world.join(spec.world, 0, spec.rank_threads(1))
     model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype,
                        quant=spec.quant)
     return model, lambda: None
