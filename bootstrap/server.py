@@ -47,6 +47,7 @@ FIRST_TOKEN_TIMEOUT = 120.0  # seconds for a session to open and prefill
 TOKEN_TIMEOUT = 30.0
 MIN_TOKEN_TIMEOUT = 10.0
 MAX_ATTEMPTS = 4  # chains tried for one answer before giving up
+MAX_OTHER_HEADS = 8  # heads a head names to its workers (relays for those behind NATs)
 
 
 class Bootstrap:
@@ -59,6 +60,7 @@ class Bootstrap:
         self.head_cert: bytes | None = None  # from the head this one joined through, if any
         self.certified_by: str | None = None  # that head
         self.certify_heads = False  # may other heads join through this one (a private swarm)?
+        self.other_heads: dict[str, str] = {}  # peer id -> a multiaddr of another head of the swarm
         self.stream_interval = stream_interval
         self.config = config
         self.tokenizer = tokenizer
@@ -79,7 +81,19 @@ class Bootstrap:
             self.plans = self.planning.plans()
         heads = [self.host.get_id().to_base58()] + ([self.certified_by] if self.certified_by else [])
         return {"type": "plan", "model": self.config.name, "fingerprint": self.config.fingerprint(), "heads": heads,
+                "other_heads": list(self.other_heads.values()),
                 "config": self.config.to_dict(), "plans": [p.to_dict() for p in self.plans]}
+
+    def note_head(self, peer: str, addrs) -> None:
+        """Remember another head of the swarm at the first of ``addrs`` that names it: plan
+        replies pass it on, and a worker behind a NAT reserves a second relay slot there."""
+        for a in addrs if isinstance(addrs, list) else []:
+            if isinstance(a, str) and len(a) <= 512 and a.endswith(f"/p2p/{peer}") and "/p2p-circuit" not in a:
+                self.other_heads.pop(peer, None)
+                self.other_heads[peer] = a  # the latest joiner last; the oldest is forgotten first
+                while len(self.other_heads) > MAX_OTHER_HEADS:
+                    del self.other_heads[next(iter(self.other_heads))]
+                return
 
     async def handle_plan(self, stream) -> None:
         try:
@@ -94,6 +108,7 @@ class Bootstrap:
                                         "then issue session tickets; start the heads with --swarm-key, or list "
                                         f"{peer} in this head's --allow-peers", code="forbidden")
                 reply["head_cert"] = sign_head_cert(self.key_pair, peer)
+                self.note_head(peer, request.get("addrs"))
                 log.info("head %s joined the swarm", peer)
             await write_frame(stream, reply)
             await stream.close()

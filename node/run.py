@@ -127,6 +127,13 @@ def trusted_heads(joined: str, info: dict) -> frozenset[str]:
     return frozenset({joined, *named})
 
 
+def other_heads(info: dict) -> list[str]:
+    """Multiaddrs of the swarm's other heads, as the joined head names them: where a worker
+    behind a NAT reserves a second relay slot (net/nat.py: RelaySlots)."""
+    named = info.get("other_heads")
+    return [a for a in named if isinstance(a, str) and len(a) <= 512][:8] if isinstance(named, list) else []
+
+
 async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
     stream = await host.new_stream(peer_id, [PLAN])
     await write_frame(stream, request or {"type": "plan"})
@@ -238,10 +245,12 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
 
             def record():
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,
-                                   group_id=opts.group_id, addrs=addrs)
+                                   group_id=opts.group_id, addrs=reach.addrs)
 
-            # reachable directly, or behind a NAT through a relay slot on the head (one line says which)
-            async with traversing_nat(host, bootstrap_id, opts.peer, host_multiaddrs(host), opts.announce) as reach, \
+            # reachable directly, or behind a NAT through relay slots on the heads (a line says which;
+            # reach.addrs follows the reservations as they are lost and made again)
+            async with traversing_nat(host, bootstrap_id, opts.peer, host_multiaddrs(host), opts.announce,
+                                      other_heads(info)) as reach, \
                     running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
                 addrs = reach.addrs
                 async with trio.open_nursery() as nursery:

@@ -82,7 +82,7 @@ async def join_swarm(host, peers: tuple[str, ...], config):
     """(the swarm's plan, (this head's certificate, its issuer), the reachable peers) from the first head
     of ``peers`` that answers; it must serve the same model."""
     from p2pserve.errors import ConfigError, NetworkError
-    from p2pserve.net.host import connect
+    from p2pserve.net.host import connect, host_multiaddrs
     from p2pserve.net.wire import RemoteError
     from p2pserve.node.run import fetch_plan
     from p2pserve.plan import Plan
@@ -91,7 +91,7 @@ async def join_swarm(host, peers: tuple[str, ...], config):
     for address in peers:
         try:
             head = await connect(host, address, timeout=15)
-            info = await fetch_plan(host, head, {"type": "plan", "head": True})
+            info = await fetch_plan(host, head, {"type": "plan", "head": True, "addrs": host_multiaddrs(host)})
         except (NetworkError, RemoteError) as e:
             failures.append(str(e))
             continue
@@ -150,6 +150,8 @@ async def serve(listen, model_path, hetero_config, pp_partition, policy, home, v
                              stream_interval=stream_interval, allowed_peers=allowed_peers)
             node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
             (node.head_cert, node.certified_by), node.certify_heads = head_cert, swarm_key is not None
+            if node.certified_by:
+                node.note_head(node.certified_by, list(join_peers))
             for protocol, handler in ((ANNOUNCE, node.handle_announce), (PLAN, node.handle_plan),
                                       (QUERY, node.handle_query), (STATUS, node.handle_status)):
                 serve_protocol(host, protocol, handler)

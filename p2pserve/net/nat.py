@@ -8,6 +8,11 @@
     stage 0 ──dial(that address)──▶ head ──STOP──▶ worker   (net/host.py: dial)
     DCUtR then tries to punch a direct connection beside the relayed one.
 
+Where the swarm has several heads, the worker keeps a slot on a second one too and
+announces both relayed addresses; a slot lost (its head died, the connection closed, a
+refresh refused) is reserved again, on the same head once it answers or on another
+(`RelaySlots`). Heads name the other heads they know in their plan replies.
+
 Why not py-libp2p's AutoNAT as it ships (libp2p/host/autonat/autonat.py, 0.8.1): its
 server dials back with ``host.connect`` on the host the request arrived on, which is
 already connected to the requester, so every dial-back "succeeds" and every peer is
@@ -33,6 +38,7 @@ What is broken in py-libp2p's relay (0.8.1) and worked around here:
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -47,10 +53,13 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -64,6 +73,11 @@ DIALBACK_MAX_ADDRS = 8   # addresses a head dials back for one request
 CHECK_TIMEOUT = 30.0     # seconds a worker waits for the head's verdict
 RELAY_DIAL_ATTEMPTS = 3
 RELAY_DIAL_BACKOFF = 0.5  # seconds before the second try, twice that before the third
+RELAY_SLOTS = 2          # heads a worker behind a NAT holds a reservation on at once
+RESERVE_TIMEOUT = 15.0   # seconds to reach a head and reserve a slot on it
+RELAY_WATCH = 0.5        # seconds between looks at a relay's connection
+RELAY_RETRY = 1.0        # seconds before a failed head is tried again, doubling ...
+RELAY_RETRY_MAX = 30.0   # ... up to this
 # A head relays the swarm's own traffic, for as long as a worker serves.
 HEAD_RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=1024,
                                 max_reservations=1024, reservation_ttl=3600)
@@ -127,11 +141,123 @@ async def serving_relay(host, swarm_key: str | None = None):
 # --- a worker: reachability, a reservation, hole punching ----------------------------------
 
 
+class RelaySlots:
+    """A worker behind a NAT keeps a reservation on up to ``slots`` of the swarm's heads at
+    once, the one it joined through first: a head that dies takes only its own relayed
+    address with it. Each slot is a task that reserves on the first head no other slot
+    holds, refreshes the reservation, and when the connection to that head closes or a
+    refresh is refused, reserves again: on the same head once it answers, else on another
+    (a head that failed waits RELAY_RETRY seconds, doubling, before it is tried again).
+    ``addrs``: the relayed addresses held now, in the order of ``heads``."""
+
+    def __init__(self, host, heads: list[tuple[ID, str]], slots: int = RELAY_SLOTS):
+        self.host = host
+        self.heads = heads  # (peer id, multiaddr), preferred first
+        self.slots = slots
+        self.held: dict[ID, str] = {}  # head -> this worker's relayed address through it
+        self.failures: dict[ID, str] = {}  # head -> why its latest reservation failed
+        self._claimed: set[ID] = set()
+        self._retry_at: dict[ID, float] = {}
+        self._backoff: dict[ID, float] = {}
+        self._changed = trio.Event()
+
+    @property
+    def addrs(self) -> list[str]:
+        return [self.held[h] for h, _ in self.heads if h in self.held]
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.slots, len(self.heads))):
+                nursery.start_soon(self._keep_one)
+
+    async def settled(self) -> None:
+        """Until a reservation is held or every head has failed once."""
+        while not self.held and len(self.failures) < len(self.heads):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _next_head(self) -> tuple[ID, str] | None:
+        now = trio.current_time()
+        for head, addr in self.heads:
+            if head not in self._claimed and self._retry_at.get(head, 0.0) <= now:
+                return head, addr
+        return None
+
+    async def _keep_one(self) -> None:
+        while True:
+            pick = self._next_head()
+            if pick is None:
+                await trio.sleep(RELAY_WATCH)
+                continue
+            head, head_addr = pick
+            self._claimed.add(head)
+            try:
+                try:
+                    expires = await self._reserve(head, head_addr)
+                except NetworkError as e:
+                    self.failures[head] = str(e)
+                    self._backoff[head] = min(2 * self._backoff.get(head, RELAY_RETRY / 2), RELAY_RETRY_MAX)
+                    self._retry_at[head] = trio.current_time() + self._backoff[head]
+                    log.info("%s; trying again in %g s", e, self._backoff[head])
+                    continue
+                finally:
+                    self._notify()
+                self._backoff.pop(head, None)
+                self.failures.pop(head, None)
+                self.held[head] = f"{head_addr}/p2p-circuit/p2p/{self.host.get_id().to_base58()}"
+                click.echo(f"behind NAT: serving through relay {self.held[head]}", err=True)
+                self._notify()
+                try:
+                    why = await self._hold(head, expires)
+                finally:
+                    lost = self.held.pop(head)
+                    self._notify()
+                click.echo(f"relay slot lost ({why}): no longer serving through {lost}; reserving again", err=True)
+            finally:
+                self._claimed.discard(head)
+
+    async def _reserve(self, head: ID, head_addr: str) -> float:
+        if not self.host.get_network().connections.get(head):
+            await connect(self.host, head_addr, timeout=RESERVE_TIMEOUT)
+        return await reserve_slot(self.host, head)
+
+    async def _hold(self, head: ID, expires: float) -> str:
+        """Until the reservation on ``head`` is lost; why it was."""
+        while True:
+            # refresh at the middle of what is left, and no later than a minute before expiry
+            refresh_at = time.time() + max(0.0, min((expires - time.time()) / 2, expires - time.time() - 60))
+            while time.time() < refresh_at:
+                if not self.host.get_network().connections.get(head):
+                    return f"the connection to relay {head} closed"
+                await trio.sleep(RELAY_WATCH)
+            try:
+                expires = await reserve_slot(self.host, head)
+            except NetworkError as e:
+                return f"refresh refused: {e}"
+
+
 @dataclass
 class Reachability:
-    addrs: list[str]          # what the worker announces, best first
+    announce: list[str]       # --announce addresses: announced first whatever else holds
+    listen: list[str]
     direct: str | None        # the address the head reached it at, if any
-    relay: str | None         # its relayed address, if it serves through a relay
+    relays: RelaySlots | None  # its reservations, if it serves through relays
+
+    @property
+    def addrs(self) -> list[str]:
+        """What the worker announces now, best first (the relayed addresses change as
+        reservations are lost and made)."""
+        if self.direct:
+            return self.announce + [a for a in self.listen if a not in self.announce]
+        return self.announce + ((self.relays and self.relays.addrs) or self.listen)
+
+    @property
+    def relay(self) -> str | None:
+        """Its first relayed address, if it serves through a relay now."""
+        return next(iter(self.relays.addrs), None) if self.relays else None
 
 
 async def check_reachable(host, head: ID, addrs: list[str]) -> str | None:
@@ -148,50 +274,68 @@ async def check_reachable(host, head: ID, addrs: list[str]) -> str | None:
     return f"{_maddr(reached)}/p2p/{host.get_id().to_base58()}"
 
 
-async def reserve(host, relay: ID, relay_addr: str, transport: CircuitV2Transport, nursery) -> str:
-    """A slot on ``relay`` (refreshed before it lapses); this host's relayed address.
-    NetworkError if the relay refuses or does not answer."""
+async def reserve_slot(host, relay: ID) -> float:
+    """One RESERVE on ``relay`` (a new reservation, or the refresh of the one held); when it
+    expires (unix seconds). NetworkError if the relay refuses or does not answer.
+
+    Sent here rather than through ``CircuitV2Transport.reserve``, whose own refresher keeps
+    trying a relay that is gone and tells nobody (RelaySlots notices and moves on)."""
     try:
-        with trio.fail_after(CHECK_TIMEOUT):
+        with trio.fail_after(RESERVE_TIMEOUT):
             stream = await host.new_stream(relay, [HOP_PROTOCOL_ID])
             try:
-                ok = await transport.reserve(stream, relay, nursery)
+                await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+                reply = await read_delimited_msg(stream, HopMessage)
             finally:
-                await stream.close()
+                with trio.move_on_after(1):
+                    await stream.close()
     except Exception as e:
         raise NetworkError(f"cannot reserve a slot on relay {relay}: {e or type(e).__name__}") from None
-    if not ok:
-        raise NetworkError(f"relay {relay} refused a reservation (is it a p2pserve head of this swarm?)")
-    return f"{relay_addr}/p2p-circuit/p2p/{host.get_id().to_base58()}"
+    if reply.status != StatusCode.OK:
+        raise NetworkError(f"relay {relay} refused a reservation (status {reply.status}; "
+                           f"is it a p2pserve head of this swarm?)")
+    return float(reply.reservation.expire) if reply.HasField("reservation") else time.time() + 60
 
 
 @asynccontextmanager
-async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str], announce: list[str] = ()):
+async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str], announce: list[str] = (),
+                         other_heads: list[str] = ()):
     """For the block: this worker accepts relayed connections and punches holes (DCUtR);
-    yields its `Reachability` after one line on stderr says what it found. Addresses in
-    ``announce`` (port-forwarded ones) come first whatever the check finds."""
+    yields its `Reachability` after a line on stderr says what it found. Addresses in
+    ``announce`` (port-forwarded ones) come first whatever the check finds. Not reachable
+    directly, it keeps reservations on the head and on one of ``other_heads`` (multiaddrs
+    of the swarm's other heads) for the whole block (`RelaySlots`)."""
     stop = CircuitV2Protocol(host, allow_hop=False)  # accepts connections relayed to us
     async with background_trio_service(stop), background_trio_service(DCUtRProtocol(host)), \
             trio.open_nursery() as nursery:
         announce = list(announce)
         direct = await check_reachable(host, head, announce + listen_addrs)
-        relay_addr = None
+        relays = None
         if direct:
             click.echo(f"reachable directly at {direct}", err=True)
-            addrs = announce + [a for a in listen_addrs if a not in announce]
         else:
-            transport = CircuitV2Transport(host, stop, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT))
-            try:
-                relay_addr = await reserve(host, head, head_addr, transport, nursery)
-            except NetworkError as e:
-                click.echo(f"not reachable directly and no relay slot ({e}): announcing "
-                           f"{', '.join(announce + listen_addrs)}", err=True)
-                addrs = announce + listen_addrs
-            else:
-                click.echo(f"behind NAT: serving through relay {relay_addr}", err=True)
-                addrs = announce + [relay_addr]
-        yield Reachability(addrs, direct, relay_addr)
-        nursery.cancel_scope.cancel()  # the reservation's refresher
+            relays = RelaySlots(host, [(head, head_addr)] + _heads(other_heads, exclude=head))
+            nursery.start_soon(relays.run)
+            await relays.settled()
+            if not relays.held:
+                click.echo(f"not reachable directly and no relay slot ({'; '.join(relays.failures.values())}): "
+                           f"announcing {', '.join(announce + listen_addrs)} until a head takes a reservation",
+                           err=True)
+        yield Reachability(announce, list(listen_addrs), direct, relays)
+        nursery.cancel_scope.cancel()  # the reservations' keepers
+
+
+def _heads(addrs: list[str], exclude: ID) -> list[tuple[ID, str]]:
+    heads = []
+    for a in addrs:
+        try:
+            peer = ID.from_base58(multiaddr.Multiaddr(a).get_peer_id())
+        except Exception:
+            log.info("ignoring head address %r: not a multiaddr with /p2p/<peer-id>", a)
+            continue
+        if peer != exclude and all(peer != h for h, _ in heads):
+            heads.append((peer, a))
+    return heads
 
 
 # --- dialling a relayed address -----------------------------------------------------------
