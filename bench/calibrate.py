@@ -106,7 +106,7 @@ async def measure(args, addr, pipe, ids):
     from p2pserve.node.compute import compute_thread
     from p2pserve.planner import measure_device
     from p2pserve.engine.generate import SamplingParams
-    from tests.swarm import client
+    from p2pserve.testing.swarm import client
 
     params = SamplingParams(max_new_tokens=args.tokens)
     speeds, run, swarm, together = [], [], [], []
@@ -219,7 +219,7 @@ def main() -> None:
     from p2pserve.ranks.pipeline import LocalPipeline
     from p2pserve.plan import Plan
     from p2pserve.engine.weights import open_weights
-    from tests.swarm import Swarm
+    from p2pserve.testing.swarm import Swarm
 
     quiet_libp2p_logs()
     source = open_weights(None)

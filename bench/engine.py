@@ -47,6 +47,7 @@ from p2pserve.ranks.world import default_threads
 from p2pserve.plan import Plan
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
+from p2pserve.testing.machine import cpu_model
 
 PROMPT = "What is the capital of France?"
 ALL_PLANS = ["1/30", "1,1/15,15", "2,1/20,10", "1,2,1/7,11,12", "3/30"]
@@ -54,18 +55,6 @@ QUICK_PLANS = ["1/30", "1,1/15,15"]
 CORES = os.cpu_count() or 1
 DTYPES = ["fp32", "bf16", "int8", "int4"]
 BANDWIDTH_BYTES = 1 << 30  # read per measurement: far beyond any CPU's caches
-
-
-def cpu_model() -> str:
-    """lscpu's model name (the figures mean little without it)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown CPU")
 
 
 def read_bandwidth(threads: int, reps: int = 5) -> float:

@@ -8,7 +8,7 @@ reported either way. One table, one row per check, in a few minutes on one GPU:
 
 - **parity fp32 / bf16**: a one-stage ``p2pserve run`` (``LocalPipeline``, greedy) against
   transformers on the same device, token for token. fp32 must give transformers' tokens
-  and prompt logits within the rounding bound of ``tests/tolerance.py`` (TF32 off). bf16
+  and prompt logits within the rounding bound of ``p2pserve/testing/tolerance.py`` (TF32 off). bf16
   must give transformers' fp32 tokens up to the first step where fp32's two best logits
   lie within ``BF16_MARGIN`` of each other (a near-tie that bf16 rounding may flip).
 - **int8 / int4 kernels**: ``quant``'s packed weights (``_weight_int4pack_mm`` for int4,
@@ -37,7 +37,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the shared tolerance
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p2pserve, installed or not
 
 import p2pserve  # noqa: E402,F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch  # noqa: E402
@@ -50,7 +50,7 @@ from p2pserve.errors import ConfigError, WeightsError  # noqa: E402
 from p2pserve.plan import Plan  # noqa: E402
 from p2pserve.ranks import world  # noqa: E402
 from p2pserve.ranks.pipeline import LocalPipeline, parse_dtype, weight_format  # noqa: E402
-from tests.tolerance import rounding_tolerance, stack_reduction_length  # noqa: E402
+from p2pserve.testing.tolerance import rounding_tolerance, stack_reduction_length  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 BF16_MARGIN = 1.0  # logits: below it, bf16's rounding may rank the two best either way

@@ -187,7 +187,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.swarm import end_child
+    from p2pserve.testing.swarm import end_child
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import PROMPTS, swarm_round  # noqa: E402
 from p2pserve.engine.weights import open_weights  # noqa: E402
-from tests.swarm import Swarm, client  # noqa: E402
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+from p2pserve.testing.swarm import Swarm, client  # noqa: E402
+from p2pserve.testing.machine import cpu_model  # noqa: E402
 
 
 async def measure(rate: float, args, encoded) -> dict:

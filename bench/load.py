@@ -1,6 +1,6 @@
 """Throughput under load, and failover recovery, on a real swarm on 127.0.0.1.
 
-    python bench/load.py [--tokens 64] [--sessions 1 4 16] [--reps 2] [--threads N] [--no-failover]
+    python bench/load.py [--tokens 64] [--sessions 1 4 16] [--reps 2] [--threads auto N ...] [--no-failover]
 
 Starts a bootstrap and three workers (stage 0 once, stage 1 twice: SmolLM2-135M,
 [1 1]/[15 15]) through the CLI, then for each concurrency c sends c queries at once and
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from p2pserve.net.client import ask  # noqa: E402
 from p2pserve.engine.generate import SamplingParams  # noqa: E402
 from p2pserve.engine.weights import default_model_path, open_weights  # noqa: E402
-from tests.reference import hf_model  # noqa: E402
-from tests.swarm import Swarm, client  # noqa: E402
+from p2pserve.testing.reference import hf_model  # noqa: E402
+from p2pserve.testing.swarm import Swarm, client  # noqa: E402
+from p2pserve.testing.machine import cpu_model  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
            "What is 2 + 2?", "Tell me a fun fact about cats.", "Who wrote Hamlet?"]
@@ -99,18 +100,16 @@ async def failover(swarm: Swarm, c, ids, n_tokens: int) -> list[float]:
     return []
 
 
-async def main(args):
-    tok = open_weights(None).tokenizer()
-    encoded = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = hf_model(default_model_path())
-    rows = []
+async def measure(args, threads: str, encoded, model, hf_cache: dict) -> tuple[list, list | None]:
+    """One swarm whose workers run ``threads`` torch threads per rank ("auto": their own
+    share of the machine, ranks/cores.py): its rows (sessions, steady, span, transformers)
+    and its failover recovery."""
+    rows, recovery = [], None
     with tempfile.TemporaryDirectory(prefix="p2pserve-bench-load.") as tmp, Swarm(Path(tmp)) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--policy", "latency")
-        # the three workers compute at once under load: they split the cores, as a user
-        # running several workers on one machine should (--threads of `p2pserve worker`)
-        threads = str(args.threads or max(1, (os.cpu_count() or 1) // 3))
-        procs = [swarm.start_worker("--stage", s, "--threads", threads, wait=False) for s in ("0", "1", "1")]
+        # the three workers compute at once under load
+        procs = [swarm.start_worker("--stage", s, threads=None if threads == "auto" else int(threads), wait=False)
+                 for s in ("0", "1", "1")]
         for p in procs:
             swarm.wait_serving(p)
         async with client(swarm.addr) as c:
@@ -123,25 +122,44 @@ async def main(args):
                     sys.exit(f"{n} queries of {args.tokens} tokens decoded together for under 0.5 s: raise --tokens")
                 sw = statistics.median(r[0] for r in runs)
                 span = statistics.median(r[1] for r in runs)
-                hf = hf_round(model, prompts[: min(n, 4)], args.tokens)  # sequential: c does not matter
-                rows.append((n, sw, span, hf))
-                print(f"  measured {n:>2} sessions: swarm {sw:7.1f} tok/s (span {span:6.1f})   "
-                      f"transformers {hf:6.1f} tok/s", flush=True)
-            recovery = None if args.no_failover else await failover(swarm, c, encoded[0], 48)
-    base_sw, base_span, base_hf = rows[0][1], rows[0][2], rows[0][3]
-    print(f"\nswarm tok/s: steady = while all c queries decode at once; span = first token to last "
-          f"(includes the others' prefills and the stragglers' tail); {args.tokens} tokens per query, "
-          f"median of {args.reps}; {threads} torch threads per worker")
-    print("sessions | steady tok/s | x 1-session | span tok/s | x 1-session | transformers tok/s | x 1-session "
+                if n not in hf_cache:  # sequential: c does not matter, and neither do the workers' threads
+                    hf_cache[n] = hf_round(model, prompts[: min(n, 4)], args.tokens)
+                rows.append((n, sw, span, hf_cache[n]))
+                print(f"  threads {threads}, {n:>2} sessions: swarm {sw:7.1f} tok/s (span {span:6.1f})   "
+                      f"transformers {hf_cache[n]:6.1f} tok/s", flush=True)
+            if not args.no_failover:
+                recovery = await failover(swarm, c, encoded[0], 48)
+    return rows, recovery
+
+
+async def main(args):
+    tok = open_weights(None).tokenizer()
+    encoded = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = hf_model(default_model_path())
+    hf_cache: dict[int, float] = {}
+    results = {threads: await measure(args, threads, encoded, model, hf_cache) for threads in args.threads}
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {args.tokens} tokens per query, median of {args.reps}")
+    print("swarm tok/s: steady = while all c queries decode at once; span = first token to last "
+          "(includes the others' prefills and the stragglers' tail); threads: per rank of each of the "
+          "3 workers, 'auto' = the workers' own share of the machine")
+    print("threads | sessions | steady tok/s | x 1-session | span tok/s | x 1-session | transformers tok/s "
           "| steady / transformers")
-    for n, sw, span, hf in rows:
-        print(f"{n:>8} | {sw:12.1f} | {sw / base_sw:11.2f} | {span:10.1f} | {span / base_span:11.2f} | "
-              f"{hf:18.1f} | {hf / base_hf:11.2f} | {sw / hf:8.2f}")
-    n, sw = rows[-1][0], rows[-1][1]
-    print(f"target: at 16 sessions at least 4x one session's throughput (steady): "
-          f"{sw / base_sw:.2f}x at {n}, {'met' if n >= 16 and sw / base_sw >= 4 else 'NOT met'}")
-    if recovery is not None:
-        print(f"\nfailover: kill -9 of a stage-1 replica mid-answer, next token after {recovery} s")
+    for threads, (rows, _) in results.items():
+        base_sw, base_span = rows[0][1], rows[0][2]
+        for n, sw, span, hf in rows:
+            print(f"{threads:>7} | {n:>8} | {sw:12.1f} | {sw / base_sw:11.2f} | {span:10.1f} | "
+                  f"{span / base_span:11.2f} | {hf:18.1f} | {sw / hf:8.2f}")
+    first = args.threads[0]
+    for threads in args.threads[1:]:
+        ratios = ", ".join(f"{n}: {sw / ref[1]:.2f}x" for (n, sw, *_), ref in zip(results[threads][0], results[first][0]))
+        print(f"threads {threads} against threads {first}, steady tok/s by sessions: {ratios}")
+    for threads, (rows, recovery) in results.items():
+        n, sw = rows[-1][0], rows[-1][1]
+        print(f"threads {threads}: at {n} sessions {sw / rows[0][1]:.2f}x one session's throughput (steady; "
+              f"target 4x at 16: {'met' if n >= 16 and sw / rows[0][1] >= 4 else 'NOT met'})"
+              + (f"; failover: kill -9 of a stage-1 replica mid-answer, next token after {recovery} s"
+                 if recovery is not None else ""))
 
 
 if __name__ == "__main__":
@@ -150,6 +168,7 @@ if __name__ == "__main__":
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-failover", action="store_true")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: cores // 3, the 3 workers share this machine)")
+    p.add_argument("--threads", nargs="+", default=["auto"],
+                   help="torch threads per worker rank, one swarm each: 'auto' (the workers divide the "
+                        "machine's cores themselves) or a number; e.g. --threads auto 2 1")
     trio.run(main, p.parse_args())

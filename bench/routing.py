@@ -21,17 +21,7 @@ import time
 
 from p2pserve.bootstrap.registry import Registry
 from p2pserve.net.records import WorkerRecord
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from p2pserve.testing.machine import cpu_model
 
 
 def swarm(stages: int, replicas: int, rtts: int, seed: int = 0) -> Registry:

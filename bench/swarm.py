@@ -133,7 +133,7 @@ def time_transformers(model, ids, n):
 async def measure(args, swarm_addr, hop_addr, hop_port, pipes, hf, ids):
     from p2pserve.net.host import connect
     from p2pserve.engine.generate import SamplingParams
-    from tests.swarm import client
+    from p2pserve.testing.swarm import client
 
     from p2pserve.node.compute import compute_thread
 
@@ -258,8 +258,8 @@ def main() -> None:
     from p2pserve.ranks.pipeline import LocalPipeline
     from p2pserve.plan import Plan
     from p2pserve.engine.weights import default_model_path, open_weights
-    from tests.reference import hf_model
-    from tests.swarm import Swarm, end_child
+    from p2pserve.testing.reference import hf_model
+    from p2pserve.testing.swarm import Swarm, end_child
 
     quiet_libp2p_logs()
     tokenizer = open_weights(None).tokenizer()

@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from p2pserve.testing.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PROMPT = "What is the capital of France?"
@@ -72,7 +74,7 @@ def client_main(addr: str, tokens: int, prefill_tokens: int) -> None:
     from p2pserve.engine.generate import SamplingParams
     from p2pserve.engine.weights import open_weights
     from p2pserve.net.client import ask
-    from tests.swarm import client
+    from p2pserve.testing.swarm import client
 
     tokenizer = open_weights(None).tokenizer()
     short = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
@@ -283,11 +285,6 @@ def time_run(pipe, args) -> dict:
             stamps.append(time.perf_counter())
             tokens.append(item)
     return {"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "tokens": tokens}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def cell(xs: list[float], scale: float = 1e3) -> str:

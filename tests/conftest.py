@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .swarm import Swarm
+from p2pserve.testing.swarm import Swarm
 
 
 @pytest.fixture(scope="session")

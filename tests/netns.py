@@ -356,7 +356,7 @@ class Peers:
         return self.wait_for(proc, r"worker (\w+) serving layers", timeout).group(1)
 
     def wait_for(self, proc: subprocess.Popen, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
-        from tests.swarm import wait_for_log  # here, not at the top: the delay relay runs this file as a script
+        from p2pserve.testing.swarm import wait_for_log  # here, not at the top: the delay relay runs this file as a script
 
         return wait_for_log(proc, self.logs[proc.pid], pattern, timeout)
 

@@ -26,8 +26,8 @@ from p2pserve.net.records import WorkerRecord, sign_record
 from p2pserve.net.wire import RemoteError, WireTimeout, read_frame, send_message, write_frame
 from p2pserve.node.link import serve_link
 
-from .reference import chat_references
-from .swarm import client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import client
 from .test_link import _End
 from .test_wire import Pipe
 
@@ -313,7 +313,7 @@ async def test_a_liar_that_slipped_in_is_caught_by_spot_checks_and_its_answer_co
     """With the admission probe off (a liar that behaved while probed), every answer spot
     checked as it streams: the liar's first user answer is caught by two honest chains, the
     liar is banned, and the user still receives the right text, from another chain."""
-    from .swarm import Swarm
+    from p2pserve.testing.swarm import Swarm
 
     with Swarm(tmp_path) as swarm:
         swarm.start_bootstrap("--pp-partition", "15", "15", "--no-admission-probe", "--spot-check", "1")

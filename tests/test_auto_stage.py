@@ -23,8 +23,8 @@ from p2pserve.net.records import WorkerRecord
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
 
-from .reference import cached_hf_model, hf_greedy
-from .swarm import Swarm, client
+from p2pserve.testing.reference import cached_hf_model, hf_greedy
+from p2pserve.testing.swarm import Swarm, client
 
 CONFIG = open_weights(None).config
 # Small enough that no worker holds the whole model: 0.25 GiB usable beside the 1 GiB a CPU keeps

@@ -18,9 +18,9 @@ from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import open_weights
 
-from .reference import hf_greedy, hf_model
+from p2pserve.testing.reference import hf_greedy, hf_model
 from .tiny import make_tiny_llama
-from .tolerance import rounding_tolerance, stack_reduction_length
+from p2pserve.testing.tolerance import rounding_tolerance, stack_reduction_length
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from p2pserve.engine.generate import SamplingParams
 from p2pserve.ranks import cores
 from p2pserve.ranks.cores import CoreShare, ThreadFollower, live_ranks, share
 
-from .swarm import Swarm, client
+from p2pserve.testing.swarm import Swarm, client
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.tp import shard_for, split_evenly
 from p2pserve.engine.weights import open_weights
 
-from .reference import hf_greedy, hf_model
+from p2pserve.testing.reference import hf_greedy, hf_model
 from .tiny import make_tiny_llama
 
 GREEDY = SamplingParams(max_new_tokens=24)

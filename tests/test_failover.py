@@ -12,8 +12,8 @@ from p2pserve.net.protocols import HEARTBEAT
 from p2pserve.net.client import QueryError, ask
 from p2pserve.engine.generate import SamplingParams
 
-from .reference import chat_references
-from .swarm import Swarm, client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import Swarm, client
 
 N = 40
 GREEDY = SamplingParams(max_new_tokens=N)

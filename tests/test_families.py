@@ -15,7 +15,7 @@ from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan
 from p2pserve.ranks.pipeline import LocalPipeline
 
-from .reference import hf_greedy
+from p2pserve.testing.reference import hf_greedy
 from .tiny import make_tiny_gguf, make_tiny_llama, make_tiny_mistral, make_tiny_qwen2, make_tiny_qwen3
 
 GREEDY = SamplingParams(max_new_tokens=24)

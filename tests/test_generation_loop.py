@@ -19,7 +19,7 @@ from p2pserve.node.sessions import Session, StageServer
 from p2pserve.ranks import pipeline
 from p2pserve.ranks.pipeline import LocalPipeline
 
-from .reference import hf_greedy, hf_model
+from p2pserve.testing.reference import hf_greedy, hf_model
 from .test_upstream import _Recorder
 from .tiny import make_tiny_llama
 

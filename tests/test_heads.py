@@ -13,8 +13,8 @@ from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.host import read_swarm_key
 from p2pserve.ranks.world import free_port
 
-from .reference import chat_references
-from .swarm import Swarm, client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import Swarm, client
 
 N = 12
 PROMPT = "What is the capital of France?"

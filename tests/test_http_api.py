@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from .swarm import client
+from p2pserve.testing.swarm import client
 
 
 @pytest.fixture

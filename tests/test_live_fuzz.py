@@ -16,8 +16,8 @@ from p2pserve.net.host import connect
 from p2pserve.net.protocols import ANNOUNCE, LINK, PLAN, QUERY, SESSION, STATUS
 from p2pserve.net.wire import read_frame
 
-from .reference import chat_references
-from .swarm import client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import client
 
 FRAMES_PER_PROTOCOL = 200
 PROMPT = "Name three colours."

@@ -15,7 +15,7 @@ import trio
 from p2pserve.net.records import RECORD_TTL
 from p2pserve.ranks.world import free_port
 
-from .swarm import Swarm, client
+from p2pserve.testing.swarm import Swarm, client
 
 MODEL = "smollm2-135m-instruct"
 KEY = "sk-test-main"  # --api-key

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .swarm import Swarm
+from p2pserve.testing.swarm import Swarm
 
 ROOT = Path(__file__).resolve().parents[1]
 

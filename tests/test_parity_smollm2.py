@@ -9,7 +9,7 @@ from p2pserve.plan import Plan
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
 
-from .reference import cached_hf_model, hf_greedy
+from p2pserve.testing.reference import cached_hf_model, hf_greedy
 
 PROMPT = "What is the capital of France?"
 N_TOKENS = 64

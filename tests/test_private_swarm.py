@@ -12,7 +12,7 @@ from p2pserve.net.protocols import ANNOUNCE
 from p2pserve.net.records import WorkerRecord, sign_record
 from p2pserve.net.wire import RemoteError, read_frame, write_frame
 
-from .swarm import Swarm, client
+from p2pserve.testing.swarm import Swarm, client
 
 
 async def test_a_private_swarm_admits_only_key_holders_and_listed_workers(tmp_path):

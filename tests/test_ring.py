@@ -21,8 +21,8 @@ from p2pserve.net.wire import RemoteError, read_frame, write_frame
 from p2pserve.node.compute import InlineCompute
 from p2pserve.node.sessions import Session, StageServer
 
-from .reference import chat_references
-from .swarm import Swarm, client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import Swarm, client
 from .tiny import make_tiny_llama
 
 N = 16

@@ -13,8 +13,8 @@ from p2pserve.net.protocols import LINK, SESSION
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.wire import RemoteError, read_frame, send_message, write_frame
 
-from .reference import chat_references
-from .swarm import Swarm, client
+from p2pserve.testing.reference import chat_references
+from p2pserve.testing.swarm import Swarm, client
 from .tiny import make_tiny_llama
 
 N = 24

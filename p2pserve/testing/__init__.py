@@ -1,0 +1,4 @@
+"""What p2pserve's tests and benchmarks share: real peers started as a user starts them
+(``swarm``), the transformers reference every answer is measured against (``reference``),
+float tolerances derived from the computation (``tolerance``) and the machine a figure
+was measured on (``machine``). Nothing in the serving path imports it."""
