@@ -23,7 +23,10 @@ to another crosses the hub once. There the link is made slow:
 
 A NAT'd machine sits behind a gateway namespace on 192.168.77.0/24; the gateway is a
 machine of the hub's network and masquerades (nftables) what leaves it: the machine
-can dial out, nobody can dial in.
+can dial out, nobody can dial in. A plain gateway's own TCP stack answers a SYN that no
+mapping claims with a reset; one with ``firewall=True`` drops it, as home routers do,
+which is what TCP hole punching needs (the first punching SYN to arrive would otherwise
+be reset, killing the other side's attempt and its mapping).
 
 Everything is torn down by `close()` (and on interpreter exit): processes started here
 are killed by process group, then the namespaces are deleted, which removes their
@@ -120,8 +123,9 @@ class Network:
 
     # --- building ------------------------------------------------------------------------
 
-    def machine(self, name: str, nat: bool = False) -> Machine:
-        """A new machine on the hub's network, or behind its own NAT gateway if ``nat``."""
+    def machine(self, name: str, nat: bool = False, firewall: bool = False) -> Machine:
+        """A new machine on the hub's network, or behind its own NAT gateway if ``nat``
+        (whose ``firewall`` drops unsolicited packets instead of resetting them)."""
         if name in self.machines:
             raise ValueError(f"machine {name!r} exists already")
         if not nat:
@@ -146,7 +150,9 @@ class Network:
                           'table ip filter {\n'
                           '  chain forward { type filter hook forward priority filter; policy drop;\n'
                           '    ct state established,related accept; iifname "lan0" oifname "wan0" accept; }\n'
-                          '}\n')
+                          + ('  chain input { type filter hook input priority filter; policy accept;\n'
+                             '    iifname "wan0" ct state new drop; }\n' if firewall else '')
+                          + '}\n')
             m = Machine(name, ns, f"{NAT_LAN}.2", public, nat=True)
         self.machines[name] = m
         return m
@@ -455,14 +461,16 @@ def relay_main(port: int, delay_ms: float) -> None:
 def nat_peer_main(role: str, args: list[str]) -> None:
     """``head IP``: a host on IP:31337 relaying (net/nat.py: serving_relay); prints its address.
     ``hidden HEAD``: joins HEAD, prints what net/nat.py found ("relayed ADDR" or "direct ADDR").
-    ``dial HEAD TARGET``: the same, then dials TARGET (a relayed address) and prints
+    ``dial HEAD TARGET [WAIT]``: the same, then dials TARGET (a relayed address) and prints
     "direct" once DCUtR has given it a direct connection to the target, "relayed" if none
-    came within the wait. Each runs until stdin closes."""
+    came within WAIT seconds (30); then answers each line "ping" on stdin with "pong" (a
+    libp2p ping of the target went through) or "no pong". Each runs until stdin closes."""
     import trio
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     from p2pserve.net.host import connect, dial, host_multiaddrs, quiet_libp2p_logs, running_host
     from p2pserve.net.nat import serving_relay, traversing_nat
+    from p2pserve.node.pings import ping
 
     from multiaddr import Multiaddr as multiaddr_of
 
@@ -504,6 +512,13 @@ def nat_peer_main(role: str, args: list[str]) -> None:
                                 break
                             await trio.sleep(0.5)
                     print(found, flush=True)
+                    while await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True) == "ping\n":
+                        try:
+                            with trio.fail_after(5):
+                                await ping(host, peer, count=1)
+                            print("pong", flush=True)
+                        except Exception as e:
+                            print(f"no pong: {e!r}", flush=True)
                 await until_stdin_closes()
 
     trio.run(main)

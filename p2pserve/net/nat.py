@@ -6,7 +6,9 @@
                                               slot and announces
         /ip4/<head>/tcp/<port>/p2p/<head>/p2p-circuit/p2p/<worker>
     stage 0 ──dial(that address)──▶ head ──STOP──▶ worker   (net/host.py: dial)
-    DCUtR then tries to punch a direct connection beside the relayed one.
+    DCUtR then punches a direct connection beside the relayed one, where the NATs drop
+    packets nobody asked for (a NAT that resets them defeats it; docs/ARCHITECTURE.md),
+    and the worker says so (`_report_upgrades`).
 
 Where the swarm has several heads, the worker keeps a slot on a second one too and
 announces both relayed addresses; a slot lost (its head died, the connection closed, a
@@ -78,6 +80,7 @@ RESERVE_TIMEOUT = 15.0   # seconds to reach a head and reserve a slot on it
 RELAY_WATCH = 0.5        # seconds between looks at a relay's connection
 RELAY_RETRY = 1.0        # seconds before a failed head is tried again, doubling ...
 RELAY_RETRY_MAX = 30.0   # ... up to this
+UPGRADE_WATCH = 1.0      # seconds between looks for relayed connections that DCUtR made direct
 # A head relays the swarm's own traffic, for as long as a worker serves.
 HEAD_RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=1024,
                                 max_reservations=1024, reservation_ttl=3600)
@@ -308,6 +311,7 @@ async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str]
     stop = CircuitV2Protocol(host, allow_hop=False)  # accepts connections relayed to us
     async with background_trio_service(stop), background_trio_service(DCUtRProtocol(host)), \
             trio.open_nursery() as nursery:
+        nursery.start_soon(_report_upgrades, host)
         announce = list(announce)
         direct = await check_reachable(host, head, announce + listen_addrs)
         relays = None
@@ -323,6 +327,29 @@ async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str]
                            err=True)
         yield Reachability(announce, list(listen_addrs), direct, relays)
         nursery.cancel_scope.cancel()  # the reservations' keepers
+
+
+async def _report_upgrades(host) -> None:
+    """A line on stderr when a peer this host is connected to through a relay gets a direct
+    connection too: DCUtR punched a hole (or dialled the peer directly, its step 0). New
+    streams take the direct one; DCUtR closes the relayed one a minute later."""
+    relayed: set[ID] = set()
+    upgraded: set[ID] = set()
+    while True:
+        connections = host.get_network().connections
+        for peer in (relayed | upgraded) - set(connections):  # gone: a new relayed connection counts again
+            relayed.discard(peer)
+            upgraded.discard(peer)
+        for peer, conns in list(connections.items()):
+            addrs = [str(a) for c in conns for a in c.get_transport_addresses()]
+            if any(is_relayed(a) for a in addrs):
+                relayed.add(peer)
+            direct = [a for a in addrs if not is_relayed(a)]
+            if peer in relayed and direct and peer not in upgraded:
+                upgraded.add(peer)
+                click.echo(f"upgraded to a direct connection to {peer} at {direct[0]} (DCUtR; "
+                           f"it was relayed)", err=True)
+        await trio.sleep(UPGRADE_WATCH)
 
 
 def _heads(addrs: list[str], exclude: ID) -> list[tuple[ID, str]]:
