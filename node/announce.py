@@ -29,10 +29,12 @@ def make_record(host, server, *, stage: int, tp: int, devices: list[dict],
     )
 
 
-async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) -> None:
+async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None, addrs_changed=None) -> None:
     """Heartbeat the bootstrap on one stream (re-dialing if it restarts) and keep the DHT
-    record fresh, with the round-trip times of the latest pings. Never returns; cancel it
-    to leave."""
+    record fresh, with the round-trip times of the latest pings; at once, too, whenever
+    ``addrs_changed()`` returns (a relay slot lost or made: heads that hear of this worker
+    only through the DHT must not dial a dead relay for long). Never returns; cancel it to
+    leave."""
     pings = Pings(host)
 
     def with_rtts():
@@ -41,7 +43,7 @@ async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None) 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pings.run)
         if dht is not None:  # a slow DHT put must never delay a heartbeat
-            nursery.start_soon(_refresh_dht, dht, key_pair, with_rtts)
+            nursery.start_soon(_refresh_dht, dht, key_pair, with_rtts, addrs_changed)
         await _heartbeat(host, key_pair, bootstrap_peer, with_rtts)
 
 
@@ -59,7 +61,7 @@ async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:
             await trio.sleep(1.0)
 
 
-async def _refresh_dht(dht, key_pair, record_fn) -> None:
+async def _refresh_dht(dht, key_pair, record_fn, addrs_changed=None) -> None:
     while True:
         with trio.move_on_after(10):
             try:
@@ -68,4 +70,5 @@ async def _refresh_dht(dht, key_pair, record_fn) -> None:
                 await provide_worker(dht, record.fingerprint)
             except Exception as e:
                 log.info("DHT announce failed: %s", e)
-        await trio.sleep(EPOCH)
+        with trio.move_on_after(EPOCH):
+            await (addrs_changed() if addrs_changed else trio.sleep_forever())

@@ -247,10 +247,13 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,
                                    group_id=opts.group_id, addrs=reach.addrs)
 
+            async def heads_named_by(head) -> list[str]:  # a head that joined after this worker, too
+                return other_heads(await fetch_plan(host, head))
+
             # reachable directly, or behind a NAT through relay slots on the heads (a line says which;
             # reach.addrs follows the reservations as they are lost and made again)
             async with traversing_nat(host, bootstrap_id, opts.peer, host_multiaddrs(host), opts.announce,
-                                      other_heads(info)) as reach, \
+                                      other_heads(info), heads_named_by) as reach, \
                     running_dht(host, server=True, bootstrap_peers=[opts.peer]) as dht:
                 addrs = reach.addrs
                 async with trio.open_nursery() as nursery:
@@ -262,7 +265,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
 
                     async def keep_announcing():
                         with announcing:
-                            await announce_forever(host, key, opts.peer, record, dht)
+                            await announce_forever(host, key, opts.peer, record, dht, reach.changed)
 
                     nursery.start_soon(keep_announcing)
                     freeze_startup_heap()  # full GC passes must not walk the model and libraries

@@ -131,8 +131,16 @@ async def test_a_worker_behind_nat_serves_through_another_head_when_its_head_die
                 await _until(lambda: len(reach.addrs) == 2, "both reservations")
                 assert reach.addrs == [via_a, via_b] and reach.direct is None
 
+                changed = trio.Event()
+
+                async def note_change():
+                    await reach.changed()  # what wakes the worker's DHT put (node/announce.py)
+                    changed.set()
+
+                nursery.start_soon(note_change)
                 head_a.cancel()  # the head the worker joined through dies
                 await _until(lambda: reach.addrs == [via_b], "the lost reservation noticed")
+                await _until(changed.is_set, "Reachability.changed()", timeout=1)
                 peer = await dial(stage0, wid, [via_a, via_b])  # the record's addresses, dead head first
                 stream = await stage0.new_stream(peer, [ECHO])
                 await write_frame(stream, {"through": "b"})
@@ -152,6 +160,71 @@ async def test_a_worker_behind_nat_serves_through_another_head_when_its_head_die
     assert f"behind NAT: serving through relay {via_b}" in err
     assert f"no longer serving through {via_a}; reserving again" in err
     assert err.count(f"behind NAT: serving through relay {via_a}") == 2
+
+
+async def test_a_worker_behind_nat_takes_a_second_slot_on_a_head_that_joined_later(monkeypatch):
+    """The worker knew one head; a slot with nothing to do asks the head held for the heads it
+    names (node/run.py asks with a plan request) and reserves on the newcomer."""
+    from p2pserve.net import nat
+
+    monkeypatch.setattr(nat, "LEARN_INTERVAL", 0.2)
+    named: list[str] = []
+    asked = []
+
+    async def learn(head):
+        asked.append(head)
+        return list(named)
+
+    async def run_head(*, task_status):
+        async with running_host(create_new_key_pair(), LOOPBACK) as head, serving_relay(head):
+            task_status.started(host_multiaddrs(head)[0])
+            await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, running_host(create_new_key_pair(), LOOPBACK) as worker:
+            addr_a = await nursery.start(run_head)
+            head_id = await connect(worker, addr_a)
+            wid = worker.get_id().to_base58()
+            async with traversing_nat(worker, head_id, addr_a, ["/ip4/127.0.0.1/tcp/1"], learn_heads=learn) as reach:
+                assert reach.addrs == [f"{addr_a}/p2p-circuit/p2p/{wid}"]
+                addr_b = await nursery.start(run_head)  # a head joins the swarm; head A names it from now on
+                named.append(addr_b)
+                await _until(lambda: len(reach.addrs) == 2, "slot on the new head")
+                assert reach.addrs[1] == f"{addr_b}/p2p-circuit/p2p/{wid}" and set(asked) == {head_id}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_puts_its_record_in_the_dht_at_once_when_its_addresses_change():
+    """node/announce.py: heads that know a NAT'd worker only from the DHT learn of a lost
+    relay slot at once, not an epoch later."""
+    from p2pserve.net.records import EPOCH, WorkerRecord
+    from p2pserve.node.announce import _refresh_dht
+
+    key = create_new_key_pair()
+    record = WorkerRecord(peer_id=ID.from_pubkey(key.public_key).to_base58(), addrs=["/ip4/127.0.0.1/tcp/1"],
+                          model="m", fingerprint="f" * 16, stage=0, start=0, end=1, tp=1, devices=[{"name": "cpu"}],
+                          group_id="", version="0", load={}, expires_at=time.time() + 30)
+    puts = []
+
+    class FakeDHT:
+        async def put_value(self, key, value):
+            puts.append(trio.current_time())
+
+        async def provide(self, key):
+            pass
+
+    changes = trio.Event()
+
+    async def addrs_changed():
+        await changes.wait()
+
+    with trio.fail_after(EPOCH / 2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_refresh_dht, FakeDHT(), key, lambda: record, addrs_changed)
+            await _until(lambda: len(puts) == 1, "first put")
+            changes.set()
+            await _until(lambda: len(puts) >= 2, "put after the change", timeout=2)
+            nursery.cancel_scope.cancel()
 
 
 def test_a_head_names_the_heads_that_joined_through_it_to_its_workers():

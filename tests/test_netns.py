@@ -166,3 +166,47 @@ def test_a_chain_of_two_workers_behind_nats_upgrades_to_a_direct_link(reference,
 
         time.sleep(65)  # DCUtR closes the relayed connection 60 s after the punch
         ask_head()
+
+
+@pytest.mark.skipif(not os.environ.get("P2PSERVE_SLOW_TESTS"),
+                    reason="a second swarm in namespaces with two heads: about 1.5 min on 2 shared cores; "
+                           "set P2PSERVE_SLOW_TESTS=1 to run")
+def test_a_worker_behind_nat_serves_through_the_second_head_when_its_head_dies(reference, tmp_path):
+    """Head B joins head A; a NAT'd stage 0 joins through A, learns of B from A's plan reply
+    and holds a relay slot on both; A is killed and B goes on answering through it."""
+    with Network(rate="100mbit", delay_relay=False) as net:
+        peers = Peers(net, tmp_path)
+        ha, hb = net.machine("ha"), net.machine("hb")
+        key = tmp_path / "swarm.key"
+        subprocess.run([sys.executable, "-m", "p2pserve.cli", "keygen", str(key)], check=True, capture_output=True)
+        first = peers.start_bootstrap(ha, "--pp-partition", "15", "15", "--swarm-key", str(key))
+        head_a = peers.bootstrap
+        head_b = peers.spawn(hb, ["bootstrap", "--peer", first, "--swarm-key", str(key),
+                                  "--listen", f"/ip4/{hb.ip}/tcp/31337"], "head-b")
+        second = peers.wait_for(head_b, rf"(/ip4/{hb.ip}/tcp/31337/p2p/\w+)").group(1)
+        public = peers.start_worker(net.machine("b"), "--stage", "1", "--swarm-key", str(key), *SMALL)
+        hidden = peers.start_worker(net.machine("n0", nat=True), "--stage", "0", "--swarm-key", str(key), *SMALL)
+        for proc in (public, hidden):
+            peers.wait_serving(proc)
+        peers.wait_for(hidden, rf"behind NAT: serving through relay {first}/p2p-circuit/", 5)
+        peers.wait_for(hidden, rf"behind NAT: serving through relay {second}/p2p-circuit/", 30)
+
+        def ask_b(wait_for_chain: float = 0.0):
+            import time
+
+            deadline = time.monotonic() + wait_for_chain  # head B finds the workers in the DHT
+            while True:
+                answer = net.run(hb, peers._cli(hb, ["query", "--peer", second, "--swarm-key", str(key), *GREEDY,
+                                                     "--timeout", "60", PROMPT]),
+                                 capture_output=True, text=True, timeout=120)
+                if "[no_pipeline]" not in answer.stderr or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert answer.returncode == 0, answer.stderr
+            assert answer.stdout == reference()
+
+        ask_b(wait_for_chain=30)
+        head_a.kill()
+        head_a.wait()
+        peers.wait_for(hidden, r"relay slot lost \(the connection to relay \w+ closed\)", 10)
+        ask_b()

@@ -81,6 +81,8 @@ RELAY_WATCH = 0.5        # seconds between looks at a relay's connection
 RELAY_RETRY = 1.0        # seconds before a failed head is tried again, doubling ...
 RELAY_RETRY_MAX = 30.0   # ... up to this
 UPGRADE_WATCH = 1.0      # seconds between looks for relayed connections that DCUtR made direct
+LEARN_INTERVAL = 30.0    # seconds between asking the heads held for heads that joined since
+MAX_HEADS = 8            # heads a worker knows as relays
 # A head relays the swarm's own traffic, for as long as a worker serves.
 HEAD_RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=1024,
                                 max_reservations=1024, reservation_ttl=3600)
@@ -151,11 +153,15 @@ class RelaySlots:
     holds, refreshes the reservation, and when the connection to that head closes or a
     refresh is refused, reserves again: on the same head once it answers, else on another
     (a head that failed waits RELAY_RETRY seconds, doubling, before it is tried again).
+    A slot with no head to try asks the heads held, through ``learn`` (a head's peer id ->
+    the multiaddrs of the heads it names), for heads that joined the swarm since.
     ``addrs``: the relayed addresses held now, in the order of ``heads``."""
 
-    def __init__(self, host, heads: list[tuple[ID, str]], slots: int = RELAY_SLOTS):
+    def __init__(self, host, heads: list[tuple[ID, str]], slots: int = RELAY_SLOTS, learn=None):
         self.host = host
-        self.heads = heads  # (peer id, multiaddr), preferred first
+        self.heads = heads[:MAX_HEADS]  # (peer id, multiaddr), preferred first
+        self.learn = learn
+        self._learn_at = 0.0
         self.slots = slots
         self.held: dict[ID, str] = {}  # head -> this worker's relayed address through it
         self.failures: dict[ID, str] = {}  # head -> why its latest reservation failed
@@ -170,8 +176,12 @@ class RelaySlots:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(min(self.slots, len(self.heads))):
+            for _ in range(self.slots):
                 nursery.start_soon(self._keep_one)
+
+    async def changed(self) -> None:
+        """Until a reservation is made or lost."""
+        await self._changed.wait()
 
     async def settled(self) -> None:
         """Until a reservation is held or every head has failed once."""
@@ -193,6 +203,7 @@ class RelaySlots:
         while True:
             pick = self._next_head()
             if pick is None:
+                await self._learn_heads()
                 await trio.sleep(RELAY_WATCH)
                 continue
             head, head_addr = pick
@@ -221,6 +232,24 @@ class RelaySlots:
                 click.echo(f"relay slot lost ({why}): no longer serving through {lost}; reserving again", err=True)
             finally:
                 self._claimed.discard(head)
+
+    async def _learn_heads(self) -> None:
+        if self.learn is None or trio.current_time() < self._learn_at:
+            return
+        self._learn_at = trio.current_time() + LEARN_INTERVAL  # one slot asks; the others wait
+        for head in list(self.held):
+            named = []
+            with trio.move_on_after(RESERVE_TIMEOUT):
+                try:
+                    named = await self.learn(head)
+                except Exception as e:
+                    log.info("asking head %s for the swarm's heads failed: %s", head, e)
+            known = {h for h, _ in self.heads}
+            for new in _heads(named, exclude=self.host.get_id()):
+                if new[0] not in known and len(self.heads) < MAX_HEADS:
+                    self.heads.append(new)
+                    known.add(new[0])
+                    log.info("learned of head %s from head %s", new[0], head)
 
     async def _reserve(self, head: ID, head_addr: str) -> float:
         if not self.host.get_network().connections.get(head):
@@ -256,6 +285,14 @@ class Reachability:
         if self.direct:
             return self.announce + [a for a in self.listen if a not in self.announce]
         return self.announce + ((self.relays and self.relays.addrs) or self.listen)
+
+    async def changed(self) -> None:
+        """Until ``addrs`` changes (never, for a worker reached directly)."""
+        if self.relays is None:
+            await trio.sleep_forever()
+        before = self.addrs
+        while self.addrs == before:
+            await self.relays.changed()
 
     @property
     def relay(self) -> str | None:
@@ -302,12 +339,13 @@ async def reserve_slot(host, relay: ID) -> float:
 
 @asynccontextmanager
 async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str], announce: list[str] = (),
-                         other_heads: list[str] = ()):
+                         other_heads: list[str] = (), learn_heads=None):
     """For the block: this worker accepts relayed connections and punches holes (DCUtR);
     yields its `Reachability` after a line on stderr says what it found. Addresses in
     ``announce`` (port-forwarded ones) come first whatever the check finds. Not reachable
     directly, it keeps reservations on the head and on one of ``other_heads`` (multiaddrs
-    of the swarm's other heads) for the whole block (`RelaySlots`)."""
+    of the swarm's other heads; ``learn_heads`` asks a head for more, `RelaySlots`) for the
+    whole block."""
     stop = CircuitV2Protocol(host, allow_hop=False)  # accepts connections relayed to us
     async with background_trio_service(stop), background_trio_service(DCUtRProtocol(host)), \
             trio.open_nursery() as nursery:
@@ -318,7 +356,7 @@ async def traversing_nat(host, head: ID, head_addr: str, listen_addrs: list[str]
         if direct:
             click.echo(f"reachable directly at {direct}", err=True)
         else:
-            relays = RelaySlots(host, [(head, head_addr)] + _heads(other_heads, exclude=head))
+            relays = RelaySlots(host, [(head, head_addr)] + _heads(other_heads, exclude=head), learn=learn_heads)
             nursery.start_soon(relays.run)
             await relays.settled()
             if not relays.held:
@@ -347,8 +385,9 @@ async def _report_upgrades(host) -> None:
             direct = [a for a in addrs if not is_relayed(a)]
             if peer in relayed and direct and peer not in upgraded:
                 upgraded.add(peer)
-                click.echo(f"upgraded to a direct connection to {peer} at {direct[0]} (DCUtR; "
-                           f"it was relayed)", err=True)
+                # an address py-libp2p could not see may come from the peer's own list: 0.0.0.0
+                at = next((f" at {a}" for a in direct if "/ip4/0.0.0.0/" not in a), "")
+                click.echo(f"upgraded to a direct connection to {peer}{at} (DCUtR; it was relayed)", err=True)
         await trio.sleep(UPGRADE_WATCH)
 
 
