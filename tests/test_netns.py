@@ -169,7 +169,7 @@ def test_a_chain_of_two_workers_behind_nats_upgrades_to_a_direct_link(reference,
 
 
 @pytest.mark.skipif(not os.environ.get("P2PSERVE_SLOW_TESTS"),
-                    reason="a second swarm in namespaces with two heads: about 1.5 min on 2 shared cores; "
+                    reason="a second swarm in namespaces with two heads: about 1 min on 2 shared cores; "
                            "set P2PSERVE_SLOW_TESTS=1 to run")
 def test_a_worker_behind_nat_serves_through_the_second_head_when_its_head_dies(reference, tmp_path):
     """Head B joins head A; a NAT'd stage 0 joins through A, learns of B from A's plan reply

@@ -201,37 +201,45 @@ class RelaySlots:
 
     async def _keep_one(self) -> None:
         while True:
-            pick = self._next_head()
-            if pick is None:
-                await self._learn_heads()
-                await trio.sleep(RELAY_WATCH)
-                continue
-            head, head_addr = pick
-            self._claimed.add(head)
             try:
-                try:
-                    expires = await self._reserve(head, head_addr)
-                except NetworkError as e:
-                    self.failures[head] = str(e)
-                    self._backoff[head] = min(2 * self._backoff.get(head, RELAY_RETRY / 2), RELAY_RETRY_MAX)
-                    self._retry_at[head] = trio.current_time() + self._backoff[head]
-                    log.info("%s; trying again in %g s", e, self._backoff[head])
-                    continue
-                finally:
-                    self._notify()
-                self._backoff.pop(head, None)
-                self.failures.pop(head, None)
-                self.held[head] = f"{head_addr}/p2p-circuit/p2p/{self.host.get_id().to_base58()}"
-                click.echo(f"behind NAT: serving through relay {self.held[head]}", err=True)
-                self._notify()
-                try:
-                    why = await self._hold(head, expires)
-                finally:
-                    lost = self.held.pop(head)
-                    self._notify()
-                click.echo(f"relay slot lost ({why}): no longer serving through {lost}; reserving again", err=True)
+                await self._reserve_and_hold()
+            except Exception as e:  # whatever py-libp2p raises, the slot goes on
+                log.warning("relay slot: unexpected %s: %s", type(e).__name__, e)
+                await trio.sleep(RELAY_RETRY)
+
+    async def _reserve_and_hold(self) -> None:
+        """One turn of a slot: a reservation on the next head to try, held until lost."""
+        pick = self._next_head()
+        if pick is None:
+            await self._learn_heads()
+            await trio.sleep(RELAY_WATCH)
+            return
+        head, head_addr = pick
+        self._claimed.add(head)
+        try:
+            try:
+                expires = await self._reserve(head, head_addr)
+            except NetworkError as e:
+                self.failures[head] = str(e)
+                self._backoff[head] = min(2 * self._backoff.get(head, RELAY_RETRY / 2), RELAY_RETRY_MAX)
+                self._retry_at[head] = trio.current_time() + self._backoff[head]
+                log.info("%s; trying again in %g s", e, self._backoff[head])
+                return
             finally:
-                self._claimed.discard(head)
+                self._notify()
+            self._backoff.pop(head, None)
+            self.failures.pop(head, None)
+            self.held[head] = f"{head_addr}/p2p-circuit/p2p/{self.host.get_id().to_base58()}"
+            click.echo(f"behind NAT: serving through relay {self.held[head]}", err=True)
+            self._notify()
+            try:
+                why = await self._hold(head, expires)
+            finally:
+                lost = self.held.pop(head)
+                self._notify()
+            click.echo(f"relay slot lost ({why}): no longer serving through {lost}; reserving again", err=True)
+        finally:
+            self._claimed.discard(head)
 
     async def _learn_heads(self) -> None:
         if self.learn is None or trio.current_time() < self._learn_at:
@@ -259,8 +267,9 @@ class RelaySlots:
     async def _hold(self, head: ID, expires: float) -> str:
         """Until the reservation on ``head`` is lost; why it was."""
         while True:
-            # refresh at the middle of what is left, and no later than a minute before expiry
-            refresh_at = time.time() + max(0.0, min((expires - time.time()) / 2, expires - time.time() - 60))
+            # refresh at the middle of what is left, no later than a minute before expiry (and
+            # not in a loop, whatever expiry a relay names)
+            refresh_at = time.time() + max(5.0, min((expires - time.time()) / 2, expires - time.time() - 60))
             while time.time() < refresh_at:
                 if not self.host.get_network().connections.get(head):
                     return f"the connection to relay {head} closed"
@@ -379,7 +388,10 @@ async def _report_upgrades(host) -> None:
             relayed.discard(peer)
             upgraded.discard(peer)
         for peer, conns in list(connections.items()):
-            addrs = [str(a) for c in conns for a in c.get_transport_addresses()]
+            try:
+                addrs = [str(a) for c in conns for a in c.get_transport_addresses()]
+            except Exception:  # a connection closing under us: next time
+                continue
             if any(is_relayed(a) for a in addrs):
                 relayed.add(peer)
             direct = [a for a in addrs if not is_relayed(a)]
