@@ -1,7 +1,7 @@
 """Decode tokens/s and time to first token of p2pserve plans vs. transformers generate().
 
     python bench/engine.py [--quick] [--plans 1/30 1,1/15,15 ...] [--dtypes fp32 bf16 int8 int4]
-                           [--reps 3] [--tokens 64]
+                           [--reps 3] [--tokens 64] [--threads N] [--llama-cpp]
 
 SmolLM2-135M-Instruct from the default GGUF, the chat prompt "What is the capital of
 France?", ``--tokens`` greedy new tokens without stopping at EOS, on this machine's CPU.
@@ -23,8 +23,23 @@ cores), and "of floor" is decode tokens/s over that bound. The KV cache and acti
 left out of the bytes: at this prompt's length they are under 1% of them. The
 machine's load average is printed at the start and the end: on a busy machine every
 multi-threaded run slows down (OpenMP threads wait for a core), so read ratios, not speeds.
-Targets (from the issue): the one-stage fp32 plan at least 2x transformers' decode
-tokens/s, and each added pipeline stage costing under 10% of the one-stage decode speed.
+
+``--llama-cpp`` adds llama.cpp (llama-cpp-python, built from source: see
+``p2pserve.testing.llamacpp``; skipped with a line saying so where it is not installed) to
+every round: the same GGUF file with its own kernels (the default file is Q4_1, which
+``--dtype int4`` serves as stored), the same prompt token ids, ``--threads`` threads for
+both its decode and its prompt batch, greedy (the argmax of each step's logits, as ours)
+and exactly ``--tokens`` new tokens. It is timed as the plans are: TTFT from the request to
+the first token (prompt processing and one argmax), decode over the tokens after the first.
+Both engines load OpenMP in this process; p2pserve's short GOMP_SPINCOUNT applies to both.
+llama.cpp's greedy tokens are not required to be ours: it rounds activations to 8 bits,
+enough to swap two near-equal logits (on this prompt the first token's top two are 0.1
+apart), and its LM head is the file's Q8_0 embedding where int4 quantizes that again to 4
+bits (fewer bytes to read per step; ``bench/quality.py`` shows what it costs).
+
+Targets (from the issues): the one-stage fp32 plan at least 2x transformers' decode
+tokens/s, each added pipeline stage costing under 10% of the one-stage decode speed, and
+the one-stage int4 plan at least 1.2x llama.cpp's decode of the same Q4 file.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from p2pserve.ranks.world import default_threads
 from p2pserve.plan import Plan
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import default_model_path, open_weights
+from p2pserve.testing import llamacpp
 from p2pserve.testing.machine import cpu_model
 
 PROMPT = "What is the capital of France?"
@@ -178,6 +194,26 @@ class Transformers:
         return Run(clock.first - t0, (self.n - 1) / (end - clock.first), out[0, len(prompt):].tolist())
 
 
+class LlamaCpp:
+    """llama.cpp on the same GGUF, greedy, exactly ``n`` new tokens, timed as ``Engine``."""
+
+    def __init__(self, n_tokens: int, threads: int, prompt_tokens: int):
+        self.llm = llamacpp.open_model(default_model_path(), threads, n_ctx=prompt_tokens + n_tokens)
+        self.n = n_tokens
+
+    def run(self, prompt: list[int]) -> Run:
+        llm = self.llm
+        llm.reset()  # forget the last round's tokens: the prompt is processed again, as ours is
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tokens = [int(llamacpp.last_logits(llm).argmax())]
+        first = time.perf_counter()
+        for _ in range(self.n - 1):
+            llm.eval(tokens[-1:])
+            tokens.append(int(llamacpp.last_logits(llm).argmax()))
+        return Run(first - t0, (self.n - 1) / (time.perf_counter() - first), tokens)
+
+
 class Engine:
     """One p2pserve plan, open for the whole measurement."""
 
@@ -224,6 +260,7 @@ class Row:
     hf: Samples  # transformers, in the same rounds
     same: bool
     floor: float  # tokens/s: read bandwidth / bytes a decode step reads
+    llama: Samples | None = None  # llama.cpp on the same file, in the same rounds (--llama-cpp)
 
     @property
     def of_floor(self) -> float:
@@ -238,13 +275,17 @@ class Row:
         return self.ours.decode / self.one_stage.decode
 
     @property
+    def vs_llama(self) -> float | None:
+        return None if self.llama is None else self.ours.decode / self.llama.decode
+
+    @property
     def cost_per_added_stage(self) -> float | None:
         added = self.plan.n_stages - 1
         return (1 - self.vs_one_stage) / added if added else None
 
 
 def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, console: Console,
-              threads: int = CORES) -> list[Row]:
+              threads: int = CORES, with_llama: bool = False) -> list[Row]:
     source = open_weights(None)
     eos = source.config.eos_token_ids
     prompt = source.tokenizer().encode_chat([{"role": "user", "content": PROMPT}])
@@ -258,6 +299,13 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
     console.print("loading transformers (slow: dequantizes the GGUF)…")
     hf = Transformers(n_tokens, threads)
     hf.run(prompt)  # warm-up
+    others = {"hf": hf}
+    if with_llama and not llamacpp.available():
+        console.print(llamacpp.MISSING)
+    elif with_llama:
+        console.print(f"llama.cpp: {llamacpp.version()} on {default_model_path().name}, {threads} threads")
+        others["llama"] = LlamaCpp(n_tokens, threads, len(prompt))
+        others["llama"].run(prompt)  # warm-up
     rows = []
     for dtype in dtypes:
         single = Engine(one, dtype, n_tokens, threads)
@@ -266,23 +314,29 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
             for plan in plans:
                 console.print(f"measuring {plan_name(plan)} {dtype}…")
                 if plan == one:
-                    s = measure({"ours": single, "hf": hf}, prompt, reps)
+                    s = measure({"ours": single, **others}, prompt, reps)
                     s["one"] = s["ours"]
                     label = str(threads)
                 else:
                     engine = Engine(plan, dtype, n_tokens, threads)
                     try:
                         engine.run(prompt)
-                        s = measure({"ours": engine, "one": single, "hf": hf}, prompt, reps)
+                        s = measure({"ours": engine, "one": single, **others}, prompt, reps)
                     finally:
                         engine.close()
                     label = threads_label(plan)
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
                 rows.append(Row(plan, dtype, label, s["ours"], s["one"], s["hf"], same,
-                                bandwidth / weight_bytes[dtype]))
+                                bandwidth / weight_bytes[dtype], s.get("llama")))
                 r = rows[-1]
                 console.print(f"  {r.ours.decode:.1f} tok/s ({r.vs_hf:.2f}x transformers, {r.vs_one_stage:.2f}x "
                               f"one-stage, {r.of_floor:.0%} of the floor), TTFT {r.ours.ttft * 1e3:.0f} ms")
+                if r.llama is not None:
+                    ours, theirs = r.ours.runs[0].tokens, r.llama.runs[0].tokens
+                    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+                    console.print(f"  llama.cpp {r.llama.decode:.1f} tok/s (ours {r.vs_llama:.2f}x), TTFT "
+                                  f"{r.llama.ttft * 1e3:.0f} ms; its first {agree} of {len(ours)} greedy tokens "
+                                  "are ours")
         finally:
             single.close()
     return rows
@@ -295,22 +349,37 @@ def report(rows: list[Row], console: Console) -> None:
                           "(max - min) / median of the plan's decode tokens/s; floor: read bandwidth / "
                           "weight bytes per decode step; same answer: greedy tokens equal to transformers' "
                           "up to the first EOS (int8 and int4 answer from other weights)")
-    for col in ["plan", "dtype", "threads/rank", "TTFT ms", "decode tok/s", "spread", "floor tok/s", "of floor",
-                "tf TTFT ms", "tf tok/s", "vs tf", "vs 1-stage", "cost/added stage", "same answer"]:
+    with_llama = any(r.llama is not None for r in rows)
+    columns = ["plan", "dtype", "threads/rank", "TTFT ms", "decode tok/s", "spread", "floor tok/s", "of floor",
+               "tf TTFT ms", "tf tok/s", "vs tf", "vs 1-stage", "cost/added stage", "same answer"]
+    if with_llama:
+        columns += ["llama.cpp TTFT ms", "llama.cpp tok/s", "vs llama.cpp"]
+        table.caption += ("; llama.cpp: the same GGUF with llama.cpp's own kernels, in the same rounds "
+                          "(vs: our decode tokens/s over its)")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("plan", "dtype") else "right")
     for r in rows:
         cost = r.cost_per_added_stage
-        table.add_row(
+        cells = [
             plan_name(r.plan), r.dtype, str(r.threads), f"{r.ours.ttft * 1e3:.0f}", f"{r.ours.decode:.1f}",
             f"{r.ours.spread:.0%}", f"{r.floor:.1f}", f"{r.of_floor:.0%}",
             f"{r.hf.ttft * 1e3:.0f}", f"{r.hf.decode:.1f}", f"{r.vs_hf:.2f}x", f"{r.vs_one_stage:.2f}x",
             "" if cost is None else f"{cost:.1%}", "yes" if r.same else "no",
-        )
+        ]
+        if with_llama:
+            cells += ["", "", ""] if r.llama is None else [
+                f"{r.llama.ttft * 1e3:.0f}", f"{r.llama.decode:.1f}", f"{r.vs_llama:.2f}x"]
+        table.add_row(*cells)
     console.print(table)
     for r in rows:
         if r.plan.world_size == 1 and r.dtype == "fp32":
             verdict = "met" if r.vs_hf >= 2 else "NOT met"
             console.print(f"one-stage fp32 decode = {r.vs_hf:.2f}x transformers (target >= 2x: {verdict})")
+        if r.plan.world_size == 1 and r.dtype == "int4" and r.llama is not None:
+            verdict = "met" if r.vs_llama >= 1.2 else "NOT met"
+            console.print(f"one-stage int4 decode = {r.vs_llama:.2f}x llama.cpp's on {default_model_path().name} "
+                          f"({r.ours.decode:.1f} against {r.llama.decode:.1f} tok/s, {r.threads} threads; "
+                          f"target >= 1.2x: {verdict})")
     costs = [(r, r.cost_per_added_stage) for r in rows if r.cost_per_added_stage is not None]
     if costs:
         worst, cost = max(costs, key=lambda rc: rc[1])
@@ -329,12 +398,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=CORES,
                         help="threads of transformers, one-rank plans and the bandwidth measurement (default: "
                              "all cores; 1 shows the kernels' speed when other processes hold some cores)")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="add llama.cpp on the same GGUF to every round (needs llama-cpp-python)")
     args = parser.parse_args()
     plans = [parse_plan(p) for p in (args.plans or (QUICK_PLANS if args.quick else ALL_PLANS))]
     reps = args.reps or (2 if args.quick else 3)
-    console = Console(width=150)
+    console = Console(width=190 if args.llama_cpp else 150)
     t0 = time.perf_counter()
-    rows = run_bench(plans, args.dtypes, reps, args.tokens, console, args.threads)
+    rows = run_bench(plans, args.dtypes, reps, args.tokens, console, args.threads, args.llama_cpp)
     report(rows, console)
     console.print(f"({time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f})")
 
