@@ -34,8 +34,8 @@ the first token (prompt processing and one argmax), decode over the tokens after
 Both engines load OpenMP in this process; p2pserve's short GOMP_SPINCOUNT applies to both.
 llama.cpp's greedy tokens are not required to be ours: it rounds activations to 8 bits,
 enough to swap two near-equal logits (on this prompt the first token's top two are 0.1
-apart), and its LM head is the file's Q8_0 embedding where int4 quantizes that again to 4
-bits (fewer bytes to read per step; ``bench/quality.py`` shows what it costs).
+apart). Both multiply by the same LM head, the file's Q8_0 embedding (an int4 stage keeps
+its head at 8 bits: ``build.quantized_head``).
 
 Targets (from the issues): the one-stage fp32 plan at least 2x transformers' decode
 tokens/s, each added pipeline stage costing under 10% of the one-stage decode speed, and

@@ -21,12 +21,13 @@ kept. For each dtype the table gives
 The default file is Q4_1, so "fp32" here is the file's weights dequantized to fp32, not
 the original bf16 checkpoint, and none of the rows measures what Q4_1 itself costs against
 that. int4 serves the layers' Q4_1 blocks as stored (activations fp32): its layers compute
-fp32's products in another order and agree with them almost exactly. But the file keeps the
-token embedding, which SmolLM2's LM head shares, in Q8_0, and int4 quantizes that head
-again to 4 bits: the row "int4, fp32 head" applies fp32's head to int4's last hidden
-states, to show how much of int4's difference from fp32 is that head's. bf16 rounds
-activations and weights; int8 requantizes the dequantized weights with a scale per output
-row.
+fp32's products in another order and agree with them almost exactly. The file keeps the
+token embedding, which SmolLM2's LM head shares, in Q8_0, and int4 serves that head as
+those Q8_0 blocks (``build.quantized_head``: an int4 stage never rounds its head to 4
+bits). The row "int4, head at 4 bits" applies the head int4 had before that rule, the
+embedding quantized again to int4 in groups of 64, to int4's last hidden states: what the
+rule is worth. bf16 rounds activations and weights; int8 serves the layers' Q4_1 values
+requantized with a scale per output row, and the head's Q8_0 blocks as stored.
 
 Where llama-cpp-python is installed (``p2pserve.testing.llamacpp``), llama.cpp evaluates
 the same token ids on the same file (``logits_all=True``) and its row stands beside ours:
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from p2pserve.engine import quant
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import PREFILL_CHUNK
 from p2pserve.engine.model import Batch, linear
@@ -120,10 +122,8 @@ def main() -> None:
     for dtype in dict.fromkeys(["fp32", *args.dtypes]):
         states, head = engine_states(dtype, ids)
         logits[dtype] = head_logits(states, head)
-        if dtype == "fp32":
-            fp32_head = head
-        elif dtype == "int4":
-            logits["int4, fp32 head"] = head_logits(states, fp32_head)
+        if dtype == "int4":
+            logits["int4, head at 4 bits"] = head_logits(states, quant.pack(source.get("lm_head.weight"), "int4"))
         del states, head
     if llamacpp.available():
         console.print(f"llama.cpp: {llamacpp.version()}, logits_all=True on the same token ids")
@@ -135,7 +135,9 @@ def main() -> None:
     table = Table(title=f"Teacher-forced quality of SmolLM2-135M-Instruct ({default_model_path().name}), "
                         f"{len(ids)} positions, {cpu_model()}",
                   caption="fp32: the file's weights dequantized (layers Q4_1, embedding and LM head Q8_0); "
-                          "int4, fp32 head: int4's layers, fp32's LM head; top-1 agreement: share of positions "
+                          "int4 and int8 serve the head's Q8_0 blocks as stored; int4, head at 4 bits: int4's "
+                          "layers, the head requantized to int4 (int4 before its head was kept at 8 bits); "
+                          "top-1 agreement: share of positions "
                           "whose argmax is fp32's; perplexity of the text's next tokens; max |dlogit|: largest "
                           "difference from fp32's logits")
     for col in ["engine / dtype", "top-1 agreement with fp32", "perplexity", "ppl vs fp32", "max |dlogit|"]:

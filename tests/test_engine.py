@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from p2pserve.errors import ConfigError
 from p2pserve.ranks.pipeline import LocalPipeline
 from p2pserve.plan import Plan
 from p2pserve.engine.generate import SamplingParams
+from p2pserve.engine.model import RMSNorm
 from p2pserve.engine.tp import shard_for, split_evenly
 from p2pserve.engine.weights import open_weights
 
@@ -115,3 +117,13 @@ def test_a_rank_killed_mid_answer_is_an_error_not_a_hang(tiny_models):
             for _ in answer:
                 pass
 
+
+
+def test_rms_norm_on_fp32_is_transformers_arithmetic_bit_for_bit():
+    """The fp32 path is one ``F.rms_norm`` call; it must equal transformers' spelled-out
+    arithmetic exactly, or greedy parity would rest on luck."""
+    g = torch.Generator().manual_seed(0)
+    for width in (64, 576, 4096):
+        weight, x = torch.randn(width, generator=g), 10 * torch.randn(3, 5, width, generator=g)
+        want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.equal(RMSNorm(weight, 1e-6)(x), want)

@@ -119,7 +119,8 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
 
     ``arch`` is the GGUF architecture; by default the one llama.cpp gives the checkpoint's.
 
-    ``qtype`` is the ggml type of every linear weight and the embedding (norms stay F32).
+    ``qtype`` is the ggml type of every linear weight and the embedding (norms stay F32);
+    gguf-py quantizes all but Q4_K, which ``quantize_q4_k`` does.
     ``metadata`` adds or overrides key/values; ``tensors`` maps GGUF names to raw
     ``(ndarray, ggml type name)`` to write instead of (or besides) the converted ones.
     """
@@ -172,7 +173,8 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         if w.ndim == 1:
             out[gguf_name] = (w, "F32")
         else:
-            out[gguf_name] = (gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype]), qtype)
+            qt = gguf.GGMLQuantizationType[qtype]
+            out[gguf_name] = (quantize_q4_k(w) if qtype == "Q4_K" else gguf.quants.quantize(w, qt), qtype)
     if hf.get("tie_word_embeddings"):
         out.pop("output.weight", None)
     if rope.get("rope_type") == "llama3":
@@ -191,6 +193,35 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """``w`` [rows, cols] (cols a multiple of 256) as Q4_K bytes [rows, cols / 256 * 144],
+    laid out as llama.cpp's ``quantize_row_q4_K`` lays them out (gguf-py can only
+    dequantize Q4_K). Each block of 32 spans its own min (at most 0) to max over 16 levels,
+    its scale and minimum in 6 bits of the super-block's largest: valid blocks, not
+    llama.cpp's search for the best ones."""
+    rows, cols = w.shape
+    g = w.astype(np.float32).reshape(rows, cols // 256, 8, 32)
+    lo, hi = np.minimum(g.min(-1), 0), g.max(-1)
+    scale, neg_min = (hi - lo) / 15, -lo  # value = q * scale - neg_min
+
+    def six_bits(x):  # per super-block an fp16 unit, per block a multiple 0..63 of it
+        unit = (x.max(-1) / 63).astype(np.float16)
+        n = np.clip(np.round(x / np.maximum(unit.astype(np.float32), 1e-30)[..., None]), 0, 63).astype(np.uint8)
+        return unit, n, unit.astype(np.float32)[..., None] * n
+
+    d, sc, step = six_bits(scale)
+    dmin, m, low = six_bits(neg_min)
+    q = np.clip(np.round((g + low[..., None]) / np.maximum(step, 1e-30)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.empty((rows, cols // 256, 12), dtype=np.uint8)  # the inverse of gguf's Q4_K.get_scale_min
+    packed[..., 0:4] = sc[..., :4] | (sc[..., 4:] >> 4) << 6
+    packed[..., 4:8] = m[..., :4] | (m[..., 4:] >> 4) << 6
+    packed[..., 8:12] = (sc[..., 4:] & 0xF) | (m[..., 4:] & 0xF) << 4
+    pairs = q.reshape(rows, cols // 256, 4, 2, 32)  # block 2k's value j low in byte j of pair k, 2k + 1's high
+    quants = (pairs[..., 0, :] | pairs[..., 1, :] << 4).reshape(rows, cols // 256, 128)
+    head = np.stack([d, dmin], axis=-1).view(np.uint8)
+    return np.concatenate([head, packed, quants], axis=-1).reshape(rows, -1)
 
 
 def _gguf_name(hf_name: str) -> str | None:

@@ -1,5 +1,6 @@
 // The CPU decode GEMVs of p2pserve/engine/kernels.py (compiled on first use by torch's
-// cpp_extension with -march=native; kernels.py binds `gemv`, `gemv_int8`, `gemv_int4`, `isa`).
+// cpp_extension with -march=native, together with decode_step.cpp, which uses the pointer
+// level `*_rows` functions and binds everything to Python).
 //
 // Which instructions a loop uses is decided by what the compiler may emit for the CPU it
 // is built on: AVX-512, else AVX2 + FMA, else plain C++ the compiler vectorises as it can.
@@ -38,6 +39,46 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
+// Activations as 16-bit integers, on AVX2 without AVX-512. There the int8 and int4 loops
+// were bound by turning each weight into a float (widen, convert, scale: an instruction
+// each per 8 values), not by memory. With X in int16, a weight is only widened to 16 bits,
+// and one `madd` multiplies 16 of them and adds pairs, exactly, in int32; a group's sum is
+// converted and scaled once. X takes a scale per group of the weight's (per row where the
+// weight has one scale a row), so an outlier moves only its own group's rounding: each value
+// moves by at most 1.5e-5 of its group's largest (bf16, which torch's int kernels take, by
+// 4e-3 of itself). AVX-512's loops keep fp32 activations: they were measured faster as they are.
+#if defined(P2P_AVX2) && !defined(P2P_AVX512)
+#define P2P_I16 1
+struct QuantX {
+  std::vector<int16_t> q;  // [M, in]: round(x / scale of its group)
+  std::vector<float> scale;  // [M, G]: each group's largest |x| / 32767
+  std::vector<float> gsum;  // [M, G]: each group's sum of x (int4's minima multiply them)
+  int64_t in, G;
+
+  // X [M, in] in G groups of in / G
+  QuantX(const float* X, int64_t M, int64_t in_, int64_t G_)
+      : q(M * in_), scale(M * G_), gsum(M * G_), in(in_), G(G_) {
+    const int64_t gs = in / G;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* x = X + m * in + g * gs;
+        int16_t* qg = q.data() + m * in + g * gs;
+        float top = 0.f, sum = 0.f;
+        for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::abs(x[i])), sum += x[i];
+        const float inv = top > 0.f ? 32767.f / top : 0.f;
+        for (int64_t i = 0; i < gs; ++i) qg[i] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+        scale[m * G + g] = top / 32767.f;
+        gsum[m * G + g] = sum;
+      }
+  }
+  const int16_t* row(int64_t m) const { return q.data() + m * in; }
+  float xs(int64_t m, int64_t g) const { return scale[m * G + g]; }
+};
+// int32 sums of at most this many products before they are scaled into float: far from
+// overflow for int8 (127 * 32767 * 2 per madd lane, 64 madds) and int4 alike
+constexpr int64_t I16_RUN = 1024;
+#endif
+
 static void check_x(const torch::Tensor& x, int64_t in) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == in,
               "x: [M, in] fp32 contiguous");
@@ -53,6 +94,15 @@ static void over_rows(int64_t M, int64_t out, int64_t tile, RowFn fn) {
     for (int64_t o = b; o < e; ++o)
       for (int64_t m = 0; m < M; m += tile) fn(m, std::min(tile, M - m), o);
   });
+}
+
+// fn(std::integral_constant<int, n>) for n in 1..Max (Max for any larger n): a row loop's
+// count of X's rows is a template argument, so its accumulators are registers
+template <int Max, class Fn>
+static inline void with_rows(int64_t n, Fn&& fn) {
+  if constexpr (Max > 1)
+    if (n < Max) return with_rows<Max - 1>(n, fn);
+  fn(std::integral_constant<int, Max>{});
 }
 
 // ---------------------------------------------------------------------------- fp32
@@ -84,6 +134,18 @@ static void rows(const float* X, const float* W, float* Y, int64_t in, int64_t o
   }
 }
 
+// X [M, in] times W [out, in] into Y [M, out], 4 rows of X at a time (any M)
+static void f32_rows(const float* X, const float* W, float* Y, int64_t M, int64_t in, int64_t out) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* x = X + m0 * in;
+    float* y = Y + m0 * out;
+    const int64_t n = std::min<int64_t>(4, M - m0);
+    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+      with_rows<4>(n, [&](auto R) { rows<R>(x, W, y, in, out, b, e); });
+    });
+  }
+}
+
 // x [M, in] fp32 contiguous, w [out, in] fp32 contiguous -> [M, out] fp32
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "w: [out, in] fp32");
@@ -91,64 +153,132 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.size(0) <= 4, "1 to 4 rows");
   const int64_t M = x.size(0), in = w.size(1), out = w.size(0);
   auto y = torch::empty({M, out}, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: rows<1>(X, W, Y, in, out, b, e); break;
-      case 2: rows<2>(X, W, Y, in, out, b, e); break;
-      case 3: rows<3>(X, W, Y, in, out, b, e); break;
-      default: rows<4>(X, W, Y, in, out, b, e); break;
-    }
-  });
+  f32_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, in, out);
   return y;
 }
 
 // ---------------------------------------------------------------------------- int8
 // One output row o of an int8 weight with a scale per group of `gs` inputs (gs = in: one
 // per row): each 16 (or 8) bytes are widened in registers and multiplied by their scale,
-// so the step streams a quarter of fp32's bytes and no dequantized copy exists.
+// so the step streams a quarter of fp32's bytes and no dequantized copy exists. The vector
+// accumulators run across groups and are summed once a row: a horizontal sum per group (a
+// Q8_0 row has one every 32 values) cost as much as the group's own products.
 template <int M>
 static void row_int8(const float* X, const int8_t* w, const float* s, float* Y, int64_t in, int64_t gs,
                      int64_t out, int64_t o) {
   float r[M];
   for (int m = 0; m < M; ++m) r[m] = 0.f;
+#if defined(P2P_AVX512)
+  __m512 a0[M], a1[M];
+  for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+#endif
   for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g) {
     const int64_t g1 = std::min(in, g0 + gs);
     const float sc = s[g];
     int64_t i = g0;
 #if defined(P2P_AVX512)
-    __m512 a[M];
-    for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
     const __m512 vs = _mm512_set1_ps(sc);
-    for (; i + 16 <= g1; i += 16) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
-      __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), vs);
-      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(X + m * in + i), a[m]);
-    }
-    for (int m = 0; m < M; ++m) r[m] += _mm512_reduce_add_ps(a[m]);
-#elif defined(P2P_AVX2)
-    __m256 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }
-    const __m256 vs = _mm256_set1_ps(sc);
-    for (; i + 16 <= g1; i += 16) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
-      __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), vs);
-      __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), vs);
+    for (; i + 32 <= g1; i += 32) {
+      __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)))), vs);
+      __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)))), vs);
       for (int m = 0; m < M; ++m) {
-        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * in + i), a0[m]);
-        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * in + i + 8), a1[m]);
+        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + m * in + i), a0[m]);
+        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(X + m * in + i + 16), a1[m]);
       }
     }
-    for (int m = 0; m < M; ++m) r[m] += hsum(_mm256_add_ps(a0[m], a1[m]));
 #endif
     for (; i < g1; ++i) {
       const float wv = static_cast<float>(w[i]) * sc;
       for (int m = 0; m < M; ++m) r[m] += X[m * in + i] * wv;
     }
   }
+#if defined(P2P_AVX512)
+  for (int m = 0; m < M; ++m) r[m] += _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+#endif
   for (int m = 0; m < M; ++m) Y[m * out + o] = r[m];
+}
+
+#if defined(P2P_I16)
+// One row of an int8 weight against rows m0.. of a QuantX, in groups of gs: 16 weights
+// widened to int16, one madd per row of X. Where M is 1, two groups at a time feed two
+// chains of scaled sums: a Q8_0 group is 32 values, whose products take less time than
+// converting and scaling their sum, so one chain would wait on itself (rows of X are
+// chains of their own).
+template <int M>
+static inline __attribute__((always_inline)) void int8_group(const QuantX& qx, int64_t m0, const int8_t* w,
+                                                              int64_t g0, int64_t g1, __m256 p[M], float t[M]) {
+  for (int m = 0; m < M; ++m) p[m] = _mm256_setzero_ps(), t[m] = 0.f;
+  for (int64_t c0 = g0; c0 < g1; c0 += I16_RUN) {
+    const int64_t c1 = std::min(g1, c0 + I16_RUN);
+    __m256i ai[M];
+    int32_t ti[M];
+    for (int m = 0; m < M; ++m) ai[m] = _mm256_setzero_si256(), ti[m] = 0;
+    int64_t i = c0;
+    for (; i + 16 <= c1; i += 16) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+      for (int m = 0; m < M; ++m)
+        ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(
+                                                             reinterpret_cast<const __m256i*>(qx.row(m0 + m) + i))));
+    }
+    for (; i < c1; ++i)
+      for (int m = 0; m < M; ++m) ti[m] += static_cast<int32_t>(w[i]) * qx.row(m0 + m)[i];
+    for (int m = 0; m < M; ++m) p[m] = _mm256_add_ps(p[m], _mm256_cvtepi32_ps(ai[m])), t[m] += ti[m];
+  }
+}
+
+template <int M>
+static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const float* s, float* Y, int64_t gs,
+                         int64_t out, int64_t o) {
+  const int64_t G = qx.in / gs;
+  __m256 a0[M], a1[M];  // a1: odd groups' where M is 1
+  float r[M];
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps(), r[m] = 0.f;
+  int64_t g = 0;
+  if constexpr (M == 1)
+    for (; g + 2 <= G; g += 2) {
+      __m256 p0[1], p1[1];
+      float t0[1], t1[1];
+      int8_group<1>(qx, m0, w, g * gs, (g + 1) * gs, p0, t0);
+      int8_group<1>(qx, m0, w, (g + 1) * gs, (g + 2) * gs, p1, t1);
+      const float s0 = s[g] * qx.xs(m0, g), s1 = s[g + 1] * qx.xs(m0, g + 1);
+      a0[0] = _mm256_fmadd_ps(p0[0], _mm256_set1_ps(s0), a0[0]);
+      a1[0] = _mm256_fmadd_ps(p1[0], _mm256_set1_ps(s1), a1[0]);
+      r[0] += t0[0] * s0 + t1[0] * s1;
+    }
+  for (; g < G; ++g) {
+    __m256 p[M];
+    float t[M];
+    int8_group<M>(qx, m0, w, g * gs, (g + 1) * gs, p, t);
+    for (int m = 0; m < M; ++m) {
+      const float sx = s[g] * qx.xs(m0 + m, g);
+      a0[m] = _mm256_fmadd_ps(p[m], _mm256_set1_ps(sx), a0[m]), r[m] += t[m] * sx;
+    }
+  }
+  for (int m = 0; m < M; ++m) Y[m * out + o] = hsum(_mm256_add_ps(a0[m], a1[m])) + r[m];
+}
+#endif
+
+// X [M, in] times an int8 W [out, in] with scales S [out, G] into Y [M, out]
+static void int8_rows(const float* X, const int8_t* W, const float* S, float* Y, int64_t M, int64_t in,
+                      int64_t out, int64_t G) {
+  const int64_t gs = in / G;
+#if defined(P2P_I16)
+  const QuantX qx(X, M, in, G);
+#endif
+  over_rows(M, out, 4, [&](int64_t m, int64_t n, int64_t o) {
+    const int8_t* w_o = W + o * in;
+    const float* s_o = S + o * G;
+    float* y_m = Y + m * out;
+    with_rows<4>(n, [&](auto R) {
+#if defined(P2P_I16)
+      row_int8_i16<R>(qx, m, w_o, s_o, y_m, gs, out, o);
+#else
+      row_int8<R>(X + m * in, w_o, s_o, y_m, in, gs, out, o);
+#endif
+    });
+  });
 }
 
 // x [M, in] fp32, w [out, in] int8, scales [out, groups] fp32 -> [M, out] fp32:
@@ -158,34 +288,22 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) 
   check_x(x, w.size(1));
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.scalar_type() == at::kFloat &&
               scales.is_contiguous() && w.size(1) % scales.size(1) == 0, "scales: [out, groups] fp32");
-  const int64_t M = x.size(0), in = w.size(1), out = w.size(0), G = scales.size(1), gs = in / G;
-  const int8_t* W = w.data_ptr<int8_t>();
-  const float* S = scales.data_ptr<float>();
+  const int64_t M = x.size(0), in = w.size(1), out = w.size(0), G = scales.size(1);
   auto y = torch::empty({M, out}, x.options());
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  over_rows(M, out, 4, [&](int64_t m, int64_t n, int64_t o) {
-    const float* x_m = X + m * in;
-    float* y_m = Y + m * out;
-    const int8_t* w_o = W + o * in;
-    const float* s_o = S + o * G;
-    switch (n) {
-      case 1: row_int8<1>(x_m, w_o, s_o, y_m, in, gs, out, o); break;
-      case 2: row_int8<2>(x_m, w_o, s_o, y_m, in, gs, out, o); break;
-      case 3: row_int8<3>(x_m, w_o, s_o, y_m, in, gs, out, o); break;
-      default: row_int8<4>(x_m, w_o, s_o, y_m, in, gs, out, o); break;
-    }
-  });
+  int8_rows(x.data_ptr<float>(), w.data_ptr<int8_t>(), scales.data_ptr<float>(), y.data_ptr<float>(), M, in, out, G);
   return y;
 }
 
 // ---------------------------------------------------------------------------- int4
 // A row of an int4 weight is blocks of 32 values in 16 bytes, value j of a block in the
 // low nibble of byte j and value 16 + j in its high nibble (GGUF's Q4_0/Q4_1 order), with
-// per group of `gs` inputs an fp16 scale and minimum: W = q * scale + min, q in 0..15.
+// per group of `gs` inputs a scale and minimum: W = q * scale + min, q in 0..15.
 // Each nibble is widened and turned into its weight with one FMA, then multiplied into
 // every row of X; the accumulators run across groups, so no sum waits on a group's end.
-static inline float half(c10::Half h) {
+// The scales and minima are fp16 (Q4_0/Q4_1's own) or fp32 where fp16 cannot hold them
+// exactly (Q4_K's d * sc, an fp16 times a 6-bit integer): `S` is their element type.
+static inline float to_float(float v) { return v; }
+static inline float to_float(c10::Half h) {
 #if defined(P2P_AVX2)
   return _cvtsh_ss(h.x);
 #else
@@ -193,8 +311,15 @@ static inline float half(c10::Half h) {
 #endif
 }
 
-template <int M>
-static void row_int4(const float* X, const uint8_t* w, const c10::Half* s, const c10::Half* mn, float* Y,
+#if defined(P2P_AVX2)
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+template <int M, class S>
+static void row_int4(const float* X, const uint8_t* w, const S* s, const S* mn, float* Y,
                      int64_t in, int64_t gs, int64_t out, int64_t o) {
   float r[M];
 #if defined(P2P_AVX512)
@@ -205,7 +330,7 @@ static void row_int4(const float* X, const uint8_t* w, const c10::Half* s, const
   for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
   const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g) {
-    const __m512 lut = _mm512_fmadd_ps(levels, _mm512_set1_ps(half(s[g])), _mm512_set1_ps(half(mn[g])));
+    const __m512 lut = _mm512_fmadd_ps(levels, _mm512_set1_ps(to_float(s[g])), _mm512_set1_ps(to_float(mn[g])));
     for (int64_t i = g0; i < g0 + gs; i += 32) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2)));
       const __m512 w0 = _mm512_permutexvar_ps(b, lut), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
@@ -216,33 +341,10 @@ static void row_int4(const float* X, const uint8_t* w, const c10::Half* s, const
     }
   }
   for (int m = 0; m < M; ++m) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
-#elif defined(P2P_AVX2)
-  __m256 a0[M], a1[M];
-  for (int m = 0; m < M; ++m) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }
-  const __m128i low = _mm_set1_epi8(0x0F);
-  for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g) {
-   const __m256 vs = _mm256_set1_ps(half(s[g])), vm = _mm256_set1_ps(half(mn[g]));
-   for (int64_t i = g0; i < g0 + gs; i += 32) {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2));
-    __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-    __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vs, vm);
-    __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vs, vm);
-    __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vs, vm);
-    __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vs, vm);
-    for (int m = 0; m < M; ++m) {
-      const float* xm = X + m * in + i;
-      a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
-      a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
-      a0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a0[m]);
-      a1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a1[m]);
-    }
-   }
-  }
-  for (int m = 0; m < M; ++m) r[m] = hsum(_mm256_add_ps(a0[m], a1[m]));
 #else
   for (int m = 0; m < M; ++m) r[m] = 0.f;
   for (int64_t i = 0; i < in; i += 32) {
-    const float sc = half(s[i / gs]), mi = half(mn[i / gs]);
+    const float sc = to_float(s[i / gs]), mi = to_float(mn[i / gs]);
     float wv[32];
     for (int j = 0; j < 16; ++j) {
       const uint8_t b = w[i / 2 + j];
@@ -256,41 +358,112 @@ static void row_int4(const float* X, const uint8_t* w, const c10::Half* s, const
   for (int m = 0; m < M; ++m) Y[m * out + o] = r[m];
 }
 
+#if defined(P2P_I16)
+// One row of an int4 weight against rows m0.. of a QuantX: a block's nibbles widened to
+// int16 (two registers of 16), a madd each per row of X, two groups at a time where M is
+// 1 (as row_int8_i16); the minima multiply X's group sums
+template <int M>
+static inline __attribute__((always_inline)) void int4_group(const QuantX& qx, int64_t m0, const uint8_t* w,
+                                                              int64_t g0, int64_t g1, __m256 p[M]) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256i ai[M];  // a group is at most I16_RUN values (gemv_int4 checks)
+  for (int m = 0; m < M; ++m) ai[m] = _mm256_setzero_si256();
+  for (int64_t i = g0; i < g1; i += 32) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2));
+    const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+    const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+    for (int m = 0; m < M; ++m) {
+      const __m256i* x = reinterpret_cast<const __m256i*>(qx.row(m0 + m) + i);
+      ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(x)),
+                                                       _mm256_madd_epi16(hi, _mm256_loadu_si256(x + 1))));
+    }
+  }
+  for (int m = 0; m < M; ++m) p[m] = _mm256_cvtepi32_ps(ai[m]);
+}
+
+template <int M, class S>
+static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S* s, const S* mn, float* Y,
+                         int64_t gs, int64_t G, int64_t out, int64_t o) {
+  __m256 a0[M], a1[M];  // a1: odd groups' where M is 1
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  if constexpr (M == 1)
+    for (; g + 2 <= G; g += 2) {
+      __m256 p0[1], p1[1];
+      int4_group<1>(qx, m0, w, g * gs, (g + 1) * gs, p0);
+      int4_group<1>(qx, m0, w, (g + 1) * gs, (g + 2) * gs, p1);
+      a0[0] = _mm256_fmadd_ps(p0[0], _mm256_set1_ps(to_float(s[g]) * qx.xs(m0, g)), a0[0]);
+      a1[0] = _mm256_fmadd_ps(p1[0], _mm256_set1_ps(to_float(s[g + 1]) * qx.xs(m0, g + 1)), a1[0]);
+    }
+  for (; g < G; ++g) {
+    __m256 p[M];
+    int4_group<M>(qx, m0, w, g * gs, (g + 1) * gs, p);
+    const float sc = to_float(s[g]);
+    for (int m = 0; m < M; ++m) a0[m] = _mm256_fmadd_ps(p[m], _mm256_set1_ps(sc * qx.xs(m0 + m, g)), a0[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    const float* gsum = qx.gsum.data() + (m0 + m) * G;
+    // the minima's share, sum_g min_g * sum(x in g), 8 groups a step: one at a time, its
+    // chain of dependent FMAs took as long as the row's products
+    __m256 vm = _mm256_setzero_ps();
+    int64_t h = 0;
+    for (; h + 8 <= G; h += 8) vm = _mm256_fmadd_ps(load8(mn + h), _mm256_loadu_ps(gsum + h), vm);
+    float shift = hsum(vm);
+    for (; h < G; ++h) shift += to_float(mn[h]) * gsum[h];
+    Y[m * out + o] = hsum(_mm256_add_ps(a0[m], a1[m])) + shift;
+  }
+}
+#endif
+
 // x [M, in] fp32, w [out, in / 2] uint8 (blocks as above), scales and mins [out, groups]
-// fp16 -> [M, out] fp32
+// fp16 or fp32 (both the same) -> [M, out] fp32
+template <class S>
+static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
+                      int64_t out, int64_t G) {
+  const int64_t gs = in / G;
+  // AVX-512's 32 registers hold the accumulators of 8 activation rows; AVX2's 16 and the
+  // portable loop those of 4
+#if defined(P2P_AVX512)
+  constexpr int tile = 8;
+#else
+  constexpr int tile = 4;
+#endif
+#if defined(P2P_I16)
+  const QuantX qx(X, M, in, G);
+#endif
+  over_rows(M, out, tile, [&](int64_t m, int64_t n, int64_t o) {
+    const uint8_t* w_o = W + o * (in / 2);
+    const S *s_o = Sc + o * G, *n_o = N + o * G;
+    float* y_m = Y + m * out;
+    with_rows<tile>(n, [&](auto R) {
+#if defined(P2P_I16)
+      row_int4_i16<R>(qx, m, w_o, s_o, n_o, y_m, gs, G, out, o);
+#else
+      row_int4<R>(X + m * in, w_o, s_o, n_o, y_m, in, gs, out, o);
+#endif
+    });
+  });
+}
+
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, "w: [out, in / 2] uint8");
   const int64_t in = w.size(1) * 2, out = w.size(0);
   check_x(x, in);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out && scales.scalar_type() == at::kHalf &&
-              scales.is_contiguous() && mins.sizes() == scales.sizes() && mins.scalar_type() == at::kHalf &&
-              mins.is_contiguous(), "scales, mins: [out, groups] fp16");
+  const auto st = scales.scalar_type();
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out && (st == at::kHalf || st == at::kFloat) &&
+              scales.is_contiguous() && mins.sizes() == scales.sizes() && mins.scalar_type() == st &&
+              mins.is_contiguous(), "scales, mins: [out, groups], both fp16 or both fp32");
   const int64_t G = scales.size(1);
-  TORCH_CHECK(G >= 1 && in % G == 0 && (in / G) % 32 == 0, "groups of a multiple of 32 inputs");
-  const int64_t M = x.size(0), gs = in / G;
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const c10::Half* S = scales.data_ptr<c10::Half>();
-  const c10::Half* N = mins.data_ptr<c10::Half>();
+  TORCH_CHECK(G >= 1 && in % G == 0 && (in / G) % 32 == 0 && in / G <= 1024,
+              "groups of a multiple of 32 inputs, at most 1024");
+  const int64_t M = x.size(0);
   auto y = torch::empty({M, out}, x.options());
   const float* X = x.data_ptr<float>();
+  const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  // AVX-512's 32 registers hold the accumulators of 8 activation rows, AVX2's 16 those of 4
-  const int64_t tile = isa() == "avx512" ? 8 : 4;
-  over_rows(M, out, tile, [&](int64_t m, int64_t n, int64_t o) {
-    const float* x_m = X + m * in;
-    float* y_m = Y + m * out;
-    const uint8_t* w_o = W + o * (in / 2);
-    const c10::Half *s_o = S + o * G, *n_o = N + o * G;
-    switch (n) {
-      case 1: row_int4<1>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 2: row_int4<2>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 3: row_int4<3>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 4: row_int4<4>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 5: row_int4<5>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 6: row_int4<6>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      case 7: row_int4<7>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-      default: row_int4<8>(x_m, w_o, s_o, n_o, y_m, in, gs, out, o); break;
-    }
-  });
+  if (st == at::kHalf)
+    int4_rows(X, W, scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in, out, G);
+  else
+    int4_rows(X, W, scales.data_ptr<float>(), mins.data_ptr<float>(), Y, M, in, out, G);
   return y;
 }

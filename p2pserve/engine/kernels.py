@@ -3,14 +3,20 @@
 A decode step multiplies one token's activations by every weight of the stage: it is
 bound by how fast the weights stream from memory. ``gemv`` takes a dense fp32 weight,
 ``gemv_int8`` int8 rows with a scale per row or per group, ``gemv_int4`` 4-bit values in
-GGUF's block order with an fp16 scale and minimum per group; rows are split over torch's
-OpenMP threads and each weight row is read once for every activation row. Torch's own
-kernels take bf16 activations and, for int8, stream far more slowly on the CPU measured;
-``gemv_int4`` keeps fp32 activations and the file's fp16 scales exactly, at about the
-speed of torch's int4 kernel per product (``python bench/engine.py`` shows what the
-kernels buy end to end; ``P2PSERVE_KERNELS=0`` turns them off to compare).
+GGUF's block order with a scale and minimum per group (fp16, or fp32 for a Q4_K's); rows
+are split over torch's OpenMP threads and each weight row is read once for every
+activation row. Torch's own kernels take bf16 activations and, for int8, stream far more
+slowly on the CPU measured. ``gemv_int8`` and ``gemv_int4`` keep the file's scales exactly;
+on AVX2 (without AVX-512) they round the activations to 16-bit integers, a scale per
+group of the weight's, and multiply in integers (``gemv.cpp``: ``QuantX``); elsewhere they
+take them in fp32 (``python bench/engine.py`` shows what the kernels buy end to end;
+``P2PSERVE_KERNELS=0`` turns them off to compare).
 
-``gemv`` handles ``M <= MAX_ROWS`` activation rows; larger batches go to oneDNN's GEMM,
+``decode_step`` runs a whole decode step of a stage's layers in one call (``decode_step.cpp``,
+used by ``model.StageModel``): around these GEMVs, the norms, RoPE, the attention over each
+sequence's cached positions and the gated MLP, instead of ~40 PyTorch ops a layer.
+
+``gemv`` (as a Python call) handles ``M <= MAX_ROWS`` activation rows; larger batches go to oneDNN's GEMM,
 and bf16 stays with oneDNN (widening bf16 in this loop measured slower than its packed
 bf16 GEMV). The quantized ones take any number of rows, a prefill chunk too: a weight row
 stays in L1 while every activation row passes over it.
@@ -39,7 +45,8 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
 
-_SOURCE = (Path(__file__).parent / "gemv.cpp").read_text()
+# one translation unit: the GEMVs, then the fused decode step and the bindings, which use them
+_SOURCE = "\n".join((Path(__file__).parent / name).read_text() for name in ("gemv.cpp", "decode_step.cpp"))
 
 _lock = threading.Lock()
 _module = None
@@ -84,7 +91,7 @@ def build(arch_flag: str):
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     try:
         return load_inline(
-            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE, functions=["gemv", "gemv_int8", "gemv_int4", "isa"],
+            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE,
             extra_cflags=["-O3", arch_flag, "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # a broken toolchain must not take the engine down
@@ -133,9 +140,23 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.T
     return y.view(*x.shape[:-1], q.shape[0])
 
 
+def decode_step(hidden: int, n_q: int, n_kv: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor):
+    """An empty ``DecodeStep`` (``decode_step.cpp``) for a stage's layers, which ``add_layer``
+    fills: one call runs a decode step through all of them (``forward``), or, for a TP rank,
+    one half of a layer at a time (``attention``, ``mlp``), each returning what its residual
+    adds. ``cos`` and ``sin`` are the stage's RoPE tables (``model.rope_tables``)."""
+    return module().DecodeStep(hidden, n_q, n_kv, head_dim, cos, sin)
+
+
+def linear_operand(w: torch.Tensor, scales: torch.Tensor | None = None, mins: torch.Tensor | None = None):
+    """A linear weight for ``DecodeStep.add_layer``: fp32 ``w`` [out, in], int8 ``w`` with
+    ``scales`` (as ``gemv_int8``), or packed int4 with ``scales`` and ``mins`` (as ``gemv_int4``)."""
+    return module().Linear(w, scales, mins)
+
+
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for fp32 ``x`` [..., in], any number of rows, and an int4 weight in the
-    kernel's layout (``quant.Int4Weight``): ``packed`` uint8 [out, in / 2], fp16 ``scales``
-    and ``mins`` [out, groups], ``W = q * scale + min`` per group."""
+    kernel's layout (``quant.Int4Weight``): ``packed`` uint8 [out, in / 2], ``scales`` and
+    ``mins`` [out, groups], both fp16 or both fp32, ``W = q * scale + min`` per group."""
     y = module().gemv_int4(x.reshape(-1, x.shape[-1]).contiguous(), packed, scales, mins)
     return y.view(*x.shape[:-1], packed.shape[0])

@@ -34,10 +34,14 @@ except ImportError:  # pragma: no cover - not installed on CPU machines
 
 
 # oneDNN's linear layer, the op torch.compile's CPU freezing pass emits; None in a torch
-# built without oneDNN.
+# built without oneDNN. Its bf16 path needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which
+# an AVX2-only CPU lacks: bf16 weights stay with ``F.linear`` there.
 _onednn_linear = None
+_onednn_dtypes: tuple[torch.dtype, ...] = ()
 if torch.backends.mkldnn.is_available():
     _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    _onednn_dtypes = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else (torch.float32,)
 
 
 def _for_kernel(weight: torch.Tensor) -> bool:
@@ -55,9 +59,16 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """
     if _for_kernel(weight):
         return weight.contiguous()
-    if weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_linear is not None:
+    if weight.is_cpu and weight.dtype in _onednn_dtypes and _onednn_linear is not None:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     return weight.contiguous()
+
+
+def kernel_linear(weight):
+    """A linear weight as ``kernels.DecodeStep`` takes it, or None where it cannot read it."""
+    operands = weight.kernel_operands() if isinstance(weight, nn.Module) else \
+        (weight, None, None) if _for_kernel(weight) and not weight.is_mkldnn else None
+    return None if operands is None else kernels.linear_operand(*operands)
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
@@ -135,6 +146,9 @@ def _weight(w):
     return w if isinstance(w, nn.Module) else nn.Parameter(w, requires_grad=False)
 
 
+_UNBUILT = object()  # a stage's DecodeStep before its first decode step
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -142,6 +156,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            # the arithmetic below in one call (bit for bit): a decode step runs two norms a
+            # layer, and each Python-level op costs about as much as normalising a token
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # transformers rounds to x's dtype before the weight multiplies; rms_norm does not
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -272,7 +291,16 @@ class Block(nn.Module):
 
 
 class StageModel(nn.Module):
-    """Layers ``[start, end)`` of the model on one TP rank, plus embedding / head on the leader."""
+    """Layers ``[start, end)`` of the model on one TP rank, plus embedding / head on the leader.
+
+    A decode step (one token per sequence) of an fp32 stage on a CPU runs its layers in
+    ``kernels.DecodeStep``, one call for all of them, where the kernels are built: the same
+    arithmetic as the modules' ~40 PyTorch ops a layer, whose overhead is a large part of a
+    step that small. Prefill chunks, and everything else, take the modules.
+    """
+
+    # False sends decode steps through the modules too (what tests and benchmarks compare)
+    fused_decode = True
 
     def __init__(self, config: ModelConfig, start: int, end: int, shard: Shard, blocks,
                  embed=None, norm=None, head=None):
@@ -285,6 +313,7 @@ class StageModel(nn.Module):
         self.norm = norm
         self.head = None if head is None else _weight(head)
         self.cos = self.sin = None
+        self._decode_step = _UNBUILT
 
     @property
     def is_first(self) -> bool:
@@ -310,6 +339,7 @@ class StageModel(nn.Module):
             block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads,
                                        self.config.head_dim, device, dtype)
         self.cos, self.sin = rope_tables(self.config, max_len, device, dtype)
+        self._decode_step = _UNBUILT  # it holds the caches and tables it was built with
 
     @property
     def max_len(self) -> int:
@@ -341,6 +371,11 @@ class StageModel(nn.Module):
     def forward_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """x: [B, T, hidden] entering layer ``start``; returns it leaving layer ``end - 1``."""
         T = batch.n_tokens
+        if T == 1 and self.fused_decode:
+            if self._decode_step is _UNBUILT:
+                self._decode_step = self._build_decode_step()
+            if self._decode_step is not None:
+                return self._fused_layers(x, batch)
         if batch.size == 1:
             s = batch.starts[0]
             cos, sin = self.cos[None, s : s + T, None], self.sin[None, s : s + T, None]
@@ -351,6 +386,44 @@ class StageModel(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, batch, mask)
         return x
+
+    def _build_decode_step(self):
+        """``kernels.DecodeStep`` over this stage's layers, or None where it cannot run them:
+        activations other than fp32 on a CPU, no vectorised kernels, a weight in a layout it
+        does not read."""
+        if not (len(self.blocks) and self.device.type == "cpu" and self.dtype == torch.float32
+                and kernels.fast_fp32()):
+            return None
+        step = kernels.decode_step(self.config.hidden_size, self.shard.n_q_heads, self.shard.n_kv_heads,
+                                   self.config.head_dim, self.cos, self.sin)
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            weights = [kernel_linear(w) for w in (attn.wqkv, attn.wo, mlp.w13, mlp.w2)]
+            if None in weights:
+                return None
+            q_norm, k_norm = attn.q_norm, attn.k_norm
+            step.add_layer(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *weights,
+                           attn.bqkv, None if q_norm is None else q_norm.weight,
+                           None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
+                           attn.cache.k, attn.cache.v)
+        return step
+
+    def _fused_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``forward_layers`` of a decode step through ``kernels.DecodeStep``; a TP rank sums
+        each half of a layer over its group before the residual adds it, as ``Block`` does."""
+        B, step = batch.size, self._decode_step
+        h = x.reshape(B, -1)
+        slots, starts = batch.slots, batch.starts
+        if self.blocks[0].all_reduce is None:
+            return step.forward(h, slots, starts).view(B, 1, -1)
+        for i, block in enumerate(self.blocks):
+            a = step.attention(i, h, slots, starts)
+            block.all_reduce(a)
+            h = h + a
+            m = step.mlp(i, h)
+            block.all_reduce(m)
+            h = h + m
+        return h.view(B, 1, -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the last position of each sequence: [B, vocab] float32."""

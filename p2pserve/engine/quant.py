@@ -6,7 +6,8 @@ A decode step streams every weight once, so reading a quarter (int8) or an eight
 of fp32's bytes is what makes it faster; activations, norms, attention and the KV cache
 stay in the stage's own dtype. On a CPU where ``kernels`` is built, the products are its
 hand-written ones (``gemv_int8`` for decode steps and grouped scales, ``gemv_int4`` for
-every step), fp32 activations throughout. Elsewhere they are torch's own kernels:
+every step), fp32 activations throughout (which the AVX2 loops round to 16-bit integers
+inside the product: ``kernels``). Elsewhere they are torch's own kernels:
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` on CPU (their vectorised paths
 take bfloat16 activations only, so the input is cast to bfloat16 and the output back),
 ``_weight_int4pack_mm`` on CUDA, and a dequantize-then-multiply for int8 on CUDA; a
@@ -14,8 +15,8 @@ row-scaled int8 prefill on CPU also goes to torch's kernel.
 
 A weight is quantized where it is loaded, one rank's slice at a time, so a stage never
 holds more than one fp32 tensor on its way to its packed form (``build.load_stage``), and
-a GGUF's Q8_0, Q4_0 and Q4_1 blocks are taken as stored (``pack_parts``). ``roundtrip``
-gives the fp32 weight a packed one computes with, for references.
+a GGUF's Q8_0, Q4_0, Q4_1 and Q4_K blocks are taken as stored (``pack_parts``).
+``roundtrip`` gives the fp32 weight a packed one computes with, for references.
 """
 
 from __future__ import annotations
@@ -76,16 +77,22 @@ class Int8Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.q, self.scales)
 
+    def kernel_operands(self) -> tuple | None:
+        """``(q, scales, None)`` for ``kernels.Linear``, or None off the CPU."""
+        return (self.q, self.scales, None) if self.q.is_cpu else None
+
 
 class Int4Weight(nn.Module):
     """``[out, in]`` 4-bit values ``q`` in 0..15 and per group of ``group`` input columns a
     scale and a minimum: ``W = q * scale + min`` (GGUF's Q4_1; Q4_0 is ``min = -8 * scale``).
 
     Two layouts, chosen where the weight is made: on a CPU with ``kernels`` built, blocks
-    of 32 values in 16 bytes as a GGUF stores them with fp16 scales and minima, for
-    ``kernels.gemv_int4`` (a prefill too: it reads the weights once for every row);
-    elsewhere torch's packing for ``_weight_int4pack_mm`` (CUDA) or
-    ``_weight_int4pack_mm_for_cpu``, whose bf16 scales and offsets round the fp16 ones."""
+    of 32 values in 16 bytes as a GGUF's Q4_0 stores them, with fp16 scales and minima, or
+    fp32 ones where fp16 would round them (a Q4_K's ``d * sc``: 24 bytes per 32 values to
+    read instead of 20, for the file's weights exactly), for ``kernels.gemv_int4`` (a
+    prefill too: it reads the weights once for every row); elsewhere torch's packing for
+    ``_weight_int4pack_mm`` (CUDA) or ``_weight_int4pack_mm_for_cpu``, whose bf16 scales
+    and offsets round the file's."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int):
         """``q`` integers [out, in] in 0..15 (uint8); ``scales``, ``mins`` [out, in / group]."""
@@ -95,8 +102,9 @@ class Int4Weight(nn.Module):
         if self.for_kernel:
             blocks = q.to(torch.uint8).reshape(q.shape[0], -1, 2, INT4_BLOCK // 2)
             self.register_buffer("packed", (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(q.shape[0], -1))
-            self.register_buffer("scales", scales.to(torch.float16).contiguous())
-            self.register_buffer("mins", mins.to(torch.float16).contiguous())
+            dtype = torch.float16 if _fp16_holds(scales) and _fp16_holds(mins) else torch.float32
+            self.register_buffer("scales", scales.to(dtype).contiguous())
+            self.register_buffer("mins", mins.to(dtype).contiguous())
             return
         zeros = mins + 8 * scales  # torch's kernels compute (q - 8) * scale + zero
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
@@ -125,6 +133,10 @@ class Int4Weight(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales_and_zeros)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def kernel_operands(self) -> tuple | None:
+        """``(packed, scales, mins)`` for ``kernels.Linear``, or None in torch's layout."""
+        return (self.packed, self.scales, self.mins) if self.for_kernel else None
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight this module multiplies by."""
         if self.for_kernel:
@@ -133,6 +145,10 @@ class Int4Weight(nn.Module):
             return dequantize_int4(q, self.scales.float(), self.mins.float())
         eye = torch.eye(self.shape[1], dtype=KERNEL_DTYPE, device=self.packed.device)
         return self(eye).float().T.contiguous()
+
+
+def _fp16_holds(t: torch.Tensor) -> bool:
+    return torch.equal(t.to(torch.float16).to(t.dtype), t)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,10 @@ Every tensor is asked for by its Hugging Face name and comes back in Hugging Fac
 layout, whether the file is a Hugging Face directory (safetensors) or a llama.cpp GGUF.
 A stage asks only for its own layers, and only those bytes are read: safetensors slices
 and GGUF rows are cut from memory maps before anything is copied or dequantized.
-``get_stored`` hands a GGUF's Q4_0 and Q4_1 weights to an int4 stage, and its Q8_0 weights
-to an int8 stage, as their stored values and block scales, so the stage packs them
-without a round trip through float32 and without a second rounding.
+``get_stored`` hands a GGUF's Q4_0, Q4_1 and Q4_K weights to an int4 stage, and its Q8_0
+weights to an int8 stage, as their stored values and block scales, so the stage packs them
+without a round trip through float32 and without a second rounding. Other types (a Q4_K_M
+file's Q6_K tensors) are dequantized by rows and the stage quantizes them itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import gguf
 import numpy as np
 import torch
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 from safetensors import safe_open
 
 from p2pserve.engine.config import ModelConfig
@@ -311,33 +312,41 @@ class GGUFWeights(WeightSource):
         permuted = self.config.arch == "llama" and name.endswith(_PERMUTED_BY_LLAMA_CPP)
         if permuted and (rows[0] % self.config.head_dim or rows[1] % self.config.head_dim):
             return None
-        raw, _ = _stored_slice(tensor, rows, cols)
+        raw, cut = _stored_slice(tensor, rows, cols)
         parts = _blocks(tensor.tensor_type, np.array(raw))
+        if cut is not None and cut != (0, parts[0].shape[1]):  # Q4_K: the slice's blocks of its super-blocks
+            q, *per_block = parts
+            parts = (q[:, cut[0] : cut[1]].contiguous(),
+                     *(t[:, cut[0] // BLOCK : cut[1] // BLOCK].contiguous() for t in per_block))
         if permuted:
             parts = tuple(_unpermute_heads(t, self.config.head_dim) for t in parts)
         return parts
 
 
-BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block
+BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block, and per Q4_K sub-block
 _STORED_TYPES = {
-    "int4": (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1),
+    "int4": (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K),
     "int8": (gguf.GGMLQuantizationType.Q8_0,),
 }
 
 
 def _blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """Q4_0 / Q4_1 / Q8_0 rows [rows, bytes] as their values and per-block fp16 numbers.
+    """Q4_0 / Q4_1 / Q4_K / Q8_0 rows [rows, bytes] as their values and per-32-value numbers.
 
     A block is an fp16 scale ``d`` (Q4_1: and an fp16 minimum ``m``) and its 32 values:
     Q8_0 32 int8 bytes, ``q * d``; Q4_0 and Q4_1 16 bytes, value ``j`` in the low nibble of
     byte ``j`` and value ``16 + j`` in its high nibble, ``(q - 8) * d`` and ``q * d + m``.
-    Returned as ``(q, scales)`` for Q8_0, ``(q, scales, mins)`` (``W = q * scale + min``) for
-    the 4-bit ones: every number exactly as stored (fp16 widened to fp32)."""
+    Q4_K's super-blocks of 256 values hold 8 such blocks, ``q * (d * sc) - dmin * m`` (see
+    ``_q4_k``). Returned as ``(q, scales)`` for Q8_0, ``(q, scales, mins)``
+    (``W = q * scale + min``) for the 4-bit ones: every number exactly as stored (fp16
+    widened to fp32; Q4_K's products of an fp16 and a 6-bit integer, exact in fp32)."""
     rows = raw.shape[0]
 
     def fp16(at: int) -> torch.Tensor:
         return torch.from_numpy(blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
 
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return _q4_k(raw)
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         blocks = raw.reshape(rows, -1, 2 + BLOCK)
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, -1)
@@ -348,6 +357,23 @@ def _blocks(qtype, raw: np.ndarray) -> tuple[torch.Tensor, ...]:
     nibbles = torch.from_numpy(blocks[..., header:].copy())  # uint8: a byte per value, not four
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
     return q, d, (-8 * d if header == 2 else fp16(2))
+
+
+def _q4_k(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows [rows, bytes] as ``(q, scales, mins)`` per block of 32 values.
+
+    A super-block is 144 bytes: fp16 ``d`` and ``dmin``, 12 bytes of 6-bit scales ``sc`` and
+    minima ``m`` of its 8 blocks (unpacked by gguf's own ``get_scale_min``), then 128 bytes
+    of quants, 32 for each pair of blocks: block ``2k``'s value ``j`` in the low nibble of
+    the pair's byte ``j``, block ``2k + 1``'s in its high nibble."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    d, dmin = (blocks[..., at : at + 2].copy().view(np.float16).astype(np.float32) for at in (0, 2))
+    sc, m = (t.reshape(rows, -1, 8).astype(np.float32)
+             for t in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+    nibbles = torch.from_numpy(blocks[..., 16:].reshape(rows, -1, 4, 1, 32).copy())
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=3).reshape(rows, -1)
+    return q, torch.from_numpy((d * sc).reshape(rows, -1)), torch.from_numpy((-(dmin * m)).reshape(rows, -1))
 
 
 def _stored_slice(tensor, rows, cols):

@@ -39,22 +39,30 @@ class Dtype:
     # per parameter of the embedding table where it stays unquantized (None: weight_bytes);
     # a tied LM head is then a quantized copy of its own
     embed_bytes: float | None = None
+    # per parameter of the LM head where it keeps more bits than the layers (None: weight_bytes)
+    head_bytes: float | None = None
 
     @property
     def table_bytes(self) -> float:
         return self.weight_bytes if self.embed_bytes is None else self.embed_bytes
 
+    @property
+    def lm_head_bytes(self) -> float:
+        return self.weight_bytes if self.head_bytes is None else self.head_bytes
+
 
 # int8 and int4 are the engine's weight-only formats (engine/quant.py): fp32 activations and
 # KV cache, an fp32 embedding table, an fp32 scale per output row or per 32-input block of a
 # GGUF's Q8_0 (int8; counted per block, the largest cost) or an fp16 scale and minimum per
-# group of at least 32 inputs (int4; counted at 32, GGUF's block, the largest cost)
+# group of at least 32 inputs (int4; counted at 32, GGUF's block, the largest cost). An int4
+# stage keeps its LM head at int8 (engine.build.quantized_head), counted as int8's weights.
+INT8_BYTES = 1 + 4 / 32
 DTYPES = {
     "fp16": Dtype("fp16", 2, 2, 2),
     "bf16": Dtype("bf16", 2, 2, 2),
     "fp32": Dtype("fp32", 4, 4, 4, flops_scale=0.5),  # TF32 tensor cores run at half fp16 rate
-    "int8": Dtype("int8", 1 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4),
-    "int4": Dtype("int4", 0.5 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4),
+    "int8": Dtype("int8", INT8_BYTES, 4, 4, flops_scale=0.5, embed_bytes=4),
+    "int4": Dtype("int4", 0.5 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4, head_bytes=INT8_BYTES),
 }
 
 
@@ -153,12 +161,20 @@ def layer_params(model: ModelConfig, shard: Shard) -> int:
     return attention + mlp + 2 * h  # + two RMSNorm weights
 
 
+def layer_bytes(model: ModelConfig, shard: Shard, dtype: Dtype) -> float:
+    """One layer's weights: its linear weights in ``dtype``, its two RMSNorm weights in the
+    activations' dtype (a quantized stage keeps them float)."""
+    norms = 2 * model.hidden_size
+    return (layer_params(model, shard) - norms) * dtype.weight_bytes + norms * dtype.act_bytes
+
+
 def weights_bytes(model: ModelConfig, dtype: Dtype) -> float:
     """The whole model: every layer, the embedding, final norm and LM head."""
     table = model.vocab_size * model.hidden_size
     head = 0 if model.tie_word_embeddings and dtype.embed_bytes is None else table
-    params = model.n_layers * layer_params(model, Shard.of(model, 1)) + head + model.hidden_size
-    return params * dtype.weight_bytes + table * dtype.table_bytes
+    layers = model.n_layers * layer_bytes(model, Shard.of(model, 1), dtype)
+    final_norm = model.hidden_size * dtype.act_bytes
+    return layers + final_norm + head * dtype.lm_head_bytes + table * dtype.table_bytes
 
 
 def kv_bytes_per_token(model: ModelConfig, shard: Shard, dtype: Dtype) -> float:
@@ -188,7 +204,7 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     overhead = max((k.layer_overhead for k in kinds if k.layer_overhead is not None), default=default)
     shard = Shard.of(model, tp)
     h, hd, vocab = model.hidden_size, model.head_dim, model.vocab_size
-    w_bytes = layer_params(model, shard) * dtype.weight_bytes
+    w_bytes = layer_bytes(model, shard, dtype)
     kv_token = kv_bytes_per_token(model, shard, dtype)
     # activations one token leaves behind in a layer: x, residual, normed x, qkv, gate/up, silu*up
     act_row = (3 * h + (shard.q_heads + 2 * shard.kv_heads) * hd + 3 * shard.ffn) * dtype.act_bytes
@@ -211,7 +227,7 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
             t += batch * new * h * dtype.act_bytes / bandwidth
         if last:  # final norm + LM head on the leader, last position of each sequence only
             flops = 2 * vocab * h * batch
-            moved = vocab * h * dtype.weight_bytes + batch * vocab * 4
+            moved = vocab * h * dtype.lm_head_bytes + batch * vocab * 4
             t += max(flops / flop_rate, moved / bandwidth)
         return t
 
@@ -224,9 +240,9 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     if first:
         fixed_mem += vocab * h * dtype.table_bytes
     if last:
-        fixed_mem += h * dtype.weight_bytes  # final norm
+        fixed_mem += h * dtype.act_bytes  # final norm
         if not (first and model.tie_word_embeddings and dtype.embed_bytes is None):
-            fixed_mem += vocab * h * dtype.weight_bytes
+            fixed_mem += vocab * h * dtype.lm_head_bytes
     # transient peak: a whole prompt in flight (prefills run one at a time) or a decode batch
     fixed_mem += max(p, micro_batch) * act_row
     if last:

@@ -1,0 +1,299 @@
+// A decode step of a stage's decoder layers in one call from Python (kernels.DecodeStep),
+// and the Python bindings of this extension (gemv.cpp's GEMVs come first in the same unit).
+//
+// In a decode step every sequence of the batch adds one token. Its arithmetic is a few
+// GEMVs a layer plus loops over a few hundred values, so in eager PyTorch the cost of its
+// ~40 ops a layer (Python, the dispatcher, allocations, a parallel region each) is a large
+// part of the step on a CPU. Here a layer is its GEMVs (gemv.cpp, one parallel region
+// each), one parallel region for the attention, and plain loops for the rest.
+//
+// The arithmetic is model.py's, which is transformers': RMSNorm as w * (x * rsqrt(mean(x^2)
+// + eps)), Hugging Face's rotate-half RoPE from the stage's cos and signed-sin tables,
+// softmax(q k^T / sqrt(d)) v over the sequence's cached positions and the new one, and
+// SiLU(gate) * up. Activations are fp32; the weights are gemv.cpp's fp32, int8 or int4.
+#include <pybind11/stl.h>
+#include <cmath>
+
+namespace py = pybind11;
+
+// A linear weight as model.py and quant.py hold it, multiplied by gemv.cpp's loops.
+struct Linear {
+  enum Kind { F32, INT8, INT4_F16, INT4_F32 };
+  Kind kind = F32;
+  torch::Tensor w, scales, mins;
+  int64_t in = 0, out = 0, groups = 1;
+
+  // fp32 [out, in]; int8 [out, in] with fp32 scales [out, G]; int4 uint8 [out, in / 2] in
+  // gemv.cpp's blocks with scales and mins [out, G], both fp16 or both fp32
+  Linear(torch::Tensor w_, c10::optional<torch::Tensor> s, c10::optional<torch::Tensor> m)
+      : w(w_.contiguous()), out(w_.size(0)) {
+    TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "a weight is [out, in] on the CPU");
+    switch (w.scalar_type()) {
+      case at::kFloat:
+        kind = F32, in = w.size(1);
+        return;
+      case at::kChar:
+        TORCH_CHECK(s.has_value() && s->scalar_type() == at::kFloat && s->dim() == 2 && s->size(0) == out &&
+                    w.size(1) % s->size(1) == 0, "int8 scales: [out, groups] fp32");
+        kind = INT8, in = w.size(1), scales = s->contiguous(), groups = scales.size(1);
+        return;
+      case at::kByte: {
+        TORCH_CHECK(s.has_value() && m.has_value() && s->dim() == 2 && s->size(0) == out &&
+                    m->sizes() == s->sizes() && m->scalar_type() == s->scalar_type() &&
+                    (s->scalar_type() == at::kHalf || s->scalar_type() == at::kFloat),
+                    "int4 scales and mins: [out, groups], both fp16 or both fp32");
+        kind = s->scalar_type() == at::kHalf ? INT4_F16 : INT4_F32;
+        in = w.size(1) * 2, scales = s->contiguous(), mins = m->contiguous(), groups = scales.size(1);
+        TORCH_CHECK(in % groups == 0 && (in / groups) % 32 == 0 && in / groups <= 1024,
+                    "int4 groups of a multiple of 32 inputs, at most 1024");
+        return;
+      }
+      default:
+        TORCH_CHECK(false, "a weight is fp32, int8 or packed int4");
+    }
+  }
+
+  // Y [M, out] = X [M, in] @ W^T
+  void apply(const float* X, int64_t M, float* Y) const {
+    switch (kind) {
+      case F32: f32_rows(X, w.data_ptr<float>(), Y, M, in, out); break;
+      case INT8: int8_rows(X, w.data_ptr<int8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups); break;
+      case INT4_F16:
+        int4_rows(X, w.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in,
+                  out, groups);
+        break;
+      case INT4_F32:
+        int4_rows(X, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), Y, M, in, out,
+                  groups);
+        break;
+    }
+  }
+};
+
+static float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(P2P_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = hsum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = w * (x * rsqrt(mean(x^2) + eps)); y may be x
+static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t n) {
+  double ss = 0.0;  // the mean of squares as accurately as torch's cascaded sum, or more
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = 1.f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+struct Layer {
+  torch::Tensor attn_norm, mlp_norm;  // [hidden]
+  float eps;
+  Linear qkv, o, gate_up, down;       // qkv: q, k, v rows stacked; gate_up: gate then up
+  torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
+  torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
+  float qk_eps;
+  torch::Tensor k_cache, v_cache;     // [slots, max_len, n_kv, d]
+};
+
+class DecodeStep {
+ public:
+  // cos, sin: [max_len, d], sin signed as model.rope_tables makes it
+  DecodeStep(int64_t hidden, int64_t n_q, int64_t n_kv, int64_t head_dim, torch::Tensor cos, torch::Tensor sin)
+      : hidden_(hidden), n_q_(n_q), n_kv_(n_kv), d_(head_dim), cos_(cos.contiguous()), sin_(sin.contiguous()) {
+    TORCH_CHECK(n_kv >= 1 && n_q % n_kv == 0 && head_dim % 2 == 0, "heads: n_q a multiple of n_kv, d even");
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.dim() == 2 && cos_.size(1) == head_dim &&
+                sin_.sizes() == cos_.sizes() && sin_.scalar_type() == at::kFloat, "cos, sin: [max_len, d] fp32");
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps, Linear qkv, Linear o,
+                 Linear gate_up, Linear down, c10::optional<torch::Tensor> bqkv,
+                 c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
+                 torch::Tensor k_cache, torch::Tensor v_cache) {
+    const int64_t width = (n_q_ + 2 * n_kv_) * d_;
+    auto vec = [](const torch::Tensor& t, int64_t n) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n, "a norm weight or bias: fp32 [", n, "]");
+      return t.contiguous();
+    };
+    TORCH_CHECK(qkv.in == hidden_ && qkv.out == width && o.in == n_q_ * d_ && o.out == hidden_ &&
+                gate_up.in == hidden_ && gate_up.out % 2 == 0 && down.in == gate_up.out / 2 &&
+                down.out == hidden_, "the layer's weights do not have the stage's shapes");
+    TORCH_CHECK(k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 &&
+                k_cache.size(1) == cos_.size(0) && k_cache.size(2) == n_kv_ && k_cache.size(3) == d_ &&
+                v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
+                v_cache.scalar_type() == at::kFloat, "k/v cache: [slots, max_len, n_kv, d] fp32 contiguous");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
+    Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
+            std::move(o), std::move(gate_up), std::move(down),
+            bqkv ? vec(*bqkv, width) : torch::Tensor(),
+            q_norm ? vec(*q_norm, d_) : torch::Tensor(), k_norm ? vec(*k_norm, d_) : torch::Tensor(),
+            static_cast<float>(qk_eps), k_cache, v_cache};
+    layers_.push_back(std::move(l));
+  }
+
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x [B, hidden] entering the first layer -> leaving the last; sequence b is in cache slot
+  // slots[b] and holds starts[b] tokens before this one
+  torch::Tensor forward(torch::Tensor x, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
+    x = checked(x, slots, starts).clone();
+    float* X = x.data_ptr<float>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n_layers(); ++i) {
+      torch::Tensor h = attention_(i, x, slots, starts);
+      add(X, h.data_ptr<float>(), n);
+      h = mlp_(i, x);
+      add(X, h.data_ptr<float>(), n);
+    }
+    return x;
+  }
+
+  // Layer i's two halves, each returning what its residual adds, for a TP rank, which sums
+  // each over its group between them
+  torch::Tensor attention(int64_t i, torch::Tensor x, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
+    TORCH_CHECK(0 <= i && i < n_layers(), "no layer ", i);
+    return attention_(i, checked(x, slots, starts), slots, starts);
+  }
+  torch::Tensor mlp(int64_t i, torch::Tensor x) const {
+    TORCH_CHECK(0 <= i && i < n_layers(), "no layer ", i);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat, "x: [B, hidden] fp32");
+    return mlp_(i, x.contiguous());
+  }
+
+ private:
+  int64_t hidden_, n_q_, n_kv_, d_;
+  torch::Tensor cos_, sin_;
+  std::vector<Layer> layers_;
+
+  torch::Tensor checked(const torch::Tensor& x, const std::vector<int64_t>& slots,
+                        const std::vector<int64_t>& starts) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                "x: [B, hidden] fp32");
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == x.size(0) && slots.size() == starts.size(),
+                "a slot and a start per row of x");
+    if (!layers_.empty()) {
+      const auto& k = layers_[0].k_cache;
+      for (size_t b = 0; b < slots.size(); ++b)
+        TORCH_CHECK(0 <= slots[b] && slots[b] < k.size(0) && 0 <= starts[b] && starts[b] < k.size(1),
+                    "slot ", slots[b], " position ", starts[b], " is outside the cache");
+    }
+    return x.contiguous();
+  }
+
+  static void add(float* x, const float* h, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] += h[i];
+  }
+
+  torch::Tensor attention_(int64_t i, const torch::Tensor& x, const std::vector<int64_t>& slots,
+                           const std::vector<int64_t>& starts) const {
+    const Layer& l = layers_[i];
+    const int64_t B = x.size(0), d = d_, half = d / 2, width = (n_q_ + 2 * n_kv_) * d;
+    auto xn = torch::empty_like(x);
+    float* XN = xn.data_ptr<float>();
+    const float* X = x.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      rms_norm(X + b * hidden_, l.attn_norm.data_ptr<float>(), l.eps, XN + b * hidden_, hidden_);
+    auto qkv = torch::empty({B, width}, x.options());
+    float* QKV = qkv.data_ptr<float>();
+    l.qkv.apply(XN, B, QKV);
+
+    const int64_t max_len = l.k_cache.size(1), kv_row = n_kv_ * d;
+    float* KC = l.k_cache.data_ptr<float>();
+    float* VC = l.v_cache.data_ptr<float>();
+    std::vector<float> swapped(d);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = QKV + b * width;
+      if (l.bqkv.defined()) add(row, l.bqkv.data_ptr<float>(), width);
+      if (l.q_norm.defined()) {
+        for (int64_t h = 0; h < n_q_; ++h) rms_norm(row + h * d, l.q_norm.data_ptr<float>(), l.qk_eps, row + h * d, d);
+        for (int64_t h = n_q_; h < n_q_ + n_kv_; ++h)
+          rms_norm(row + h * d, l.k_norm.data_ptr<float>(), l.qk_eps, row + h * d, d);
+      }
+      // RoPE on the q and k heads: x * cos + [x2, x1] * signed_sin
+      const float* c = cos_.data_ptr<float>() + starts[b] * d;
+      const float* s = sin_.data_ptr<float>() + starts[b] * d;
+      for (int64_t h = 0; h < n_q_ + n_kv_; ++h) {
+        float* v = row + h * d;
+        for (int64_t j = 0; j < half; ++j) swapped[j] = v[j + half], swapped[j + half] = v[j];
+        for (int64_t j = 0; j < d; ++j) v[j] = v[j] * c[j] + swapped[j] * s[j];
+      }
+      const int64_t at = (slots[b] * max_len + starts[b]) * kv_row;
+      std::copy(row + n_q_ * d, row + n_q_ * d + kv_row, KC + at);
+      std::copy(row + (n_q_ + n_kv_) * d, row + width, VC + at);
+    }
+
+    // softmax(q k^T / sqrt(d)) v for every (sequence, query head); a KV group's query heads
+    // read the same cached keys and values
+    auto attn = torch::empty({B, n_q_ * d}, x.options());
+    float* A = attn.data_ptr<float>();
+    const int64_t group = n_q_ / n_kv_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    at::parallel_for(0, B * n_q_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / n_q_, h = t % n_q_, g = h / group, len = starts[b] + 1;
+        const float* q = QKV + b * width + h * d;
+        const float* keys = KC + slots[b] * max_len * kv_row + g * d;
+        const float* values = VC + slots[b] * max_len * kv_row + g * d;
+        p.resize(len);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) top = std::max(top, p[j] = dot(q, keys + j * kv_row, d) * scale);
+        float sum = 0.f;
+        for (int64_t j = 0; j < len; ++j) sum += p[j] = std::exp(p[j] - top);
+        float* out = A + b * n_q_ * d + h * d;
+        std::fill(out, out + d, 0.f);
+        for (int64_t j = 0; j < len; ++j) {
+          const float w = p[j] / sum, *v = values + j * kv_row;
+          for (int64_t e = 0; e < d; ++e) out[e] += w * v[e];
+        }
+      }
+    });
+    auto y = torch::empty_like(x);
+    l.o.apply(A, B, y.data_ptr<float>());
+    return y;
+  }
+
+  torch::Tensor mlp_(int64_t i, const torch::Tensor& x) const {
+    const Layer& l = layers_[i];
+    const int64_t B = x.size(0), inter = l.down.in;
+    auto xn = torch::empty_like(x);
+    float* XN = xn.data_ptr<float>();
+    const float* X = x.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      rms_norm(X + b * hidden_, l.mlp_norm.data_ptr<float>(), l.eps, XN + b * hidden_, hidden_);
+    auto gu = torch::empty({B, 2 * inter}, x.options());
+    float* GU = gu.data_ptr<float>();
+    l.gate_up.apply(XN, B, GU);
+    auto act = torch::empty({B, inter}, x.options());
+    float* ACT = act.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < inter; ++j) {
+        const float g = GU[b * 2 * inter + j];
+        ACT[b * inter + j] = g / (1.f + std::exp(-g)) * GU[b * 2 * inter + inter + j];
+      }
+    auto y = torch::empty_like(x);
+    l.down.apply(ACT, B, y.data_ptr<float>());
+    return y;
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa);
+  m.def("gemv", &gemv);
+  m.def("gemv_int8", &gemv_int8);
+  m.def("gemv_int4", &gemv_int4);
+  // module_local: tests load builds for other instruction sets beside this CPU's own
+  py::class_<Linear>(m, "Linear", py::module_local())
+      .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),
+           py::arg("w"), py::arg("scales") = py::none(), py::arg("mins") = py::none());
+  py::class_<DecodeStep>(m, "DecodeStep", py::module_local())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor>())
+      .def("add_layer", &DecodeStep::add_layer)
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>())
+      .def("attention", &DecodeStep::attention, py::call_guard<py::gil_scoped_release>())
+      .def("mlp", &DecodeStep::mlp, py::call_guard<py::gil_scoped_release>());
+}

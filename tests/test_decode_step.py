@@ -1,0 +1,125 @@
+"""The fused decode step (``kernels.DecodeStep``) against the modules it stands in for.
+
+Every other test of a CPU stage runs its decode steps through it already (the parity tests
+against transformers among them); these compare it with the eager modules directly, on the
+inputs where the two could part: batches of sequences at different positions in slots out
+of order, each family's extras (Qwen2's q/k/v biases, Qwen3's q/k norms), every weight
+format, and a TP rank's half-layer calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2pserve.engine import kernels
+from p2pserve.engine.build import load_stage
+from p2pserve.engine.model import Batch, StageModel
+from p2pserve.engine.weights import open_weights
+
+from .tiny import make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
+
+pytestmark = pytest.mark.skipif(not kernels.fast_fp32(), reason="no vectorised CPU kernels here: "
+                                f"{kernels.why_not() or 'their portable loops are not used for fp32'}")
+
+FAMILIES = {
+    "llama": (make_tiny_llama, dict()),
+    "qwen2": (make_tiny_qwen2, dict(n_heads=6, n_kv_heads=3, hidden=96)),
+    "qwen3": (make_tiny_qwen3, dict(head_dim=32)),
+}
+# of the largest logit (or cached value): fp32 sums in another order; on AVX2 the int8 and
+# int4 products also round their input to 16 bits (gemv.cpp), and a value rounded the other
+# way by an fp32 difference upstream moves what follows by a step of that
+TOLERANCE = {None: 1e-5, "int8": 1e-3, "int4": 1e-3}
+# three sequences of different lengths, prefilled in slots 0..2
+PROMPTS = [[3, 17, 42], [9, 100, 7, 64, 5], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {name: make(tmp_path_factory.mktemp(name), **kw) for name, (make, kw) in FAMILIES.items()}
+
+
+def prefilled(path, quant: str | None) -> StageModel:
+    source = open_weights(path)
+    stage = load_stage(source, 0, source.config.n_layers, quant=quant)
+    stage.allocate(len(PROMPTS), 64)
+    for slot, prompt in enumerate(PROMPTS):
+        stage(Batch((slot,), (0,), len(prompt)), torch.tensor([prompt]))
+    return stage
+
+
+def step_both_ways(stage: StageModel, batch: Batch, tokens: list[int]):
+    """The batch's decode step through the modules, then through the fused step from the
+    same cache: (logits, caches) of each."""
+    caches = [(b.attn.cache.k, b.attn.cache.v) for b in stage.blocks]
+    results = []
+    for fused in (False, True):
+        stage.fused_decode = fused
+        logits = stage(batch, torch.tensor(tokens)[:, None])
+        results.append((logits, [(k.clone(), v.clone()) for k, v in caches]))
+    del stage.fused_decode
+    return results
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_fused_decode_step_computes_what_the_modules_compute(family, quant, checkpoints):
+    stage = prefilled(checkpoints[family], quant)
+    lengths = [len(p) for p in PROMPTS]
+    # one sequence, then all three, in slots out of order, each at its own position
+    for batch, tokens in [(Batch((1,), (lengths[1],), 1), [4]),
+                          (Batch((2, 0, 1), (lengths[2], lengths[0], lengths[1] + 1), 1), [8, 21, 30])]:
+        (eager, eager_cache), (fused, fused_cache) = step_both_ways(stage, batch, tokens)
+        assert stage._decode_step is not None, "the fused step was not used"
+        tolerance = TOLERANCE[quant]
+        torch.testing.assert_close(fused, eager, rtol=0, atol=tolerance * eager.abs().max().item())
+        assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+        for (ek, ev), (fk, fv) in zip(eager_cache, fused_cache):
+            torch.testing.assert_close(fk, ek, rtol=0, atol=tolerance * ek.abs().max().item())
+            torch.testing.assert_close(fv, ev, rtol=0, atol=tolerance * ev.abs().max().item())
+
+
+def test_a_tp_rank_runs_each_half_layer_and_sums_it_before_the_residual(checkpoints):
+    """With an all-reduce (here one that doubles what it sums, as two identical ranks
+    would), the fused step runs a layer as two calls with the sum between them."""
+    stage = prefilled(checkpoints["qwen3"], None)
+    summed = []
+
+    def all_reduce(h):
+        summed.append(h.shape)
+        h.mul_(2)
+
+    for block in stage.blocks:
+        block.all_reduce = all_reduce
+    batch = Batch((0, 2), (len(PROMPTS[0]), len(PROMPTS[2])), 1)
+    (eager, _), (fused, _) = step_both_ways(stage, batch, [5, 6])
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    # two sums a layer on each way through
+    assert len(summed) == 2 * 2 * len(stage.blocks)
+
+
+def test_a_position_beyond_the_cache_is_an_error_not_a_write_past_it(checkpoints):
+    stage = prefilled(checkpoints["llama"], None)
+    stage(Batch((0,), (len(PROMPTS[0]),), 1), torch.tensor([[1]]))
+    step = stage._decode_step
+    x = torch.zeros(1, stage.config.hidden_size)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        step.forward(x, [0], [stage.max_len])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        step.forward(x, [len(PROMPTS)], [0])
+    with pytest.raises(RuntimeError, match="a slot and a start per row"):
+        step.forward(x, [0, 1], [0, 0])
+
+
+def test_a_new_cache_gets_a_new_step(checkpoints):
+    """``allocate`` replaces the caches the step writes into: the next decode step builds
+    another, over the new ones."""
+    stage = prefilled(checkpoints["llama"], None)
+    stage(Batch((0,), (len(PROMPTS[0]),), 1), torch.tensor([[1]]))
+    old = stage._decode_step
+    stage.allocate(1, 32)
+    stage(Batch((0,), (0,), 2), torch.tensor([[1, 2]]))
+    stage(Batch((0,), (2,), 1), torch.tensor([[3]]))
+    assert stage._decode_step is not old and stage._decode_step is not None
+    assert stage.blocks[0].attn.cache.k[0, 2].abs().sum() > 0  # the new cache took the token
