@@ -11,10 +11,26 @@ from pathlib import Path
 import click
 import trio
 
-from p2pserve.errors import ConfigError, P2PServeError
+from p2pserve.engine.weights import open_weights
+from p2pserve.errors import ConfigError, NetworkError, P2PServeError
 from p2pserve.heap import freeze_startup_heap
+from p2pserve.metrics import serve_worker_metrics
+from p2pserve.net.host import (connect, host_multiaddrs, own_identity, pinned_identity, quiet_libp2p_logs,
+                               running_dht, running_host, serve_protocol)
+from p2pserve.net.nat import traversing_nat
 from p2pserve.net.protocols import LINK, PLAN, RING, SESSION
 from p2pserve.net.wire import read_frame, write_frame
+from p2pserve.node.announce import announce_forever, make_record
+from p2pserve.node.budget import max_sessions
+from p2pserve.node.compute import compute_for
+from p2pserve.node.sessions import StageServer
+from p2pserve.plan import Plan
+from p2pserve.planner.swarm import auto_request, device_entries, measure_devices
+from p2pserve.progress import loading_bar
+from p2pserve.ranks import world
+from p2pserve.ranks.cores import CoreShare, machine_cores
+from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.ranks.stages import StagesSpec, open_runner
 
 log = logging.getLogger("p2pserve.worker")
 
@@ -59,8 +75,6 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
 def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, int, int, int]:
     """(stage index, start, end, tp) from --layers, --stage auto and the bootstrap's assignment,
     or --stage N and the published plan."""
-    from p2pserve.plan import Plan
-
     plan = Plan.from_dict(info["plans"][0])
     n_devices = len(opts.devices.split(","))
     if opts.layers:
@@ -84,8 +98,6 @@ def choose_layers(opts: WorkerOptions, info: dict, n_layers: int) -> tuple[int, 
 
 def chain_stages(opts: WorkerOptions, info: dict) -> list[tuple[int, int, int]] | None:
     """``--stage 1,2``: the (start, end, tp) of each of several consecutive plan stages."""
-    from p2pserve.plan import Plan
-
     if "," not in opts.stage:
         return None
     plan = Plan.from_dict(info["plans"][0])
@@ -110,8 +122,6 @@ def device_list(devices: str, tp: int) -> list[str]:
 
 def plan_request(opts: WorkerOptions, speeds) -> dict:
     """The PLAN request; a --stage auto worker adds its measured device, to be told where to serve."""
-    from p2pserve.planner.swarm import auto_request
-
     if opts.stage != "auto" or opts.layers:
         return {"type": "plan"}
     # without --max-sessions the KV cache is sized after loading (node/budget.py): one must fit
@@ -145,9 +155,6 @@ async def fetch_plan(host, peer_id, request: dict | None = None) -> dict:
 async def wait_for_bootstrap(host, address: str, join_timeout: float):
     """Connect to the bootstrap, retrying with backoff (a worker may start first) for at most
     ``join_timeout`` seconds; one line on stderr says it waits."""
-    from p2pserve.errors import NetworkError
-    from p2pserve.net.host import connect
-
     deadline, delay = trio.current_time() + join_timeout, 0.5
     while True:
         try:
@@ -163,21 +170,6 @@ async def wait_for_bootstrap(host, address: str, join_timeout: float):
 
 
 async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    from p2pserve.node.compute import compute_for
-    from p2pserve.net.host import (host_multiaddrs, own_identity, pinned_identity,
-                                   quiet_libp2p_logs, running_dht, running_host, serve_protocol)
-    from p2pserve.ranks.pipeline import parse_dtype, weight_format
-    from p2pserve.planner.swarm import device_entries, measure_devices
-    from p2pserve.ranks import world
-    from p2pserve.ranks.cores import CoreShare, machine_cores
-    from p2pserve.ranks.stages import StagesSpec, open_runner
-    from p2pserve.engine.weights import open_weights
-
-    from p2pserve.node.budget import max_sessions
-    from p2pserve.node.announce import announce_forever, make_record
-    from p2pserve.node.sessions import StageServer
-    from p2pserve.net.nat import traversing_nat
-
     quiet_libp2p_logs(opts.verbose)
     source = open_weights(opts.model_path)
     config = source.config
@@ -226,7 +218,10 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                                                      parse_dtype(opts.dtype), devices[0], opts.kv_memory)
         click.echo(f"loading layers {start}-{end} of {config.name} (TP {tp} on {','.join(devices)}, {opts.dtype})…",
                    err=True)
-        runner, close_runner = await compute.run(partial(open_runner, spec, source))
+        # a bar on a terminal only; a TP group's or several stages' other ranks load theirs meanwhile
+        ranks = spec.world.size
+        with loading_bar(f"loading layers {start}-{end}" + (f", rank 0 of {ranks}" if ranks > 1 else "")) as progress:
+            runner, close_runner = await compute.run(partial(open_runner, spec, source, progress))
         try:
             await compute.run(partial(runner.allocate, sessions, opts.max_seq_len))
             server = StageServer(host, runner, model_name=config.name, fingerprint=config.fingerprint(),
@@ -259,7 +254,6 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(server.serve)
                     if opts.metrics:
-                        from p2pserve.metrics import serve_worker_metrics
                         nursery.start_soon(serve_worker_metrics, opts.metrics, server, start, end)
                     announcing = trio.CancelScope()
 

@@ -22,15 +22,16 @@ from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, plan_from_o
 @click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
 def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
+    from p2pserve.progress import loading_bar
     from p2pserve.ranks.pipeline import Generation, LocalPipeline
-
-    from rich.console import Console
 
     params, chat = sampling_from_options(gen)
     plan = plan_from_options(hetero_config, pp_partition)
-    # a spinner on a terminal (nothing in a pipe or a log): a cold model takes a minute to load
-    with Console(stderr=True).status(f"loading {model_path or 'the default model'} ({dtype}, {device})…"):
-        pipe = LocalPipeline(model_path, plan, dtype=dtype, device=device)
+    # a bar on a terminal (nothing in a pipe or a log): a cold model takes a minute to load;
+    # with several ranks each loads its own layers at once, and the bar follows rank 0's
+    ranks = plan.world_size if plan is not None else 1
+    with loading_bar(f"loading {dtype} weights" + (f", rank 0 of {ranks}" if ranks > 1 else "")) as progress:
+        pipe = LocalPipeline(model_path, plan, dtype=dtype, device=device, progress=progress)
     with pipe:
         tokenizer = pipe.source.tokenizer()
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)

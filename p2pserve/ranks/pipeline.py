@@ -123,7 +123,15 @@ def _rank_main(rank: int, spec: StagesSpec, conn) -> None:
     if rank != 0:
         serve_rank(rank, spec)
         return
-    stages = LocalStages(spec)
+    last = 0.0
+
+    def loading(done: int, total: int) -> None:  # a message per tenth of a second at most
+        nonlocal last
+        if done == total or time.monotonic() - last > 0.1:
+            last = time.monotonic()
+            conn.send(("loading", (done, total)))
+
+    stages = LocalStages(spec, progress=loading)
     freeze_startup_heap()  # full GC passes must not walk the model and torch
     driver = _Driver(stages)
     conn.send(("ready", None))
@@ -142,7 +150,10 @@ class LocalPipeline:
     """A plan running on this machine. ``generate`` is the whole public surface."""
 
     def __init__(self, model_path=None, plan: Plan | None = None, *, dtype: str = "fp32",
-                 device: str = "cpu", threads: int | None = None, startup_timeout: float = 600):
+                 device: str = "cpu", threads: int | None = None, startup_timeout: float = 600,
+                 progress: Callable[[int, int], None] | None = None):
+        """``progress(done, total)``: the bytes rank 0 has loaded of its own (``load_stage``);
+        the other ranks load theirs meanwhile, unreported."""
         self.source = open_weights(model_path)
         self.config = self.source.config
         self.plan = plan or Plan.single(self.config.n_layers)
@@ -153,22 +164,27 @@ class LocalPipeline:
                           quant=weight_format(dtype))
         self._ranks = None
         if self.plan.world_size == 1:
-            self._local = _Driver(LocalStages(spec, self.source))
+            self._local = _Driver(LocalStages(spec, self.source, progress=progress))
             return
         self._local = None
         self._conn, child_conn = mp.get_context("spawn").Pipe()
         self._ranks = world.Ranks(_rank_main, range(self.plan.world_size), spec, child_conn)
         try:
-            self._expect("ready", startup_timeout)
+            self._expect("ready", startup_timeout, progress)
         except BaseException:
             self.close()
             raise
 
-    def _expect(self, kind: str, timeout: float):
+    def _expect(self, kind: str, timeout: float, progress=None):
+        """The value of rank 0's next ``kind`` message; ``loading`` ones on the way go to ``progress``."""
         deadline = time.monotonic() + timeout
         while True:
             if self._conn.poll(0.2):
                 got, value = self._recv()
+                if got == "loading":
+                    if progress is not None:
+                        progress(*value)
+                    continue
                 if got != kind:
                     raise P2PServeError(f"rank 0 sent {got!r} where {kind!r} was expected")
                 return value

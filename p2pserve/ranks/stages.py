@@ -132,9 +132,9 @@ class StagesSpec:
 
 
 class _Member:
-    """One rank of the world: joined, grouped, its shard loaded."""
+    """One rank of the world: joined, grouped, its shard loaded (``progress``: ``load_stage``'s)."""
 
-    def __init__(self, rank: int, spec: StagesSpec, source=None):
+    def __init__(self, rank: int, spec: StagesSpec, source=None, progress=None):
         layout = spec.layout
         self.stage = layout.stage_of_rank(rank)
         device = world.join(spec.world, rank, spec.rank_threads(self.stage.tp))
@@ -145,7 +145,7 @@ class _Member:
         self.model = load_stage(source or open_weights(spec.model_path), start, end,
                                 rank=rank - self.stage.first_rank, tp=tp,
                                 all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype,
-                                quant=spec.quant)
+                                quant=spec.quant, progress=progress)
         # a one-rank stage is its own runner; a TP group needs its followers told each step
         self.runner = self.model if self.group is None else StageRunner(self.model, self.group, self.stage.first_rank)
         leaders = [s.first_rank for s in layout.stages]
@@ -205,10 +205,11 @@ class LocalStages:
 
     ``LocalStages(spec)`` joins as rank 0 of a world whose other ranks already run
     ``serve_rank``; ``LocalStages.start(spec)`` starts them first, and ``close()`` stops them.
+    ``progress(done, total)`` follows rank 0's loading (``load_stage``), not the others'.
     """
 
-    def __init__(self, spec: StagesSpec, source=None, ranks: world.Ranks | None = None):
-        self._me = _Member(0, spec, source)
+    def __init__(self, spec: StagesSpec, source=None, ranks: world.Ranks | None = None, progress=None):
+        self._me = _Member(0, spec, source, progress)
         self._ranks = ranks
         self._first = self._me.runner
         self._next = None if self._me.next_leader is None else self._me.messenger(self._me.next_leader)
@@ -219,10 +220,10 @@ class LocalStages:
         self.device, self.dtype = self._first.device, self._first.dtype
 
     @classmethod
-    def start(cls, spec: StagesSpec, source=None) -> "LocalStages":
+    def start(cls, spec: StagesSpec, source=None, progress=None) -> "LocalStages":
         ranks = world.Ranks(serve_rank, range(1, spec.world.size), spec) if spec.world.size > 1 else None
         try:
-            return cls(spec, source, ranks)
+            return cls(spec, source, ranks, progress)
         except BaseException:
             if ranks is not None:
                 ranks.stop()
@@ -269,14 +270,15 @@ class LocalStages:
         world.leave()
 
 
-def open_runner(spec: StagesSpec, source=None):
+def open_runner(spec: StagesSpec, source=None, progress=None):
     """A worker's stages, ready to step: ``(runner, close)``. One rank is the StageModel
-    itself, so a token crosses no layer of this module; more start their world."""
+    itself, so a token crosses no layer of this module; more start their world.
+    ``progress(done, total)``: rank 0's loading (``load_stage``)."""
     if spec.world.size > 1:
-        stages = LocalStages.start(spec, source)
+        stages = LocalStages.start(spec, source, progress)
         return stages, stages.close
     stage = spec.stages[0]
     device = world.join(spec.world, 0, spec.rank_threads(1))
     model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype,
-                       quant=spec.quant)
+                       quant=spec.quant, progress=progress)
     return model, lambda: None
