@@ -3,11 +3,15 @@ identity per worker process on a shared machine."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 
 import pytest
+import trio
 
-from p2pserve.net.host import load_or_create_identity, peer_id_of, read_swarm_key
+from p2pserve.errors import NetworkError
+from p2pserve.net.host import connect, load_or_create_identity, peer_id_of, read_swarm_key, running_host
 from p2pserve.net.protocols import ANNOUNCE
 from p2pserve.net.records import WorkerRecord, sign_record
 from p2pserve.net.wire import RemoteError, read_frame, write_frame
@@ -63,3 +67,36 @@ def test_a_swarm_key_file_is_checked(tmp_path):
     bad.write_text("/key/swarm/psk/1.0.0/\n/base16/\nabc\n")
     with pytest.raises(Exception, match="not a swarm key"):
         read_swarm_key(bad)
+
+
+@pytest.mark.parametrize("ending", ["reset", "close"])
+async def test_a_peer_that_drops_the_handshake_is_reported_with_the_swarm_key(tmp_path, ending):
+    # A pnet peer whose key differs either waits (the timeout's message names the key) or
+    # drops the connection once it has read garbage, by a reset or a close: which one is a
+    # race, so each must say it.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def drop_each_connection():
+        while True:
+            conn, _ = await listener.accept()
+            if ending == "reset":
+                await conn.recv(1)  # what is left unread, linger 0: an RST
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                await conn.recv(65536)
+                conn.shutdown(socket.SHUT_WR)  # a FIN after reading what came
+                await trio.sleep(0.5)
+            conn.close()
+
+    some_peer = peer_id_of(load_or_create_identity(tmp_path / "other.key"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drop_each_connection)
+        async with running_host(load_or_create_identity(tmp_path / "me.key"), ["/ip4/127.0.0.1/tcp/0"]) as host:
+            with pytest.raises(NetworkError, match="--swarm-key does not match") as e:
+                await connect(host, f"/ip4/127.0.0.1/tcp/{port}/p2p/{some_peer}", timeout=10)
+            assert "during the handshake" in str(e.value)
+        nursery.cancel_scope.cancel()
+    listener.close()

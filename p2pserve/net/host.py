@@ -47,6 +47,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.transport.exceptions import UpgradeFailure
 
 from p2pserve.errors import ConfigError, NetworkError
 from p2pserve.net.records import NAMESPACE, RecordValidator
@@ -392,9 +393,15 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
             await host.connect(info)
     except trio.TooSlowError:
         raise NetworkError(f"cannot reach {address}: no answer within {timeout:g} s (a peer that is down "
-                           f"or frozen, or a private swarm whose --swarm-key does not match)") from None
+                           f"or frozen, or {_KEY_MISMATCH})") from None
     except Exception as e:
-        raise NetworkError(f"cannot reach {address}: {_root_cause(e)}") from e
+        causes = _causes(e)
+        why = _describe(causes[-1])
+        if any(isinstance(c, UpgradeFailure) for c in causes):
+            # A pnet peer whose key differs reads garbage and drops the connection mid-handshake,
+            # by a reset or a close (or waits, the timeout above): which, depends on who reads first.
+            why += f" during the handshake (a peer that speaks another protocol, or {_KEY_MISMATCH})"
+        raise NetworkError(f"cannot reach {address}: {why}") from e
     return info.peer_id
 
 
@@ -418,14 +425,22 @@ async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
     raise NetworkError(f"cannot reach {peer_id}: " + ("; ".join(failures) or "it announced no address"))
 
 
-def _root_cause(e: BaseException) -> str:
-    # py-libp2p wraps the OS error several levels deep ("unable to connect … (with exceptions)").
+_KEY_MISMATCH = "a private swarm whose --swarm-key does not match"
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and what caused it, down to the root: py-libp2p wraps the OS error several levels
+    deep ("unable to connect … (with exceptions)", "failed to upgrade security …")."""
+    chain = [e]
     while True:
         inner = getattr(e, "errors", None) or getattr(e, "exceptions", None)  # MultiError, groups
-        inner = inner[-1] if inner else (e.__cause__ or e.__context__)
-        if inner is None:
-            break
-        e = inner
+        e = inner[-1] if inner else (e.__cause__ or e.__context__)
+        if e is None or e in chain:
+            return chain
+        chain.append(e)
+
+
+def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower()
     return str(e) or type(e).__name__
