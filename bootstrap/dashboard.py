@@ -1,6 +1,7 @@
 """The swarm as people see it: ``swarm_view`` turns the bootstrap's live view (its STATUS
-answer) into workers with their layers, devices and load, chains as layer ranges, and the
-gaps no worker holds. ``p2pserve status`` prints it, ``/metrics`` reads it, and the
+answer) into workers with their layers, devices, load and links (the round trips each
+measured to the other workers and to this head), chains as layer ranges, and the gaps no
+worker holds. ``p2pserve status`` prints it, ``/metrics`` reads it, and the
 dashboard at ``/`` on the HTTP port draws it.
 
 The dashboard is one server-rendered page (``render_swarm``, plain HTML and inline SVG);
@@ -27,7 +28,10 @@ def swarm_view(st: dict) -> dict:
             in_chains[p] = in_chains.get(p, 0) + 1
     workers = [_worker_view(w, in_chains.get(w["peer_id"], 0)) for w in st.get("workers", [])]
     by_id = {w["peer_id"]: w for w in workers}
+    for view, record in zip(workers, st.get("workers", [])):
+        view["links"] = _links(record.get("rtts"), by_id, st.get("head", ""))
     return {
+        "head": st.get("head", ""),
         "model": st.get("model", ""),
         "n_layers": n_layers,
         "plans": [_flags(p) for p in plans],
@@ -76,6 +80,24 @@ def _worker_view(w: dict, chains: int) -> dict:
         "version": w.get("version", ""),
         "chains": chains,
     }
+
+
+def _links(rtts, workers: dict[str, dict], head: str) -> list[dict]:
+    """A worker's round trips as its record announces them (``node/pings.py``) to the other
+    workers, by layers, then to this head: {"peer", "layers" (None: the head), "rtt_ms"}.
+    The other peers it pings (DHT neighbours, other heads) are left out."""
+    if not isinstance(rtts, dict):
+        return []
+    links = [{"peer": p, "layers": workers[p]["layers"] if p in workers else None, "rtt_ms": round(s * 1e3, 3)}
+             for p, s in rtts.items() if (p in workers or p == head) and isinstance(s, (int, float))]
+    return sorted(links, key=lambda link: (link["layers"] is None, link["layers"] or [], link["peer"]))
+
+
+def link_label(link: dict) -> str:
+    """``a1b2c3d4 [15-30)`` for a worker (as chains are written), ``head`` for this bootstrap."""
+    if link["layers"] is None:
+        return "head"
+    return f"{link['peer'][-8:]} [{link['layers'][0]}-{link['layers'][1]})"
 
 
 def _flags(plan: dict) -> str:
@@ -152,14 +174,16 @@ def render_swarm(d: dict) -> str:
 
     out.append('<section><h2>Workers</h2><table id="workers"><thead><tr><th>worker</th><th>layers</th>'
                '<th>devices</th><th>dtype</th><th>sessions</th><th>queue</th><th>ms/step (predicted)</th>'
-               '<th>chains</th></tr></thead><tbody>')
+               '<th>chains</th><th>links (round trip)</th></tr></thead><tbody>')
     for w in sorted(d["workers"], key=lambda w: (w["layers"], w["peer_id"])):
         step = f'{w["step_ms"]:.2f}' if w["step_ms"] is not None else "?"
+        links = "<br>".join(f'<span class="link" data-to="{e(link["peer"])}">{e(link_label(link))}: '
+                            f'{link["rtt_ms"]:.2f} ms</span>' for link in w["links"]) or "—"
         out.append(f'<tr class="worker" data-peer="{e(w["peer_id"])}"><td title="{e(w["peer_id"])}">'
                    f'{e(w["peer_id"][-12:])}</td><td>{w["layers"][0]}-{w["layers"][1]}</td>'
                    f'<td>{e(", ".join(w["devices"]))} (TP {w["tp"]})</td><td>{e(w["dtype"])}</td>'
                    f'<td>{w["sessions"]}/{w["max_sessions"] or "?"}</td><td>{w["queue"]}</td><td>{step}</td>'
-                   f'<td>{w["chains"]}</td></tr>')
+                   f'<td>{w["chains"]}</td><td>{links}</td></tr>')
     out.append("</tbody></table></section>")
 
     if d["chains"]:

@@ -119,7 +119,8 @@ class Bootstrap:
 
     def status(self) -> dict:
         chains = self.registry.chains()
-        return {"type": "status", "model": self.config.name, "plans": [p.to_dict() for p in self.plans],
+        return {"type": "status", "head": self.host.get_id().to_base58(), "model": self.config.name,
+                "plans": [p.to_dict() for p in self.plans],
                 "workers": [dataclasses.asdict(r) for r in self.registry.live()],
                 "chains": [[r.peer_id for r in c] for c in chains],
                 "missing": "" if chains else self.registry.missing(), "stats": dict(self.stats),

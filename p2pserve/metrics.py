@@ -4,8 +4,9 @@
 The bootstrap observes every answer it generates (libp2p queries and HTTP requests alike,
 ``Bootstrap.answer``): tokens, time to first token, time per output token, answers in
 flight, errors by code. What the swarm looks like (workers, chains, missing layers, each
-peer's load and step time, failovers) is read from the bootstrap's live view when scraped,
-so it is never stale. A worker exposes its own load from its session server.
+peer's load and step time, the round trips of its links, failovers) is read from the
+bootstrap's live view when scraped, so it is never stale. A worker exposes its own load
+from its session server.
 
 Each process keeps its metrics in its own ``CollectorRegistry``, never the global one, so
 several peers in one test process do not collide.
@@ -142,13 +143,20 @@ class _SwarmCollector:
                                       "A worker's decode step over its layers, as the cost model predicts it "
                                       "from the device speed the worker measured.", labels=labels),
         }
+        links = GaugeMetricFamily("p2pserve_link_rtt_seconds",
+                                  "Round trip from a worker to another worker or to this bootstrap, as the worker "
+                                  "measures (libp2p ping) and announces it; routing takes the larger of a pair's "
+                                  "two figures.", labels=["from_peer", "to_peer"])
         for w in view["workers"]:
             key = [w["peer_id"], f"{w['layers'][0]}-{w['layers'][1]}"]
             families["sessions"].add_metric(key, w["sessions"])
             families["queue"].add_metric(key, w["queue"])
             if w["step_ms"] is not None:
                 families["step"].add_metric(key, w["step_ms"] / 1e3)
+            for link in w["links"]:
+                links.add_metric([w["peer_id"], link["peer"]], link["rtt_ms"] / 1e3)
         yield from families.values()
+        yield links
 
 
 def metrics_route(node):

@@ -152,7 +152,8 @@ esac
     assert r.stdout.strip() == "Paris"
     workers = [line.split() for line in calls.read_text().splitlines() if line.startswith("worker")]
     assert len(workers) == 2
-    assert [args[args.index("--stage") + 1] for args in workers] == ["0", "1"]
+    # Both start in the background at once, so they may log their calls in either order.
+    assert sorted(args[args.index("--stage") + 1] for args in workers) == ["0", "1"]
     assert not any("--threads" in args for args in workers), workers
 
 
@@ -286,6 +287,49 @@ def test_worker_metrics(swarm):
     assert m["p2pserve_worker_max_sessions", layers] >= 1
     assert m["p2pserve_worker_sessions", layers] == 0 and m["p2pserve_worker_queue", layers] == 0
     assert m["p2pserve_worker_forwards_total", layers] > 0  # the queries of the tests before
+
+
+def test_the_link_between_the_two_workers_shows_its_round_trip_everywhere(swarm):
+    first, second = swarm.peer_ids  # stages 0 and 1
+    r = swarm.cli("query", "--peer", swarm.addr, "--max-new-tokens", "2", "--no-chat", "Hi")  # stage 0 dials 1
+    assert r.returncode == 0, r.stderr
+
+    def links_of_stage_0():  # each worker pings its peers every 5 s and announces the figures
+        workers = {w["peer_id"]: w for w in status_json(swarm)["workers"]}
+        links = {link["peer"]: link for link in workers[first]["links"]}
+        return second in links and links
+
+    link = wait_until(links_of_stage_0, "link from stage 0 to stage 1")[second]
+    assert link["layers"] == [15, 30] and 0 < link["rtt_ms"] < 1000
+    rtt = scrape(swarm.http)["p2pserve_link_rtt_seconds", (("from_peer", first), ("to_peer", second))]
+    assert 0 < rtt < 1
+    table = swarm.cli("status", "--peer", swarm.addr, timeout=60).stdout
+    assert f"links of {first[-8:]} [0-15): {second[-8:]} [15-30) " in table, table
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{swarm.http}/", timeout=30) as resp:
+        page = resp.read().decode()
+    assert re.search(rf'<span class="link" data-to="{second}">{second[-8:]} \[15-30\): \d+\.\d\d ms</span>', page)
+
+
+def test_links_are_the_round_trips_workers_announce_to_workers_and_this_head():
+    from p2pserve.bootstrap.dashboard import render_swarm, swarm_view
+
+    def worker(peer, start, end, rtts):
+        return {"peer_id": peer, "start": start, "end": end, "tp": 1, "stage": 0, "addrs": [], "devices": [],
+                "load": {}, "rtts": rtts}
+
+    a, b, head = "12D3KooWa" + "a" * 40, "12D3KooWb" + "b" * 40, "12D3KooWhead" + "h" * 37
+    view = swarm_view({"model": "m", "head": head, "workers": [
+        worker(a, 0, 2, {head: 0.0002, b: 0.0031, "12D3KooWstranger": 0.001}),  # a DHT neighbour: left out
+        worker(b, 2, 4, {a: 0.003})], "chains": [[a, b]]})
+    links = {w["peer_id"]: w["links"] for w in view["workers"]}
+    assert links[a] == [{"peer": b, "layers": [2, 4], "rtt_ms": 3.1}, {"peer": head, "layers": None, "rtt_ms": 0.2}]
+    assert links[b] == [{"peer": a, "layers": [0, 2], "rtt_ms": 3.0}]
+    html = render_swarm({**view, "tokens_per_s": 0, "timeline": []})
+    assert f'<span class="link" data-to="{b}">{b[-8:]} [2-4): 3.10 ms</span><br>' \
+           f'<span class="link" data-to="{head}">head: 0.20 ms</span>' in html
+    assert "stranger" not in html
 
 
 def test_dashboard_page_and_json_without_a_browser(swarm):

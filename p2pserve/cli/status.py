@@ -1,6 +1,6 @@
 """`p2pserve status`: the swarm as its bootstrap sees it — workers, layers, devices, load,
-chains and the layers no worker holds — as a table, or as JSON for programs (``--json``
-prints the view the dashboard shows, ``p2pserve.bootstrap.dashboard.swarm_view``)."""
+links, chains and the layers no worker holds — as a table, or as JSON for programs
+(``--json`` prints the view the dashboard shows, ``p2pserve.bootstrap.dashboard.swarm_view``)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def print_view(view: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from p2pserve.bootstrap.dashboard import link_label
+
     console = Console(highlight=False)
     table = Table(title=f"{view['model']}: {view['n_layers']} layers, {len(view['workers'])} workers, "
                         f"{len(view['chains'])} complete chains")
@@ -63,6 +65,10 @@ def print_view(view: dict) -> None:
     for i, chain in enumerate(view["chains"]):
         hops = " -> ".join(f"{p[-8:]} [{a}-{b})" for p, (a, b) in zip(chain["peers"], chain["layers"]))
         console.print(f"chain {i}: {hops}")
+    for w in view["workers"]:  # the round trips each worker measured, as it announced them
+        if w["links"]:
+            links = ", ".join(f"{link_label(link)} {link['rtt_ms']:.2f} ms" for link in w["links"])
+            console.print(f"links of {w['peer_id'][-8:]} [{w['layers'][0]}-{w['layers'][1]}): {links}")
     if view["gaps"]:
         ranges = ", ".join(f"{a}-{b}" for a, b in view["gaps"])
         console.print(f"[bold red]gaps: layers {ranges} have no worker[/]")
