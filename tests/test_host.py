@@ -2,6 +2,8 @@
 carrying signed worker records. Hosts run in-process on 127.0.0.1 with free ports."""
 
 import contextlib
+import logging
+import os
 import socket
 import stat
 import time
@@ -49,6 +51,34 @@ def free_port() -> int:
 
 def tcp_port(address: str) -> int:
     return int(address.split("/tcp/")[1].split("/")[0])
+
+
+def test_quiet_drops_what_libp2p_prints_past_its_own_loggers():
+    # What a Ctrl-C during a stream printed: py-libp2p's root-logger warning and the
+    # RuntimeWarning of a lock it left unawaited; p2pserve's own records still pass.
+    import warnings
+
+    import libp2p
+
+    quiet_libp2p_logs()
+    root = logging.getLogger()
+
+    def record(pathname):
+        return logging.LogRecord("root", logging.WARNING, pathname, 1, "Error resetting stream", None, None)
+
+    inside = os.path.join(os.path.dirname(libp2p.__file__), "network", "connection", "swarm_connection.py")
+    assert not root.filter(record(inside))
+    assert root.filter(record(__file__))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libp2p_logs()  # its filter goes first, before "always"
+        for module in ("libp2p.network.stream.net_stream", "p2pserve.net.host"):
+            warnings.warn_explicit("coroutine 'AsyncContextManagerMixin.__aexit__' was never awaited",
+                                   RuntimeWarning, f"{module}.py", 203, module=module)
+    assert [w.filename for w in seen] == ["p2pserve.net.host.py"]
+    quiet_libp2p_logs(verbose=True)
+    assert root.filter(record(inside))
+    quiet_libp2p_logs()
 
 
 # --- identity ---------------------------------------------------------------------------

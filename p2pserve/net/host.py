@@ -25,10 +25,12 @@ import re
 import secrets
 import socket
 import tempfile
+import warnings
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import libp2p
 import multiaddr
 import trio
 from libp2p import new_host
@@ -65,11 +67,34 @@ def quiet_libp2p_logs(verbose: bool = False) -> None:
     """Silence py-libp2p unless `verbose`. It logs routine, handled events at ERROR
     level (a refused dial: four "Failed to open TCP stream"; a DHT query to a
     client-mode peer: a seven-line "Failed to open stream"), so quiet means CRITICAL;
-    p2pserve reports the failures that matter itself."""
+    p2pserve reports the failures that matter itself.
+
+    Two of its messages bypass its own loggers: it calls ``logging.warning`` on the root
+    logger in places ("Error resetting stream"), and a stream reset during cancellation
+    leaves a lock's ``__aexit__`` unawaited (a RuntimeWarning). Both show up when a
+    user's Ctrl-C tears a stream down, so quiet drops them too."""
     for name in NOISY_LOGGERS:
         # multiaddr's DEBUG output is thousands of lines a second: INFO is enough for it
         level = (logging.INFO if name == "multiaddr" else logging.DEBUG) if verbose else logging.CRITICAL
         logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    root.removeFilter(_LIBP2P_ON_ROOT)  # once, whatever the calls before
+    if not verbose:
+        root.addFilter(_LIBP2P_ON_ROOT)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning,
+                                module=r"libp2p(\.|$)")
+
+
+class _Libp2pOnRoot(logging.Filter):
+    """Drops what py-libp2p's own files log on the root logger. A filter on a logger sees
+    only the records logged on it directly, so p2pserve's loggers are never touched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(_LIBP2P_DIR)
+
+
+_LIBP2P_DIR = os.path.dirname(libp2p.__file__) + os.sep
+_LIBP2P_ON_ROOT = _Libp2pOnRoot()
 
 
 # --- identity ---------------------------------------------------------------------------
