@@ -65,14 +65,14 @@ def _relative_error(got, want):
 # 1e-5 of the largest output: fp32 sums in another order; a wrong nibble, group, scale or
 # row is off by far more (the quantization step alone is ~7% of a weight's range)
 EXACT = 1e-5
-# AVX2's int8 and int4 loops round the activations to 16 bits (gemv.cpp: QuantX), which
+# The AVX2 and AVX-512 int8 and int4 loops round the activations to 16 bits (gemv.cpp: QuantX), which
 # moves an output by up to about 1e-4 of the largest on these random cases
 X_IN_INT16 = 3e-4
 
 
 def int_tolerance(module=None) -> float:
     """What an int8 / int4 product of ``module`` (this CPU's build by default) may be off by."""
-    return X_IN_INT16 if (module or kernels.module()).isa() == "avx2" else EXACT
+    return X_IN_INT16 if (module or kernels.module()).isa() in ("avx2", "avx512") else EXACT
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 33])

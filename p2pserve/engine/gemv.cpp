@@ -15,7 +15,7 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define P2P_AVX2 1
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define P2P_AVX512 1
 #endif
 #endif
@@ -39,34 +39,52 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-// Activations as 16-bit integers, on AVX2 without AVX-512. There the int8 and int4 loops
-// were bound by turning each weight into a float (widen, convert, scale: an instruction
-// each per 8 values), not by memory. With X in int16, a weight is only widened to 16 bits,
-// and one `madd` multiplies 16 of them and adds pairs, exactly, in int32; a group's sum is
-// converted and scaled once. X takes a scale per group of the weight's (per row where the
-// weight has one scale a row), so an outlier moves only its own group's rounding: each value
-// moves by at most 1.5e-5 of its group's largest (bf16, which torch's int kernels take, by
-// 4e-3 of itself). AVX-512's loops keep fp32 activations: they were measured faster as they are.
-#if defined(P2P_AVX2) && !defined(P2P_AVX512)
+// Activations as 16-bit integers, wherever AVX2 is. There the int8 and int4 loops were
+// bound by turning each weight into a float (widen, convert, scale: an instruction each per
+// 8 or 16 values), not by memory. With X in int16, a weight is only widened to 16 bits, and
+// one `madd` (AVX-512 VNNI: `dpwssd`, which adds too) multiplies 16 or 32 of them and adds
+// pairs, exactly, in int32; a group's sum is converted and scaled once. X takes a scale per
+// group of the weight's (per row where the weight has one scale a row), so an outlier moves
+// only its own group's rounding: each value moves by at most 1.5e-5 of its group's largest
+// (bf16, which torch's int kernels take, by 4e-3 of itself).
+#if defined(P2P_AVX2)
 #define P2P_I16 1
+// int32 sums of at most this many products before they are scaled into float: far from
+// overflow for int8 (127 * 32767 * 2 per madd lane, 64 madds) and int4 alike
+constexpr int64_t I16_RUN = 1024;
+
 struct QuantX {
-  std::vector<int16_t> q;  // [M, in]: round(x / scale of its group)
+  std::vector<int16_t> q;  // [M, in]: round(x / scale of its group), in `paired` order
   std::vector<float> scale;  // [M, G]: each group's largest |x| / 32767
   std::vector<float> gsum;  // [M, G]: each group's sum of x (int4's minima multiply them)
   int64_t in, G;
+  // AVX-512: groups 2p and 2p + 1 interleaved by 16 values (16 of 2p, 16 of 2p + 1, ...),
+  // so one 512-bit product covers both and its int32 lanes split 8 / 8 between them: a
+  // pair's sums are converted and scaled by one instruction each, not a reduction per group.
+  // A last odd group, and groups too long for one int32 run, keep their order.
+  bool paired;
 
   // X [M, in] in G groups of in / G
   QuantX(const float* X, int64_t M, int64_t in_, int64_t G_)
       : q(M * in_), scale(M * G_), gsum(M * G_), in(in_), G(G_) {
     const int64_t gs = in / G;
+#if defined(P2P_AVX512)
+    paired = G >= 2 && gs % 16 == 0 && gs <= I16_RUN;
+#else
+    paired = false;
+#endif
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < G; ++g) {
         const float* x = X + m * in + g * gs;
-        int16_t* qg = q.data() + m * in + g * gs;
+        int16_t* qm = q.data() + m * in;
         float top = 0.f, sum = 0.f;
         for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::abs(x[i])), sum += x[i];
         const float inv = top > 0.f ? 32767.f / top : 0.f;
-        for (int64_t i = 0; i < gs; ++i) qg[i] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+        const bool pair = paired && g < G - G % 2;
+        for (int64_t i = 0; i < gs; ++i) {
+          const int64_t at = pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 + i % 16 : g * gs + i;
+          qm[at] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+        }
         scale[m * G + g] = top / 32767.f;
         gsum[m * G + g] = sum;
       }
@@ -74,9 +92,21 @@ struct QuantX {
   const int16_t* row(int64_t m) const { return q.data() + m * in; }
   float xs(int64_t m, int64_t g) const { return scale[m * G + g]; }
 };
-// int32 sums of at most this many products before they are scaled into float: far from
-// overflow for int8 (127 * 32767 * 2 per madd lane, 64 madds) and int4 alike
-constexpr int64_t I16_RUN = 1024;
+#endif
+
+#if defined(P2P_AVX512)
+static inline __m128i load16(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+static inline __m256i join(__m128i lo, __m128i hi) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+// acc + the pairwise products of 32 int16 weights with 32 int16 activations at x
+static inline __m512i dot32(__m512i acc, __m512i w, const int16_t* x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x));
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(x)));
+#endif
+}
 #endif
 
 static void check_x(const torch::Tensor& x, int64_t in) {
@@ -104,6 +134,57 @@ static inline void with_rows(int64_t n, Fn&& fn) {
     if (n < Max) return with_rows<Max - 1>(n, fn);
   fn(std::integral_constant<int, Max>{});
 }
+
+// fp16 scales and minima (GGUF's) or fp32 ones
+static inline float to_float(float v) { return v; }
+static inline float to_float(c10::Half h) {
+#if defined(P2P_AVX2)
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+#if defined(P2P_AVX2)
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+#if defined(P2P_AVX512)
+// the first n (at most 16) values at p as floats; the rest 0, and never read
+static inline __m512 load16_ps(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+static inline __m512 load16_ps(const c10::Half* p, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+}
+
+// For each pair of groups (g, g + 1) below `end` in QuantX's paired order, `sums(g, acc)`
+// gives each row of X's int32 sums of the pair's products (lanes 0-7: group g's, 8-15:
+// g + 1's), which are scaled into a[m]. The scales of 16 groups (weight's times X's) are
+// multiplied at once and each pair picks its two by one permute: done a pair at a time, the
+// scalar products and broadcasts cost more than a 32-value group's own products.
+template <int M, class S, class SumsFn>
+static inline __attribute__((always_inline)) void over_pairs(const QuantX& qx, int64_t m0, const S* s, int64_t end,
+                                                              __m512 a[M], SumsFn sums) {
+  const __m512i second = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t g = 0; g < end; g += 16) {
+    const int64_t n = std::min<int64_t>(16, end - g);
+    __m512 c[M];
+    const __m512 sw = load16_ps(s + g, n);
+    for (int m = 0; m < M; ++m) c[m] = _mm512_mul_ps(sw, load16_ps(qx.scale.data() + (m0 + m) * qx.G + g, n));
+    for (int64_t k = 0; k < n; k += 2) {
+      __m512i acc[M];
+      sums(g + k, acc);
+      const __m512i pick = _mm512_add_epi32(second, _mm512_set1_epi32(static_cast<int>(k)));
+      for (int m = 0; m < M; ++m)
+        a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_permutexvar_ps(pick, c[m]), a[m]);
+    }
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------- fp32
 // Y[m, o] = sum_i X[m, i] * W[o, i] for rows o in [o0, o1); X fp32 [M, in], Y fp32 [M, out].
@@ -168,39 +249,59 @@ static void row_int8(const float* X, const int8_t* w, const float* s, float* Y, 
                      int64_t out, int64_t o) {
   float r[M];
   for (int m = 0; m < M; ++m) r[m] = 0.f;
-#if defined(P2P_AVX512)
-  __m512 a0[M], a1[M];
-  for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-#endif
-  for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g) {
-    const int64_t g1 = std::min(in, g0 + gs);
-    const float sc = s[g];
-    int64_t i = g0;
-#if defined(P2P_AVX512)
-    const __m512 vs = _mm512_set1_ps(sc);
-    for (; i + 32 <= g1; i += 32) {
-      __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)))), vs);
-      __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)))), vs);
-      for (int m = 0; m < M; ++m) {
-        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + m * in + i), a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(X + m * in + i + 16), a1[m]);
-      }
-    }
-#endif
-    for (; i < g1; ++i) {
-      const float wv = static_cast<float>(w[i]) * sc;
+  for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g)
+    for (int64_t i = g0; i < std::min(in, g0 + gs); ++i) {
+      const float wv = static_cast<float>(w[i]) * s[g];
       for (int m = 0; m < M; ++m) r[m] += X[m * in + i] * wv;
     }
-  }
-#if defined(P2P_AVX512)
-  for (int m = 0; m < M; ++m) r[m] += _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
-#endif
   for (int m = 0; m < M; ++m) Y[m * out + o] = r[m];
 }
 
-#if defined(P2P_I16)
+#if defined(P2P_AVX512)
+// One row of an int8 weight against rows m0.. of a QuantX: a pair of groups at a time, 16
+// weights of each widened to one register of 32 int16 (QuantX's paired order), one product
+// per row of X; then the groups that keep X's order, 32 values a product.
+// GS: the group size where the caller knows it at compile time (32: GGUF's Q8_0), else 0.
+template <int M, int GS>
+static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const float* s, float* Y, int64_t gs_,
+                         int64_t out, int64_t o) {
+  const int64_t gs = GS ? GS : gs_, G = qx.in / gs;
+  const int16_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = qx.row(m0 + m);
+  __m512 a[M];
+  float r[M];
+  for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps(), r[m] = 0.f;
+  const int64_t paired = qx.paired ? G - G % 2 : 0;
+  over_pairs<M>(qx, m0, s, paired, a, [&](int64_t g, __m512i acc[M]) __attribute__((always_inline)) {
+    const int8_t *wa = w + g * gs, *wb = wa + gs;
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < gs; c += 16) {
+      const __m512i wv = _mm512_cvtepi8_epi16(join(load16(wa + c), load16(wb + c)));
+      for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, xr[m] + g * gs + 2 * c);
+    }
+  });
+  int64_t g = paired;
+  for (; g < G; ++g)
+    for (int64_t c0 = g * gs; c0 < (g + 1) * gs; c0 += I16_RUN) {
+      const int64_t c1 = std::min((g + 1) * gs, c0 + I16_RUN);
+      __m512i acc[M];
+      int32_t t[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512(), t[m] = 0;
+      int64_t i = c0;
+      for (; i + 32 <= c1; i += 32) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+        for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, qx.row(m0 + m) + i);
+      }
+      for (; i < c1; ++i)
+        for (int m = 0; m < M; ++m) t[m] += static_cast<int32_t>(w[i]) * qx.row(m0 + m)[i];
+      for (int m = 0; m < M; ++m) {
+        const float sx = s[g] * qx.xs(m0 + m, g);
+        a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx), a[m]), r[m] += t[m] * sx;
+      }
+    }
+  for (int m = 0; m < M; ++m) Y[m * out + o] = _mm512_reduce_add_ps(a[m]) + r[m];
+}
+#elif defined(P2P_I16)
 // One row of an int8 weight against rows m0.. of a QuantX, in groups of gs: 16 weights
 // widened to int16, one madd per row of X. Where M is 1, two groups at a time feed two
 // chains of scaled sums: a Q8_0 group is 32 values, whose products take less time than
@@ -272,7 +373,12 @@ static void int8_rows(const float* X, const int8_t* W, const float* S, float* Y,
     const float* s_o = S + o * G;
     float* y_m = Y + m * out;
     with_rows<4>(n, [&](auto R) {
-#if defined(P2P_I16)
+#if defined(P2P_AVX512)
+      if (gs == 32)
+        row_int8_i16<R, 32>(qx, m, w_o, s_o, y_m, gs, out, o);
+      else
+        row_int8_i16<R, 0>(qx, m, w_o, s_o, y_m, gs, out, o);
+#elif defined(P2P_I16)
       row_int8_i16<R>(qx, m, w_o, s_o, y_m, gs, out, o);
 #else
       row_int8<R>(X + m * in, w_o, s_o, y_m, in, gs, out, o);
@@ -298,50 +404,14 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) 
 // A row of an int4 weight is blocks of 32 values in 16 bytes, value j of a block in the
 // low nibble of byte j and value 16 + j in its high nibble (GGUF's Q4_0/Q4_1 order), with
 // per group of `gs` inputs a scale and minimum: W = q * scale + min, q in 0..15.
-// Each nibble is widened and turned into its weight with one FMA, then multiplied into
-// every row of X; the accumulators run across groups, so no sum waits on a group's end.
-// The scales and minima are fp16 (Q4_0/Q4_1's own) or fp32 where fp16 cannot hold them
+// Where AVX2 is, the nibbles are widened to int16 and multiplied into QuantX's rows; the
+// portable loop turns each into its weight, q * scale + min, and multiplies floats. The scales and minima are fp16 (Q4_0/Q4_1's own) or fp32 where fp16 cannot hold them
 // exactly (Q4_K's d * sc, an fp16 times a 6-bit integer): `S` is their element type.
-static inline float to_float(float v) { return v; }
-static inline float to_float(c10::Half h) {
-#if defined(P2P_AVX2)
-  return _cvtsh_ss(h.x);
-#else
-  return static_cast<float>(h);
-#endif
-}
-
-#if defined(P2P_AVX2)
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
 
 template <int M, class S>
 static void row_int4(const float* X, const uint8_t* w, const S* s, const S* mn, float* Y,
                      int64_t in, int64_t gs, int64_t out, int64_t o) {
   float r[M];
-#if defined(P2P_AVX512)
-  // A group's 16 possible weights q * scale + min fill one register; each value's byte,
-  // widened to 32 bits, indexes it (vpermps reads the index's low 4 bits: the low nibble;
-  // shifted right by 4: the high one), so a value costs no conversion of its own.
-  __m512 a0[M], a1[M];
-  for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-  const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t g0 = 0, g = 0; g0 < in; g0 += gs, ++g) {
-    const __m512 lut = _mm512_fmadd_ps(levels, _mm512_set1_ps(to_float(s[g])), _mm512_set1_ps(to_float(mn[g])));
-    for (int64_t i = g0; i < g0 + gs; i += 32) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2)));
-      const __m512 w0 = _mm512_permutexvar_ps(b, lut), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-      for (int m = 0; m < M; ++m) {
-        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + m * in + i), a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(X + m * in + i + 16), a1[m]);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
-#else
   for (int m = 0; m < M; ++m) r[m] = 0.f;
   for (int64_t i = 0; i < in; i += 32) {
     const float sc = to_float(s[i / gs]), mi = to_float(mn[i / gs]);
@@ -354,11 +424,67 @@ static void row_int4(const float* X, const uint8_t* w, const S* s, const S* mn, 
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < 32; ++j) r[m] += wv[j] * X[m * in + i + j];
   }
-#endif
   for (int m = 0; m < M; ++m) Y[m * out + o] = r[m];
 }
 
-#if defined(P2P_I16)
+#if defined(P2P_AVX512)
+// X's group sums times the minima, sum_g min_g * sum(x in g), 8 groups a step: one at a
+// time, its chain of dependent FMAs took as long as the row's products
+template <class S>
+static inline float minima_share(const S* mn, const float* gsum, int64_t G) {
+  __m256 vm = _mm256_setzero_ps();
+  int64_t h = 0;
+  for (; h + 8 <= G; h += 8) vm = _mm256_fmadd_ps(load8(mn + h), _mm256_loadu_ps(gsum + h), vm);
+  float shift = hsum(vm);
+  for (; h < G; ++h) shift += to_float(mn[h]) * gsum[h];
+  return shift;
+}
+
+// One row of an int4 weight against rows m0.. of a QuantX: a pair of groups at a time, each
+// 32-value block's low nibbles (its values 0-15) of both groups widened to one register of
+// 32 int16 and its high nibbles (16-31) to another, matching QuantX's paired order; then
+// the groups that keep X's order, a block's two nibble halves in one register.
+// GS: the group size where the caller knows it at compile time (32: GGUF's Q4_0/Q4_1/Q4_K), else 0.
+template <int M, int GS, class S>
+static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S* s, const S* mn, float* Y,
+                         int64_t gs_, int64_t G, int64_t out, int64_t o) {
+  const int64_t gs = GS ? GS : gs_;
+  const int16_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = qx.row(m0 + m);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m512 a[M];
+  for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
+  const int64_t paired = qx.paired ? G - G % 2 : 0;
+  over_pairs<M>(qx, m0, s, paired, a, [&](int64_t g, __m512i acc[M]) __attribute__((always_inline)) {
+    const uint8_t *wa = w + g * gs / 2, *wb = wa + gs / 2;
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < gs; j += 32) {
+      const __m256i b = join(load16(wa + j / 2), load16(wb + j / 2));
+      const __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low));
+      const __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low));
+      for (int m = 0; m < M; ++m) {
+        const int16_t* x = xr[m] + g * gs + 2 * j;
+        acc[m] = dot32(dot32(acc[m], lo, x), hi, x + 32);
+      }
+    }
+  });
+  int64_t g = paired;
+  for (; g < G; ++g) {
+    __m512i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t i = g * gs; i < (g + 1) * gs; i += 32) {
+      const __m128i b = load16(w + i / 2), low16 = _mm256_castsi256_si128(low);
+      const __m512i wv = _mm512_cvtepu8_epi16(join(_mm_and_si128(b, low16), _mm_and_si128(_mm_srli_epi16(b, 4), low16)));
+      for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, qx.row(m0 + m) + i);
+    }
+    const float sc = to_float(s[g]);
+    for (int m = 0; m < M; ++m)
+      a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sc * qx.xs(m0 + m, g)), a[m]);
+  }
+  for (int m = 0; m < M; ++m)
+    Y[m * out + o] = _mm512_reduce_add_ps(a[m]) + minima_share(mn, qx.gsum.data() + (m0 + m) * G, G);
+}
+#elif defined(P2P_I16)
 // One row of an int4 weight against rows m0.. of a QuantX: a block's nibbles widened to
 // int16 (two registers of 16), a madd each per row of X, two groups at a time where M is
 // 1 (as row_int8_i16); the minima multiply X's group sums
@@ -421,8 +547,8 @@ template <class S>
 static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
                       int64_t out, int64_t G) {
   const int64_t gs = in / G;
-  // AVX-512's 32 registers hold the accumulators of 8 activation rows; AVX2's 16 and the
-  // portable loop those of 4
+  // AVX-512's 32 registers hold the accumulators (int32 and float) of 8 activation rows;
+  // AVX2's 16 and the portable loop those of 4
 #if defined(P2P_AVX512)
   constexpr int tile = 8;
 #else
@@ -436,7 +562,12 @@ static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N,
     const S *s_o = Sc + o * G, *n_o = N + o * G;
     float* y_m = Y + m * out;
     with_rows<tile>(n, [&](auto R) {
-#if defined(P2P_I16)
+#if defined(P2P_AVX512)
+      if (gs == 32)
+        row_int4_i16<R, 32>(qx, m, w_o, s_o, n_o, y_m, gs, G, out, o);
+      else
+        row_int4_i16<R, 0>(qx, m, w_o, s_o, n_o, y_m, gs, G, out, o);
+#elif defined(P2P_I16)
       row_int4_i16<R>(qx, m, w_o, s_o, n_o, y_m, gs, G, out, o);
 #else
       row_int4<R>(X + m * in, w_o, s_o, n_o, y_m, in, gs, out, o);
