@@ -7,10 +7,11 @@ GGUF's block order with a scale and minimum per group (fp16, or fp32 for a Q4_K'
 are split over torch's OpenMP threads and each weight row is read once for every
 activation row. Torch's own kernels take bf16 activations and, for int8, stream far more
 slowly on the CPU measured. ``gemv_int8`` and ``gemv_int4`` keep the file's scales exactly;
-on AVX2 (without AVX-512) they round the activations to 16-bit integers, a scale per
-group of the weight's, and multiply in integers (``gemv.cpp``: ``QuantX``); elsewhere they
-take them in fp32 (``python bench/engine.py`` shows what the kernels buy end to end;
-``P2PSERVE_KERNELS=0`` turns them off to compare).
+on AVX2 and AVX-512 they round the activations to 16-bit integers, a scale per group of
+the weight's, and multiply in integers (``gemv.cpp``: ``QuantX``; AVX-512 VNNI's
+``vpdpwssd`` where the CPU has it); the portable loops take them in fp32
+(``python bench/engine.py`` shows what the kernels buy end to end; ``P2PSERVE_KERNELS=0``
+turns them off to compare).
 
 ``decode_step`` runs a whole decode step of a stage's layers in one call (``decode_step.cpp``,
 used by ``model.StageModel``): around these GEMVs, the norms, RoPE, the attention over each
