@@ -313,7 +313,9 @@ def test_a_penalized_answer_is_the_same_after_its_last_stage_is_killed(swarm, ap
     """The failover replays prompt + the tokens so far on the other stage-1 replica, naming
     them as generated: the penalties count them, and the seeded answer goes on unchanged.
     Last in this module: it leaves the swarm one replica short."""
-    kw = dict(model=MODEL, temperature=0.7, seed=11, max_tokens=64, frequency_penalty=1.0, presence_penalty=0.5,
+    # 256 tokens: the answer must outlast a heartbeat (HEARTBEAT, 2 s) for the test to see
+    # which replica serves it; 64 took less than that on a fast CPU
+    kw = dict(model=MODEL, temperature=0.7, seed=11, max_tokens=256, frequency_penalty=1.0, presence_penalty=0.5,
               messages=LONG)
     reference = api.chat.completions.create(**kw)
     assert reference.choices[0].finish_reason == "length"  # long enough to be killed in the middle
