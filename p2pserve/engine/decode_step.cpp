@@ -82,6 +82,92 @@ static float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#if defined(P2P_AVX2)
+// e^x for 8 floats: Cephes' expf (x = n ln 2 + r, a degree-6 polynomial in r, times 2^n),
+// within 2 ulp of std::exp, which called one value at a time was most of a long context's
+// attention (an exp per cached position, head and layer) and of the MLP's SiLU
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+// p[j] = (q . keys[j * stride]) * scale for j < n, keys of d values; returns the largest.
+// Eight keys at a time: each its own chain of FMAs (one key's waits on itself), summed
+// across lanes together at the end.
+static float scores(const float* q, const float* keys, int64_t stride, int64_t d, int64_t n, float scale, float* p) {
+  int64_t j = 0;
+  float top = -INFINITY;
+#if defined(P2P_AVX2)
+  if (d % 8 == 0) {
+    __m256 most = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) {
+      __m256 acc[8];
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+      for (int64_t e = 0; e < d; e += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + e);
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (j + k) * stride + e), acc[k]);
+      }
+      // lane k of the sum: key j + k's dot product
+      const __m256 a01 = _mm256_hadd_ps(acc[0], acc[1]), a23 = _mm256_hadd_ps(acc[2], acc[3]);
+      const __m256 a45 = _mm256_hadd_ps(acc[4], acc[5]), a67 = _mm256_hadd_ps(acc[6], acc[7]);
+      const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
+      const __m256 sc = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
+                                                    _mm256_permute2f128_ps(a0123, a4567, 0x31)),
+                                      _mm256_set1_ps(scale));
+      _mm256_storeu_ps(p + j, sc);
+      most = _mm256_max_ps(most, sc);
+    }
+    alignas(32) float m[8];
+    _mm256_store_ps(m, most);
+    for (const float v : m) top = std::max(top, v);
+  }
+#endif
+  for (; j < n; ++j) top = std::max(top, p[j] = dot(q, keys + j * stride, d) * scale);
+  return top;
+}
+
+// p[j] = e^(p[j] - top) for j < n; returns their sum
+static float exp_shifted(float* p, int64_t n, float top) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(P2P_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(top);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), t));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; j < n; ++j) sum += p[j] = std::exp(p[j] - top);
+  return sum;
+}
+
+// out[j] = SiLU(gate[j]) * up[j] = gate / (1 + e^-gate) * up, for j < n
+static void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t j = 0;
+#if defined(P2P_AVX2)
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + j);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                            _mm256_loadu_ps(up + j)));
+  }
+#endif
+  for (; j < n; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+}
+
 // y = w * (x * rsqrt(mean(x^2) + eps)); y may be x
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t n) {
   double ss = 0.0;  // the mean of squares as accurately as torch's cascaded sum, or more
@@ -240,16 +326,15 @@ class DecodeStep {
         const float* keys = KC + slots[b] * max_len * kv_row + g * d;
         const float* values = VC + slots[b] * max_len * kv_row + g * d;
         p.resize(len);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) top = std::max(top, p[j] = dot(q, keys + j * kv_row, d) * scale);
-        float sum = 0.f;
-        for (int64_t j = 0; j < len; ++j) sum += p[j] = std::exp(p[j] - top);
+        const float top = scores(q, keys, kv_row, d, len, scale, p.data());
+        const float inv = 1.f / exp_shifted(p.data(), len, top);
         float* out = A + b * n_q_ * d + h * d;
         std::fill(out, out + d, 0.f);
         for (int64_t j = 0; j < len; ++j) {
-          const float w = p[j] / sum, *v = values + j * kv_row;
+          const float w = p[j], *v = values + j * kv_row;
           for (int64_t e = 0; e < d; ++e) out[e] += w * v[e];
         }
+        for (int64_t e = 0; e < d; ++e) out[e] *= inv;
       }
     });
     auto y = torch::empty_like(x);
@@ -270,11 +355,7 @@ class DecodeStep {
     l.gate_up.apply(XN, B, GU);
     auto act = torch::empty({B, inter}, x.options());
     float* ACT = act.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < inter; ++j) {
-        const float g = GU[b * 2 * inter + j];
-        ACT[b * inter + j] = g / (1.f + std::exp(-g)) * GU[b * 2 * inter + inter + j];
-      }
+    for (int64_t b = 0; b < B; ++b) silu_mul(GU + b * 2 * inter, GU + b * 2 * inter + inter, ACT + b * inter, inter);
     auto y = torch::empty_like(x);
     l.down.apply(ACT, B, y.data_ptr<float>());
     return y;
