@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,6 +362,21 @@ class Peers:
     def wait_serving(self, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> str:
         """Wait until a worker serves; its peer id."""
         return self.wait_for(proc, r"worker (\w+) serving layers", timeout).group(1)
+
+    def wait_chains(self, machine: Machine, n: int, timeout: float = STARTUP_TIMEOUT) -> dict:
+        """Wait until the bootstrap routes over ``n`` chains, as ``p2pserve status --json`` run
+        on ``machine`` shows them; its view. A replica serves before the head has probed it
+        (it is on probation until then), so a test that kills the other must wait for this."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.net.run(machine, self._cli(machine, ["status", "--peer", self.addr, "--json"]),
+                             capture_output=True, text=True, timeout=60)
+            view = json.loads(r.stdout) if r.returncode == 0 else {"chains": [], "error": r.stderr}
+            if len(view["chains"]) >= n:
+                return view
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{n} chains not routable within {timeout:g} s: {view}")
+            time.sleep(1)
 
     def wait_for(self, proc: subprocess.Popen, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
         from p2pserve.testing.swarm import wait_for_log  # here, not at the top: the delay relay runs this file as a script

@@ -56,6 +56,7 @@ def wan(tmp_path_factory):
         peers.b = peers.start_worker(b, "--stage", "1", *SMALL)
         peers.n0 = peers.start_worker(n0, "--stage", "0", *SMALL)
         peers.ids = {proc.pid: peers.wait_serving(proc) for proc in (peers.a, peers.b, peers.n0)}
+        peers.wait_chains(peers.head, 2)  # both stage-0 replicas past their admission probe
         yield peers
 
 
@@ -95,6 +96,7 @@ def test_worker_behind_nat_serves_the_last_stage(reference, wan):
     n1 = wan.start_worker(wan.net.machine("n1", nat=True), "--stage", "1", *SMALL)
     n1_id = wan.wait_serving(n1)
     assert "behind NAT: serving through relay" in wan.log(n1), wan.log(n1)
+    wan.wait_chains(wan.head, 2)  # n0 -> b and n0 -> n1: n1 past its admission probe
     wan.b.kill()
     wan.b.wait()
     answer = ask(wan)
