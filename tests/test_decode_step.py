@@ -27,8 +27,8 @@ FAMILIES = {
     "qwen2": (make_tiny_qwen2, dict(n_heads=6, n_kv_heads=3, hidden=96)),
     "qwen3": (make_tiny_qwen3, dict(head_dim=32)),
 }
-# of the largest logit (or cached value): fp32 sums in another order; on AVX2 the int8 and
-# int4 products also round their input to 16 bits (gemv.cpp), and a value rounded the other
+# of the largest logit (or cached value): fp32 sums in another order; on AVX2 and AVX-512
+# the int8 and int4 products also round their input to 16 bits (gemv.cpp), and a value rounded the other
 # way by an fp32 difference upstream moves what follows by a step of that
 TOLERANCE = {None: 1e-5, "int8": 1e-3, "int4": 1e-3}
 # three sequences of different lengths, prefilled in slots 0..2
@@ -78,6 +78,20 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, quant, 
         for (ek, ev), (fk, fv) in zip(eager_cache, fused_cache):
             torch.testing.assert_close(fk, ek, rtol=0, atol=tolerance * ek.abs().max().item())
             torch.testing.assert_close(fv, ev, rtol=0, atol=tolerance * ev.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_longer_context_takes_the_attention_s_eight_key_blocks(family, checkpoints):
+    # 46 cached keys: five blocks of eight (decode_step.cpp: scores, exp_shifted) and a
+    # tail of six that the one-key loops take
+    source = open_weights(checkpoints[family])
+    stage = load_stage(source, 0, source.config.n_layers)
+    stage.allocate(1, 64)
+    prompt = [(7 * i + 3) % 100 for i in range(45)]
+    stage(Batch((0,), (0,), len(prompt)), torch.tensor([prompt]))
+    (eager, _), (fused, _) = step_both_ways(stage, Batch((0,), (len(prompt),), 1), [9])
+    assert stage._decode_step is not None, "the fused step was not used"
+    torch.testing.assert_close(fused, eager, rtol=0, atol=TOLERANCE[None] * eager.abs().max().item())
 
 
 def test_a_tp_rank_runs_each_half_layer_and_sums_it_before_the_residual(checkpoints):

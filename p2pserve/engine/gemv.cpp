@@ -290,10 +290,10 @@ static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const fl
       int64_t i = c0;
       for (; i + 32 <= c1; i += 32) {
         const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-        for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, qx.row(m0 + m) + i);
+        for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, xr[m] + i);
       }
       for (; i < c1; ++i)
-        for (int m = 0; m < M; ++m) t[m] += static_cast<int32_t>(w[i]) * qx.row(m0 + m)[i];
+        for (int m = 0; m < M; ++m) t[m] += static_cast<int32_t>(w[i]) * xr[m][i];
       for (int m = 0; m < M; ++m) {
         const float sx = s[g] * qx.xs(m0 + m, g);
         a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx), a[m]), r[m] += t[m] * sx;
@@ -427,7 +427,7 @@ static void row_int4(const float* X, const uint8_t* w, const S* s, const S* mn, 
   for (int m = 0; m < M; ++m) Y[m * out + o] = r[m];
 }
 
-#if defined(P2P_AVX512)
+#if defined(P2P_I16)
 // X's group sums times the minima, sum_g min_g * sum(x in g), 8 groups a step: one at a
 // time, its chain of dependent FMAs took as long as the row's products
 template <class S>
@@ -439,7 +439,9 @@ static inline float minima_share(const S* mn, const float* gsum, int64_t G) {
   for (; h < G; ++h) shift += to_float(mn[h]) * gsum[h];
   return shift;
 }
+#endif
 
+#if defined(P2P_AVX512)
 // One row of an int4 weight against rows m0.. of a QuantX: a pair of groups at a time, each
 // 32-value block's low nibbles (its values 0-15) of both groups widened to one register of
 // 32 int16 and its high nibbles (16-31) to another, matching QuantX's paired order; then
@@ -475,7 +477,7 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
     for (int64_t i = g * gs; i < (g + 1) * gs; i += 32) {
       const __m128i b = load16(w + i / 2), low16 = _mm256_castsi256_si128(low);
       const __m512i wv = _mm512_cvtepu8_epi16(join(_mm_and_si128(b, low16), _mm_and_si128(_mm_srli_epi16(b, 4), low16)));
-      for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, qx.row(m0 + m) + i);
+      for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, xr[m] + i);
     }
     const float sc = to_float(s[g]);
     for (int m = 0; m < M; ++m)
@@ -527,17 +529,8 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
     const float sc = to_float(s[g]);
     for (int m = 0; m < M; ++m) a0[m] = _mm256_fmadd_ps(p[m], _mm256_set1_ps(sc * qx.xs(m0 + m, g)), a0[m]);
   }
-  for (int m = 0; m < M; ++m) {
-    const float* gsum = qx.gsum.data() + (m0 + m) * G;
-    // the minima's share, sum_g min_g * sum(x in g), 8 groups a step: one at a time, its
-    // chain of dependent FMAs took as long as the row's products
-    __m256 vm = _mm256_setzero_ps();
-    int64_t h = 0;
-    for (; h + 8 <= G; h += 8) vm = _mm256_fmadd_ps(load8(mn + h), _mm256_loadu_ps(gsum + h), vm);
-    float shift = hsum(vm);
-    for (; h < G; ++h) shift += to_float(mn[h]) * gsum[h];
-    Y[m * out + o] = hsum(_mm256_add_ps(a0[m], a1[m])) + shift;
-  }
+  for (int m = 0; m < M; ++m)
+    Y[m * out + o] = hsum(_mm256_add_ps(a0[m], a1[m])) + minima_share(mn, qx.gsum.data() + (m0 + m) * G, G);
 }
 #endif
 
