@@ -39,6 +39,31 @@ def test_gemv_matches_torch(rows, shape):
     torch.testing.assert_close(got, F.linear(x, w), atol=1e-4, rtol=1e-5)
 
 
+def _bf16_case(out, inp, rows, seed):
+    """A bf16 weight, fp32 X, and the product the kernel must give: X rounded to bf16 times
+    the weight, summed in fp64 (every product of two bf16 values is exact in fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g).bfloat16()
+    x = torch.randn(rows, inp, generator=g)
+    return w, x, (x.bfloat16().double() @ w.double().T).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize("shape", [(576, 192), (37, 29), (1536, 576), (8, 16), (40, 100)])
+def test_gemv_bf16_is_the_product_of_its_rounded_input(rows, shape):
+    """Rows of any length: 64 at a time, a masked tail of 1-63 (AVX-512 BF16), 16 at a time
+    and a scalar tail (AVX2)."""
+    if not kernels.available():
+        pytest.skip(kernels.why_not())
+    w, x, want = _bf16_case(*shape, rows, seed=rows * 1000 + shape[0])
+    got = kernels.module().gemv_bf16(x, w)
+    assert _relative_error(got, want) < EXACT
+    if rows <= kernels.MAX_ROWS:  # the Python entry: bf16 activations in, bf16 out
+        y = kernels.gemv(x.bfloat16(), w)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want.bfloat16(), rtol=2**-8, atol=EXACT * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_linear_dispatch_matches_torch(dtype, rows):
@@ -146,6 +171,8 @@ def test_every_instruction_set_path_computes_the_same(arch):
         q8, s8 = quant.quantize_int8_groups(torch.randn(48, 192), 32)
         want8 = x @ quant.dequantize_int8(q8, s8).T
         assert _relative_error(module.gemv_int8(x, q8, s8), want8) < int_tolerance(module)
+        wb, xb, want_b = _bf16_case(40, 200, rows, seed=rows)
+        assert _relative_error(module.gemv_bf16(xb, wb), want_b) < EXACT
         w32 = torch.randn(40, 192)
         if rows <= kernels.MAX_ROWS:
             assert _relative_error(module.gemv(x, w32), x @ w32.T) < EXACT

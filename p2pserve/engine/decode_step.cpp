@@ -10,7 +10,10 @@
 // The arithmetic is model.py's, which is transformers': RMSNorm as w * (x * rsqrt(mean(x^2)
 // + eps)), Hugging Face's rotate-half RoPE from the stage's cos and signed-sin tables,
 // softmax(q k^T / sqrt(d)) v over the sequence's cached positions and the new one, and
-// SiLU(gate) * up. Activations are fp32; the weights are gemv.cpp's fp32, int8 or int4.
+// SiLU(gate) * up. Activations are fp32; the weights are gemv.cpp's fp32, int8, int4 or
+// bf16. A bf16 stage's step takes and returns bf16 hidden states and keeps its KV cache in
+// bf16, but computes in fp32 in between: only what the modules store in bf16 (weights,
+// cache, the hidden state between stages) is rounded to it, and each GEMV rounds its input.
 #include <pybind11/stl.h>
 #include <cmath>
 
@@ -18,12 +21,12 @@ namespace py = pybind11;
 
 // A linear weight as model.py and quant.py hold it, multiplied by gemv.cpp's loops.
 struct Linear {
-  enum Kind { F32, INT8, INT4_F16, INT4_F32 };
+  enum Kind { F32, BF16, INT8, INT4_F16, INT4_F32 };
   Kind kind = F32;
   torch::Tensor w, scales, mins;
   int64_t in = 0, out = 0, groups = 1;
 
-  // fp32 [out, in]; int8 [out, in] with fp32 scales [out, G]; int4 uint8 [out, in / 2] in
+  // fp32 or bf16 [out, in]; int8 [out, in] with fp32 scales [out, G]; int4 uint8 [out, in / 2] in
   // gemv.cpp's blocks with scales and mins [out, G], both fp16 or both fp32
   Linear(torch::Tensor w_, c10::optional<torch::Tensor> s, c10::optional<torch::Tensor> m)
       : w(w_.contiguous()), out(w_.size(0)) {
@@ -31,6 +34,9 @@ struct Linear {
     switch (w.scalar_type()) {
       case at::kFloat:
         kind = F32, in = w.size(1);
+        return;
+      case at::kBFloat16:
+        kind = BF16, in = w.size(1);
         return;
       case at::kChar:
         TORCH_CHECK(s.has_value() && s->scalar_type() == at::kFloat && s->dim() == 2 && s->size(0) == out &&
@@ -49,7 +55,7 @@ struct Linear {
         return;
       }
       default:
-        TORCH_CHECK(false, "a weight is fp32, int8 or packed int4");
+        TORCH_CHECK(false, "a weight is fp32, bf16, int8 or packed int4");
     }
   }
 
@@ -57,6 +63,7 @@ struct Linear {
   void apply(const float* X, int64_t M, float* Y) const {
     switch (kind) {
       case F32: f32_rows(X, w.data_ptr<float>(), Y, M, in, out); break;
+      case BF16: bf16_rows(X, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), Y, M, in, out); break;
       case INT8: int8_rows(X, w.data_ptr<int8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups); break;
       case INT4_F16:
         int4_rows(X, w.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in,
@@ -70,16 +77,29 @@ struct Linear {
   }
 };
 
-static float dot(const float* a, const float* b, int64_t n) {
+// a cached key or value: fp32, or bf16 in a bf16 stage
+template <class T>
+static float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #if defined(P2P_AVX2)
   __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   s = hsum(acc);
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
+}
+
+// out[e] += w * v[e] for e < n
+template <class T>
+static void axpy(float w, const T* v, float* out, int64_t n) {
+  int64_t e = 0;
+#if defined(P2P_AVX2)
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(out + e, _mm256_fmadd_ps(wv, load8(v + e), _mm256_loadu_ps(out + e)));
+#endif
+  for (; e < n; ++e) out[e] += w * static_cast<float>(v[e]);
 }
 
 #if defined(P2P_AVX2)
@@ -104,7 +124,8 @@ static inline __m256 exp8(__m256 x) {
 // p[j] = (q . keys[j * stride]) * scale for j < n, keys of d values; returns the largest.
 // Eight keys at a time: each its own chain of FMAs (one key's waits on itself), summed
 // across lanes together at the end.
-static float scores(const float* q, const float* keys, int64_t stride, int64_t d, int64_t n, float scale, float* p) {
+template <class T>
+static float scores(const float* q, const T* keys, int64_t stride, int64_t d, int64_t n, float scale, float* p) {
   int64_t j = 0;
   float top = -INFINITY;
 #if defined(P2P_AVX2)
@@ -115,7 +136,7 @@ static float scores(const float* q, const float* keys, int64_t stride, int64_t d
       for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
       for (int64_t e = 0; e < d; e += 8) {
         const __m256 qv = _mm256_loadu_ps(q + e);
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (j + k) * stride + e), acc[k]);
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys + (j + k) * stride + e), acc[k]);
       }
       // lane k of the sum: key j + k's dot product
       const __m256 a01 = _mm256_hadd_ps(acc[0], acc[1]), a23 = _mm256_hadd_ps(acc[2], acc[3]);
@@ -183,17 +204,24 @@ struct Layer {
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
-  torch::Tensor k_cache, v_cache;     // [slots, max_len, n_kv, d]
+  torch::Tensor k_cache, v_cache;     // [slots, max_len, n_kv, d], fp32 or bf16
 };
+
+// dst[j] = src[j] for j < n, rounded to nearest even into a bf16 cache
+static void store(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+static void store(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+}
 
 class DecodeStep {
  public:
-  // cos, sin: [max_len, d], sin signed as model.rope_tables makes it
+  // cos, sin: [max_len, d], sin signed as model.rope_tables makes it, in the stage's dtype
   DecodeStep(int64_t hidden, int64_t n_q, int64_t n_kv, int64_t head_dim, torch::Tensor cos, torch::Tensor sin)
-      : hidden_(hidden), n_q_(n_q), n_kv_(n_kv), d_(head_dim), cos_(cos.contiguous()), sin_(sin.contiguous()) {
+      : hidden_(hidden), n_q_(n_q), n_kv_(n_kv), d_(head_dim) {
     TORCH_CHECK(n_kv >= 1 && n_q % n_kv == 0 && head_dim % 2 == 0, "heads: n_q a multiple of n_kv, d even");
-    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.dim() == 2 && cos_.size(1) == head_dim &&
-                sin_.sizes() == cos_.sizes() && sin_.scalar_type() == at::kFloat, "cos, sin: [max_len, d] fp32");
+    TORCH_CHECK(cos.is_floating_point() && cos.dim() == 2 && cos.size(1) == head_dim && sin.sizes() == cos.sizes() &&
+                sin.is_floating_point(), "cos, sin: [max_len, d] floats");
+    cos_ = cos.to(at::kFloat).contiguous(), sin_ = sin.to(at::kFloat).contiguous();
   }
 
   void add_layer(torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps, Linear qkv, Linear o,
@@ -201,17 +229,19 @@ class DecodeStep {
                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
                  torch::Tensor k_cache, torch::Tensor v_cache) {
     const int64_t width = (n_q_ + 2 * n_kv_) * d_;
-    auto vec = [](const torch::Tensor& t, int64_t n) {
-      TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n, "a norm weight or bias: fp32 [", n, "]");
-      return t.contiguous();
+    auto vec = [](const torch::Tensor& t, int64_t n) {  // held as fp32 (a bf16 stage's: a copy)
+      TORCH_CHECK(t.is_floating_point() && t.numel() == n, "a norm weight or bias: [", n, "] floats");
+      return t.to(at::kFloat).contiguous();
     };
     TORCH_CHECK(qkv.in == hidden_ && qkv.out == width && o.in == n_q_ * d_ && o.out == hidden_ &&
                 gate_up.in == hidden_ && gate_up.out % 2 == 0 && down.in == gate_up.out / 2 &&
                 down.out == hidden_, "the layer's weights do not have the stage's shapes");
-    TORCH_CHECK(k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 &&
-                k_cache.size(1) == cos_.size(0) && k_cache.size(2) == n_kv_ && k_cache.size(3) == d_ &&
-                v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                v_cache.scalar_type() == at::kFloat, "k/v cache: [slots, max_len, n_kv, d] fp32 contiguous");
+    const auto cache_type = k_cache.scalar_type();
+    TORCH_CHECK(k_cache.is_contiguous() && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                k_cache.dim() == 4 && k_cache.size(1) == cos_.size(0) && k_cache.size(2) == n_kv_ &&
+                k_cache.size(3) == d_ && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
+                v_cache.scalar_type() == cache_type, "k/v cache: [slots, max_len, n_kv, d] fp32 or bf16 contiguous");
+    TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
             std::move(o), std::move(gate_up), std::move(down),
@@ -223,10 +253,11 @@ class DecodeStep {
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // x [B, hidden] entering the first layer -> leaving the last; sequence b is in cache slot
-  // slots[b] and holds starts[b] tokens before this one
-  torch::Tensor forward(torch::Tensor x, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
-    x = checked(x, slots, starts).clone();
+  // x [B, hidden] entering the first layer -> leaving the last, in x's dtype; sequence b is
+  // in cache slot slots[b] and holds starts[b] tokens before this one
+  torch::Tensor forward(torch::Tensor input, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
+    torch::Tensor x = checked(input, slots, starts);
+    if (x.data_ptr() == input.data_ptr()) x = x.clone();
     float* X = x.data_ptr<float>();
     const int64_t n = x.numel();
     for (int64_t i = 0; i < n_layers(); ++i) {
@@ -235,19 +266,20 @@ class DecodeStep {
       h = mlp_(i, x);
       add(X, h.data_ptr<float>(), n);
     }
-    return x;
+    return x.to(input.scalar_type());
   }
 
-  // Layer i's two halves, each returning what its residual adds, for a TP rank, which sums
-  // each over its group between them
+  // Layer i's two halves, each returning what its residual adds (fp32), for a TP rank, which
+  // sums each over its group between them
   torch::Tensor attention(int64_t i, torch::Tensor x, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
     TORCH_CHECK(0 <= i && i < n_layers(), "no layer ", i);
     return attention_(i, checked(x, slots, starts), slots, starts);
   }
   torch::Tensor mlp(int64_t i, torch::Tensor x) const {
     TORCH_CHECK(0 <= i && i < n_layers(), "no layer ", i);
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat, "x: [B, hidden] fp32");
-    return mlp_(i, x.contiguous());
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.is_floating_point() && x.device().is_cpu(),
+                "x: [B, hidden] floats");
+    return mlp_(i, x.to(at::kFloat).contiguous());
   }
 
  private:
@@ -257,8 +289,8 @@ class DecodeStep {
 
   torch::Tensor checked(const torch::Tensor& x, const std::vector<int64_t>& slots,
                         const std::vector<int64_t>& starts) const {
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-                "x: [B, hidden] fp32");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.is_floating_point() && x.device().is_cpu(),
+                "x: [B, hidden] floats");
     TORCH_CHECK(static_cast<int64_t>(slots.size()) == x.size(0) && slots.size() == starts.size(),
                 "a slot and a start per row of x");
     if (!layers_.empty()) {
@@ -267,7 +299,7 @@ class DecodeStep {
         TORCH_CHECK(0 <= slots[b] && slots[b] < k.size(0) && 0 <= starts[b] && starts[b] < k.size(1),
                     "slot ", slots[b], " position ", starts[b], " is outside the cache");
     }
-    return x.contiguous();
+    return x.to(at::kFloat).contiguous();
   }
 
   static void add(float* x, const float* h, int64_t n) {
@@ -277,7 +309,7 @@ class DecodeStep {
   torch::Tensor attention_(int64_t i, const torch::Tensor& x, const std::vector<int64_t>& slots,
                            const std::vector<int64_t>& starts) const {
     const Layer& l = layers_[i];
-    const int64_t B = x.size(0), d = d_, half = d / 2, width = (n_q_ + 2 * n_kv_) * d;
+    const int64_t B = x.size(0), width = (n_q_ + 2 * n_kv_) * d_;
     auto xn = torch::empty_like(x);
     float* XN = xn.data_ptr<float>();
     const float* X = x.data_ptr<float>();
@@ -287,9 +319,25 @@ class DecodeStep {
     float* QKV = qkv.data_ptr<float>();
     l.qkv.apply(XN, B, QKV);
 
+    auto attn = torch::empty({B, n_q_ * d_}, x.options());
+    if (l.k_cache.scalar_type() == at::kBFloat16)
+      attend(l, QKV, slots, starts, l.k_cache.data_ptr<c10::BFloat16>(), l.v_cache.data_ptr<c10::BFloat16>(),
+             attn.data_ptr<float>());
+    else
+      attend(l, QKV, slots, starts, l.k_cache.data_ptr<float>(), l.v_cache.data_ptr<float>(), attn.data_ptr<float>());
+    auto y = torch::empty_like(x);
+    l.o.apply(attn.data_ptr<float>(), B, y.data_ptr<float>());
+    return y;
+  }
+
+  // RoPE, the cache write and softmax(q k^T / sqrt(d)) v for every (sequence, query head),
+  // from QKV [B, (n_q + 2 n_kv) d] into A [B, n_q d]; a KV group's query heads read the
+  // same cached keys and values
+  template <class T>
+  void attend(const Layer& l, float* QKV, const std::vector<int64_t>& slots, const std::vector<int64_t>& starts,
+              T* KC, T* VC, float* A) const {
+    const int64_t B = static_cast<int64_t>(slots.size()), d = d_, half = d / 2, width = (n_q_ + 2 * n_kv_) * d;
     const int64_t max_len = l.k_cache.size(1), kv_row = n_kv_ * d;
-    float* KC = l.k_cache.data_ptr<float>();
-    float* VC = l.v_cache.data_ptr<float>();
     std::vector<float> swapped(d);
     for (int64_t b = 0; b < B; ++b) {
       float* row = QKV + b * width;
@@ -308,14 +356,9 @@ class DecodeStep {
         for (int64_t j = 0; j < d; ++j) v[j] = v[j] * c[j] + swapped[j] * s[j];
       }
       const int64_t at = (slots[b] * max_len + starts[b]) * kv_row;
-      std::copy(row + n_q_ * d, row + n_q_ * d + kv_row, KC + at);
-      std::copy(row + (n_q_ + n_kv_) * d, row + width, VC + at);
+      store(row + n_q_ * d, kv_row, KC + at);
+      store(row + (n_q_ + n_kv_) * d, kv_row, VC + at);
     }
-
-    // softmax(q k^T / sqrt(d)) v for every (sequence, query head); a KV group's query heads
-    // read the same cached keys and values
-    auto attn = torch::empty({B, n_q_ * d}, x.options());
-    float* A = attn.data_ptr<float>();
     const int64_t group = n_q_ / n_kv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     at::parallel_for(0, B * n_q_, 1, [&](int64_t t0, int64_t t1) {
@@ -323,23 +366,17 @@ class DecodeStep {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / n_q_, h = t % n_q_, g = h / group, len = starts[b] + 1;
         const float* q = QKV + b * width + h * d;
-        const float* keys = KC + slots[b] * max_len * kv_row + g * d;
-        const float* values = VC + slots[b] * max_len * kv_row + g * d;
+        const T* keys = KC + slots[b] * max_len * kv_row + g * d;
+        const T* values = VC + slots[b] * max_len * kv_row + g * d;
         p.resize(len);
         const float top = scores(q, keys, kv_row, d, len, scale, p.data());
         const float inv = 1.f / exp_shifted(p.data(), len, top);
         float* out = A + b * n_q_ * d + h * d;
         std::fill(out, out + d, 0.f);
-        for (int64_t j = 0; j < len; ++j) {
-          const float w = p[j], *v = values + j * kv_row;
-          for (int64_t e = 0; e < d; ++e) out[e] += w * v[e];
-        }
+        for (int64_t j = 0; j < len; ++j) axpy(p[j], values + j * kv_row, out, d);
         for (int64_t e = 0; e < d; ++e) out[e] *= inv;
       }
     });
-    auto y = torch::empty_like(x);
-    l.o.apply(A, B, y.data_ptr<float>());
-    return y;
   }
 
   torch::Tensor mlp_(int64_t i, const torch::Tensor& x) const {
@@ -367,6 +404,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv);
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
+  m.def("gemv_bf16", &gemv_bf16);
   // module_local: tests load builds for other instruction sets beside this CPU's own
   py::class_<Linear>(m, "Linear", py::module_local())
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),

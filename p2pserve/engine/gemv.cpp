@@ -8,7 +8,9 @@
 // choice is made on, and for, the machine that runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -150,6 +152,10 @@ static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline __m256 load8(const c10::BFloat16* p) {  // a bf16 value is a float's top 16 bits
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
 #endif
 
 #if defined(P2P_AVX512)
@@ -235,6 +241,125 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), in = w.size(1), out = w.size(0);
   auto y = torch::empty({M, out}, x.options());
   f32_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, in, out);
+  return y;
+}
+
+// ---------------------------------------------------------------------------- bf16
+// A bf16 stage's weights as stored, half of fp32's bytes to stream. X is rounded to bf16
+// first (to nearest even), as a bf16 stage's activations are: a product of two bf16 values
+// is exact in fp32, so every instruction set multiplies the same numbers and only the
+// order of the fp32 sums differs. AVX-512 BF16's `vdpbf16ps` multiplies 32 weights by 32
+// values of X and adds the products in pairs; elsewhere a weight becomes a float by moving
+// its 16 bits to the top of a 32-bit lane (`unpack` beside a zero: no conversion).
+#if defined(__AVX512BF16__)
+#define P2P_BF16_DP 1
+#endif
+
+// X [M, in] rounded to bf16: as bf16 bits for `vdpbf16ps`; else as floats, on AVX2 each 16
+// in the order `unpack` leaves 16 weights in (lo: 0-3 and 8-11, hi: 4-7 and 12-15), a tail
+// as is
+struct RoundedX {
+  std::vector<uint16_t> bits;
+  std::vector<float> f;
+};
+
+static RoundedX round_bf16(const float* X, int64_t M, int64_t in) {
+  RoundedX r;
+#if defined(P2P_BF16_DP)
+  r.bits.resize(M * in);
+  for (int64_t k = 0; k < M * in; ++k) r.bits[k] = c10::BFloat16(X[k]).x;
+#else
+  [[maybe_unused]] static constexpr int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  r.f.resize(M * in);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * in;
+    float* f = r.f.data() + m * in;
+    int64_t i = 0;
+#if defined(P2P_AVX2)
+    for (; i + 16 <= in; i += 16)
+      for (int k = 0; k < 16; ++k) f[i + k] = static_cast<float>(c10::BFloat16(x[i + order[k]]));
+#endif
+    for (; i < in; ++i) f[i] = static_cast<float>(c10::BFloat16(x[i]));
+  }
+#endif
+  return r;
+}
+
+static inline float bf16_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Y[m, o] for output rows o in [o0, o1), X's rows m0..m0+M
+template <int M>
+static void rows_bf16(const RoundedX& x, int64_t m0, const uint16_t* W, float* Y, int64_t in, int64_t out,
+                      int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* w = W + o * in;
+    float s[M];
+#if defined(P2P_BF16_DP)
+    const uint16_t* xb[M];
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) xb[m] = x.bits.data() + (m0 + m) * in, a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+      const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 32);
+      for (int m = 0; m < M; ++m) {
+        a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xb[m] + i));
+        a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xb[m] + i + 32));
+      }
+    }
+    for (; i < in; i += 32) {  // the last 1-63 values, 32 at a time, masked past the row
+      const __mmask32 k = in - i >= 32 ? ~0u : static_cast<__mmask32>((1u << (in - i)) - 1);
+      const __m512i wv = _mm512_maskz_loadu_epi16(k, w + i);
+      for (int m = 0; m < M; ++m)
+        a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)wv, (__m512bh)_mm512_maskz_loadu_epi16(k, xb[m] + i));
+    }
+    for (int m = 0; m < M; ++m) s[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+#else
+    const float* xf[M];
+    for (int m = 0; m < M; ++m) xf[m] = x.f.data() + (m0 + m) * in, s[m] = 0.f;
+    int64_t i = 0;
+#if defined(P2P_AVX2)
+    __m256 lo[M], hi[M];
+    for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (; i + 16 <= in; i += 16) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+      const __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
+      const __m256 wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+      for (int m = 0; m < M; ++m) {
+        lo[m] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xf[m] + i), lo[m]);
+        hi[m] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xf[m] + i + 8), hi[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) s[m] = hsum(_mm256_add_ps(lo[m], hi[m]));
+#endif
+    for (int m = 0; m < M; ++m)
+      for (int64_t j = i; j < in; ++j) s[m] += xf[m][j] * bf16_float(w[j]);
+#endif
+    for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o] = s[m];
+  }
+}
+
+// X [M, in] fp32 times bf16 W [out, in] into Y [M, out] fp32, any M
+static void bf16_rows(const float* X, const uint16_t* W, float* Y, int64_t M, int64_t in, int64_t out) {
+  const RoundedX x = round_bf16(X, M, in);
+  over_rows(M, out, 4, [&](int64_t m, int64_t n, int64_t o) {
+    with_rows<4>(n, [&](auto R) { rows_bf16<R>(x, m, W, Y, in, out, o, o + 1); });
+  });
+}
+
+// x [M, in] fp32 contiguous, w [out, in] bf16 contiguous -> [M, out] fp32
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16, "w: [out, in] bf16");
+  check_x(x, w.size(1));
+  const int64_t M = x.size(0), in = w.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x.options());
+  bf16_rows(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), y.data_ptr<float>(),
+            M, in, out);
   return y;
 }
 

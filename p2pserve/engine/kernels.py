@@ -1,7 +1,9 @@
 """Hand-written CPU matrix-vector products for decode steps (``gemv.cpp``).
 
 A decode step multiplies one token's activations by every weight of the stage: it is
-bound by how fast the weights stream from memory. ``gemv`` takes a dense fp32 weight,
+bound by how fast the weights stream from memory. ``gemv`` takes a dense fp32 or bf16
+weight (bf16: X rounded to bf16, as a bf16 stage's activations are, and AVX-512 BF16's
+``vdpbf16ps`` where the CPU has it),
 ``gemv_int8`` int8 rows with a scale per row or per group, ``gemv_int4`` 4-bit values in
 GGUF's block order with a scale and minimum per group (fp16, or fp32 for a Q4_K's); rows
 are split over torch's OpenMP threads and each weight row is read once for every
@@ -15,12 +17,14 @@ turns them off to compare).
 
 ``decode_step`` runs a whole decode step of a stage's layers in one call (``decode_step.cpp``,
 used by ``model.StageModel``): around these GEMVs, the norms, RoPE, the attention over each
-sequence's cached positions and the gated MLP, instead of ~40 PyTorch ops a layer.
+sequence's cached positions and the gated MLP, instead of ~40 PyTorch ops a layer. It runs
+fp32 stages (fp32, int8 or int4 weights) and bf16 ones (bf16 weights and KV cache, fp32
+arithmetic in between).
 
-``gemv`` (as a Python call) handles ``M <= MAX_ROWS`` activation rows; larger batches go to oneDNN's GEMM,
-and bf16 stays with oneDNN (widening bf16 in this loop measured slower than its packed
-bf16 GEMV). The quantized ones take any number of rows, a prefill chunk too: a weight row
-stays in L1 while every activation row passes over it.
+``gemv`` (as a Python call) handles ``M <= MAX_ROWS`` activation rows; larger batches go to
+oneDNN's GEMM (AMX or AVX-512 BF16 where the CPU has them). The quantized ones take any
+number of rows, a prefill chunk too: a weight row stays in L1 while every activation row
+passes over it.
 
 The extension is compiled on first use with the system C++ compiler for this CPU
 (``-march=native``, cached by torch under ``~/.cache/torch_extensions`` under a name that
@@ -45,6 +49,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
+# the dense weights ``gemv`` and ``DecodeStep`` take: activations are fp32 inside either
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)
 
 # one translation unit: the GEMVs, then the fused decode step and the bindings, which use them
 _SOURCE = "\n".join((Path(__file__).parent / name).read_text() for name in ("gemv.cpp", "decode_step.cpp"))
@@ -117,8 +123,9 @@ def isa() -> str | None:
     return module().isa() if available() else None
 
 
-def fast_fp32() -> bool:
-    """Whether ``gemv`` is vectorised here: its portable loop is slower than oneDNN's."""
+def vectorised() -> bool:
+    """Whether ``gemv`` and ``DecodeStep`` are vectorised here: the portable loops are slower
+    than oneDNN's."""
     return isa() in ("avx2", "avx512")
 
 
@@ -128,8 +135,13 @@ def why_not() -> str | None:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for fp32 ``x`` [..., in] with at most MAX_ROWS rows, ``w`` fp32 [out, in]."""
-    y = module().gemv(x.reshape(-1, x.shape[-1]).contiguous(), w)
+    """``x @ w.T`` for ``x`` [..., in] with at most MAX_ROWS rows and ``w`` [out, in], fp32 or
+    bf16; a bf16 ``w`` rounds ``x`` to bf16 (``gemv.cpp``) and sums in fp32. In x's dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    if w.dtype == torch.bfloat16:
+        y = module().gemv_bf16(flat.float().contiguous(), w).to(x.dtype)
+    else:
+        y = module().gemv(flat.contiguous(), w)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -150,7 +162,7 @@ def decode_step(hidden: int, n_q: int, n_kv: int, head_dim: int, cos: torch.Tens
 
 
 def linear_operand(w: torch.Tensor, scales: torch.Tensor | None = None, mins: torch.Tensor | None = None):
-    """A linear weight for ``DecodeStep.add_layer``: fp32 ``w`` [out, in], int8 ``w`` with
+    """A linear weight for ``DecodeStep.add_layer``: fp32 or bf16 ``w`` [out, in], int8 ``w`` with
     ``scales`` (as ``gemv_int8``), or packed int4 with ``scales`` and ``mins`` (as ``gemv_int4``)."""
     return module().Linear(w, scales, mins)
 

@@ -45,17 +45,18 @@ if torch.backends.mkldnn.is_available():
 
 
 def _for_kernel(weight: torch.Tensor) -> bool:
-    return weight.is_cpu and weight.dtype == torch.float32 and kernels.fast_fp32()
+    return weight.is_cpu and weight.dtype in kernels.FLOAT_WEIGHTS and kernels.vectorised()
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """A linear layer's weight, ``[out, in]``, in the layout ``linear`` multiplies fastest.
 
-    On CPU, fp32 weights stay dense ``[out, in]`` for ``kernels.gemv``, which streams them
-    faster than any library GEMV here (oneDNN's GEMM takes batches). bf16 weights, and fp32
-    ones without that kernel, go to oneDNN's packed layout: its matrix-vector product streams
-    weights on every core (MKL's fp32 one does not scale past one core here, and torch's
-    bf16 ``F.linear`` runs at half the speed). Everything else stays dense for ``F.linear``.
+    On CPU, fp32 and bf16 weights stay dense ``[out, in]`` for ``kernels.gemv`` and the fused
+    decode step, which stream them faster than any library GEMV here (oneDNN's GEMM takes
+    batches, dense weights too). Without that kernel they go to oneDNN's packed layout: its
+    matrix-vector product streams weights on every core (MKL's fp32 one does not scale past
+    one core, and torch's bf16 ``F.linear`` runs at half the speed). Everything else stays
+    dense for ``F.linear``.
     """
     if _for_kernel(weight):
         return weight.contiguous()
@@ -80,7 +81,7 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     if _for_kernel(weight):
         if x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
             return kernels.gemv(x, weight)
-        if _onednn_linear is not None:
+        if weight.dtype in _onednn_dtypes and _onednn_linear is not None:
             return _onednn_linear(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
@@ -389,10 +390,10 @@ class StageModel(nn.Module):
 
     def _build_decode_step(self):
         """``kernels.DecodeStep`` over this stage's layers, or None where it cannot run them:
-        activations other than fp32 on a CPU, no vectorised kernels, a weight in a layout it
-        does not read."""
-        if not (len(self.blocks) and self.device.type == "cpu" and self.dtype == torch.float32
-                and kernels.fast_fp32()):
+        activations other than fp32 or bf16 on a CPU, no vectorised kernels, a weight in a
+        layout it does not read."""
+        if not (len(self.blocks) and self.device.type == "cpu" and self.dtype in kernels.FLOAT_WEIGHTS
+                and kernels.vectorised()):
             return None
         step = kernels.decode_step(self.config.hidden_size, self.shard.n_q_heads, self.shard.n_kv_heads,
                                    self.config.head_dim, self.cos, self.sin)
@@ -410,12 +411,15 @@ class StageModel(nn.Module):
 
     def _fused_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``forward_layers`` of a decode step through ``kernels.DecodeStep``; a TP rank sums
-        each half of a layer over its group before the residual adds it, as ``Block`` does."""
+        each half of a layer over its group before the residual adds it, as ``Block`` does.
+        The residual stays fp32 from the first layer to the last, in a bf16 stage too, as
+        inside ``DecodeStep.forward``."""
         B, step = batch.size, self._decode_step
         h = x.reshape(B, -1)
         slots, starts = batch.slots, batch.starts
         if self.blocks[0].all_reduce is None:
             return step.forward(h, slots, starts).view(B, 1, -1)
+        h = h.float()
         for i, block in enumerate(self.blocks):
             a = step.attention(i, h, slots, starts)
             block.all_reduce(a)
@@ -423,7 +427,7 @@ class StageModel(nn.Module):
             m = step.mlp(i, h)
             block.all_reduce(m)
             h = h + m
-        return h.view(B, 1, -1)
+        return h.to(x.dtype).view(B, 1, -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the last position of each sequence: [B, vocab] float32."""
