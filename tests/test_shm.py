@@ -65,3 +65,55 @@ def test_shm_all_reduce_equals_gloo_on_every_rank(tp):
             tol = dict(atol=1e-5, rtol=1e-5) if fp32 else dict(atol=0.1, rtol=0.02)
             np.testing.assert_allclose(h, ref, **tol, err_msg=f"rank {rank} call {i}")
             assert np.array_equal(h, first[i][0]), f"rank {rank} call {i}: ranks must hold identical sums"
+
+
+def _link_rank(rank: int, port: int, results) -> None:
+    world.join(world.World(("cpu",) * 2, f"tcp://127.0.0.1:{port}"), rank, threads=1)
+    link = shm.open_link(1 - rank, rank == 0, "cpu")
+    # small ones, one past a slot (dist.send takes it), bf16, and more in a row than there
+    # are slots, which the sender writes only as the receiver frees them
+    shapes = [((1, 600), torch.float32), ((shm.SLOT_BYTES // 4 + 1,), torch.float32),
+              ((3, 96), torch.bfloat16)] + [((1, 40 + i), torch.float32) for i in range(3 * shm.SLOTS)]
+    out = []
+    for i, (shape, dtype) in enumerate(shapes):
+        sent = torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+        if rank == 0:
+            link.send(sent)
+        else:
+            got = torch.empty(shape, dtype=dtype)
+            link.recv(got)
+            out.append(torch.equal(got, sent))
+    if rank == 0:
+        link.close()  # the end of the link, as when a rank exits: the receiver's next read says so
+        results.put((0, os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []))
+    else:
+        try:
+            link.recv(torch.empty(4))
+            out.append("no error")
+        except Exception as e:  # the typed error, not a hang
+            out.append(f"{type(e).__name__}: {e}")
+        results.put((1, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_link_hands_over_every_tensor_in_order_and_says_when_its_sender_is_gone():
+    if not shm._shared_memory("cpu"):
+        pytest.skip("shared-memory links are for x86 CPUs")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = world.free_port()
+    procs = [ctx.Process(target=_link_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    *equal, ended = got[1]
+    assert equal == [True] * (3 + 3 * shm.SLOTS)
+    assert ended.startswith("P2PServeError") and "closed its link" in ended, ended
+    assert not [name for name in got[0] if name.startswith("p2pserve-link-")], "the link left files in /dev/shm"

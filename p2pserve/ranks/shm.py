@@ -1,5 +1,7 @@
-"""All-reduce through shared memory for the TP ranks of a stage on one machine's CPU.
+"""Shared memory between the CPU ranks of one machine's world: the TP all-reduce of a
+stage, and the hand-offs from stage to stage.
 
+**All-reduce.**
 A TP stage all-reduces twice per layer. gloo does it over loopback TCP, which on a small
 shared CPU costs 1-2 ms a call (thread wake-ups on both sides; ``bench/engine.py``:
 ``[2 1]/[20 10]`` ran at 0.26x the one-stage plan). Ranks of one machine can instead
@@ -12,12 +14,26 @@ only after every rank raised its flag for s+1, i.e. after they all finished read
 The flag is an 8-byte store after the data, which x86's total store order makes visible
 in that order; elsewhere (and on GPU, for tensors above the buffer, or with
 ``P2PSERVE_SHM_ALLREDUCE=0``) the plain ``dist.all_reduce`` runs.
+
+**Hand-offs.** Consecutive stages of a local world pass each step from leader to leader,
+and the last leader passes the logits back to rank 0. Over gloo a hand-off is a TCP
+message that wakes a transport thread and then the waiting rank, and on a small CPU whose
+cores the stages' OpenMP threads keep busy, each wake-up waits for a core
+(``bench/engine.py`` measures what a second stage costs). A ``Link`` instead copies the
+tensor into a shared slot and writes one byte into a FIFO: the receiver, blocked in
+``read``, wakes straight into its copy (the pipe's lock orders the copy before the read),
+and asleep it takes no core from the stage computing. A slot is reused only after the
+receiver copied out of it (its count in shared memory, read after x86's ordered stores).
+A rank that dies closes its end of the FIFO: the other's read ends, or its write fails,
+with an error. Tensors above a slot go through ``dist.send``/``recv``, as everything does
+on GPU, off x86 and with ``P2PSERVE_SHM_ALLREDUCE=0``.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -88,13 +104,103 @@ class ShmAllReduce:
                                         f"did not reach the all-reduce within {WAIT_TIMEOUT:.0f} s")
 
 
+def _shared_memory(device) -> bool:
+    """Whether ranks on ``device`` talk through shared memory: CPU ranks on x86 (a world's
+    ranks are always on one machine: a worker or ``p2pserve run`` starts them itself)."""
+    return str(device) == "cpu" and platform.machine().lower() in ("x86_64", "amd64") \
+        and os.environ.get("P2PSERVE_SHM_ALLREDUCE", "1") != "0"
+
+
 def all_reduce_for(group, device) -> object | None:
-    """The all-reduce a stage's blocks use: None without a group, shared memory for CPU
-    ranks on x86 (they are always on one machine: a worker or ``p2pserve run`` starts
-    them itself), ``dist.all_reduce`` otherwise."""
+    """The all-reduce a stage's blocks use: None without a group, ``ShmAllReduce`` where
+    ``_shared_memory``, ``dist.all_reduce`` otherwise."""
     if group is None:
         return None
-    cpu = str(device) == "cpu"
-    if cpu and platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("P2PSERVE_SHM_ALLREDUCE", "1") != "0":
+    if _shared_memory(device):
         return ShmAllReduce(group)
     return lambda h: dist.all_reduce(h, group=group)
+
+
+SLOT_BYTES = 2 << 20  # the logits of a few sequences, a prefill chunk's activations
+SLOTS = 2  # a step's header, meta and activations follow each other without waiting
+
+
+class Link:
+    """One direction between two ranks of a world: ``send(t)`` on one, ``recv(t)`` of a
+    tensor of the same size on the other. Made by ``open_link`` on both."""
+
+    def __init__(self, peer: int, raw: torch.Tensor | None = None, fifo: int | None = None):
+        self.peer, self._raw, self._fifo = peer, raw, fifo
+        self.seq = 0
+        if raw is not None:  # the receiver's count of messages copied out, then the slots
+            self._read = raw[:_ALIGN].numpy().view(np.int64)
+            self._slots = raw[_ALIGN:].view(SLOTS, SLOT_BYTES)
+
+    def send(self, t: torch.Tensor) -> None:
+        data = t.contiguous().view(-1).view(torch.uint8)
+        if self._raw is None or data.numel() > SLOT_BYTES:
+            dist.send(t.contiguous(), self.peer)
+            return
+        self.seq += 1
+        deadline = None
+        while self._read[0] < self.seq - SLOTS:  # the receiver is still copying this slot out
+            os.sched_yield()
+            deadline = deadline or time.monotonic() + WAIT_TIMEOUT
+            if time.monotonic() > deadline:
+                raise P2PServeError(f"rank {self.peer} did not take a hand-off within {WAIT_TIMEOUT:.0f} s")
+        self._slots[self.seq % SLOTS, : data.numel()].copy_(data)
+        try:
+            os.write(self._fifo, b"\0")
+        except BrokenPipeError:
+            raise P2PServeError(f"rank {self.peer} closed its link: it exited") from None
+
+    def recv(self, t: torch.Tensor) -> None:
+        """Into ``t`` (contiguous)."""
+        data = t.view(-1).view(torch.uint8)
+        if self._raw is None or data.numel() > SLOT_BYTES:
+            dist.recv(t, self.peer)
+            return
+        if os.read(self._fifo, 1) != b"\0":
+            raise P2PServeError(f"rank {self.peer} closed its link: it exited")
+        self.seq += 1
+        data.copy_(self._slots[self.seq % SLOTS, : data.numel()])
+        self._read[0] = self.seq
+
+    def close(self) -> None:
+        if self._fifo is not None:
+            os.close(self._fifo)
+            self._fifo = None
+
+
+def open_link(peer: int, sending: bool, device) -> Link:
+    """This rank's end of a link to (``sending``) or from ``peer``; both ranks call it at
+    the same point of their setup. The sender makes the shared file and the FIFO and sends
+    their paths; the receiver maps the file and opens the FIFO for reading; then the sender
+    opens it for writing (a read before that would see no writer: the end of the link),
+    removes both names and says so."""
+    if not _shared_memory(device):
+        return Link(peer)
+    size = _ALIGN + SLOTS * SLOT_BYTES
+    if sending:
+        where = tempfile.mkdtemp(prefix="p2pserve-link-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        paths = [os.path.join(where, "slots"), os.path.join(where, "ready")]
+        try:
+            with open(paths[0], "wb") as f:
+                f.truncate(size)
+            os.mkfifo(paths[1])
+            raw = torch.from_file(paths[0], shared=True, size=size, dtype=torch.uint8)
+            dist.send_object_list(paths, dst=peer)
+            dist.recv_object_list([None], src=peer)  # the receiver's end is open
+            fifo = os.open(paths[1], os.O_WRONLY)
+        finally:
+            shutil.rmtree(where)  # the mapping and the open FIFO stay; nothing is left behind
+        dist.send_object_list([True], dst=peer)
+    else:
+        paths = [None, None]
+        dist.recv_object_list(paths, src=peer)
+        raw = torch.from_file(paths[0], shared=True, size=size, dtype=torch.uint8)
+        fifo = os.open(paths[1], os.O_RDONLY | os.O_NONBLOCK)  # without a writer yet: not blocking
+        os.set_blocking(fifo, True)
+        dist.send_object_list([True], dst=peer)
+        dist.recv_object_list([None], src=peer)  # the sender's end is open
+    return Link(peer, raw, fifo)

@@ -10,8 +10,8 @@ Ranks are laid out stage after stage (``Plan.stages``); each stage's first rank 
 and the others follow it over the stage's TP group. Rank 0 leads the first stage and is
 the world's face to its caller: ``LocalStages.forward(batch, x)`` runs a step through
 every stage and returns the last one's output. Activations go from leader to leader
-with point-to-point send/recv (gloo on CPU, NCCL on CUDA) and the last leader sends its
-output back to rank 0.
+and the last leader sends its output back to rank 0 over links (``shm.Link``: shared
+memory on a CPU, else point-to-point send/recv, NCCL on CUDA).
 
 One shape serves every local use: a worker's stage with its TP group (one stage), a
 worker holding several stages (``p2pserve worker --stage 1,2``), and the whole model of
@@ -33,7 +33,7 @@ from p2pserve.heap import freeze_startup_heap
 from p2pserve.plan import Plan
 from p2pserve.ranks import cores, world
 from p2pserve.ranks.header import OP_ALLOC, OP_STEP, OP_STOP, Messenger
-from p2pserve.ranks.shm import all_reduce_for
+from p2pserve.ranks.shm import Link, all_reduce_for, open_link
 
 
 def _group_messenger(model: StageModel, group, leader_rank: int) -> Messenger:
@@ -152,15 +152,36 @@ class _Member:
         i = self.stage.index
         self.prev_leader = leaders[i - 1] if i > 0 else None
         self.next_leader = leaders[i + 1] if i + 1 < len(leaders) else None
-        self.last_leader = leaders[-1]
+        # a leader's links, opened in an order in which no two ranks wait for each other:
+        # from the previous leader, to the next, then the last stage's output to rank 0
+        self.upstream = self.downstream = None
+        self.results: Link | None = None
+        self._links: list[Link] = []
+        if rank == self.stage.first_rank:
+            if self.prev_leader is not None:
+                self.upstream = self._messenger(self._open(self.prev_leader, False, device))
+            if self.next_leader is not None:
+                self.downstream = self._messenger(self._open(self.next_leader, True, device))
+            if len(leaders) > 1 and rank == 0:
+                self.results = self._open(leaders[-1], False, device)
+            elif len(leaders) > 1 and self.next_leader is None:
+                self.results = self._open(0, True, device)
 
     def stop_followers(self) -> None:
         if self.group is not None:
             self.runner.stop()
 
-    def messenger(self, peer: int) -> Messenger:
-        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device,
-                         lambda t: dist.send(t, peer), lambda t: dist.recv(t, peer))
+    def _open(self, peer: int, sending: bool, device) -> Link:
+        link = open_link(peer, sending, device)
+        self._links.append(link)
+        return link
+
+    def _messenger(self, link: Link) -> Messenger:
+        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, link.send, link.recv)
+
+    def close_links(self) -> None:
+        for link in self._links:
+            link.close()
 
 
 def serve_rank(rank: int, spec: StagesSpec) -> None:
@@ -176,8 +197,7 @@ def serve_rank(rank: int, spec: StagesSpec) -> None:
 
 @torch.inference_mode()
 def _lead_later_stage(me: _Member) -> None:
-    upstream = me.messenger(me.prev_leader)
-    downstream = None if me.next_leader is None else me.messenger(me.next_leader)
+    upstream, downstream = me.upstream, me.downstream
     runner = me.runner
     while True:
         msg = upstream.get()
@@ -187,6 +207,7 @@ def _lead_later_stage(me: _Member) -> None:
             if downstream is not None:
                 downstream.put(OP_STOP)
             me.stop_followers()
+            me.close_links()
             return
         if msg.op == OP_ALLOC:
             runner.allocate(msg.a, msg.b)
@@ -197,7 +218,7 @@ def _lead_later_stage(me: _Member) -> None:
             if downstream is not None:
                 downstream.put_step(msg.batch, out)
             else:
-                dist.send(out.contiguous(), 0)
+                me.results.send(out)
 
 
 class LocalStages:
@@ -212,7 +233,7 @@ class LocalStages:
         self._me = _Member(0, spec, source, progress)
         self._ranks = ranks
         self._first = self._me.runner
-        self._next = None if self._me.next_leader is None else self._me.messenger(self._me.next_leader)
+        self._next = self._me.downstream
         self.config = self._first.config
         self.start, self.end = spec.stages[0][0], spec.stages[-1][1]
         self.is_first = self.start == 0
@@ -251,7 +272,7 @@ class LocalStages:
         self._next.put_step(batch, out)
         shape = (batch.size, self.config.vocab_size) if self.is_last else (batch.size, batch.n_tokens, self.config.hidden_size)
         result = torch.empty(shape, dtype=torch.float32 if self.is_last else self.dtype, device=self.device)
-        dist.recv(result, self._me.last_leader)
+        self._me.results.recv(result)
         return result
 
     def stop(self) -> None:
@@ -267,6 +288,7 @@ class LocalStages:
         if self._ranks is not None:
             self._ranks.stop(self.stop)
             self._ranks = None
+        self._me.close_links()
         world.leave()
 
 
