@@ -98,7 +98,7 @@ def _link_rank(rank: int, port: int, results) -> None:
 
 
 def test_a_link_hands_over_every_tensor_in_order_and_says_when_its_sender_is_gone():
-    if not shm._shared_memory("cpu"):
+    if not shm.shared_memory("cpu"):
         pytest.skip("shared-memory links are for x86 CPUs")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

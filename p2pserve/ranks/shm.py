@@ -26,7 +26,8 @@ and asleep it takes no core from the stage computing. A slot is reused only afte
 receiver copied out of it (its count in shared memory, read after x86's ordered stores).
 A rank that dies closes its end of the FIFO: the other's read ends, or its write fails,
 with an error. Tensors above a slot go through ``dist.send``/``recv``, as everything does
-on GPU, off x86 and with ``P2PSERVE_SHM_ALLREDUCE=0``.
+on GPU, off x86 and with ``P2PSERVE_SHM_ALLREDUCE=0``. A stage leader tells its TP
+followers each step over a link to each, too.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class ShmAllReduce:
                                         f"did not reach the all-reduce within {WAIT_TIMEOUT:.0f} s")
 
 
-def _shared_memory(device) -> bool:
+def shared_memory(device) -> bool:
     """Whether ranks on ``device`` talk through shared memory: CPU ranks on x86 (a world's
     ranks are always on one machine: a worker or ``p2pserve run`` starts them itself)."""
     return str(device) == "cpu" and platform.machine().lower() in ("x86_64", "amd64") \
@@ -113,10 +114,10 @@ def _shared_memory(device) -> bool:
 
 def all_reduce_for(group, device) -> object | None:
     """The all-reduce a stage's blocks use: None without a group, ``ShmAllReduce`` where
-    ``_shared_memory``, ``dist.all_reduce`` otherwise."""
+    ``shared_memory``, ``dist.all_reduce`` otherwise."""
     if group is None:
         return None
-    if _shared_memory(device):
+    if shared_memory(device):
         return ShmAllReduce(group)
     return lambda h: dist.all_reduce(h, group=group)
 
@@ -178,7 +179,7 @@ def open_link(peer: int, sending: bool, device) -> Link:
     their paths; the receiver maps the file and opens the FIFO for reading; then the sender
     opens it for writing (a read before that would see no writer: the end of the link),
     removes both names and says so."""
-    if not _shared_memory(device):
+    if not shared_memory(device):
         return Link(peer)
     size = _ALIGN + SLOTS * SLOT_BYTES
     if sending:

@@ -33,26 +33,20 @@ from p2pserve.heap import freeze_startup_heap
 from p2pserve.plan import Plan
 from p2pserve.ranks import cores, world
 from p2pserve.ranks.header import OP_ALLOC, OP_STEP, OP_STOP, Messenger
-from p2pserve.ranks.shm import Link, all_reduce_for, open_link
-
-
-def _group_messenger(model: StageModel, group, leader_rank: int) -> Messenger:
-    def broadcast(t: torch.Tensor) -> None:
-        dist.broadcast(t, leader_rank, group=group)
-
-    return Messenger(model.config.hidden_size, model.dtype, model.device, broadcast, broadcast)
+from p2pserve.ranks.shm import Link, all_reduce_for, open_link, shared_memory
 
 
 class StageRunner:
     """The leader's handle on its stage: ``forward`` runs one batched step on every rank of
-    its TP group (a one-rank stage needs none: the StageModel is its own runner)."""
+    its TP group (a one-rank stage needs none: the StageModel is its own runner), telling
+    them each step through ``followers`` (``_Member.group_messenger``)."""
 
-    def __init__(self, model: StageModel, group, leader_rank: int):
+    def __init__(self, model: StageModel, followers: Messenger):
         self.model = model
         self.config = model.config
         self.is_first, self.is_last = model.is_first, model.is_last
         self.device, self.dtype = model.device, model.dtype
-        self._followers = _group_messenger(model, group, leader_rank)
+        self._followers = followers
 
     @property
     def max_len(self) -> int:
@@ -80,9 +74,8 @@ class StageRunner:
 
 
 @torch.inference_mode()
-def follow(model: StageModel, group, leader_rank: int, threads: cores.ThreadFollower | None = None) -> None:
+def follow(model: StageModel, leader: Messenger, threads: cores.ThreadFollower | None = None) -> None:
     """A follower's whole life: mirror the leader's steps until it says stop."""
-    leader = _group_messenger(model, group, leader_rank)
     while True:
         msg = leader.get()
         if threads is not None:
@@ -146,17 +139,19 @@ class _Member:
                                 rank=rank - self.stage.first_rank, tp=tp,
                                 all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype,
                                 quant=spec.quant, progress=progress)
-        # a one-rank stage is its own runner; a TP group needs its followers told each step
-        self.runner = self.model if self.group is None else StageRunner(self.model, self.group, self.stage.first_rank)
         leaders = [s.first_rank for s in layout.stages]
         i = self.stage.index
         self.prev_leader = leaders[i - 1] if i > 0 else None
         self.next_leader = leaders[i + 1] if i + 1 < len(leaders) else None
-        # a leader's links, opened in an order in which no two ranks wait for each other:
-        # from the previous leader, to the next, then the last stage's output to rank 0
-        self.upstream = self.downstream = None
+        # links, opened in an order in which no two ranks wait for each other: a leader's to
+        # its followers, from the previous leader, to the next, the last stage's output to rank 0
+        self.upstream = self.downstream = self.group_messenger = None
         self.results: Link | None = None
         self._links: list[Link] = []
+        if self.group is not None:
+            self.group_messenger = self._group_messenger(rank, device)
+        # a one-rank stage is its own runner; a TP group needs its followers told each step
+        self.runner = self.model if self.group is None else StageRunner(self.model, self.group_messenger)
         if rank == self.stage.first_rank:
             if self.prev_leader is not None:
                 self.upstream = self._messenger(self._open(self.prev_leader, False, device))
@@ -176,8 +171,28 @@ class _Member:
         self._links.append(link)
         return link
 
-    def _messenger(self, link: Link) -> Messenger:
-        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, link.send, link.recv)
+    def _messenger(self, link: Link, send=None) -> Messenger:
+        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, send or link.send,
+                         link.recv)
+
+    def _group_messenger(self, rank: int, device) -> Messenger:
+        """A leader's messages to its TP followers: over a link to each where ranks share
+        memory, else one broadcast (NCCL's, on GPUs)."""
+        leader = self.stage.first_rank
+        if not shared_memory(device):
+            def broadcast(t: torch.Tensor) -> None:
+                dist.broadcast(t, leader, group=self.group)
+
+            return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, broadcast, broadcast)
+        if rank != leader:
+            return self._messenger(self._open(leader, False, device))
+        links = [self._open(r, True, device) for r in self.stage.ranks[1:]]
+
+        def send(t: torch.Tensor) -> None:
+            for link in links:
+                link.send(t)
+
+        return self._messenger(links[0], send)
 
     def close_links(self) -> None:
         for link in self._links:
@@ -189,7 +204,8 @@ def serve_rank(rank: int, spec: StagesSpec) -> None:
     me = _Member(rank, spec)
     freeze_startup_heap()  # full GC passes must not walk the model and torch
     if rank != me.stage.first_rank:
-        follow(me.model, me.group, me.stage.first_rank, me.threads)
+        follow(me.model, me.group_messenger, me.threads)
+        me.close_links()
     else:
         _lead_later_stage(me)
     world.leave()
