@@ -20,8 +20,12 @@ kept. For each dtype the table gives
 
 The default file is Q4_1, so "fp32" here is the file's weights dequantized to fp32, not
 the original bf16 checkpoint, and none of the rows measures what Q4_1 itself costs against
-that. int4 serves the layers' Q4_1 blocks as stored (activations fp32): its layers compute
-fp32's products in another order and agree with them almost exactly. The file keeps the
+that. int4 serves the layers' Q4_1 blocks as stored (activations fp32): a prefill chunk of
+``kernels.GEMM_ROWS`` tokens or more multiplies them dequantized, by a GEMM in fp32, so its
+layers compute fp32's products in another order and agree with them almost exactly. The row
+"int4, as decode steps compute" prefills in chunks below that, through ``gemv_int4``, whose
+AVX2 and AVX-512 loops round each 32 values of X to 16-bit integers: what a decode step's
+products cost. The file keeps the
 token embedding, which SmolLM2's LM head shares, in Q8_0, and int4 serves that head as
 those Q8_0 blocks (``build.quantized_head``: an int4 stage never rounds its head to 4
 bits). The row "int4, head at 4 bits" applies the head int4 had before that rule, the
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from p2pserve.engine import quant
+from p2pserve.engine import kernels, quant
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import PREFILL_CHUNK
 from p2pserve.engine.model import Batch, linear
@@ -69,16 +73,16 @@ def held_out_text() -> str:
 
 
 @torch.inference_mode()
-def engine_states(dtype: str, ids: list[int]):
+def engine_states(dtype: str, ids: list[int], chunk: int = PREFILL_CHUNK):
     """p2pserve's final-normed hidden states at every position [len(ids), hidden], prefilled in
-    the engine's chunks, and the stage's LM head."""
+    chunks of ``chunk`` tokens (the engine's by default), and the stage's LM head."""
     source = open_weights(None)
     stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
     stage.allocate(1, len(ids))
     out = []
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = torch.tensor([ids[start : start + PREFILL_CHUNK]])
-        h = stage.forward_layers(stage.embed_input(chunk), Batch((0,), (start,), chunk.shape[1]))
+    for start in range(0, len(ids), chunk):
+        part = torch.tensor([ids[start : start + chunk]])
+        h = stage.forward_layers(stage.embed_input(part), Batch((0,), (start,), part.shape[1]))
         out.append(stage.norm(h[0]))
     return torch.cat(out), stage.head
 
@@ -124,6 +128,9 @@ def main() -> None:
         logits[dtype] = head_logits(states, head)
         if dtype == "int4":
             logits["int4, head at 4 bits"] = head_logits(states, quant.pack(source.get("lm_head.weight"), "int4"))
+            if kernels.available():  # chunks below GEMM_ROWS: the products a decode step computes
+                states, head = engine_states(dtype, ids, kernels.GEMM_ROWS - 1)
+                logits["int4, as decode steps compute"] = head_logits(states, head)
         del states, head
     if llamacpp.available():
         console.print(f"llama.cpp: {llamacpp.version()}, logits_all=True on the same token ids")

@@ -710,10 +710,9 @@ static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N,
   });
 }
 
-torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins) {
+static void check_int4(const torch::Tensor& w, const torch::Tensor& scales, const torch::Tensor& mins) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, "w: [out, in / 2] uint8");
   const int64_t in = w.size(1) * 2, out = w.size(0);
-  check_x(x, in);
   const auto st = scales.scalar_type();
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out && (st == at::kHalf || st == at::kFloat) &&
               scales.is_contiguous() && mins.sizes() == scales.sizes() && mins.scalar_type() == st &&
@@ -721,14 +720,57 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, 
   const int64_t G = scales.size(1);
   TORCH_CHECK(G >= 1 && in % G == 0 && (in / G) % 32 == 0 && in / G <= 1024,
               "groups of a multiple of 32 inputs, at most 1024");
+}
+
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins) {
+  check_int4(w, scales, mins);
+  const int64_t in = w.size(1) * 2, out = w.size(0), G = scales.size(1);
+  check_x(x, in);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, out}, x.options());
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  if (st == at::kHalf)
+  if (scales.scalar_type() == at::kHalf)
     int4_rows(X, W, scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in, out, G);
   else
     int4_rows(X, W, scales.data_ptr<float>(), mins.data_ptr<float>(), Y, M, in, out, G);
   return y;
+}
+
+// The fp32 weight [out, in] an int4 one computes with, q * scale + min: for a GEMM over
+// many rows of X (a prefill chunk), where a library's blocked GEMM outruns gemv_int4's
+// scaling of every pair of groups for every row, by more than writing this out costs
+template <class S>
+static void dequantize_int4_rows(const uint8_t* W, const S* Sc, const S* N, float* D, int64_t in, int64_t out,
+                                 int64_t G) {
+  const int64_t gs = in / G;
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const uint8_t* w = W + o * (in / 2);
+      float* d = D + o * in;
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = to_float(Sc[o * G + g]), mn = to_float(N[o * G + g]);
+        for (int64_t i = g * gs; i < (g + 1) * gs; i += 32)  // a block: low nibbles 0-15, high 16-31
+          for (int j = 0; j < 16; ++j) {
+            const uint8_t byte = w[i / 2 + j];
+            d[i + j] = static_cast<float>(byte & 0x0F) * sc + mn;
+            d[i + j + 16] = static_cast<float>(byte >> 4) * sc + mn;
+          }
+      }
+    }
+  });
+}
+
+torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scales, torch::Tensor mins) {
+  check_int4(w, scales, mins);
+  const int64_t in = w.size(1) * 2, out = w.size(0), G = scales.size(1);
+  auto d = torch::empty({out, in}, scales.options().dtype(at::kFloat));
+  if (scales.scalar_type() == at::kHalf)
+    dequantize_int4_rows(w.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(),
+                         d.data_ptr<float>(), in, out, G);
+  else
+    dequantize_int4_rows(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(),
+                         d.data_ptr<float>(), in, out, G);
+  return d;
 }

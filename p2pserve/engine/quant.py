@@ -6,7 +6,8 @@ A decode step streams every weight once, so reading a quarter (int8) or an eight
 of fp32's bytes is what makes it faster; activations, norms, attention and the KV cache
 stay in the stage's own dtype. On a CPU where ``kernels`` is built, the products are its
 hand-written ones (``gemv_int8`` for decode steps and grouped scales, ``gemv_int4`` for
-every step), fp32 activations throughout (which the AVX2 loops round to 16-bit integers
+decode steps and short prefills; a longer prefill chunk multiplies the int4 weight
+dequantized, by oneDNN's GEMM: ``kernels.GEMM_ROWS``), fp32 activations throughout (which the AVX2 loops round to 16-bit integers
 inside the product: ``kernels``). Elsewhere they are torch's own kernels:
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` on CPU (their vectorised paths
 take bfloat16 activations only, so the input is cast to bfloat16 and the output back),
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2pserve.engine import kernels
+from p2pserve.engine.model import linear as dense_linear
 
 FORMATS = ("int8", "int4")
 # int4 groups along the input dimension: the largest that divides it (fewer scales to read)
@@ -90,7 +92,8 @@ class Int4Weight(nn.Module):
     of 32 values in 16 bytes as a GGUF's Q4_0 stores them, with fp16 scales and minima, or
     fp32 ones where fp16 would round them (a Q4_K's ``d * sc``: 24 bytes per 32 values to
     read instead of 20, for the file's weights exactly), for ``kernels.gemv_int4`` (a
-    prefill too: it reads the weights once for every row); elsewhere torch's packing for
+    prefill chunk of ``kernels.GEMM_ROWS`` rows or more: its weight dequantized to fp32
+    for oneDNN's GEMM, as the chunk passes); elsewhere torch's packing for
     ``_weight_int4pack_mm`` (CUDA) or ``_weight_int4pack_mm_for_cpu``, whose bf16 scales
     and offsets round the file's."""
 
@@ -125,6 +128,8 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.for_kernel:
+            if x.numel() >= kernels.GEMM_ROWS * x.shape[-1]:  # a prefill chunk: a blocked GEMM
+                return dense_linear(x.float(), self.dequantize()).to(x.dtype)
             return kernels.gemv_int4(x.float(), self.packed, self.scales, self.mins).to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
         if x.is_cpu:
@@ -140,9 +145,7 @@ class Int4Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight this module multiplies by."""
         if self.for_kernel:
-            q = self.packed.reshape(self.out_features, -1, 1, INT4_BLOCK // 2)
-            q = torch.cat([q & 0xF, q >> 4], dim=2).reshape(self.out_features, -1)
-            return dequantize_int4(q, self.scales.float(), self.mins.float())
+            return kernels.dequantize_int4(self.packed, self.scales, self.mins)
         eye = torch.eye(self.shape[1], dtype=KERNEL_DTYPE, device=self.packed.device)
         return self(eye).float().T.contiguous()
 
