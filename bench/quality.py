@@ -144,6 +144,8 @@ def main() -> None:
                   caption="fp32: the file's weights dequantized (layers Q4_1, embedding and LM head Q8_0); "
                           "int4 and int8 serve the head's Q8_0 blocks as stored; int4, head at 4 bits: int4's "
                           "layers, the head requantized to int4 (int4 before its head was kept at 8 bits); "
+                          "int4, as decode steps compute: prefilled in chunks below kernels.GEMM_ROWS, through "
+                          "gemv_int4's 16-bit activations; "
                           "top-1 agreement: share of positions "
                           "whose argmax is fp32's; perplexity of the text's next tokens; max |dlogit|: largest "
                           "difference from fp32's logits")
