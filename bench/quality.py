@@ -25,8 +25,8 @@ that. int4 serves the layers' Q4_1 blocks as stored (activations fp32): a prefil
 layers compute fp32's products in another order and agree with them almost exactly. The row
 "int4, as decode steps compute" prefills in chunks below that, through ``gemv_int4``, whose
 AVX2 and AVX-512 loops round each 32 values of X to 16-bit integers: what a decode step's
-products cost. The file keeps the
-token embedding, which SmolLM2's LM head shares, in Q8_0, and int4 serves that head as
+products cost. The file keeps the token embedding, which SmolLM2's LM head shares, in
+Q8_0, and int4 serves that head as
 those Q8_0 blocks (``build.quantized_head``: an int4 stage never rounds its head to 4
 bits). The row "int4, head at 4 bits" applies the head int4 had before that rule, the
 embedding quantized again to int4 in groups of 64, to int4's last hidden states: what the

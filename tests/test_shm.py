@@ -117,3 +117,37 @@ def test_a_link_hands_over_every_tensor_in_order_and_says_when_its_sender_is_gon
     assert equal == [True] * (3 + 3 * shm.SLOTS)
     assert ended.startswith("P2PServeError") and "closed its link" in ended, ended
     assert not [name for name in got[0] if name.startswith("p2pserve-link-")], "the link left files in /dev/shm"
+
+
+def _stalled_rank(rank: int, port: int, results) -> None:
+    world.join(world.World(("cpu",) * 2, f"tcp://127.0.0.1:{port}"), rank, threads=1)
+    link = shm.open_link(1 - rank, rank == 0, "cpu")
+    if rank == 0:
+        shm.WAIT_TIMEOUT = 0.5  # the receiver takes nothing until the barrier below
+        try:
+            for _ in range(shm.SLOTS + 1):
+                link.send(torch.ones(8))
+            results.put("no error")
+        except Exception as e:
+            results.put(f"{type(e).__name__}: {e}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_sender_whose_receiver_takes_nothing_gets_an_error_once_the_slots_are_full():
+    if not shm.shared_memory("cpu"):
+        pytest.skip("shared-memory links are for x86 CPUs")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = world.free_port()
+    procs = [ctx.Process(target=_stalled_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        said = results.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert said.startswith("P2PServeError") and "did not take a hand-off" in said, said

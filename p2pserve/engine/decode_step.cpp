@@ -63,7 +63,7 @@ struct Linear {
   void apply(const float* X, int64_t M, float* Y) const {
     switch (kind) {
       case F32: f32_rows(X, w.data_ptr<float>(), Y, M, in, out); break;
-      case BF16: bf16_rows(X, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), Y, M, in, out); break;
+      case BF16: bf16_rows(X, w.data_ptr<c10::BFloat16>(), Y, M, in, out); break;
       case INT8: int8_rows(X, w.data_ptr<int8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups); break;
       case INT4_F16:
         int4_rows(X, w.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in,
@@ -257,7 +257,7 @@ class DecodeStep {
   // in cache slot slots[b] and holds starts[b] tokens before this one
   torch::Tensor forward(torch::Tensor input, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
     torch::Tensor x = checked(input, slots, starts);
-    if (x.data_ptr() == input.data_ptr()) x = x.clone();
+    if (x.data_ptr() == input.data_ptr()) x = x.clone();  // the residual adds in place: not into the caller's
     float* X = x.data_ptr<float>();
     const int64_t n = x.numel();
     for (int64_t i = 0; i < n_layers(); ++i) {

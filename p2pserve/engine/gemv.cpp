@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -273,7 +272,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
 // in the order `unpack` leaves 16 weights in (lo: 0-3 and 8-11, hi: 4-7 and 12-15), a tail
 // as is
 struct RoundedX {
-  std::vector<uint16_t> bits;
+  std::vector<c10::BFloat16> bits;
   std::vector<float> f;
 };
 
@@ -281,7 +280,7 @@ static RoundedX round_bf16(const float* X, int64_t M, int64_t in) {
   RoundedX r;
 #if defined(P2P_BF16_DP)
   r.bits.resize(M * in);
-  for (int64_t k = 0; k < M * in; ++k) r.bits[k] = c10::BFloat16(X[k]).x;
+  for (int64_t k = 0; k < M * in; ++k) r.bits[k] = c10::BFloat16(X[k]);
 #else
   [[maybe_unused]] static constexpr int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
   r.f.resize(M * in);
@@ -299,22 +298,15 @@ static RoundedX round_bf16(const float* X, int64_t M, int64_t in) {
   return r;
 }
 
-static inline float bf16_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // Y[m, o] for output rows o in [o0, o1), X's rows m0..m0+M
 template <int M>
-static void rows_bf16(const RoundedX& x, int64_t m0, const uint16_t* W, float* Y, int64_t in, int64_t out,
+static void rows_bf16(const RoundedX& x, int64_t m0, const c10::BFloat16* W, float* Y, int64_t in, int64_t out,
                       int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
-    const uint16_t* w = W + o * in;
+    const c10::BFloat16* w = W + o * in;
     float s[M];
 #if defined(P2P_BF16_DP)
-    const uint16_t* xb[M];
+    const c10::BFloat16* xb[M];
     __m512 a0[M], a1[M];
     for (int m = 0; m < M; ++m) xb[m] = x.bits.data() + (m0 + m) * in, a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t i = 0;
@@ -352,14 +344,14 @@ static void rows_bf16(const RoundedX& x, int64_t m0, const uint16_t* W, float* Y
     for (int m = 0; m < M; ++m) s[m] = hsum(_mm256_add_ps(lo[m], hi[m]));
 #endif
     for (int m = 0; m < M; ++m)
-      for (int64_t j = i; j < in; ++j) s[m] += xf[m][j] * bf16_float(w[j]);
+      for (int64_t j = i; j < in; ++j) s[m] += xf[m][j] * static_cast<float>(w[j]);
 #endif
     for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o] = s[m];
   }
 }
 
 // X [M, in] fp32 times bf16 W [out, in] into Y [M, out] fp32, any M
-static void bf16_rows(const float* X, const uint16_t* W, float* Y, int64_t M, int64_t in, int64_t out) {
+static void bf16_rows(const float* X, const c10::BFloat16* W, float* Y, int64_t M, int64_t in, int64_t out) {
   const RoundedX x = round_bf16(X, M, in);
   over_rows(M, out, 4, [&](int64_t m, int64_t n, int64_t o) {
     with_rows<4>(n, [&](auto R) { rows_bf16<R>(x, m, W, Y, in, out, o, o + 1); });
@@ -372,8 +364,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   check_x(x, w.size(1));
   const int64_t M = x.size(0), in = w.size(1), out = w.size(0);
   auto y = torch::empty({M, out}, x.options());
-  bf16_rows(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), y.data_ptr<float>(),
-            M, in, out);
+  bf16_rows(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), M, in, out);
   return y;
 }
 

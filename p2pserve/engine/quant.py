@@ -7,8 +7,8 @@ of fp32's bytes is what makes it faster; activations, norms, attention and the K
 stay in the stage's own dtype. On a CPU where ``kernels`` is built, the products are its
 hand-written ones (``gemv_int8`` for decode steps and grouped scales, ``gemv_int4`` for
 decode steps and short prefills; a longer prefill chunk multiplies the int4 weight
-dequantized, by oneDNN's GEMM: ``kernels.GEMM_ROWS``), fp32 activations throughout (which the AVX2 loops round to 16-bit integers
-inside the product: ``kernels``). Elsewhere they are torch's own kernels:
+dequantized, by oneDNN's GEMM: ``kernels.GEMM_ROWS``), fp32 activations throughout
+(which the AVX2 loops round to 16-bit integers inside the product: ``kernels``). Elsewhere they are torch's own kernels:
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` on CPU (their vectorised paths
 take bfloat16 activations only, so the input is cast to bfloat16 and the output back),
 ``_weight_int4pack_mm`` on CUDA, and a dequantize-then-multiply for int8 on CUDA; a

@@ -36,7 +36,8 @@ class Messenger:
     point or a broadcast, whatever the caller binds. Both ends must agree on the model's
     hidden size and dtype."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype, device, send: Callable, recv: Callable):
+    def __init__(self, hidden_size: int, dtype: torch.dtype, device, send: Callable | None,
+                 recv: Callable | None):  # None: this end never sends (or receives)
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self._send, self._recv = send, recv
         self._size = _HEADER_BYTES + hidden_size * dtype.itemsize

@@ -154,9 +154,9 @@ class _Member:
         self.runner = self.model if self.group is None else StageRunner(self.model, self.group_messenger)
         if rank == self.stage.first_rank:
             if self.prev_leader is not None:
-                self.upstream = self._messenger(self._open(self.prev_leader, False, device))
+                self.upstream = self._messenger(recv=self._open(self.prev_leader, False, device).recv)
             if self.next_leader is not None:
-                self.downstream = self._messenger(self._open(self.next_leader, True, device))
+                self.downstream = self._messenger(send=self._open(self.next_leader, True, device).send)
             if len(leaders) > 1 and rank == 0:
                 self.results = self._open(leaders[-1], False, device)
             elif len(leaders) > 1 and self.next_leader is None:
@@ -171,9 +171,9 @@ class _Member:
         self._links.append(link)
         return link
 
-    def _messenger(self, link: Link, send=None) -> Messenger:
-        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, send or link.send,
-                         link.recv)
+    def _messenger(self, send=None, recv=None) -> Messenger:
+        """Messages of this rank's model shape over ``send`` and ``recv``: one way or both."""
+        return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, send, recv)
 
     def _group_messenger(self, rank: int, device) -> Messenger:
         """A leader's messages to its TP followers: over a link to each where ranks share
@@ -183,16 +183,16 @@ class _Member:
             def broadcast(t: torch.Tensor) -> None:
                 dist.broadcast(t, leader, group=self.group)
 
-            return Messenger(self.model.config.hidden_size, self.model.dtype, self.model.device, broadcast, broadcast)
+            return self._messenger(broadcast, broadcast)
         if rank != leader:
-            return self._messenger(self._open(leader, False, device))
+            return self._messenger(recv=self._open(leader, False, device).recv)
         links = [self._open(r, True, device) for r in self.stage.ranks[1:]]
 
         def send(t: torch.Tensor) -> None:
             for link in links:
                 link.send(t)
 
-        return self._messenger(links[0], send)
+        return self._messenger(send=send)
 
     def close_links(self) -> None:
         for link in self._links:
