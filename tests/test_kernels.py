@@ -114,6 +114,35 @@ def test_gemv_int4_is_the_product_with_its_dequantized_weight(rows, shape):
     assert _relative_error(w(x), want) < int_tolerance()
 
 
+def _x_in_int16(x, group):
+    """X as the AVX2 and AVX-512 loops round it (gemv.cpp: QuantX): per group of ``group``
+    values, ``round(x * I16_TOP / largest |x|)``; with each group's scale and sum."""
+    rows, inp = x.shape
+    g = x.reshape(rows, inp // group, group)
+    top = g.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(top > 0, torch.tensor(32639.0) / top, torch.zeros(()))
+    return torch.round(g * inv), top / 32639.0, g.sum(dim=-1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("shape", [(576, 576, 64), (64, 576, 32), (48, 1536, 128), (16, 96, 32), (32, 1024, 1024)])
+def test_gemv_int4_multiplies_its_16_bit_activations_exactly(rows, shape):
+    """Where the loops take X in 16 bits, every product of a nibble and an x is exact in
+    integers: the output is each group's integer sum times its two scales, plus the minima
+    times X's group sums, up to the order of the fp32 sums. Shapes with groups of 32, 64,
+    128 and 1024 values, windows of 16 groups and a last part one, rows of 96 and 576
+    values (AVX-512 VNNI takes whole quads of 128 and a masked last one)."""
+    if not kernels.available() or kernels.isa() not in ("avx2", "avx512"):
+        pytest.skip("the loops take X in fp32 here")
+    out, inp, group = shape
+    q, scales, mins, x, _ = _int4_case(out, inp, group, rows, seed=rows + inp)
+    x16, xs, gsum = _x_in_int16(x, group)
+    sums = torch.einsum("mgi,ogi->mog", x16.double(), q.reshape(out, inp // group, group).double())
+    want = (sums * (scales.double()[None] * xs.double().transpose(1, 2))).sum(-1) + gsum.double() @ mins.double().T
+    w = quant.Int4Weight(q, scales, mins, group)
+    assert _relative_error(w(x).double(), want) < EXACT
+
+
 def test_gemv_int4_fails_where_a_nibble_is_wrong():
     """The tolerance above is one a wrong kernel fails: a single weight off by one level is seen."""
     if not kernels.available():

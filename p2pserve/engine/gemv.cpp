@@ -53,44 +53,82 @@ static inline float hsum(__m256 v) {
 // int32 sums of at most this many products before they are scaled into float: far from
 // overflow for int8 (127 * 32767 * 2 per madd lane, 64 madds) and int4 alike
 constexpr int64_t I16_RUN = 1024;
+// the largest |x| in 16 bits: the largest whose two bytes (`QuantX::split`) are both int8
+constexpr float I16_TOP = 32639.f;
+
+#if defined(P2P_AVX512) && defined(__AVX512VNNI__)
+// int4 weights against X split into bytes: a nibble is an unsigned byte already, and
+// `vpdpbusd` multiplies 64 unsigned bytes by 64 signed ones and adds them in fours into
+// int32, so a 16-bit x = 256 hi + lo takes two products (hi's sums shifted by 8 and added
+// to lo's, exactly) and no widening of the weights: half the instructions of widening the
+// nibbles to int16 for `vpdpwssd`, for the same 16-bit activations.
+#define P2P_INT4_SPLIT 1
+#endif
 
 struct QuantX {
-  std::vector<int16_t> q;  // [M, in]: round(x / scale of its group), in `paired` order
-  std::vector<float> scale;  // [M, G]: each group's largest |x| / 32767
+  // how the int16 values are laid out for the loop that reads them
+  enum Layout {
+    plain,   // in X's order
+    // AVX-512: groups 2p and 2p + 1 interleaved by 16 values (16 of 2p, 16 of 2p + 1, ...),
+    // so one 512-bit product covers both and its int32 lanes split 8 / 8 between them: a
+    // pair's sums are converted and scaled by one instruction each, not a reduction per
+    // group. A last odd group keeps X's order.
+    paired,
+    // int4 with VNNI, `bytes` in place of `q`: each x as hi = (x + 128) >> 8 and
+    // lo = x - 256 hi, both int8, in quads of four 32-value blocks (128 values, 256 bytes):
+    // hi of values 0-15 of each block, hi of 16-31 of each, then the same of lo, matching
+    // the low and high nibbles of the quad's 64 weight bytes; rows padded with zeros to
+    // whole quads
+    split,
+  };
+  std::vector<int16_t> q;  // [M, in]: round(x / scale of its group); plain or paired
+  std::vector<int8_t> bytes;  // [M, 2 * padded]: split
+  std::vector<float> scale;  // [M, G]: each group's largest |x| / I16_TOP
   std::vector<float> gsum;  // [M, G]: each group's sum of x (int4's minima multiply them)
-  int64_t in, G;
-  // AVX-512: groups 2p and 2p + 1 interleaved by 16 values (16 of 2p, 16 of 2p + 1, ...),
-  // so one 512-bit product covers both and its int32 lanes split 8 / 8 between them: a
-  // pair's sums are converted and scaled by one instruction each, not a reduction per group.
-  // A last odd group, and groups too long for one int32 run, keep their order.
-  bool paired;
+  int64_t in, G, padded;
+  Layout layout;
 
-  // X [M, in] in G groups of in / G
-  QuantX(const float* X, int64_t M, int64_t in_, int64_t G_)
-      : q(M * in_), scale(M * G_), gsum(M * G_), in(in_), G(G_) {
+  // X [M, in] in G groups of in / G; `split` where the caller's loop reads that layout,
+  // else paired where the groups allow it on AVX-512 (groups too long for one int32 run,
+  // or not of whole 16s, keep X's order)
+  QuantX(const float* X, int64_t M, int64_t in_, int64_t G_, bool split = false)
+      : scale(M * G_), gsum(M * G_), in(in_), G(G_), padded((in_ + 127) / 128 * 128) {
     const int64_t gs = in / G;
 #if defined(P2P_AVX512)
-    paired = G >= 2 && gs % 16 == 0 && gs <= I16_RUN;
+    layout = split ? Layout::split : G >= 2 && gs % 16 == 0 && gs <= I16_RUN ? Layout::paired : Layout::plain;
 #else
-    paired = false;
+    layout = Layout::plain;
 #endif
+    if (layout == Layout::split)
+      bytes.assign(M * 2 * padded, 0);
+    else
+      q.resize(M * in);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < G; ++g) {
         const float* x = X + m * in + g * gs;
-        int16_t* qm = q.data() + m * in;
         float top = 0.f, sum = 0.f;
         for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::abs(x[i])), sum += x[i];
-        const float inv = top > 0.f ? 32767.f / top : 0.f;
-        const bool pair = paired && g < G - G % 2;
+        const float inv = top > 0.f ? I16_TOP / top : 0.f;
+        const bool pair = layout == Layout::paired && g < G - G % 2;
         for (int64_t i = 0; i < gs; ++i) {
-          const int64_t at = pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 + i % 16 : g * gs + i;
-          qm[at] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+          const auto v = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+          const int64_t at = g * gs + i;
+          if (layout == Layout::split) {
+            const int64_t r = at % 128, b = r / 32, j = r % 32;
+            int8_t* quad = bytes.data() + m * 2 * padded + at / 128 * 256 + (j / 16) * 64 + b * 16 + j % 16;
+            const int hi = (v + 128) >> 8;  // arithmetic: a floor
+            quad[0] = static_cast<int8_t>(hi);
+            quad[128] = static_cast<int8_t>(v - 256 * hi);
+          } else {
+            q[m * in + (pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 + i % 16 : at)] = v;
+          }
         }
-        scale[m * G + g] = top / 32767.f;
+        scale[m * G + g] = top / I16_TOP;
         gsum[m * G + g] = sum;
       }
   }
   const int16_t* row(int64_t m) const { return q.data() + m * in; }
+  const int8_t* split_row(int64_t m) const { return bytes.data() + m * 2 * padded; }
   float xs(int64_t m, int64_t g) const { return scale[m * G + g]; }
 };
 #endif
@@ -401,7 +439,7 @@ static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const fl
   __m512 a[M];
   float r[M];
   for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps(), r[m] = 0.f;
-  const int64_t paired = qx.paired ? G - G % 2 : 0;
+  const int64_t paired = qx.layout == QuantX::paired ? G - G % 2 : 0;
   over_pairs<M>(qx, m0, s, paired, a, [&](int64_t g, __m512i acc[M]) __attribute__((always_inline)) {
     const int8_t *wa = w + g * gs, *wb = wa + gs;
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
@@ -587,7 +625,7 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m512 a[M];
   for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
-  const int64_t paired = qx.paired ? G - G % 2 : 0;
+  const int64_t paired = qx.layout == QuantX::paired ? G - G % 2 : 0;
   over_pairs<M>(qx, m0, s, paired, a, [&](int64_t g, __m512i acc[M]) __attribute__((always_inline)) {
     const uint8_t *wa = w + g * gs / 2, *wb = wa + gs / 2;
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
@@ -665,6 +703,100 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
 }
 #endif
 
+#if defined(P2P_INT4_SPLIT)
+// O rows o.. of an int4 weight against rows m0.. of a QuantX in its split layout, a quad
+// of four blocks (128 values, 64 bytes) at a time: the bytes' low nibbles are values 0-15
+// of each block and their high nibbles 16-31, as QuantX splits X, so each row of X takes
+// four `vpdpbusd` (hi and lo of X, against both nibble halves) per weight row, its loads
+// shared by the O weight rows. Lane l of a quad's int32 sums holds values of block l / 4,
+// so its group within a window of 16 groups (whose scales are multiplied at once, as in
+// over_pairs, and whose minima times X's group sums join the accumulators there) is
+// (128 k + 32 (l / 4)) >> log2(gs) for the window's quad k: gs is a power of two here.
+// A last part quad is loaded masked; X's padding is zeros.
+template <int M, int O, class S>
+static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* W, const S* Sc, const S* N,
+                                   float* Y, int64_t gs, int64_t out, int64_t o) {
+  const int64_t in = qx.in, G = qx.G;
+  const int shift = __builtin_ctzll(gs);
+  const uint8_t* w[O];
+  const S *s[O], *mn[O];
+  for (int r = 0; r < O; ++r) w[r] = W + (o + r) * (in / 2), s[r] = Sc + (o + r) * G, mn[r] = N + (o + r) * G;
+  if (m0 == 0)
+    for (int r = 0; r < O; ++r) prefetch_row(Sc, o + r, G), prefetch_row(N, o + r, G);
+  // reading O rows a quad at a time hops between them, which the hardware prefetcher does
+  // not follow as it does one row's stream: each quad fetches its place two passes on
+  const int64_t ahead = 2 * O * (in / 2);
+  const int8_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = qx.split_row(m0 + m);
+  const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i first = _mm512_set_epi32(96, 96, 96, 96, 64, 64, 64, 64, 32, 32, 32, 32, 0, 0, 0, 0);
+  __m512 a[O][M];
+  for (int r = 0; r < O; ++r)
+    for (int m = 0; m < M; ++m) a[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {
+    const int64_t n = std::min<int64_t>(16, G - g);
+    __m512 c[O][M];
+    for (int m = 0; m < M; ++m) {
+      const __m512 sx = load16_ps(qx.scale.data() + (m0 + m) * G + g, n);
+      const __m512 sum = load16_ps(qx.gsum.data() + (m0 + m) * G + g, n);
+      for (int r = 0; r < O; ++r) {
+        c[r][m] = _mm512_mul_ps(load16_ps(s[r] + g, n), sx);
+        a[r][m] = _mm512_fmadd_ps(load16_ps(mn[r] + g, n), sum, a[r][m]);
+      }
+    }
+    const int64_t k1 = (std::min((g + 16) * gs, in) + 127) / 128;
+    __m512i at = first;
+    for (int64_t k = g * gs / 128; k < k1; ++k, at = _mm512_add_epi32(at, _mm512_set1_epi32(128))) {
+      const int64_t nb = (in - k * 128) / 2;
+      __m512i lo[O], hi[O];
+      for (int r = 0; r < O; ++r) {
+        const __m512i b = nb >= 64 ? _mm512_loadu_si512(w[r] + k * 64)
+                                   : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, w[r] + k * 64);
+        lo[r] = _mm512_and_si512(b, low), hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + ahead), _MM_HINT_T0);
+      }
+      const __m512i pick = _mm512_srli_epi32(at, shift);
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xr[m] + k * 256;
+        const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);
+        const __m512i x2 = _mm512_loadu_si512(x + 128), x3 = _mm512_loadu_si512(x + 192);
+        for (int r = 0; r < O; ++r) {
+          const __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x0), hi[r], x1);
+          const __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x2), hi[r], x3);
+          const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+          a[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pick, c[r][m]), a[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < O; ++r)
+    for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o + r] = _mm512_reduce_add_ps(a[r][m]);
+}
+
+// X [M, in] times an int4 W [out, in / 2] into Y [M, out] through int4_split_rows: 16
+// weight rows at a time against every tile of X's rows (so they stay in L1 while X passes),
+// several weight rows a pass where few rows of X leave registers free
+template <class S>
+static void int4_split(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
+                       int64_t out, int64_t G) {
+  constexpr int tile = 8, block = 16;
+  const int64_t gs = in / G;
+  const QuantX qx(X, M, in, G, true);
+  at::parallel_for(0, out, block, [&](int64_t b, int64_t e) {
+    for (int64_t o0 = b; o0 < e; o0 += block) {
+      const int64_t o1 = std::min(e, o0 + block);
+      for (int64_t m = 0; m < M; m += tile)
+        with_rows<tile>(std::min<int64_t>(tile, M - m), [&](auto R) {
+          constexpr int O = R == 1 ? 4 : R <= 4 ? 2 : 1;
+          int64_t o = o0;
+          for (; o + O <= o1; o += O) int4_split_rows<R, O>(qx, m, W, Sc, N, Y, gs, out, o);
+          for (; o < o1; ++o) int4_split_rows<R, 1>(qx, m, W, Sc, N, Y, gs, out, o);
+        });
+    }
+  });
+}
+#endif
+
 // x [M, in] fp32, w [out, in / 2] uint8 (blocks as above), scales and mins [out, groups]
 // fp16 or fp32 (both the same) -> [M, out] fp32
 template <class S>
@@ -677,6 +809,9 @@ static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N,
   constexpr int tile = 8;
 #else
   constexpr int tile = 4;
+#endif
+#if defined(P2P_INT4_SPLIT)
+  if ((gs & (gs - 1)) == 0) return int4_split(X, W, Sc, N, Y, M, in, out, G);
 #endif
 #if defined(P2P_I16)
   const QuantX qx(X, M, in, G);
