@@ -177,15 +177,17 @@ def test_gemv_int8_with_row_or_group_scales(rows, group):
     assert _relative_error(kernels.gemv_int8(x, q, scales.reshape(96, -1)), want) < int_tolerance()
 
 
-@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell"])
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell", "-march=skylake-avx512"])
 def test_every_instruction_set_path_computes_the_same(arch):
-    """The portable and AVX2 loops, built here beside this CPU's own (AVX-512 where it has
-    it), give the same products: each machine runs only one of them."""
-    if not _toolchain():
-        pytest.skip("no AVX2 / compiler / ninja here")
-    isa = {"-march=x86-64": "portable", "-march=haswell": "avx2"}[arch]
-    # the loops this CPU runs are built already (and every other test runs them)
-    module = kernels.module() if kernels.isa() == isa else kernels.build(arch)
+    """The portable, AVX2 and AVX-512 (without VNNI or BF16) loops, built here beside this
+    CPU's own, give the same products: each machine runs only one of them."""
+    isa, needs = {"-march=x86-64": ("portable", set()), "-march=haswell": ("avx2", set()),
+                  "-march=skylake-avx512": ("avx512", {"avx512f", "avx512bw", "avx512vl"})}[arch]
+    if not _toolchain() or not needs <= set(kernels._cpu_flags().split()):
+        pytest.skip(f"no {' / '.join(sorted(needs | {'AVX2'}))} / compiler / ninja here")
+    # the loops this CPU runs are built already (and every other test runs them); AVX-512
+    # is built again for the loops of CPUs without VNNI and BF16
+    module = kernels.module() if kernels.isa() == isa and isa != "avx512" else kernels.build(arch)
     assert module.isa() == isa
     for rows in (1, 3, 8, 11):
         q, scales, mins, x, want = _int4_case(48, 192, 64, rows, seed=rows)
