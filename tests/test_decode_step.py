@@ -80,6 +80,8 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
                           (Batch((2, 0, 1), (lengths[2], lengths[0], lengths[1] + 1), 1), [8, 21, 30])]:
         (eager, eager_cache), (fused, fused_cache) = step_both_ways(stage, batch, tokens)
         assert stage._decode_step is not None, "the fused step was not used"
+        # an fp32 stage's final norm and head run in the same call (forward_logits)
+        assert stage._head_in_step == (stage.dtype == torch.float32)
         assert fused.dtype == eager.dtype and all(k.dtype == stage.dtype for k, _ in fused_cache)
         tolerance = TOLERANCE[kind]
         torch.testing.assert_close(fused, eager, rtol=0, atol=tolerance * eager.abs().max().item())
@@ -123,8 +125,9 @@ def test_a_tp_rank_runs_each_half_layer_and_sums_it_before_the_residual(kind, ch
     tolerance = dict(rtol=1e-4, atol=1e-4) if kind == "fp32" else \
         dict(rtol=0, atol=TOLERANCE[kind] * eager.abs().max().item())
     torch.testing.assert_close(fused, eager, **tolerance)
-    # two sums a layer on each way through
+    # two sums a layer on each way through; the head runs after the last sum, in Python
     assert len(summed) == 2 * 2 * len(stage.blocks)
+    assert not stage._head_in_step
 
 
 def test_a_position_beyond_the_cache_is_an_error_not_a_write_past_it(checkpoints):

@@ -16,6 +16,7 @@
 // cache, the hidden state between stages) is rounded to it, and each GEMV rounds its input.
 #include <pybind11/stl.h>
 #include <cmath>
+#include <optional>
 
 namespace py = pybind11;
 
@@ -251,6 +252,15 @@ class DecodeStep {
     layers_.push_back(std::move(l));
   }
 
+  // The last stage's final norm and LM head, for forward_logits: run straight after the
+  // layers, the head's GEMV finds the OpenMP threads still awake, and no Python op (a norm
+  // costs more there than the GEMV of a layer) comes between
+  void set_head(torch::Tensor norm, double eps, Linear head) {
+    TORCH_CHECK(norm.is_floating_point() && norm.numel() == hidden_, "the final norm: [", hidden_, "] floats");
+    TORCH_CHECK(head.in == hidden_, "the head's rows are not [", hidden_, "] long");
+    head_norm_ = norm.to(at::kFloat).contiguous(), head_eps_ = static_cast<float>(eps), head_.emplace(std::move(head));
+  }
+
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // x [B, hidden] entering the first layer -> leaving the last, in x's dtype; sequence b is
@@ -267,6 +277,18 @@ class DecodeStep {
       add(X, h.data_ptr<float>(), n);
     }
     return x.to(input.scalar_type());
+  }
+
+  // forward, then the final norm and the head (set_head): the logits [B, vocab] fp32
+  torch::Tensor forward_logits(torch::Tensor input, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
+    TORCH_CHECK(head_.has_value(), "the step holds no head");
+    torch::Tensor x = forward(input.to(at::kFloat), std::move(slots), std::move(starts));
+    const int64_t B = x.size(0);
+    float* X = x.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) rms_norm(X + b * hidden_, head_norm_.data_ptr<float>(), head_eps_, X + b * hidden_, hidden_);
+    auto y = torch::empty({B, head_->out}, x.options());
+    head_->apply(X, B, y.data_ptr<float>());
+    return y;
   }
 
   // Layer i's two halves, each returning what its residual adds (fp32), for a TP rank, which
@@ -286,6 +308,9 @@ class DecodeStep {
   int64_t hidden_, n_q_, n_kv_, d_;
   torch::Tensor cos_, sin_;
   std::vector<Layer> layers_;
+  torch::Tensor head_norm_;
+  float head_eps_ = 0.f;
+  std::optional<Linear> head_;
 
   torch::Tensor checked(const torch::Tensor& x, const std::vector<int64_t>& slots,
                         const std::vector<int64_t>& starts) const {
@@ -413,7 +438,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStep>(m, "DecodeStep", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor>())
       .def("add_layer", &DecodeStep::add_layer)
+      .def("set_head", &DecodeStep::set_head)
       .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_logits", &DecodeStep::forward_logits, py::call_guard<py::gil_scoped_release>())
       .def("attention", &DecodeStep::attention, py::call_guard<py::gil_scoped_release>())
       .def("mlp", &DecodeStep::mlp, py::call_guard<py::gil_scoped_release>());
 }

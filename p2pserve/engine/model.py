@@ -315,6 +315,7 @@ class StageModel(nn.Module):
         self.head = None if head is None else _weight(head)
         self.cos = self.sin = None
         self._decode_step = _UNBUILT
+        self._head_in_step = False  # whether _decode_step ends in the final norm and head
 
     @property
     def is_first(self) -> bool:
@@ -363,7 +364,10 @@ class StageModel(nn.Module):
         """One batched step: x is token ids [B, T] on stage 0, hidden states [B, T, hidden]
         elsewhere. Returns hidden states [B, T, hidden], or the logits of each sequence's
         last position [B, vocab] on the last stage."""
-        h = self.forward_layers(self.embed_input(x), batch)
+        x = self.embed_input(x)
+        if self.is_last and (step := self._fused_step(batch)) is not None and self._head_in_step:
+            return step.forward_logits(x.reshape(batch.size, -1), batch.slots, batch.starts)
+        h = self.forward_layers(x, batch)
         return self.logits(h) if self.is_last else h
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -372,11 +376,8 @@ class StageModel(nn.Module):
     def forward_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """x: [B, T, hidden] entering layer ``start``; returns it leaving layer ``end - 1``."""
         T = batch.n_tokens
-        if T == 1 and self.fused_decode:
-            if self._decode_step is _UNBUILT:
-                self._decode_step = self._build_decode_step()
-            if self._decode_step is not None:
-                return self._fused_layers(x, batch)
+        if self._fused_step(batch) is not None:
+            return self._fused_layers(x, batch)
         if batch.size == 1:
             s = batch.starts[0]
             cos, sin = self.cos[None, s : s + T, None], self.sin[None, s : s + T, None]
@@ -387,6 +388,15 @@ class StageModel(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, batch, mask)
         return x
+
+    def _fused_step(self, batch: Batch):
+        """The ``kernels.DecodeStep`` that runs ``batch`` (built on the first decode step), or
+        None where it cannot: a prefill chunk, or a stage it cannot run."""
+        if batch.n_tokens != 1 or not self.fused_decode:
+            return None
+        if self._decode_step is _UNBUILT:
+            self._decode_step = self._build_decode_step()
+        return self._decode_step
 
     def _build_decode_step(self):
         """``kernels.DecodeStep`` over this stage's layers, or None where it cannot run them:
@@ -407,6 +417,14 @@ class StageModel(nn.Module):
                            attn.bqkv, None if q_norm is None else q_norm.weight,
                            None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
                            attn.cache.k, attn.cache.v)
+        # the last stage's norm and head in the same call (an fp32 stage's: a bf16 one rounds
+        # its logits to bf16, as transformers does, in ``logits``), but not where a TP group
+        # sums each half of a layer between DecodeStep's calls
+        head = kernel_linear(self.head) if self.is_last and self.head is not None and \
+            self.dtype == torch.float32 and self.blocks[0].all_reduce is None else None
+        if head is not None:
+            step.set_head(self.norm.weight, self.norm.eps, head)
+        self._head_in_step = head is not None
         return step
 
     def _fused_layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
