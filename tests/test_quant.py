@@ -152,23 +152,35 @@ def test_int4_falls_back_to_int8_where_torch_cannot_pack_the_shape():
     assert isinstance(quant.pack(torch.randn(32, 40), "int4"), quant.Int8Weight)  # columns: no group divides 40
 
 
-def test_a_prefill_chunk_multiplies_the_dequantized_int4_weight_by_a_gemm(monkeypatch):
-    """From ``kernels.GEMM_ROWS`` rows of X on (a prefill chunk), an int4 weight in the
-    kernel's layout is dequantized (exactly: q * scale + min, the file's scales) and
-    multiplied by oneDNN's GEMM in fp32; below, by ``gemv_int4``."""
+def _int8_case(group):
+    q, scales = quant.quantize_int8(torch.randn(48, 192)) if group is None else \
+        quant.quantize_int8_groups(torch.randn(48, 192), group)
+    return quant.Int8Weight(q, scales, group), quant.dequantize_int8(q, scales), "gemv_int8"
+
+
+def _int4_case(group):
+    q, scales, mins = quant.quantize_int4(torch.randn(48, 192), group)
+    w = quant.Int4Weight(q, scales, mins, group)
+    assert w.for_kernel
+    return w, quant.dequantize_int4(q, scales, mins), "gemv_int4"
+
+
+@pytest.mark.parametrize("case, group", [(_int8_case, None), (_int8_case, 32), (_int4_case, 64)],
+                         ids=["int8-rows", "int8-groups", "int4"])
+def test_a_prefill_chunk_multiplies_the_dequantized_weight_by_a_gemm(case, group, monkeypatch):
+    """From ``kernels.GEMM_ROWS`` rows of X on (a prefill chunk), an int8 or int4 weight is
+    dequantized (exactly: q * scale (+ min), the file's scales) and multiplied by oneDNN's
+    GEMM in fp32; below, by ``gemv_int8`` / ``gemv_int4``."""
     if not kernels.available():
         pytest.skip(kernels.why_not())
-    q, scales, mins = quant.quantize_int4(torch.randn(48, 192), 64)
-    w = quant.Int4Weight(q, scales, mins, 64)
-    assert w.for_kernel
-    exact = quant.dequantize_int4(q, scales, mins)
+    w, exact, kernel = case(group)
     assert torch.equal(w.dequantize(), exact)
-    gemv_int4 = kernels.gemv_int4
+    gemv = getattr(kernels, kernel)
     for rows in (1, kernels.GEMM_ROWS - 1, kernels.GEMM_ROWS, 3 * kernels.GEMM_ROWS + 5):
         x = torch.randn(1, rows, 192)
         want = (x.double() @ exact.double().T).float()
         gemm = rows >= kernels.GEMM_ROWS
-        monkeypatch.setattr(kernels, "gemv_int4", _refused if gemm else gemv_int4)
+        monkeypatch.setattr(kernels, kernel, _refused if gemm else gemv)
         got = w(x)
         assert got.shape == (1, rows, 48)
         # fp32 sums for the GEMM; the kernel's X rounded to 16 bits on AVX2 / AVX-512
@@ -176,7 +188,7 @@ def test_a_prefill_chunk_multiplies_the_dequantized_int4_weight_by_a_gemm(monkey
 
 
 def _refused(*args):
-    raise AssertionError("a prefill chunk went to gemv_int4")
+    raise AssertionError("a prefill chunk went to the GEMV kernel")
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)

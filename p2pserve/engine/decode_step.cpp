@@ -431,6 +431,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4", &gemv_int4);
   m.def("gemv_bf16", &gemv_bf16);
   m.def("dequantize_int4", &dequantize_int4);
+  m.def("dequantize_int8", &dequantize_int8);
   // module_local: tests load builds for other instruction sets beside this CPU's own
   py::class_<Linear>(m, "Linear", py::module_local())
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),

@@ -569,6 +569,29 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) 
   return y;
 }
 
+// The fp32 weight [out, in] an int8 one computes with, q * scale of its group: for a
+// prefill chunk's GEMM (as dequantize_int4)
+torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "w: [out, in] int8");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.scalar_type() == at::kFloat &&
+              scales.is_contiguous() && w.size(1) % scales.size(1) == 0, "scales: [out, groups] fp32");
+  const int64_t in = w.size(1), out = w.size(0), G = scales.size(1), gs = in / G;
+  auto d = torch::empty({out, in}, scales.options());
+  const int8_t* W = w.data_ptr<int8_t>();
+  const float* S = scales.data_ptr<float>();
+  float* D = d.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = S[o * G + g];
+        const int8_t* q = W + o * in + g * gs;
+        float* r = D + o * in + g * gs;
+        for (int64_t i = 0; i < gs; ++i) r[i] = static_cast<float>(q[i]) * sc;
+      }
+  });
+  return d;
+}
+
 // ---------------------------------------------------------------------------- int4
 // A row of an int4 weight is blocks of 32 values in 16 bytes, value j of a block in the
 // low nibble of byte j and value 16 + j in its high nibble (GGUF's Q4_0/Q4_1 order), with

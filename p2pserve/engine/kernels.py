@@ -24,8 +24,8 @@ arithmetic in between).
 ``gemv`` (as a Python call) handles ``M <= MAX_ROWS`` activation rows; larger batches go to
 oneDNN's GEMM (AMX or AVX-512 BF16 where the CPU has them). The quantized ones take any
 number of rows: a weight row stays in L1 while every activation row passes over it; from
-``GEMM_ROWS`` rows on (a prefill chunk) an int4 weight is dequantized for oneDNN's GEMM
-instead (``quant.Int4Weight``).
+``GEMM_ROWS`` rows on (a prefill chunk) an int8 or int4 weight is dequantized for
+oneDNN's GEMM instead (``quant.Int8Weight``, ``quant.Int4Weight``).
 
 The extension is compiled on first use with the system C++ compiler for this CPU
 (``-march=native``, cached by torch under ``~/.cache/torch_extensions`` under a name that
@@ -50,10 +50,11 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
-# rows of X from which an int4 product (a prefill chunk's) dequantizes its weight for
-# oneDNN's blocked GEMM instead of gemv_int4, whose cost grows with every row: on a Zen 5
-# EPYC the two meet near 24 rows and the GEMM is 1.5x faster at 64, 2.3x at 256 (a slower
-# per-row loop, as on AVX2 CPUs, only moves the meeting point lower)
+# rows of X from which an int8 or int4 product (a prefill chunk's) dequantizes its weight for
+# oneDNN's blocked GEMM instead of gemv_int8 / gemv_int4, whose cost grows with every row:
+# int4 on a Zen 5 EPYC met it near 24 rows and the GEMM was 1.5x faster at 64, 2.3x at 256;
+# int8 on a Zen 4 near 32, 1.6-2x from 128 on (a slower per-row loop, as on AVX2 CPUs,
+# only moves the meeting point lower)
 GEMM_ROWS = 32
 # the dense weights ``gemv`` and ``DecodeStep`` take: activations are fp32 inside either
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)
@@ -171,6 +172,11 @@ def linear_operand(w: torch.Tensor, scales: torch.Tensor | None = None, mins: to
     """A linear weight for ``DecodeStep.add_layer``: fp32 or bf16 ``w`` [out, in], int8 ``w`` with
     ``scales`` (as ``gemv_int8``), or packed int4 with ``scales`` and ``mins`` (as ``gemv_int4``)."""
     return module().Linear(w, scales, mins)
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [out, in] of an int8 one, ``q`` times its group's scale (as ``gemv_int8``)."""
+    return module().dequantize_int8(q, scales)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:

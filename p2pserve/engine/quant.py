@@ -5,14 +5,13 @@ group of input columns.
 A decode step streams every weight once, so reading a quarter (int8) or an eighth (int4)
 of fp32's bytes is what makes it faster; activations, norms, attention and the KV cache
 stay in the stage's own dtype. On a CPU where ``kernels`` is built, the products are its
-hand-written ones (``gemv_int8`` for decode steps and grouped scales, ``gemv_int4`` for
-decode steps and short prefills; a longer prefill chunk multiplies the int4 weight
-dequantized, by oneDNN's GEMM: ``kernels.GEMM_ROWS``), fp32 activations throughout
-(which the AVX2 loops round to 16-bit integers inside the product: ``kernels``). Elsewhere they are torch's own kernels:
+hand-written ones (``gemv_int8`` and ``gemv_int4`` for decode steps and short prefills;
+a longer prefill chunk multiplies the weight dequantized, by oneDNN's GEMM:
+``kernels.GEMM_ROWS``), fp32 activations throughout (which the AVX2 loops round to
+16-bit integers inside the product: ``kernels``). Elsewhere they are torch's own kernels:
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` on CPU (their vectorised paths
 take bfloat16 activations only, so the input is cast to bfloat16 and the output back),
-``_weight_int4pack_mm`` on CUDA, and a dequantize-then-multiply for int8 on CUDA; a
-row-scaled int8 prefill on CPU also goes to torch's kernel.
+``_weight_int4pack_mm`` on CUDA, and a dequantize-then-multiply for int8 on CUDA.
 
 A weight is quantized where it is loaded, one rank's slice at a time, so a stage never
 holds more than one fp32 tensor on its way to its packed form (``build.load_stage``), and
@@ -64,9 +63,13 @@ class Int8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hand-written kernel streams int8 rows faster than torch's kernel on the CPUs
-        # measured; torch's keeps a row-scaled prefill (a GEMM, where it is as fast)
-        if x.is_cpu and x.dtype == torch.float32 and kernels.available() \
-                and (self.grouped or x.numel() <= kernels.MAX_ROWS * x.shape[-1]):
+        # measured; a prefill chunk multiplies the dequantized weight by oneDNN's blocked
+        # GEMM instead, as int4's does (on a Zen 4 EPYC, 2 threads, the two meet near 32 rows
+        # and the GEMM is 1.6-2x faster from 128 on, dequantizing included; torch's int8
+        # kernel, which rounds the activations to bf16, is slower than either there)
+        if x.is_cpu and x.dtype == torch.float32 and kernels.available():
+            if x.numel() >= kernels.GEMM_ROWS * x.shape[-1]:
+                return dense_linear(x, self.dequantize())
             return kernels.gemv_int8(x, self.q, self.scales)
         if x.is_cpu and not self.grouped:
             flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
@@ -77,6 +80,9 @@ class Int8Weight(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype))
 
     def dequantize(self) -> torch.Tensor:
+        """The fp32 weight this module multiplies by."""
+        if self.q.is_cpu and kernels.available():
+            return kernels.dequantize_int8(self.q, self.scales)
         return dequantize_int8(self.q, self.scales)
 
     def kernel_operands(self) -> tuple | None:
