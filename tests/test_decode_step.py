@@ -143,6 +143,22 @@ def test_a_position_beyond_the_cache_is_an_error_not_a_write_past_it(checkpoints
         step.forward(x, [0, 1], [0, 0])
 
 
+def test_a_head_of_the_wrong_shape_is_refused_and_a_step_without_one_says_so(checkpoints):
+    stage = prefilled(checkpoints["llama"], "fp32")
+    stage(Batch((0,), (len(PROMPTS[0]),), 1), torch.tensor([[1]]))
+    hidden = stage.config.hidden_size
+    step = stage._decode_step
+    head = kernels.linear_operand(torch.zeros(8, hidden))
+    with pytest.raises(RuntimeError, match="the final norm"):
+        step.set_head(torch.ones(hidden + 1), 1e-5, head)
+    with pytest.raises(RuntimeError, match="the head's rows"):
+        step.set_head(torch.ones(hidden), 1e-5, kernels.linear_operand(torch.zeros(8, hidden + 2)))
+    bare = kernels.decode_step(hidden, stage.shard.n_q_heads, stage.shard.n_kv_heads, stage.config.head_dim,
+                               stage.cos, stage.sin)
+    with pytest.raises(RuntimeError, match="holds no head"):
+        bare.forward_logits(torch.zeros(1, hidden), [0], [0])
+
+
 def test_a_new_cache_gets_a_new_step(checkpoints):
     """``allocate`` replaces the caches the step writes into: the next decode step builds
     another, over the new ones."""

@@ -187,6 +187,17 @@ def test_a_prefill_chunk_multiplies_the_dequantized_weight_by_a_gemm(case, group
         assert (got - want).abs().max() <= (1e-5 if gemm else 3e-4) * want.abs().max(), rows
 
 
+def test_dequantize_int8_refuses_what_is_not_an_int8_weight_and_its_scales():
+    if not kernels.available():
+        pytest.skip(kernels.why_not())
+    q, scales = quant.quantize_int8_groups(torch.randn(8, 64), 32)
+    scales = scales.reshape(8, -1).float().contiguous()
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.dequantize_int8(q.float(), scales)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels.dequantize_int8(q, scales[:, :1].repeat(1, 3).contiguous())  # 3 groups do not divide 64
+
+
 def _refused(*args):
     raise AssertionError("a prefill chunk went to the GEMV kernel")
 

@@ -13,6 +13,24 @@ import torch.multiprocessing as mp
 from p2pserve.ranks import shm, world
 
 
+def _run_ranks(target, size: int, n_results: int, *args) -> list:
+    """``target(rank, *args, port, results)`` in ``size`` spawned processes of one world:
+    the first ``n_results`` things they put in ``results``; every process is ended."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = world.free_port()
+    procs = [ctx.Process(target=target, args=(r, *args, port, results)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        return [results.get(timeout=120) for _ in range(n_results)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
 def _rank(rank: int, size: int, port: int, results) -> None:
     world.join(world.World(("cpu",) * size, f"tcp://127.0.0.1:{port}"), rank, threads=1)
     # a group of ranks 1.. (rank 0 stays out, as another stage's rank would)
@@ -44,20 +62,8 @@ def _rank(rank: int, size: int, port: int, results) -> None:
 def test_shm_all_reduce_equals_gloo_on_every_rank(tp):
     if os.name != "posix":
         pytest.skip("POSIX shared memory only")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     size = tp + 1
-    port = world.free_port()
-    procs = [ctx.Process(target=_rank, args=(r, size, port, results)) for r in range(size)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=120) for _ in range(tp))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = dict(_run_ranks(_rank, size, tp, size))
     assert sorted(got) == list(range(1, size))
     first = got[1]
     for rank, out in got.items():
@@ -100,19 +106,7 @@ def _link_rank(rank: int, port: int, results) -> None:
 def test_a_link_hands_over_every_tensor_in_order_and_says_when_its_sender_is_gone():
     if not shm.shared_memory("cpu"):
         pytest.skip("shared-memory links are for x86 CPUs")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = world.free_port()
-    procs = [ctx.Process(target=_link_rank, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=120) for _ in range(2))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = dict(_run_ranks(_link_rank, 2, 2))
     *equal, ended = got[1]
     assert equal == [True] * (3 + 3 * shm.SLOTS)
     assert ended.startswith("P2PServeError") and "closed its link" in ended, ended
@@ -137,17 +131,5 @@ def _stalled_rank(rank: int, port: int, results) -> None:
 def test_a_sender_whose_receiver_takes_nothing_gets_an_error_once_the_slots_are_full():
     if not shm.shared_memory("cpu"):
         pytest.skip("shared-memory links are for x86 CPUs")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = world.free_port()
-    procs = [ctx.Process(target=_stalled_rank, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        said = results.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    (said,) = _run_ranks(_stalled_rank, 2, 1)
     assert said.startswith("P2PServeError") and "did not take a hand-off" in said, said
