@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from p2pserve.net.protocols import HEARTBEAT, MISSED_HEARTBEATS
-from p2pserve.net.records import WorkerRecord
+from p2pserve.net.records import RECORD_TTL, WorkerRecord
 
 log = logging.getLogger("p2pserve.bootstrap")
 
@@ -137,8 +137,10 @@ class Registry:
 
     def remove(self, peer_id: str) -> None:
         entry = self.entries.pop(peer_id, None)
-        if entry is not None:  # its DHT copies, signed before it left, must not bring it back
-            self.departed[peer_id] = entry.record.expires_at
+        if entry is not None:  # its DHT copies, signed before it left, must not bring it back:
+            # not only the last record its stream carried, but any it put in the DHT since
+            # (a refresh between two heartbeats expires later than the last heartbeat)
+            self.departed[peer_id] = max(entry.record.expires_at, time.time() + RECORD_TTL)
             self._note_rtts(dataclasses.replace(entry.record, rtts={}), entry.record.rtts)
         self.admitted.discard(peer_id)  # a worker that comes back is checked again
 

@@ -154,6 +154,8 @@ def test_dht_records_fill_the_view_but_never_bring_back_a_worker_that_left():
     r = registry(rec("a", 0, 15))
     assert r.update_from_dht(rec("b", 15, 30)) and len(r.chains()) == 1
     old = rec("a", 0, 15, expires_in=20)
+    refreshed = rec("a", 0, 15)  # put in the DHT after its last heartbeat: it expires later
+    assert refreshed.expires_at > r.entries["a"].record.expires_at
     r.remove("a")  # its announce stream closed: it left
-    assert not r.update_from_dht(old)
+    assert not r.update_from_dht(old) and not r.update_from_dht(refreshed)
     assert r.update_from_dht(rec("a", 0, 15, expires_in=60))  # a record signed since: it is back
