@@ -22,6 +22,7 @@ from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, plan_from_o
 @click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
 def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
+    from p2pserve.heap import freeze_startup_heap
     from p2pserve.progress import loading_bar
     from p2pserve.ranks.pipeline import Generation, LocalPipeline
 
@@ -32,6 +33,7 @@ def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, *
     ranks = plan.world_size if plan is not None else 1
     with loading_bar(f"loading {dtype} weights" + (f", rank 0 of {ranks}" if ranks > 1 else "")) as progress:
         pipe = LocalPipeline(model_path, plan, dtype=dtype, device=device, progress=progress)
+    freeze_startup_heap()  # a one-rank plan decodes in this process: no full GC pass over the model mid-answer
     with pipe:
         tokenizer = pipe.source.tokenizer()
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
