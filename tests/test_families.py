@@ -120,6 +120,16 @@ def test_an_unknown_gguf_architecture_is_refused_naming_the_supported_ones(check
         open_weights(path)
 
 
+def test_a_mixture_of_experts_gguf_is_refused_as_such(checkpoints, tmp_path):
+    path = make_tiny_gguf(tmp_path / "mixtral.gguf", checkpoints["llama"],
+                          metadata={"llama.expert_count": 8, "llama.expert_used_count": 2})
+    with pytest.raises(ConfigError, match=r"a mixture-of-experts model \(8 experts a layer\) is not supported"):
+        open_weights(path)
+    path = _edited_copy(checkpoints["llama"], tmp_path / "mixtral", architectures=["MixtralForCausalLM"])
+    with pytest.raises(ConfigError, match="architecture MixtralForCausalLM is not supported"):
+        open_weights(path)
+
+
 def test_a_bias_on_the_attention_output_is_refused(checkpoints, tmp_path):
     path = _edited_copy(checkpoints["qwen3"], tmp_path / "biased", attention_bias=True)
     with pytest.raises(ConfigError, match="attention_bias/mlp_bias .* are not supported"):
