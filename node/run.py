@@ -259,7 +259,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
 
                     async def keep_announcing():
                         with announcing:
-                            await announce_forever(host, key, opts.peer, record, dht, reach.changed)
+                            await announce_forever(host, key, opts.peer, record, dht, reach.changed,
+                                                  lambda: heads_named_by(bootstrap_id))
 
                     nursery.start_soon(keep_announcing)
                     freeze_startup_heap()  # full GC passes must not walk the model and libraries

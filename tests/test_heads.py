@@ -34,8 +34,8 @@ async def test_a_second_head_finds_the_workers_in_the_dht_and_outlives_the_first
         key = read_swarm_key(key_file)
         first = swarm.start_bootstrap("--pp-partition", "15", "15", "--swarm-key", str(key_file))
         head_a = swarm.bootstrap_proc
-        for p in [swarm.start_worker("--stage", s, "--swarm-key", str(key_file), wait=False) for s in ("0", "1")]:
-            swarm.wait_serving(p)
+        workers = [swarm.start_worker("--stage", s, "--swarm-key", str(key_file), wait=False) for s in ("0", "1")]
+        peers = [swarm.wait_serving(p) for p in workers]
         port = free_port()  # the second head: told only where the first one is
         head_b, log = swarm._spawn(["bootstrap", "--peer", first, "--swarm-key", str(key_file),
                                     "--listen", f"/ip4/127.0.0.1/tcp/{port}"], "head-b")
@@ -43,14 +43,26 @@ async def test_a_second_head_finds_the_workers_in_the_dht_and_outlives_the_first
         assert "--pp-partition 15 15" in log.read_text()  # the swarm's plan, learned from the first head
 
         async with client(second, key) as c:
-            st = await c.wait_chains(1, timeout=60)  # no worker ever announced to this head
+            st = await c.wait_chains(1, timeout=60)  # from the DHT, or the workers' own heartbeats
             assert len(st["workers"]) == 2
+            # the workers learn of the second head from the first one's plan and heartbeat it too
+            with trio.fail_after(30):
+                while not all(f"worker {peer} joined: layers" in log.read_text() for peer in peers):
+                    await trio.sleep(0.2)
             assert (await c.ask(tokens=ids, params=greedy, stop_on_eos=False)).tokens == ref
             swarm.signal(head_a, signal.SIGKILL)
             head_a.wait(timeout=10)
             await trio.sleep(1)
             for _ in range(2):
                 assert (await c.ask(tokens=ids, params=greedy, stop_on_eos=False)).tokens == ref
+
+            # a dead worker leaves the second head's view at once, not when its DHT record expires
+            swarm.signal(workers[1], signal.SIGKILL)
+            workers[1].wait(timeout=10)
+            t0 = trio.current_time()
+            while len((await c.status())["workers"]) != 1:
+                assert trio.current_time() - t0 < 5, "the second head still lists a killed worker"
+                await trio.sleep(0.2)
 
 
 async def test_an_answer_whose_head_dies_goes_on_through_another_head(tmp_path):
