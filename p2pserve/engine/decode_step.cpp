@@ -92,15 +92,43 @@ static float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[e] += w * v[e] for e < n
+// out[e] = sum_j p[j] * values[j * stride + e] for e < d, the sum in the order of j. 64 of
+// out's values are summed in registers over all of j, then the next 64: adding one value
+// row at a time into out in memory made each row's FMAs wait on the last row's stores,
+// most of a long context's attention.
 template <class T>
-static void axpy(float w, const T* v, float* out, int64_t n) {
-  int64_t e = 0;
+static void weighted_sum(const float* p, const T* values, int64_t stride, int64_t d, int64_t n, float* out) {
+  int64_t e0 = 0;
 #if defined(P2P_AVX2)
-  const __m256 wv = _mm256_set1_ps(w);
-  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(out + e, _mm256_fmadd_ps(wv, load8(v + e), _mm256_loadu_ps(out + e)));
+  for (; e0 + 8 <= d; e0 += 64) {
+    const int64_t k1 = std::min<int64_t>(8, (d - e0) / 8);  // whole vectors of 8 in this part
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    if (k1 == 8) {
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 w = _mm256_set1_ps(p[j]);
+        const T* v = values + j * stride + e0;
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 w = _mm256_set1_ps(p[j]);
+        const T* v = values + j * stride + e0;
+        for (int k = 0; k < k1; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+      }
+    }
+    for (int k = 0; k < k1; ++k) _mm256_storeu_ps(out + e0 + 8 * k, acc[k]);
+    if (k1 < 8) {
+      e0 += 8 * k1;
+      break;
+    }
+  }
 #endif
-  for (; e < n; ++e) out[e] += w * static_cast<float>(v[e]);
+  for (int64_t e = e0; e < d; ++e) {
+    float s = 0.f;
+    for (int64_t j = 0; j < n; ++j) s += p[j] * static_cast<float>(values[j * stride + e]);
+    out[e] = s;
+  }
 }
 
 #if defined(P2P_AVX2)
@@ -397,8 +425,7 @@ class DecodeStep {
         const float top = scores(q, keys, kv_row, d, len, scale, p.data());
         const float inv = 1.f / exp_shifted(p.data(), len, top);
         float* out = A + b * n_q_ * d + h * d;
-        std::fill(out, out + d, 0.f);
-        for (int64_t j = 0; j < len; ++j) axpy(p[j], values + j * kv_row, out, d);
+        weighted_sum(p.data(), values, kv_row, d, len, out);
         for (int64_t e = 0; e < d; ++e) out[e] *= inv;
       }
     });
