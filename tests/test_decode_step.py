@@ -92,6 +92,23 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_a_context_of_several_chunks_joins_their_softmaxes(kind, checkpoints):
+    # decode_step.cpp attends 256 cached positions a chunk and joins the chunks' softmaxes
+    # (a group's heads one after another on a chunk): a sequence of 600 cached positions
+    # (three chunks, the last a part one) beside one of 5 (one chunk), in slots out of order
+    source = open_weights(checkpoints["llama"])
+    stage = load_stage(source, 0, source.config.n_layers, dtype=KINDS[kind][1])
+    stage.allocate(2, 1024)  # past the tiny config's 256 positions: RoPE's tables follow the cache
+    long, short = [(7 * i + 3) % 200 for i in range(600)], [5, 9, 11, 2, 7]
+    stage(Batch((1,), (0,), len(long)), torch.tensor([long]))
+    stage(Batch((0,), (0,), len(short)), torch.tensor([short]))
+    (eager, _), (fused, _) = step_both_ways(stage, Batch((0, 1), (len(short), len(long)), 1), [9, 4])
+    assert stage._decode_step is not None, "the fused step was not used"
+    torch.testing.assert_close(fused, eager, rtol=0, atol=TOLERANCE[kind] * eager.abs().max().item())
+    assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_a_longer_context_takes_the_attention_s_eight_key_blocks(family, kind, checkpoints):
     # 46 cached keys: five blocks of eight (decode_step.cpp: scores, exp_shifted) and a

@@ -15,6 +15,7 @@
 // bf16, but computes in fp32 in between: only what the modules store in bf16 (weights,
 // cache, the hidden state between stages) is rounded to it, and each GEMV rounds its input.
 #include <pybind11/stl.h>
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -412,23 +413,53 @@ class DecodeStep {
       store(row + n_q_ * d, kv_row, KC + at);
       store(row + (n_q_ + n_kv_) * d, kv_row, VC + at);
     }
+    // Work items: (sequence, KV group, chunk of CHUNK cached positions, query head of the
+    // group), in that order. A group's heads take a chunk one after another, so its keys and
+    // values come from memory once (CHUNK positions' fit any L2), and a long context's
+    // chunks spread over the threads, as a few heads a sequence do not. Each item keeps its
+    // chunk's largest score, sum of exponentials and unnormalised output; the softmax over
+    // every chunk rescales them to the largest score (flash-decoding). A context of up to
+    // CHUNK positions is one chunk, computed exactly as a whole row.
+    constexpr int64_t CHUNK = 256;
     const int64_t group = n_q_ / n_kv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    at::parallel_for(0, B * n_q_, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> chunks(B), first(B + 1, 0);  // sequence b's items: [first[b], first[b + 1])
+    for (int64_t b = 0; b < B; ++b) chunks[b] = (starts[b] + CHUNK) / CHUNK, first[b + 1] = first[b] + n_q_ * chunks[b];
+    const int64_t n_items = first[B];
+    std::vector<float> tops(n_items), sums(n_items), outs(n_items * d);
+    at::parallel_for(0, n_items, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> p;
+      int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / n_q_, h = t % n_q_, g = h / group, len = starts[b] + 1;
+        while (t >= first[b + 1]) ++b;
+        const int64_t r = t - first[b], c = r / group % chunks[b], g = r / group / chunks[b];
+        const int64_t h = g * group + r % group, j0 = c * CHUNK, n = std::min(CHUNK, starts[b] + 1 - j0);
         const float* q = QKV + b * width + h * d;
-        const T* keys = KC + slots[b] * max_len * kv_row + g * d;
-        const T* values = VC + slots[b] * max_len * kv_row + g * d;
-        p.resize(len);
-        const float top = scores(q, keys, kv_row, d, len, scale, p.data());
-        const float inv = 1.f / exp_shifted(p.data(), len, top);
-        float* out = A + b * n_q_ * d + h * d;
-        weighted_sum(p.data(), values, kv_row, d, len, out);
-        for (int64_t e = 0; e < d; ++e) out[e] *= inv;
+        const T* keys = KC + (slots[b] * max_len + j0) * kv_row + g * d;
+        const T* values = VC + (slots[b] * max_len + j0) * kv_row + g * d;
+        p.resize(n);
+        tops[t] = scores(q, keys, kv_row, d, n, scale, p.data());
+        sums[t] = exp_shifted(p.data(), n, tops[t]);
+        weighted_sum(p.data(), values, kv_row, d, n, outs.data() + t * d);
       }
     });
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < n_q_; ++h) {
+        const int64_t g = h / group;
+        auto item = [&](int64_t c) { return first[b] + (g * chunks[b] + c) * group + h % group; };
+        float top = -INFINITY, total = 0.f;
+        for (int64_t c = 0; c < chunks[b]; ++c) top = std::max(top, tops[item(c)]);
+        float* out = A + b * n_q_ * d + h * d;
+        std::fill(out, out + d, 0.f);
+        for (int64_t c = 0; c < chunks[b]; ++c) {
+          const float w = std::exp(tops[item(c)] - top);
+          const float* o = outs.data() + item(c) * d;
+          total += sums[item(c)] * w;
+          for (int64_t e = 0; e < d; ++e) out[e] += o[e] * w;
+        }
+        const float inv = 1.f / total;
+        for (int64_t e = 0; e < d; ++e) out[e] *= inv;
+      }
   }
 
   torch::Tensor mlp_(int64_t i, const torch::Tensor& x) const {

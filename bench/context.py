@@ -1,0 +1,103 @@
+"""One-stage decode at long contexts, against the floor of the bytes a step reads.
+
+A decode step at position p reads every weight once and, in each layer, the keys and values
+of the p positions before it: at a few thousand positions the KV cache is as many bytes as
+a quantized model. This bench fills the cache of one stage holding the whole default model
+(SmolLM2-135M) with random keys and values (a step's time does not depend on their values)
+and times the decode step at each position, the real path (``StageModel.forward``: the fused
+step, the head) with a greedy argmax after it. It prints, per dtype and position:
+
+- ms per step, and its ratio to the same dtype's step at the first position (what the
+  attention over the cache adds);
+- the floor: read bandwidth (measured in the same run, the fastest of its measurements, as
+  bench/engine.py measures it) / (weight bytes + KV bytes read at that position), and the
+  step's fraction of it.
+
+    python bench/context.py                      # fp32 bf16 int8 int4 at 1 .. 2000
+    python bench/context.py --dtypes int4 --positions 1 1000 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from engine import CORES, DTYPES, bytes_per_token, read_bandwidth
+from p2pserve.engine.build import load_stage
+from p2pserve.engine.model import Batch
+from p2pserve.engine.weights import open_weights
+from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.testing.machine import cpu_model
+
+
+def step_times(dtype: str, positions: list[int], reps: int) -> dict[int, float]:
+    """Median seconds of a decode step at each position, the positions interleaved by round."""
+    source = open_weights(None)
+    config = source.config
+    stage = load_stage(source, 0, config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
+    stage.allocate(1, max(positions) + 1)
+    token = torch.tensor([[config.bos_token_id or 1]])
+    times: dict[int, list[float]] = {p: [] for p in positions}
+    with torch.inference_mode():
+        stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill, then the step is built
+        stage.forward(Batch((0,), (8,), 1), token)
+        for block in stage.blocks:
+            block.attn.cache.k.normal_()
+            block.attn.cache.v.normal_()
+        for _ in range(reps):
+            for p in positions:
+                t0 = time.perf_counter()
+                int(torch.argmax(stage.forward(Batch((0,), (p - 1,), 1), token)[0]))
+                times[p].append(time.perf_counter() - t0)
+    return {p: statistics.median(ts) for p, ts in times.items()}
+
+
+def kv_bytes(dtype: str, position: int) -> int:
+    """Keys and values a step at ``position`` reads: every cached position's and its own."""
+    config = open_weights(None).config
+    return 2 * config.n_layers * position * config.n_kv_heads * config.head_dim * parse_dtype(dtype).itemsize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
+    parser.add_argument("--positions", nargs="+", type=int, default=[1, 250, 500, 1000, 2000],
+                        help="positions of the new token (1: an empty cache)")
+    parser.add_argument("--reps", type=int, default=30, help="steps timed per position")
+    parser.add_argument("--threads", type=int, default=CORES)
+    args = parser.parse_args()
+    if min(args.positions) < 1:
+        parser.error("positions start at 1")
+    positions = sorted(set(args.positions))
+    console = Console(width=130)
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth(args.threads)
+    console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results = {}
+    for dtype in args.dtypes:
+        console.print(f"measuring {dtype}…")
+        results[dtype] = step_times(dtype, positions, args.reps)
+        bandwidth = max(bandwidth, read_bandwidth(args.threads))
+    console.print(f"read bandwidth, the fastest of the run: {bandwidth / 1e9:.1f} GB/s (the floors below use it)")
+    table = Table(title=f"one-stage decode step by position, SmolLM2-135M, {cpu_model()}, {args.threads} threads")
+    for col in ("dtype", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for dtype, times in results.items():
+        weights = bytes_per_token(dtype)
+        for p in positions:
+            floor = (weights + kv_bytes(dtype, p)) / bandwidth
+            table.add_row(dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
+                          f"{kv_bytes(dtype, p) / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
+    console.print(table)
+    console.print(f"(load average now {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
