@@ -59,9 +59,8 @@ def step_times(dtype: str, positions: list[int], reps: int) -> dict[int, float]:
     return {p: statistics.median(ts) for p, ts in times.items()}
 
 
-def kv_bytes(dtype: str, position: int) -> int:
+def kv_bytes(config, dtype: str, position: int) -> int:
     """Keys and values a step at ``position`` reads: every cached position's and its own."""
-    config = open_weights(None).config
     return 2 * config.n_layers * position * config.n_kv_heads * config.head_dim * parse_dtype(dtype).itemsize
 
 
@@ -89,12 +88,14 @@ def main() -> None:
     table = Table(title=f"one-stage decode step by position, SmolLM2-135M, {cpu_model()}, {args.threads} threads")
     for col in ("dtype", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
         table.add_column(col, justify="left" if col == "dtype" else "right")
+    config = open_weights(None).config
     for dtype, times in results.items():
         weights = bytes_per_token(dtype)
         for p in positions:
-            floor = (weights + kv_bytes(dtype, p)) / bandwidth
+            kv = kv_bytes(config, dtype, p)
+            floor = (weights + kv) / bandwidth
             table.add_row(dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
-                          f"{kv_bytes(dtype, p) / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
+                          f"{kv / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
     console.print(table)
     console.print(f"(load average now {os.getloadavg()[0]:.1f})")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,11 @@ def test_a_mixture_of_experts_gguf_is_refused_as_such(checkpoints, tmp_path):
     path = make_tiny_gguf(tmp_path / "mixtral.gguf", checkpoints["llama"],
                           metadata={"llama.expert_count": 8, "llama.expert_used_count": 2})
     with pytest.raises(ConfigError, match=r"a mixture-of-experts model \(8 experts a layer\) is not supported"):
+        open_weights(path)
+    # without the count in its metadata, the router's tensor tells it
+    router = {"blk.0.ffn_gate_inp.weight": (np.zeros((8, 64), np.float32), "F32")}
+    path = make_tiny_gguf(tmp_path / "router.gguf", checkpoints["llama"], tensors=router)
+    with pytest.raises(ConfigError, match="a mixture-of-experts model is not supported"):
         open_weights(path)
     path = _edited_copy(checkpoints["llama"], tmp_path / "mixtral", architectures=["MixtralForCausalLM"])
     with pytest.raises(ConfigError, match="architecture MixtralForCausalLM is not supported"):

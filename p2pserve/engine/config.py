@@ -202,9 +202,9 @@ class ModelConfig:
             scaling = _rope_scaling_from_gguf(meta)
         # llama.cpp converts Mixtral to "llama" with experts in place of the MLP: refused
         # here, not as a missing ffn_gate tensor when a stage loads
-        experts = meta("expert_count") or ("blk.0.ffn_gate_inp.weight" in tensors)
-        if experts:
-            count = f" ({experts} experts a layer)" if experts is not True else ""
+        experts = meta("expert_count")
+        if experts or "blk.0.ffn_gate_inp.weight" in tensors:
+            count = f" ({experts} experts a layer)" if experts else ""
             raise ConfigError(f"{name}: a mixture-of-experts model{count} is not supported; "
                               "only dense Llama, Mistral, Qwen2 and Qwen3 models are")
         if "blk.0.attn_output.bias" in tensors:

@@ -101,28 +101,20 @@ template <class T>
 static void weighted_sum(const float* p, const T* values, int64_t stride, int64_t d, int64_t n, float* out) {
   int64_t e0 = 0;
 #if defined(P2P_AVX2)
-  for (; e0 + 8 <= d; e0 += 64) {
-    const int64_t k1 = std::min<int64_t>(8, (d - e0) / 8);  // whole vectors of 8 in this part
-    __m256 acc[8];
-    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-    if (k1 == 8) {
+  while (e0 + 8 <= d) {
+    const int64_t vectors = std::min<int64_t>(8, (d - e0) / 8);  // whole vectors of 8 in this pass
+    with_rows<8>(vectors, [&](auto R) {
+      constexpr int K = decltype(R)::value;
+      __m256 acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
         const __m256 w = _mm256_set1_ps(p[j]);
         const T* v = values + j * stride + e0;
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+        for (int k = 0; k < K; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
       }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 w = _mm256_set1_ps(p[j]);
-        const T* v = values + j * stride + e0;
-        for (int k = 0; k < k1; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
-      }
-    }
-    for (int k = 0; k < k1; ++k) _mm256_storeu_ps(out + e0 + 8 * k, acc[k]);
-    if (k1 < 8) {
-      e0 += 8 * k1;
-      break;
-    }
+      for (int k = 0; k < K; ++k) _mm256_storeu_ps(out + e0 + 8 * k, acc[k]);
+    });
+    e0 += 8 * vectors;
   }
 #endif
   for (int64_t e = e0; e < d; ++e) {
