@@ -1,10 +1,11 @@
 """Tiny random checkpoints, made in a test's temporary directory in well under a second.
 
-``make_tiny_llama`` (and ``make_tiny_qwen2``, ``make_tiny_qwen3``, ``make_tiny_mistral``)
+``make_tiny_llama`` (and ``make_tiny_qwen2``, ``make_tiny_qwen3``, ``make_tiny_mistral``,
+``make_tiny_mixtral``)
 writes a Hugging Face directory the way ``save_pretrained`` does; ``make_tiny_gguf``
 converts one to GGUF the way llama.cpp's ``convert_hf_to_gguf.py`` does (q/k rows
 permuted per head for the "llama" architecture only, linear weights quantized, no
-``output.weight`` when tied).
+``output.weight`` when tied, a layer's experts stacked in one tensor a projection).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from p2pserve.engine.config import SUPPORTED_ARCHITECTURES, llama3_rope_factors
+from p2pserve.engine.weights import EXPERT_TENSORS
 
 
 def make_tiny_llama(
@@ -97,6 +99,20 @@ def make_tiny_mistral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2
     return _save_random(MistralForCausalLM, config, dirpath, seed=seed)
 
 
+def make_tiny_mixtral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=64,
+                      vocab=256, experts=4, used=2, seed=0) -> Path:
+    """A random ``MixtralForCausalLM``: ``experts`` MLPs a layer, ``used`` of them a token."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+        num_local_experts=experts, num_experts_per_tok=used, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    return _save_random(MixtralForCausalLM, config, dirpath, seed=seed)
+
+
 def _save_random(model_class, config, dirpath, *, seed, dtype=torch.float32, shards=1) -> Path:
     dirpath = Path(dirpath)
     torch.manual_seed(seed)
@@ -141,6 +157,11 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         f"{arch}.attention.value_length": head_dim,
     }
 
+    experts = hf.get("num_local_experts")
+    if experts:
+        metadata = {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": hf["num_experts_per_tok"],
+                    **(metadata or {})}
+
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in {
         f"{arch}.block_count": hf["num_hidden_layers"],
@@ -160,9 +181,15 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
     }.items():
         _add_value(writer, key, value)
 
+    if experts:
+        for i in range(hf["num_hidden_layers"]):  # [experts, out, in], as llama.cpp stacks them
+            for w, gguf_part in EXPERT_TENSORS.items():
+                names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(experts)]
+                state[f"blk.{i}.{gguf_part}.weight"] = torch.stack([state.pop(n) for n in names])
+
     out = {}
     for name, tensor in state.items():
-        gguf_name = _gguf_name(name)
+        gguf_name = name if name.startswith("blk.") else _gguf_name(name)
         if gguf_name is None:
             continue
         w = tensor.float().numpy()
@@ -170,11 +197,13 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
             w = _permute(w, n_heads)
         elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _permute(w, n_kv)
-        if w.ndim == 1:
+        if w.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight"):  # llama.cpp keeps routers F32
             out[gguf_name] = (w, "F32")
         else:
             qt = gguf.GGMLQuantizationType[qtype]
-            out[gguf_name] = (quantize_q4_k(w) if qtype == "Q4_K" else gguf.quants.quantize(w, qt), qtype)
+            rows = w.reshape(-1, w.shape[-1])  # a stack of experts' as one matrix
+            q = quantize_q4_k(rows) if qtype == "Q4_K" else gguf.quants.quantize(rows, qt)
+            out[gguf_name] = (q.reshape(*w.shape[:-1], q.shape[-1]), qtype)
     if hf.get("tie_word_embeddings"):
         out.pop("output.weight", None)
     if rope.get("rope_type") == "llama3":

@@ -8,12 +8,18 @@ import torch
 
 from p2pserve.engine import quant as quantized
 from p2pserve.engine.config import ModelConfig
-from p2pserve.engine.model import MLP, Attention, Block, RMSNorm, StageModel, pack_linear
+from p2pserve.engine.model import MLP, Attention, Block, MoE, RMSNorm, StageModel, pack_linear
 from p2pserve.engine.tp import Shard, shard_for
 from p2pserve.engine.weights import WeightSource, tensor_shape
 
-# the roles of a stage's tensors that are linear weights (quantized in an int8/int4 stage)
+# the roles of a stage's tensors that are linear weights (quantized in an int8/int4 stage);
+# expert e's are "gate.e", "up.e" and "down.e" (``is_linear``). A MoE router stays float:
+# its rounding would move tokens to other experts.
 LINEARS = frozenset({"q", "k", "v", "o", "gate", "up", "down", "head"})
+
+
+def is_linear(role: str) -> bool:
+    return role.partition(".")[0] in LINEARS
 # bytes per value of a quantized linear weight, its scales aside: what ``progress`` counts
 QUANT_VALUE_BYTES = {"int8": 1.0, "int4": 0.5}
 
@@ -38,7 +44,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
     ends = _end_tensors(config, start, end, leader=rank == 0, quant=quant)
 
     def size(role: str, name: str, rows, cols) -> int:
-        per_value = QUANT_VALUE_BYTES[quant] if quant is not None and role in LINEARS else dtype.itemsize
+        per_value = QUANT_VALUE_BYTES[quant] if quant is not None and is_linear(role) else dtype.itemsize
         return round(_values(config, name, rows, cols) * per_value)
 
     total = sum(size(role, *t) for tensors in (*layers, ends) for role, t in tensors.items())
@@ -58,7 +64,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
         """One of the stage's tensors (read by ``load(name, rows, cols)`` where given),
         counted for ``progress``."""
         nonlocal done
-        t = (load or (weight if role in LINEARS else get))(*tensors[role])
+        t = (load or (weight if is_linear(role) else get))(*tensors[role])
         done += size(role, *tensors[role])
         if progress is not None:
             progress(done, total)
@@ -80,11 +86,15 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             bqkv = torch.cat([read(t, "q_bias"), read(t, "k_bias"), read(t, "v_bias")])
         if config.qk_norm:  # over one head's dimensions, so every rank holds all of it
             q_norm, k_norm = RMSNorm(read(t, "q_norm"), eps), RMSNorm(read(t, "k_norm"), eps)
-        w13 = linear(read(t, "gate"), read(t, "up"))
-        w2 = linear(read(t, "down"))
+        if config.is_moe:  # every rank routes alike, each expert sliced as the dense MLP is
+            router = pack_linear(read(t, "router"))
+            mlp = MoE(router, [MLP(linear(read(t, f"gate.{e}"), read(t, f"up.{e}")), linear(read(t, f"down.{e}")))
+                               for e in range(config.n_experts)], config.n_experts_used)
+        else:
+            mlp = MLP(linear(read(t, "gate"), read(t, "up")), linear(read(t, "down")))
         blocks.append(Block(
             Attention(config, shard, wqkv, wo, bqkv, q_norm, k_norm),
-            MLP(w13, w2),
+            mlp,
             RMSNorm(read(t, "input_norm"), eps),
             RMSNorm(read(t, "post_norm"), eps),
             all_reduce,
@@ -110,12 +120,18 @@ def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple
         "k": (p + "self_attn.k_proj.weight", kv, None),
         "v": (p + "self_attn.v_proj.weight", kv, None),
         "o": (p + "self_attn.o_proj.weight", None, q),
-        "gate": (p + "mlp.gate_proj.weight", shard.ffn, None),
-        "up": (p + "mlp.up_proj.weight", shard.ffn, None),
-        "down": (p + "mlp.down_proj.weight", None, shard.ffn),
         "input_norm": (p + "input_layernorm.weight", None, None),
         "post_norm": (p + "post_attention_layernorm.weight", None, None),
     }
+    if config.is_moe:
+        tensors["router"] = (p + "block_sparse_moe.gate.weight", None, None)
+        for e in range(config.n_experts):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            tensors.update({f"gate.{e}": (x + "w1.weight", shard.ffn, None), f"up.{e}": (x + "w3.weight", shard.ffn, None),
+                            f"down.{e}": (x + "w2.weight", None, shard.ffn)})
+    else:
+        tensors.update(gate=(p + "mlp.gate_proj.weight", shard.ffn, None), up=(p + "mlp.up_proj.weight", shard.ffn, None),
+                       down=(p + "mlp.down_proj.weight", None, shard.ffn))
     if config.qkv_bias:
         tensors.update(q_bias=(p + "self_attn.q_proj.bias", q, None), k_bias=(p + "self_attn.k_proj.bias", kv, None),
                        v_bias=(p + "self_attn.v_proj.bias", kv, None))

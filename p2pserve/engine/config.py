@@ -1,8 +1,9 @@
 """The shape of a Llama-family model, read from a Hugging Face config.json or GGUF metadata.
 
-The families differ only in attention: Qwen2 adds biases to the q/k/v projections, Qwen3
+The families differ in attention: Qwen2 adds biases to the q/k/v projections, Qwen3
 normalises each q and k head (RMSNorm over the head dimension) before RoPE; Mistral is
-a Llama whose context is bounded by its sliding window.
+a Llama whose context is bounded by its sliding window. Mixtral is a Mistral whose MLP is
+a mixture of experts (``n_experts`` of them a layer, ``n_experts_used`` for each token).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from p2pserve.errors import ConfigError
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
@@ -28,7 +30,7 @@ SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # Off in a Llama; left out of the fingerprint while off, so a Llama's fingerprint does not
 # change when this version learns another family.
-_FAMILY_FEATURES = ("qkv_bias", "qk_norm")
+_FAMILY_FEATURES = ("qkv_bias", "qk_norm", "n_experts", "n_experts_used")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class ModelConfig:
     arch: str = "llama"
     qkv_bias: bool = False  # the q, k and v projections add a bias (Qwen2)
     qk_norm: bool = False  # each q and k head is RMS-normalised before RoPE (Qwen3)
+    n_experts: int = 0  # MLPs a layer, of which a router picks n_experts_used a token (Mixtral); 0: one, dense
+    n_experts_used: int = 0
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -58,12 +62,21 @@ class ModelConfig:
                 f"{self.name}: {self.n_heads} attention heads is not a multiple of "
                 f"{self.n_kv_heads} KV heads"
             )
+        if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
+            raise ConfigError(
+                f"{self.name}: {self.n_experts_used} experts used a token is not between 1 and its "
+                f"{self.n_experts} experts a layer"
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"{self.name}: rope_scaling type {rope_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def group_size(self) -> int:
@@ -122,6 +135,7 @@ class ModelConfig:
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         if window:
             context = min(context, window)
+        moe = "MixtralForCausalLM" in archs
         return cls(
             name=name,
             n_layers=hf["num_hidden_layers"],
@@ -141,6 +155,8 @@ class ModelConfig:
             arch=family,
             qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
+            n_experts=hf["num_local_experts"] if moe else 0,
+            n_experts_used=hf["num_experts_per_tok"] if moe else 0,
         )
 
     @classmethod
@@ -200,13 +216,16 @@ class ModelConfig:
             scaling = _llama3_rope_from_factors(factors, head_dim, rope_theta, name)
         else:
             scaling = _rope_scaling_from_gguf(meta)
-        # llama.cpp converts Mixtral to "llama" with experts in place of the MLP: refused
-        # here, not as a missing ffn_gate tensor when a stage loads
-        experts = meta("expert_count")
+        # llama.cpp converts Mixtral to "llama" with a router (ffn_gate_inp) and each
+        # layer's experts stacked in one tensor a projection (ffn_gate_exps, ...)
+        experts, used = meta("expert_count", 0), meta("expert_used_count", 0)
         if experts or "blk.0.ffn_gate_inp.weight" in tensors:
-            count = f" ({experts} experts a layer)" if experts else ""
-            raise ConfigError(f"{name}: a mixture-of-experts model{count} is not supported; "
-                              "only dense Llama, Mistral, Qwen2 and Qwen3 models are")
+            if not (experts and used):
+                raise ConfigError(f"{name}: a mixture-of-experts model whose metadata lacks "
+                                  f"{arch}.expert_count or {arch}.expert_used_count")
+            if "blk.0.ffn_gate_exps.weight" not in tensors:
+                raise ConfigError(f"{name}: the experts are not stacked in blk.N.ffn_gate_exps (a GGUF "
+                                  "of llama.cpp before 2024, one tensor an expert): convert it again")
         if "blk.0.attn_output.bias" in tensors:
             raise ConfigError(f"{name}: a bias on the attention output projection is not supported")
         eos_keys = (
@@ -234,6 +253,8 @@ class ModelConfig:
             arch=arch,
             qkv_bias="blk.0.attn_q.bias" in tensors,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
+            n_experts=experts,
+            n_experts_used=used,
         )
 
 

@@ -273,6 +273,33 @@ class MLP(nn.Module):
         return linear(F.silu(gate) * up, self.w2)
 
 
+class MoE(nn.Module):
+    """Mixtral's sparse MLP: a router scores the experts for each token, the ``top_k`` best
+    run, and their outputs are summed weighted by their softmax probabilities renormalised
+    over the chosen ones, as transformers computes it (probabilities in fp32, each expert's
+    weighted output rounded to the activations' dtype, experts added in index order).
+    Under TP each rank holds a slice of every expert and routes the same whole activation,
+    so its sum is a part of the full one, as a dense MLP's is."""
+
+    def __init__(self, router, experts: list[MLP], top_k: int):
+        super().__init__()
+        self.router = _weight(router)
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(linear(flat, self.router).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():  # sorted
+            rows, k = torch.where(chosen == e)
+            y = self.experts[e](flat[rows]) * weights[rows, k, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out.view(x.shape)
+
+
 class Block(nn.Module):
     def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm, all_reduce=None):
         super().__init__()
@@ -401,7 +428,7 @@ class StageModel(nn.Module):
     def _build_decode_step(self):
         """``kernels.DecodeStep`` over this stage's layers, or None where it cannot run them:
         activations other than fp32 or bf16 on a CPU, no vectorised kernels, a weight in a
-        layout it does not read."""
+        layout it does not read, a mixture of experts."""
         if not (len(self.blocks) and self.device.type == "cpu" and self.dtype in kernels.FLOAT_WEIGHTS
                 and kernels.vectorised()):
             return None
@@ -409,6 +436,8 @@ class StageModel(nn.Module):
                                    self.config.head_dim, self.cos, self.sin)
         for block in self.blocks:
             attn, mlp = block.attn, block.mlp
+            if not isinstance(mlp, MLP):  # a mixture of experts runs in the modules
+                return None
             weights = [kernel_linear(w) for w in (attn.wqkv, attn.wo, mlp.w13, mlp.w2)]
             if None in weights:
                 return None

@@ -8,6 +8,11 @@ and GGUF rows are cut from memory maps before anything is copied or dequantized.
 weights to an int8 stage, as their stored values and block scales, so the stage packs them
 without a round trip through float32 and without a second rounding. Other types (a Q4_K_M
 file's Q6_K tensors) are dequantized by rows and the stage quantizes them itself.
+
+A mixture-of-experts layer's tensors have Mixtral's names (``block_sparse_moe.gate`` the
+router, ``block_sparse_moe.experts.{e}.w1/w3/w2`` expert e's gate, up and down), each expert
+a matrix of its own; a GGUF stacks a layer's experts in one 3-D tensor a projection, and
+expert e is its e-th matrix.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import gguf
 import numpy as np
@@ -49,7 +54,11 @@ LAYER_TENSORS = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "block_sparse_moe.gate": "ffn_gate_inp",
 }
+# An expert's projection (Mixtral's name) -> the GGUF tensor that stacks it over the experts.
+EXPERT_TENSORS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
 # Hugging Face name outside the layers -> llama.cpp's name.
 MODEL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -111,10 +120,16 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
             "self_attn.k_proj.weight": (kv_rows, hidden),
             "self_attn.v_proj.weight": (kv_rows, hidden),
             "self_attn.o_proj.weight": (hidden, q_rows),
-            "mlp.gate_proj.weight": (inter, hidden),
-            "mlp.up_proj.weight": (inter, hidden),
-            "mlp.down_proj.weight": (hidden, inter),
         }
+        if config.is_moe:
+            shapes["block_sparse_moe.gate.weight"] = (config.n_experts, hidden)
+            for e in range(config.n_experts):
+                p = f"block_sparse_moe.experts.{e}."
+                shapes.update({p + "w1.weight": (inter, hidden), p + "w3.weight": (inter, hidden),
+                               p + "w2.weight": (hidden, inter)})
+        else:
+            shapes.update({"mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+                           "mlp.down_proj.weight": (hidden, inter)})
         if config.qkv_bias:
             shapes.update({
                 "self_attn.q_proj.bias": (q_rows,),
@@ -273,16 +288,30 @@ class GGUFWeights(WeightSource):
         self.config = ModelConfig.from_gguf(reader, _model_name(path))
         self._tensors = {t.name: t for t in reader.tensors}
 
-    def _tensor(self, name: str):
+    def _tensor(self, name: str) -> _Matrix:
         match = _LAYER_NAME.fullmatch(name)
-        gguf_name = f"blk.{match[1]}.{LAYER_TENSORS[match[2]]}.{match[3]}" if match else MODEL_TENSORS[name]
+        expert = None
+        if match is None:
+            gguf_name = MODEL_TENSORS[name]
+        else:
+            expert = _EXPERT.fullmatch(match[2])
+            part = EXPERT_TENSORS[expert[2]] if expert else LAYER_TENSORS[match[2]]
+            gguf_name = f"blk.{match[1]}.{part}.{match[3]}"
         if gguf_name not in self._tensors:
             raise WeightsError(f"{self.path}: tensor {gguf_name} (Hugging Face {name}) is missing")
-        return self._tensors[gguf_name]
+        tensor = self._tensors[gguf_name]
+        # ggml lists dimensions fastest-moving first: [in, out] for a linear weight,
+        # [in, out, experts] for a stack of experts' weights
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if not expert:
+            return _Matrix(gguf_name, tensor.data, tensor.tensor_type, shape)
+        e = int(expert[1])
+        if len(shape) != 3 or e >= shape[0]:
+            raise WeightsError(f"{self.path}: {gguf_name} has shape {list(shape)}, which holds no expert {e}")
+        return _Matrix(gguf_name, tensor.data[e], tensor.tensor_type, shape[1:])
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        # ggml lists dimensions fastest-moving first: [in, out] for a linear weight.
-        return tuple(int(d) for d in reversed(self._tensor(name).shape))
+        return self._tensor(name).shape
 
     def _read(self, name, rows, cols):
         tensor = self._tensor(name)
@@ -321,6 +350,17 @@ class GGUFWeights(WeightSource):
         if permuted:
             parts = tuple(_unpermute_heads(t, self.config.head_dim) for t in parts)
         return parts
+
+
+class _Matrix(NamedTuple):
+    """A GGUF tensor (or one expert of a stack), as ``_read`` cuts it: its name, the memory
+    map's rows (values, or a quantized type's bytes), their ggml type and the shape in HF
+    layout."""
+
+    name: str
+    data: np.ndarray
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
 
 
 BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block, and per Q4_K sub-block

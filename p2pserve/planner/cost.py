@@ -154,18 +154,36 @@ class Shard:
         return cls(kv, kv * model.group_size, -(-model.intermediate_size // tp))
 
 
-def layer_params(model: ModelConfig, shard: Shard) -> int:
+def _float_params(model: ModelConfig) -> int:
+    """A layer's parameters a quantized stage keeps in the activations' dtype: its two
+    RMSNorm weights, and a mixture of experts' router."""
+    return (2 + model.n_experts) * model.hidden_size
+
+
+def layer_params(model: ModelConfig, shard: Shard, experts: float | None = None) -> float:
+    """One layer's parameters on the leader; of a mixture of experts, ``experts`` of them
+    (all it holds where None: what a token uses is ``n_experts_used``)."""
     h, hd = model.hidden_size, model.head_dim
     attention = h * (shard.q_heads + 2 * shard.kv_heads) * hd + shard.q_heads * hd * h  # qkv + o
     mlp = 3 * h * shard.ffn  # gate, up, down
-    return attention + mlp + 2 * h  # + two RMSNorm weights
+    if model.is_moe:
+        mlp *= model.n_experts if experts is None else experts
+    return attention + mlp + _float_params(model)
 
 
-def layer_bytes(model: ModelConfig, shard: Shard, dtype: Dtype) -> float:
-    """One layer's weights: its linear weights in ``dtype``, its two RMSNorm weights in the
-    activations' dtype (a quantized stage keeps them float)."""
-    norms = 2 * model.hidden_size
-    return (layer_params(model, shard) - norms) * dtype.weight_bytes + norms * dtype.act_bytes
+def layer_bytes(model: ModelConfig, shard: Shard, dtype: Dtype, experts: float | None = None) -> float:
+    """One layer's weights (``layer_params``'): its linear weights in ``dtype``, its norms (and
+    router) in the activations' dtype (a quantized stage keeps them float)."""
+    floats = _float_params(model)
+    return (layer_params(model, shard, experts) - floats) * dtype.weight_bytes + floats * dtype.act_bytes
+
+
+def experts_read(model: ModelConfig, tokens: int) -> float:
+    """How many of a layer's experts a step of ``tokens`` tokens reads, expected where each
+    token picks its ``n_experts_used`` uniformly (0 for a dense model)."""
+    if not model.is_moe:
+        return 0
+    return model.n_experts * (1 - (1 - model.n_experts_used / model.n_experts) ** tokens)
 
 
 def weights_bytes(model: ModelConfig, dtype: Dtype) -> float:
@@ -205,15 +223,18 @@ def stage_cost(model: ModelConfig, dtype: Dtype, kinds: tuple[DeviceType, ...], 
     shard = Shard.of(model, tp)
     h, hd, vocab = model.hidden_size, model.head_dim, model.vocab_size
     w_bytes = layer_bytes(model, shard, dtype)
+    used = model.n_experts_used or None  # experts a token computes with
     kv_token = kv_bytes_per_token(model, shard, dtype)
     # activations one token leaves behind in a layer: x, residual, normed x, qkv, gate/up, silu*up
     act_row = (3 * h + (shard.q_heads + 2 * shard.kv_heads) * hd + 3 * shard.ffn) * dtype.act_bytes
 
     def layer_time(batch: int, new: int, attended: float, kv_read: float) -> float:
         tokens = batch * new
-        flops = 2 * layer_params(model, shard) * tokens + 4 * shard.q_heads * hd * new * attended * batch
-        # weights once per step; each sequence's cache read once, new keys written once
-        moved = w_bytes + batch * (kv_read + new) * kv_token + tokens * act_row
+        flops = 2 * layer_params(model, shard, used) * tokens + 4 * shard.q_heads * hd * new * attended * batch
+        # weights once per step (a mixture's experts that its tokens pick); each sequence's
+        # cache read once, new keys written once
+        read = layer_bytes(model, shard, dtype, experts_read(model, tokens)) if model.is_moe else w_bytes
+        moved = read + batch * (kv_read + new) * kv_token + tokens * act_row
         compute = max(flops / flop_rate, moved / bandwidth)
         all_reduce = 0.0 if tp == 1 else 2 * (
             link.latency + 2 * (tp - 1) / tp * tokens * h * dtype.act_bytes / link.bandwidth)

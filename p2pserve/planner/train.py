@@ -28,7 +28,7 @@ from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.planner.cost import DTYPES, CostParams, Shard, Workload, layer_params, stage_cost
 from p2pserve.planner.devices import Device, Group
-from p2pserve.train.layout import TrainLayout, make_layout
+from p2pserve.train.layout import TrainLayout, check_trainable, make_layout
 from p2pserve.train.templates import allocate
 
 FP32 = DTYPES["fp32"]
@@ -85,6 +85,7 @@ def plan_training(model: ModelConfig, devices: list[Device], *, seq_len: int, gl
                   micro_batch: int = 1, params: CostParams = CostParams(kv_share=0.0),
                   top: int = 3) -> list[TrainProposal]:
     """The ``top`` layouts of most predicted tokens/s using every device once, best first."""
+    check_trainable(model)
     if global_batch % micro_batch:
         raise ConfigError(f"--global-batch {global_batch} is not a whole number of micro-batches of {micro_batch}")
     n_micro = global_batch // micro_batch
@@ -168,6 +169,7 @@ def _ends(groups: list[Group], s: int, params: CostParams) -> dict:
 def predict(model: ModelConfig, layout: TrainLayout, devices: list[Device], seq_len: int,
             params: CostParams = CostParams(kv_share=0.0)) -> TrainProposal:
     """The cost model's figures for a given layout, rank ``r`` on ``devices[r]``."""
+    check_trainable(model)
     if len(devices) != layout.world_size:
         raise ConfigError(f"the layout has {layout.world_size} ranks but {len(devices)} devices were given")
     ranks = iter(devices)

@@ -106,6 +106,7 @@ class TrainLayout:
 
     def check_model(self, config: ModelConfig) -> None:
         """Raise ConfigError unless every pipeline holds the whole model, TP within its KV heads."""
+        check_trainable(config)
         for p, pipe in enumerate(self.pipelines):
             if sum(pipe.layers) != config.n_layers:
                 raise ConfigError(
@@ -139,6 +140,14 @@ class TrainLayout:
     def from_dict(cls, d: dict) -> "TrainLayout":
         return make_layout(d["hetero_configs"], d["layer_partitions"], d["global_batch_sizes"],
                            d["chunks"], d.get("accum_iter", 1))
+
+
+def check_trainable(config: ModelConfig) -> None:
+    """Training covers dense models: a mixture of experts' routing and its load-balancing
+    loss are not built (it serves, it does not train)."""
+    if config.is_moe:
+        raise ConfigError(f"{config.name} is a mixture-of-experts model: p2pserve serves those but trains "
+                          "dense models only (Llama, Mistral, Qwen2, Qwen3)")
 
 
 def parse_nested(flag: str, text: str) -> list[list[int]]:
