@@ -42,7 +42,7 @@ def step_times(dtype: str, positions: list[int], reps: int) -> dict[int, float]:
     source = open_weights(None)
     config = source.config
     stage = load_stage(source, 0, config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
-    stage.allocate(1, max(positions) + 1)
+    stage.allocate(1, max(*positions, 9) + 1)  # room for the 8-token prefill and its step
     token = torch.tensor([[config.bos_token_id or 1]])
     times: dict[int, list[float]] = {p: [] for p in positions}
     with torch.inference_mode():

@@ -89,7 +89,7 @@ def read_bandwidth(threads: int, reps: int = 5) -> float:
     return BANDWIDTH_BYTES / min(times)
 
 
-def _nbytes(w) -> int:
+def nbytes(w) -> int:
     if isinstance(w, torch.nn.Module):  # a quantized weight: its integers and scales
         return sum(t.numel() * t.element_size() for t in w.buffers())
     return w.numel() * w.element_size()
@@ -103,7 +103,7 @@ def bytes_per_token(dtype: str) -> int:
     weights = [stage.head, stage.norm.weight]
     for b in stage.blocks:
         weights += [b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2, b.attn_norm.weight, b.mlp_norm.weight]
-    return sum(_nbytes(w) for w in weights)
+    return sum(nbytes(w) for w in weights)
 
 
 def parse_plan(text: str) -> Plan:

@@ -10,13 +10,14 @@
 // The arithmetic is model.py's, which is transformers': RMSNorm as w * (x * rsqrt(mean(x^2)
 // + eps)), Hugging Face's rotate-half RoPE from the stage's cos and signed-sin tables,
 // softmax(q k^T / sqrt(d)) v over the sequence's cached positions and the new one, and
-// SiLU(gate) * up. Activations are fp32; the weights are gemv.cpp's fp32, int8, int4 or
+// SiLU(gate) * up, or Mixtral's mixture of such MLPs (model.MoE). Activations are fp32; the weights are gemv.cpp's fp32, int8, int4 or
 // bf16. A bf16 stage's step takes and returns bf16 hidden states and keeps its KV cache in
 // bf16, but computes in fp32 in between: only what the modules store in bf16 (weights,
 // cache, the hidden state between stages) is rounded to it, and each GEMV rounds its input.
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 
 namespace py = pybind11;
@@ -222,7 +223,10 @@ static void rms_norm(const float* x, const float* w, float eps, float* y, int64_
 struct Layer {
   torch::Tensor attn_norm, mlp_norm;  // [hidden]
   float eps;
-  Linear qkv, o, gate_up, down;       // qkv: q, k, v rows stacked; gate_up: gate then up
+  Linear qkv, o;                      // qkv: q, k, v rows stacked
+  std::vector<Linear> gate_up, down;  // the MLP's (gate_up: gate then up), or each expert's
+  std::optional<Linear> router;       // a mixture's [experts, hidden], or none (a dense MLP)
+  int64_t top_k;                      // experts a token uses
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
@@ -246,8 +250,11 @@ class DecodeStep {
     cos_ = cos.to(at::kFloat).contiguous(), sin_ = sin.to(at::kFloat).contiguous();
   }
 
+  // gate_up and down: one each for a dense MLP; for a mixture of experts one an expert,
+  // with its router and the experts a token uses (top_k)
   void add_layer(torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps, Linear qkv, Linear o,
-                 Linear gate_up, Linear down, c10::optional<torch::Tensor> bqkv,
+                 std::vector<Linear> gate_up, std::vector<Linear> down, std::optional<Linear> router,
+                 int64_t top_k, c10::optional<torch::Tensor> bqkv,
                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
                  torch::Tensor k_cache, torch::Tensor v_cache) {
     const int64_t width = (n_q_ + 2 * n_kv_) * d_;
@@ -255,9 +262,16 @@ class DecodeStep {
       TORCH_CHECK(t.is_floating_point() && t.numel() == n, "a norm weight or bias: [", n, "] floats");
       return t.to(at::kFloat).contiguous();
     };
-    TORCH_CHECK(qkv.in == hidden_ && qkv.out == width && o.in == n_q_ * d_ && o.out == hidden_ &&
-                gate_up.in == hidden_ && gate_up.out % 2 == 0 && down.in == gate_up.out / 2 &&
-                down.out == hidden_, "the layer's weights do not have the stage's shapes");
+    TORCH_CHECK(qkv.in == hidden_ && qkv.out == width && o.in == n_q_ * d_ && o.out == hidden_,
+                "the layer's attention weights do not have the stage's shapes");
+    const int64_t experts = static_cast<int64_t>(gate_up.size());
+    TORCH_CHECK(experts >= 1 && static_cast<int64_t>(down.size()) == experts &&
+                (router ? router->in == hidden_ && router->out == experts && 1 <= top_k && top_k <= experts
+                        : experts == 1), "an MLP, or a router over its experts and 1 <= top_k <= experts");
+    for (int64_t e = 0; e < experts; ++e)
+      TORCH_CHECK(gate_up[e].in == hidden_ && gate_up[e].out == gate_up[0].out && gate_up[e].out % 2 == 0 &&
+                  down[e].in == gate_up[e].out / 2 && down[e].out == hidden_,
+                  "the layer's MLP weights do not have the stage's shapes");
     const auto cache_type = k_cache.scalar_type();
     TORCH_CHECK(k_cache.is_contiguous() && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
                 k_cache.dim() == 4 && k_cache.size(1) == cos_.size(0) && k_cache.size(2) == n_kv_ &&
@@ -266,7 +280,7 @@ class DecodeStep {
     TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
-            std::move(o), std::move(gate_up), std::move(down),
+            std::move(o), std::move(gate_up), std::move(down), std::move(router), top_k,
             bqkv ? vec(*bqkv, width) : torch::Tensor(),
             q_norm ? vec(*q_norm, d_) : torch::Tensor(), k_norm ? vec(*k_norm, d_) : torch::Tensor(),
             static_cast<float>(qk_eps), k_cache, v_cache};
@@ -456,20 +470,66 @@ class DecodeStep {
 
   torch::Tensor mlp_(int64_t i, const torch::Tensor& x) const {
     const Layer& l = layers_[i];
-    const int64_t B = x.size(0), inter = l.down.in;
+    const int64_t B = x.size(0);
     auto xn = torch::empty_like(x);
     float* XN = xn.data_ptr<float>();
     const float* X = x.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       rms_norm(X + b * hidden_, l.mlp_norm.data_ptr<float>(), l.eps, XN + b * hidden_, hidden_);
-    auto gu = torch::empty({B, 2 * inter}, x.options());
-    float* GU = gu.data_ptr<float>();
-    l.gate_up.apply(XN, B, GU);
-    auto act = torch::empty({B, inter}, x.options());
-    float* ACT = act.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) silu_mul(GU + b * 2 * inter, GU + b * 2 * inter + inter, ACT + b * inter, inter);
-    auto y = torch::empty_like(x);
-    l.down.apply(ACT, B, y.data_ptr<float>());
+    if (!l.router) {
+      auto y = torch::empty_like(x);
+      swiglu(l.gate_up[0], l.down[0], XN, B, y.data_ptr<float>());
+      return y;
+    }
+    return mixture(l, XN, B);
+  }
+
+  // Y [M, hidden] = down(SiLU(gate X) * up X) for X [M, hidden]
+  static void swiglu(const Linear& gate_up, const Linear& down, const float* X, int64_t M, float* Y) {
+    const int64_t inter = down.in;
+    std::vector<float> gu(M * 2 * inter), act(M * inter);
+    gate_up.apply(X, M, gu.data());
+    for (int64_t m = 0; m < M; ++m)
+      silu_mul(gu.data() + m * 2 * inter, gu.data() + m * 2 * inter + inter, act.data() + m * inter, inter);
+    down.apply(act.data(), M, Y);
+  }
+
+  // model.MoE for XN [B, hidden]: each row's top_k experts by the softmax of the router's
+  // scores, each expert run once on the rows that chose it, its outputs weighted by their
+  // probabilities renormalised over the chosen ones and added in the experts' order
+  torch::Tensor mixture(const Layer& l, const float* XN, int64_t B) const {
+    const int64_t E = l.router->out, K = l.top_k, H = hidden_;
+    std::vector<float> p(B * E);
+    l.router->apply(XN, B, p.data());
+    std::vector<std::vector<std::pair<int64_t, float>>> chosen(E);  // expert e's rows and weights
+    std::vector<int64_t> order(E);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = p.data() + b * E;
+      const float top = *std::max_element(row, row + E);
+      float total = 0.f;
+      for (int64_t e = 0; e < E; ++e) row[e] = std::exp(row[e] - top), total += row[e];
+      for (int64_t e = 0; e < E; ++e) row[e] /= total;
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                        [&](int64_t a, int64_t c) { return row[a] > row[c] || (row[a] == row[c] && a < c); });
+      float kept = 0.f;
+      for (int64_t k = 0; k < K; ++k) kept += row[order[k]];
+      for (int64_t k = 0; k < K; ++k) chosen[order[k]].emplace_back(b, row[order[k]] / kept);
+    }
+    auto y = torch::zeros({B, H}, torch::dtype(torch::kFloat));
+    float* Y = y.data_ptr<float>();
+    std::vector<float> xs, ys;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = static_cast<int64_t>(chosen[e].size());
+      if (n == 0) continue;
+      xs.resize(n * H), ys.resize(n * H);
+      for (int64_t j = 0; j < n; ++j) std::copy(XN + chosen[e][j].first * H, XN + (chosen[e][j].first + 1) * H, xs.data() + j * H);
+      swiglu(l.gate_up[e], l.down[e], xs.data(), n, ys.data());
+      for (int64_t j = 0; j < n; ++j) {
+        const auto [b, w] = chosen[e][j];
+        for (int64_t h = 0; h < H; ++h) Y[b * H + h] += ys[j * H + h] * w;
+      }
+    }
     return y;
   }
 };

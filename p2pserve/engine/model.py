@@ -428,7 +428,7 @@ class StageModel(nn.Module):
     def _build_decode_step(self):
         """``kernels.DecodeStep`` over this stage's layers, or None where it cannot run them:
         activations other than fp32 or bf16 on a CPU, no vectorised kernels, a weight in a
-        layout it does not read, a mixture of experts."""
+        layout it does not read."""
         if not (len(self.blocks) and self.device.type == "cpu" and self.dtype in kernels.FLOAT_WEIGHTS
                 and kernels.vectorised()):
             return None
@@ -436,14 +436,15 @@ class StageModel(nn.Module):
                                    self.config.head_dim, self.cos, self.sin)
         for block in self.blocks:
             attn, mlp = block.attn, block.mlp
-            if not isinstance(mlp, MLP):  # a mixture of experts runs in the modules
-                return None
-            weights = [kernel_linear(w) for w in (attn.wqkv, attn.wo, mlp.w13, mlp.w2)]
-            if None in weights:
+            experts = mlp.experts if isinstance(mlp, MoE) else [mlp]
+            qkv, o = kernel_linear(attn.wqkv), kernel_linear(attn.wo)
+            gate_up, down = [kernel_linear(x.w13) for x in experts], [kernel_linear(x.w2) for x in experts]
+            router = kernel_linear(mlp.router) if isinstance(mlp, MoE) else None
+            if None in (qkv, o, *gate_up, *down) or (isinstance(mlp, MoE) and router is None):
                 return None
             q_norm, k_norm = attn.q_norm, attn.k_norm
-            step.add_layer(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *weights,
-                           attn.bqkv, None if q_norm is None else q_norm.weight,
+            step.add_layer(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, qkv, o, gate_up, down,
+                           router, getattr(mlp, "top_k", 0), attn.bqkv, None if q_norm is None else q_norm.weight,
                            None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
                            attn.cache.k, attn.cache.v)
         # the last stage's norm and head in the same call (an fp32 stage's: a bf16 one rounds
