@@ -7,7 +7,8 @@ of one sequence reads the attention weights, the router and the 2 experts its to
 in every layer, and the head: that is the floor's byte count (the other experts stay in
 memory unread). Per dtype it prints:
 
-- decode ms per token (one sequence, after an 8-token prompt), the real path
+- decode ms per token (one sequence, after an 8-token prompt, each step at the same position
+  with the next of 64 tokens, so that the experts read change), the real path
   (``StageModel.forward``: the fused step with its experts, the head, a greedy argmax);
 - transformers' fp32 decode step on the same weights (its own ``forward`` with a KV cache),
   timed in the same rounds, in alternation, and the ratio of the two medians;
@@ -21,6 +22,7 @@ memory unread). Per dtype it prints:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -40,6 +42,9 @@ from p2pserve.ranks.pipeline import parse_dtype, weight_format
 from p2pserve.testing.machine import cpu_model
 
 PROMPT = list(range(3, 11))
+# the token each step decodes, in turn: a different token picks other experts, as a real
+# answer's do (one token again and again would read the same two experts every step)
+TOKENS = list(range(100, 164))
 
 
 def make_mixtral(path: Path, hidden: int, layers: int, experts: int, used: int) -> Path:
@@ -70,11 +75,12 @@ def ours(path: Path, dtype: str):
     source = open_weights(path)
     stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
     stage.allocate(1, 4096)
-    token = torch.tensor([[PROMPT[-1]]])
+    tokens = itertools.cycle(torch.tensor(TOKENS)[:, None, None])
     position = len(PROMPT)
     stage.forward(Batch((0,), (0,), len(PROMPT)), torch.tensor([PROMPT]))
 
     def step() -> float:
+        token = next(tokens)
         t0 = time.perf_counter()
         int(torch.argmax(stage.forward(Batch((0,), (position,), 1), token)[0]))
         return time.perf_counter() - t0
@@ -89,9 +95,10 @@ def theirs(path: Path):
     cache = DynamicCache()
     with torch.inference_mode():
         model(torch.tensor([PROMPT]), cache=cache, use_cache=True)
-    token = torch.tensor([[PROMPT[-1]]])
+    tokens = itertools.cycle(torch.tensor(TOKENS)[:, None, None])
 
     def step() -> float:
+        token = next(tokens)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = model(token, cache=cache, use_cache=True).logits
