@@ -4,7 +4,7 @@ Every other test of a CPU stage runs its decode steps through it already (the pa
 against transformers among them); these compare it with the eager modules directly, on the
 inputs where the two could part: batches of sequences at different positions in slots out
 of order, each family's extras (Qwen2's q/k/v biases, Qwen3's q/k norms, Mixtral's
-experts), every weight
+and Qwen3-MoE's experts), every weight
 format (fp32, int8, int4, and a bf16 stage's weights and cache), and a TP rank's half-layer
 calls.
 """
@@ -19,7 +19,7 @@ from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch, StageModel
 from p2pserve.engine.weights import open_weights
 
-from .tiny import make_tiny_llama, make_tiny_mixtral, make_tiny_qwen2, make_tiny_qwen3
+from .tiny import make_tiny_llama, make_tiny_mixtral, make_tiny_qwen2, make_tiny_qwen3, make_tiny_qwen3_moe
 
 pytestmark = pytest.mark.skipif(not kernels.vectorised(), reason="no vectorised CPU kernels here: "
                                 f"{kernels.why_not() or 'their portable loops are not used for fp32'}")
@@ -30,6 +30,8 @@ FAMILIES = {
     "qwen3": (make_tiny_qwen3, dict(head_dim=32)),
     # 4 experts, 2 a token: the batch's sequences pick some the same and some not
     "mixtral": (make_tiny_mixtral, dict()),
+    # its weights as they are, not renormalised over the chosen experts
+    "qwen3moe": (make_tiny_qwen3_moe, dict(norm_topk=False)),
 }
 # what each kind of stage is loaded as: (quant, activations)
 KINDS = {"fp32": (None, torch.float32), "int8": ("int8", torch.float32), "int4": ("int4", torch.float32),

@@ -112,13 +112,13 @@ def test_an_unknown_architecture_is_refused_naming_the_supported_ones(checkpoint
     path = _edited_copy(checkpoints["llama"], tmp_path / "gemma", architectures=["GemmaForCausalLM"])
     with pytest.raises(ConfigError, match=r"architecture GemmaForCausalLM is not supported \(supported: "
                                           r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
-                                          r"Qwen2ForCausalLM, Qwen3ForCausalLM\)"):
+                                          r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM\)"):
         open_weights(path)
 
 
 def test_an_unknown_gguf_architecture_is_refused_naming_the_supported_ones(checkpoints, tmp_path):
     path = make_tiny_gguf(tmp_path / "other.gguf", checkpoints["llama"], arch="gemma")
-    with pytest.raises(ConfigError, match=r"architecture gemma is not supported \(supported: llama, qwen2, qwen3\)"):
+    with pytest.raises(ConfigError, match=r"architecture gemma is not supported \(supported: llama, qwen2, qwen3, qwen3moe\)"):
         open_weights(path)
 
 

@@ -1,6 +1,6 @@
-"""Mixtral-style mixtures of experts: the answer transformers gives on every kind of plan,
-from a Hugging Face directory and from a GGUF file that stacks the experts; quantized
-experts as the file stores them; the planner's bytes; what is refused, by name."""
+"""Mixtures of experts (Mixtral's, Qwen3-MoE's): the answer transformers gives on every kind
+of plan, from a Hugging Face directory and from a GGUF file that stacks the experts;
+quantized experts as the file stores them; the planner's bytes; what is refused, by name."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from p2pserve.plan import Plan
 from p2pserve.ranks.pipeline import LocalPipeline
 
 from p2pserve.testing.reference import hf_greedy
-from .tiny import make_tiny_gguf, make_tiny_llama, make_tiny_mixtral
+from .tiny import make_tiny_gguf, make_tiny_llama, make_tiny_mixtral, make_tiny_qwen3_moe
 
 PROMPT = [3, 17, 42, 9, 100, 7, 64, 5]
 NEW_TOKENS = 24
@@ -31,18 +31,25 @@ NEW_TOKENS = 24
 # every expert's columns)
 PLANS = [([1], [4]), ([1, 1], [2, 2]), ([2], [4])]
 EXPERTS, USED = 4, 2
+# Qwen3-MoE: q/k norms, heads wider than hidden / heads, experts narrower than its (unused)
+# dense MLP, named mlp.experts.{e}.gate_proj...; Mixtral: block_sparse_moe.experts.{e}.w1...
+FAMILIES = {"mixtral": make_tiny_mixtral, "qwen3moe": make_tiny_qwen3_moe}
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    return make_tiny_mixtral(tmp_path_factory.mktemp("mixtral"), experts=EXPERTS, used=USED)
+def checkpoints(tmp_path_factory):
+    return {name: make(tmp_path_factory.mktemp(name), experts=EXPERTS, used=USED) for name, make in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")
-def hf_model(mixtral):
+def mixtral(checkpoints):
+    return checkpoints["mixtral"]
+
+
+def transformers_model(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def answers(path, plans, dtype="fp32"):
@@ -52,27 +59,44 @@ def answers(path, plans, dtype="fp32"):
                                                                  stop_on_eos=False, capture_logits=True)
 
 
-def test_mixtral_matches_transformers_on_one_stage_two_stages_and_tp2(mixtral, hf_model):
-    config = open_weights(mixtral).config
-    assert (config.arch, config.n_experts, config.n_experts_used) == ("llama", EXPERTS, USED)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_mixture_matches_transformers_on_one_stage_two_stages_and_tp2(family, checkpoints):
+    path = checkpoints[family]
+    config = open_weights(path).config
+    assert (config.arch, config.n_experts, config.n_experts_used) == (
+        "llama" if family == "mixtral" else family, EXPERTS, USED)
+    hf_model = transformers_model(path)
     ref_tokens, ref_logits = hf_greedy(hf_model, PROMPT, NEW_TOKENS)
     # the routing varies from token to token, so a wrong pick or weighting would show
     with torch.no_grad():
         routers = hf_model(torch.tensor([PROMPT + ref_tokens]), output_router_logits=True).router_logits
-    for layer in routers:
-        assert len(layer.topk(USED, dim=-1).indices.unique()) == EXPERTS
-    for plan, gen in answers(mixtral, PLANS):
+    varied = [len(layer.topk(USED, dim=-1).indices.unique()) > USED for layer in routers]
+    assert sum(varied) >= len(routers) // 2, varied
+    for plan, gen in answers(path, PLANS):
+        assert gen.tokens == ref_tokens, plan
+        assert (gen.prompt_logits - ref_logits).abs().max() < 1e-4, plan
+
+
+def test_qwen3_moe_without_renormalised_weights_matches_transformers(tmp_path):
+    """norm_topk_prob false (transformers' default for Qwen3-MoE): the chosen experts'
+    probabilities weight their outputs as they are, in the modules and the fused step."""
+    path = make_tiny_qwen3_moe(tmp_path, experts=EXPERTS, used=USED, norm_topk=False)
+    assert not open_weights(path).config.norm_topk
+    ref_tokens, ref_logits = hf_greedy(transformers_model(path), PROMPT, NEW_TOKENS)
+    for plan, gen in answers(path, PLANS[:1]):
         assert gen.tokens == ref_tokens, plan
         assert (gen.prompt_logits - ref_logits).abs().max() < 1e-4, plan
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_moe_module_computes_what_transformers_sparse_block_computes(mixtral, hf_model, dtype):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_moe_module_computes_what_transformers_sparse_block_computes(family, checkpoints, dtype):
     """One layer's mixture on a batch of tokens (several per expert, as a prefill has), at
     fp32 and bf16: transformers rounds each expert's weighted output to the activations'
     dtype before adding it, and so does MoE."""
+    hf_model = transformers_model(checkpoints[family])
     block = copy.deepcopy(hf_model.model.layers[1].mlp).to(dtype)
-    I = hf_model.config.intermediate_size
+    I = open_weights(checkpoints[family]).config.intermediate_size
     experts = [MLP(pack_linear(block.experts.gate_up_proj[e].detach().clone()),
                    pack_linear(block.experts.down_proj[e].detach().clone())) for e in range(EXPERTS)]
     assert block.experts.gate_up_proj.shape[1] == 2 * I  # gate rows, then up rows: MLP's w13
@@ -86,10 +110,12 @@ def test_the_moe_module_computes_what_transformers_sparse_block_computes(mixtral
     assert got.dtype == dtype and (got.float() - want.float()).abs().max() < tolerance
 
 
-def test_a_mixtral_gguf_reads_back_every_expert_in_hf_layout(mixtral, tmp_path):
-    expected = load_file(mixtral / "model.safetensors")
-    source = open_weights(make_tiny_gguf(tmp_path / "mixtral.gguf", mixtral))
-    assert source.config.fingerprint() == open_weights(mixtral).config.fingerprint()
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_gguf_reads_back_every_expert_in_hf_layout(family, checkpoints, tmp_path):
+    path = checkpoints[family]
+    expected = load_file(path / "model.safetensors")
+    source = open_weights(make_tiny_gguf(tmp_path / f"{family}.gguf", path))
+    assert source.config.fingerprint() == open_weights(path).config.fingerprint()
     assert sum(".experts." in n for n in expected) == 4 * EXPERTS * 3
     for name, want in expected.items():
         assert torch.equal(source.get(name), want), name
@@ -98,32 +124,34 @@ def test_a_mixtral_gguf_reads_back_every_expert_in_hf_layout(mixtral, tmp_path):
             assert torch.equal(source.get(name, rows=(half, 2 * half)), want[half:]), name
 
 
-def test_a_mixtral_gguf_matches_transformers_on_two_stages_and_tp2(mixtral, hf_model, tmp_path):
-    ref_tokens, _ = hf_greedy(hf_model, PROMPT, NEW_TOKENS)
-    path = make_tiny_gguf(tmp_path / "mixtral.gguf", mixtral)  # F32: the same weights exactly
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_gguf_mixture_matches_transformers_on_two_stages_and_tp2(family, checkpoints, tmp_path):
+    ref_tokens, _ = hf_greedy(transformers_model(checkpoints[family]), PROMPT, NEW_TOKENS)
+    path = make_tiny_gguf(tmp_path / f"{family}.gguf", checkpoints[family])  # F32: the same weights exactly
     for plan, gen in answers(path, PLANS[1:]):
         assert gen.tokens == ref_tokens, plan
 
 
-@pytest.fixture(scope="module")
-def gentle(mixtral, tmp_path_factory):
-    """The checkpoint with its layers scaled down (as test_quant's), so that a rounding of
-    its weights changes the logits by little, not the greedy answer."""
-    path = tmp_path_factory.mktemp("gentle")
-    for f in mixtral.iterdir():
-        (path / f.name).write_bytes(f.read_bytes())
-    state = load_file(mixtral / "model.safetensors")
-    state = {n: t * 0.35 if ".layers." in n and "norm" not in n and ".gate." not in n else t for n, t in state.items()}
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+def gentle(src, dst):
+    """``src`` with its layers scaled down (as test_quant's), so that a rounding of its
+    weights changes the logits by little, not the greedy answer."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    state = load_file(src / "model.safetensors")
+    state = {n: t * 0.35 if ".layers." in n and "norm" not in n else t for n, t in state.items()}
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
-@pytest.mark.parametrize("qtype,fmt", [("Q8_0", "int8"), ("Q4_0", "int4")])
-def test_quantized_experts_are_served_as_the_file_stores_them(qtype, fmt, gentle, tmp_path):
+@pytest.mark.parametrize("family,qtype,fmt", [("mixtral", "Q8_0", "int8"), ("mixtral", "Q4_0", "int4"),
+                                             ("qwen3moe", "Q4_0", "int4")])
+def test_quantized_experts_are_served_as_the_file_stores_them(family, qtype, fmt, checkpoints, tmp_path):
     """A GGUF's Q8_0 / Q4_0 expert stacks become an int8 / int4 stage's experts block for
     block as stored (the router stays float, as llama.cpp keeps it); the stage's greedy answer
     is the fp32 engine's on the same file (which dequantizes every block), on one stage and TP 2."""
-    path = make_tiny_gguf(tmp_path / f"mixtral.{qtype}.gguf", gentle, qtype=qtype)
+    path = make_tiny_gguf(tmp_path / f"{family}.{qtype}.gguf", gentle(checkpoints[family], tmp_path / "gentle"),
+                          qtype=qtype)
     stage = load_stage(open_weights(path), 0, 4, quant=fmt)
     kind = quant.Int8Weight if fmt == "int8" else quant.Int4Weight
     for block in stage.blocks:
@@ -202,8 +230,8 @@ def test_other_mixtures_and_unstacked_gguf_experts_are_refused(mixtral, tmp_path
     qwen = tmp_path / "qwen-moe"
     shutil.copytree(mixtral, qwen)
     config = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3MoeForCausalLM"]}))
-    with pytest.raises(ConfigError, match="architecture Qwen3MoeForCausalLM is not supported"):
+    (qwen / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2MoeForCausalLM"]}))
+    with pytest.raises(ConfigError, match="architecture Qwen2MoeForCausalLM is not supported"):
         open_weights(qwen)
     path = make_tiny_gguf(tmp_path / "no-count.gguf", mixtral, metadata={"llama.expert_used_count": 0})
     with pytest.raises(ConfigError, match="lacks llama.expert_count or llama.expert_used_count"):

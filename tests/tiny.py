@@ -1,7 +1,7 @@
 """Tiny random checkpoints, made in a test's temporary directory in well under a second.
 
 ``make_tiny_llama`` (and ``make_tiny_qwen2``, ``make_tiny_qwen3``, ``make_tiny_mistral``,
-``make_tiny_mixtral``)
+``make_tiny_mixtral``, ``make_tiny_qwen3_moe``)
 writes a Hugging Face directory the way ``save_pretrained`` does; ``make_tiny_gguf``
 converts one to GGUF the way llama.cpp's ``convert_hf_to_gguf.py`` does (q/k rows
 permuted per head for the "llama" architecture only, linear weights quantized, no
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from p2pserve.engine.config import SUPPORTED_ARCHITECTURES, llama3_rope_factors
-from p2pserve.engine.weights import EXPERT_TENSORS
+from p2pserve.engine.weights import moe_tensors, open_weights
 
 
 def make_tiny_llama(
@@ -113,6 +113,24 @@ def make_tiny_mixtral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2
     return _save_random(MixtralForCausalLM, config, dirpath, seed=seed)
 
 
+def make_tiny_qwen3_moe(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=32,
+                        intermediate=96, expert_size=64, vocab=256, experts=4, used=2, norm_topk=True,
+                        seed=0) -> Path:
+    """A random ``Qwen3MoeForCausalLM``: every layer a mixture of ``experts`` MLPs of
+    ``expert_size`` (``intermediate``, the dense MLP's, unused), ``used`` a token, their
+    weights renormalised where ``norm_topk`` (as Qwen3-30B-A3B's config says)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, moe_intermediate_size=expert_size,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        num_experts=experts, num_experts_per_tok=used, norm_topk_prob=norm_topk, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return _save_random(Qwen3MoeForCausalLM, config, dirpath, seed=seed)
+
+
 def _save_random(model_class, config, dirpath, *, seed, dtype=torch.float32, shards=1) -> Path:
     dirpath = Path(dirpath)
     torch.manual_seed(seed)
@@ -157,9 +175,11 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         f"{arch}.attention.value_length": head_dim,
     }
 
-    experts = hf.get("num_local_experts")
+    experts = open_weights(hf_dir).config.n_experts
     if experts:
         metadata = {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": hf["num_experts_per_tok"],
+                    **({f"{arch}.expert_feed_forward_length": hf["moe_intermediate_size"]}
+                       if "moe_intermediate_size" in hf else {}),
                     **(metadata or {})}
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -182,10 +202,10 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         _add_value(writer, key, value)
 
     if experts:
-        for i in range(hf["num_hidden_layers"]):  # [experts, out, in], as llama.cpp stacks them
-            for w, gguf_part in EXPERT_TENSORS.items():
-                names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(experts)]
-                state[f"blk.{i}.{gguf_part}.weight"] = torch.stack([state.pop(n) for n in names])
+        config = open_weights(hf_dir).config
+        for i in range(config.n_layers):  # [experts, out, in], as llama.cpp stacks them
+            for part, names in zip(("gate", "up", "down"), zip(*moe_tensors(config, i)[1])):
+                state[f"blk.{i}.ffn_{part}_exps.weight"] = torch.stack([state.pop(n) for n in names])
 
     out = {}
     for name, tensor in state.items():

@@ -10,7 +10,7 @@ from p2pserve.engine import quant as quantized
 from p2pserve.engine.config import ModelConfig
 from p2pserve.engine.model import MLP, Attention, Block, MoE, RMSNorm, StageModel, pack_linear
 from p2pserve.engine.tp import Shard, shard_for
-from p2pserve.engine.weights import WeightSource, tensor_shape
+from p2pserve.engine.weights import WeightSource, moe_tensors, tensor_shape
 
 # the roles of a stage's tensors that are linear weights (quantized in an int8/int4 stage);
 # expert e's are "gate.e", "up.e" and "down.e" (``is_linear``). A MoE router stays float:
@@ -89,7 +89,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
         if config.is_moe:  # every rank routes alike, each expert sliced as the dense MLP is
             router = pack_linear(read(t, "router"))
             mlp = MoE(router, [MLP(linear(read(t, f"gate.{e}"), read(t, f"up.{e}")), linear(read(t, f"down.{e}")))
-                               for e in range(config.n_experts)], config.n_experts_used)
+                               for e in range(config.n_experts)], config.n_experts_used, config.norm_topk)
         else:
             mlp = MLP(linear(read(t, "gate"), read(t, "up")), linear(read(t, "down")))
         blocks.append(Block(
@@ -124,11 +124,11 @@ def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple
         "post_norm": (p + "post_attention_layernorm.weight", None, None),
     }
     if config.is_moe:
-        tensors["router"] = (p + "block_sparse_moe.gate.weight", None, None)
-        for e in range(config.n_experts):
-            x = f"{p}block_sparse_moe.experts.{e}."
-            tensors.update({f"gate.{e}": (x + "w1.weight", shard.ffn, None), f"up.{e}": (x + "w3.weight", shard.ffn, None),
-                            f"down.{e}": (x + "w2.weight", None, shard.ffn)})
+        router, experts = moe_tensors(config, i)
+        tensors["router"] = (router, None, None)
+        for e, (gate, up, down) in enumerate(experts):
+            tensors.update({f"gate.{e}": (gate, shard.ffn, None), f"up.{e}": (up, shard.ffn, None),
+                            f"down.{e}": (down, None, shard.ffn)})
     else:
         tensors.update(gate=(p + "mlp.gate_proj.weight", shard.ffn, None), up=(p + "mlp.up_proj.weight", shard.ffn, None),
                        down=(p + "mlp.down_proj.weight", None, shard.ffn))

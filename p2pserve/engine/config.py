@@ -2,8 +2,9 @@
 
 The families differ in attention: Qwen2 adds biases to the q/k/v projections, Qwen3
 normalises each q and k head (RMSNorm over the head dimension) before RoPE; Mistral is
-a Llama whose context is bounded by its sliding window. Mixtral is a Mistral whose MLP is
-a mixture of experts (``n_experts`` of them a layer, ``n_experts_used`` for each token).
+a Llama whose context is bounded by its sliding window. Mixtral is a Mistral, and Qwen3-MoE
+a Qwen3, whose MLP is a mixture of experts (``n_experts`` of them a layer,
+``n_experts_used`` for each token, each ``intermediate_size`` wide).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3moe",
 }
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# Off in a Llama; left out of the fingerprint while off, so a Llama's fingerprint does not
-# change when this version learns another family.
-_FAMILY_FEATURES = ("qkv_bias", "qk_norm", "n_experts", "n_experts_used")
+# Off in a Llama; left out of the fingerprint while off (the experts' fields in a dense
+# model), so a Llama's fingerprint does not change when this version learns another family.
+_FAMILY_FEATURES = ("qkv_bias", "qk_norm")
+_EXPERT_FIELDS = ("n_experts", "n_experts_used", "norm_topk")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class ModelConfig:
     qk_norm: bool = False  # each q and k head is RMS-normalised before RoPE (Qwen3)
     n_experts: int = 0  # MLPs a layer, of which a router picks n_experts_used a token (Mixtral); 0: one, dense
     n_experts_used: int = 0
+    norm_topk: bool = True  # the chosen experts' probabilities are renormalised to sum to 1
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -90,6 +94,9 @@ class ModelConfig:
         for feature in _FAMILY_FEATURES:
             if not shape[feature]:
                 del shape[feature]
+        if not self.is_moe:
+            for name in _EXPERT_FIELDS:
+                del shape[name]
         blob = json.dumps(shape, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -135,7 +142,18 @@ class ModelConfig:
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         if window:
             context = min(context, window)
-        moe = "MixtralForCausalLM" in archs
+        experts, used, inter = 0, 0, hf["intermediate_size"]
+        if family == "llama" and "MixtralForCausalLM" in archs:
+            experts, used = hf["num_local_experts"], hf["num_experts_per_tok"]
+        elif family == "qwen3moe":
+            # every layer's MLP a mixture (Qwen3-30B-A3B's, 235B-A22B's): a dense MLP among
+            # them would give layers of two shapes
+            if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+                raise ConfigError(f"{name}: dense MLP layers among the experts' (mlp_only_layers, "
+                                  "decoder_sparse_step) are not supported: every layer must be a mixture")
+            # Qwen's own configs say num_experts; transformers 5 writes num_local_experts
+            experts = hf.get("num_experts") or hf["num_local_experts"]
+            used, inter = hf["num_experts_per_tok"], hf["moe_intermediate_size"]
         return cls(
             name=name,
             n_layers=hf["num_hidden_layers"],
@@ -143,7 +161,7 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            intermediate_size=hf["intermediate_size"],
+            intermediate_size=inter,
             vocab_size=hf["vocab_size"],
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta,
@@ -154,9 +172,11 @@ class ModelConfig:
             eos_token_ids=eos,
             arch=family,
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
-            n_experts=hf["num_local_experts"] if moe else 0,
-            n_experts_used=hf["num_experts_per_tok"] if moe else 0,
+            qk_norm=family in ("qwen3", "qwen3moe"),
+            n_experts=experts,
+            n_experts_used=used,
+            # transformers' Qwen3-MoE default is off; Mixtral always renormalises
+            norm_topk=hf.get("norm_topk_prob", False) if family == "qwen3moe" else True,
         )
 
     @classmethod
@@ -216,8 +236,9 @@ class ModelConfig:
             scaling = _llama3_rope_from_factors(factors, head_dim, rope_theta, name)
         else:
             scaling = _rope_scaling_from_gguf(meta)
-        # llama.cpp converts Mixtral to "llama" with a router (ffn_gate_inp) and each
-        # layer's experts stacked in one tensor a projection (ffn_gate_exps, ...)
+        # llama.cpp converts Mixtral to "llama" (and Qwen3-MoE to "qwen3moe") with a router
+        # (ffn_gate_inp) and each layer's experts stacked in one tensor a projection
+        # (ffn_gate_exps, ...); it renormalises the chosen experts' weights for both
         experts, used = meta("expert_count", 0), meta("expert_used_count", 0)
         if experts or "blk.0.ffn_gate_inp.weight" in tensors:
             if not (experts and used):
@@ -241,7 +262,7 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=meta("attention.head_count_kv") or n_heads,
             head_dim=head_dim,
-            intermediate_size=meta("feed_forward_length"),
+            intermediate_size=meta("expert_feed_forward_length") or meta("feed_forward_length"),
             vocab_size=vocab,
             rms_norm_eps=meta("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=rope_theta,

@@ -227,6 +227,7 @@ struct Layer {
   std::vector<Linear> gate_up, down;  // the MLP's (gate_up: gate then up), or each expert's
   std::optional<Linear> router;       // a mixture's [experts, hidden], or none (a dense MLP)
   int64_t top_k;                      // experts a token uses
+  bool norm_topk;                     // their probabilities renormalised to sum to 1
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
@@ -251,10 +252,11 @@ class DecodeStep {
   }
 
   // gate_up and down: one each for a dense MLP; for a mixture of experts one an expert,
-  // with its router and the experts a token uses (top_k)
+  // with its router, the experts a token uses (top_k) and whether their weights are
+  // renormalised over them (norm_topk)
   void add_layer(torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps, Linear qkv, Linear o,
                  std::vector<Linear> gate_up, std::vector<Linear> down, std::optional<Linear> router,
-                 int64_t top_k, c10::optional<torch::Tensor> bqkv,
+                 int64_t top_k, bool norm_topk, c10::optional<torch::Tensor> bqkv,
                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
                  torch::Tensor k_cache, torch::Tensor v_cache) {
     const int64_t width = (n_q_ + 2 * n_kv_) * d_;
@@ -280,7 +282,7 @@ class DecodeStep {
     TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
-            std::move(o), std::move(gate_up), std::move(down), std::move(router), top_k,
+            std::move(o), std::move(gate_up), std::move(down), std::move(router), top_k, norm_topk,
             bqkv ? vec(*bqkv, width) : torch::Tensor(),
             q_norm ? vec(*q_norm, d_) : torch::Tensor(), k_norm ? vec(*k_norm, d_) : torch::Tensor(),
             static_cast<float>(qk_eps), k_cache, v_cache};
@@ -496,7 +498,8 @@ class DecodeStep {
 
   // model.MoE for XN [B, hidden]: each row's top_k experts by the softmax of the router's
   // scores, each expert run once on the rows that chose it, its outputs weighted by their
-  // probabilities renormalised over the chosen ones and added in the experts' order
+  // probabilities (renormalised over the chosen ones where norm_topk) and added in the
+  // experts' order
   torch::Tensor mixture(const Layer& l, const float* XN, int64_t B) const {
     const int64_t E = l.router->out, K = l.top_k, H = hidden_;
     std::vector<float> p(B * E);
@@ -514,6 +517,7 @@ class DecodeStep {
                         [&](int64_t a, int64_t c) { return row[a] > row[c] || (row[a] == row[c] && a < c); });
       float kept = 0.f;
       for (int64_t k = 0; k < K; ++k) kept += row[order[k]];
+      if (!l.norm_topk) kept = 1.f;
       for (int64_t k = 0; k < K; ++k) chosen[order[k]].emplace_back(b, row[order[k]] / kept);
     }
     auto y = torch::zeros({B, H}, torch::dtype(torch::kFloat));

@@ -274,24 +274,26 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixtral's sparse MLP: a router scores the experts for each token, the ``top_k`` best
-    run, and their outputs are summed weighted by their softmax probabilities renormalised
-    over the chosen ones, as transformers computes it (probabilities in fp32, each expert's
-    weighted output rounded to the activations' dtype, experts added in index order).
+    """A sparse MLP (Mixtral's, Qwen3-MoE's): a router scores the experts for each token, the
+    ``top_k`` best run, and their outputs are summed weighted by their softmax probabilities,
+    renormalised over the chosen ones where ``norm_topk``, as transformers computes it
+    (probabilities in fp32, each expert's weighted output rounded to the activations'
+    dtype, experts added in index order).
     Under TP each rank holds a slice of every expert and routes the same whole activation,
     so its sum is a part of the full one, as a dense MLP's is."""
 
-    def __init__(self, router, experts: list[MLP], top_k: int):
+    def __init__(self, router, experts: list[MLP], top_k: int, norm_topk: bool = True):
         super().__init__()
         self.router = _weight(router)
         self.experts = nn.ModuleList(experts)
-        self.top_k = top_k
+        self.top_k, self.norm_topk = top_k, norm_topk
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
         probs = F.softmax(linear(flat, self.router).float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weights /= weights.sum(dim=-1, keepdim=True)
+        if self.norm_topk:
+            weights /= weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(flat)
         for e in chosen.unique().tolist():  # sorted
             rows, k = torch.where(chosen == e)
@@ -444,7 +446,7 @@ class StageModel(nn.Module):
                 return None
             q_norm, k_norm = attn.q_norm, attn.k_norm
             step.add_layer(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, qkv, o, gate_up, down,
-                           router, getattr(mlp, "top_k", 0), attn.bqkv, None if q_norm is None else q_norm.weight,
+                           router, getattr(mlp, "top_k", 0), getattr(mlp, "norm_topk", False), attn.bqkv, None if q_norm is None else q_norm.weight,
                            None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
                            attn.cache.k, attn.cache.v)
         # the last stage's norm and head in the same call (an fp32 stage's: a bf16 one rounds

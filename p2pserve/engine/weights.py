@@ -9,10 +9,9 @@ weights to an int8 stage, as their stored values and block scales, so the stage 
 without a round trip through float32 and without a second rounding. Other types (a Q4_K_M
 file's Q6_K tensors) are dequantized by rows and the stage quantizes them itself.
 
-A mixture-of-experts layer's tensors have Mixtral's names (``block_sparse_moe.gate`` the
-router, ``block_sparse_moe.experts.{e}.w1/w3/w2`` expert e's gate, up and down), each expert
-a matrix of its own; a GGUF stacks a layer's experts in one 3-D tensor a projection, and
-expert e is its e-th matrix.
+A mixture-of-experts layer's tensors have its family's Hugging Face names
+(``moe_tensors``), each expert a matrix of its own; a GGUF stacks a layer's experts in one
+3-D tensor a projection, and expert e is its e-th matrix.
 """
 
 from __future__ import annotations
@@ -54,11 +53,28 @@ LAYER_TENSORS = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
-    "block_sparse_moe.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",  # Mixtral's router
+    "mlp.gate": "ffn_gate_inp",  # Qwen3-MoE's
 }
-# An expert's projection (Mixtral's name) -> the GGUF tensor that stacks it over the experts.
-EXPERT_TENSORS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
-_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
+# An expert's projection (Mixtral's names, then Qwen3-MoE's) -> the GGUF tensor that stacks
+# it over the experts.
+EXPERT_TENSORS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
+                  "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123]|(?:gate|up|down)_proj)")
+
+
+def moe_tensors(config: ModelConfig, i: int) -> tuple[str, list[tuple[str, str, str]]]:
+    """Layer ``i``'s router and each expert's (gate, up, down) weights, named as the family's
+    Hugging Face checkpoints name them: Mixtral's ``block_sparse_moe.gate`` and
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen3-MoE's ``mlp.gate`` and
+    ``mlp.experts.{e}.gate_proj/up_proj/down_proj``."""
+    p = f"model.layers.{i}."
+    if config.arch == "llama":
+        return p + "block_sparse_moe.gate.weight", [
+            tuple(f"{p}block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3", "w2"))
+            for e in range(config.n_experts)]
+    return p + "mlp.gate.weight", [
+        tuple(f"{p}mlp.experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")) for e in range(config.n_experts)]
 # Hugging Face name outside the layers -> llama.cpp's name.
 MODEL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -122,11 +138,11 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
             "self_attn.o_proj.weight": (hidden, q_rows),
         }
         if config.is_moe:
-            shapes["block_sparse_moe.gate.weight"] = (config.n_experts, hidden)
-            for e in range(config.n_experts):
-                p = f"block_sparse_moe.experts.{e}."
-                shapes.update({p + "w1.weight": (inter, hidden), p + "w3.weight": (inter, hidden),
-                               p + "w2.weight": (hidden, inter)})
+            router, experts = moe_tensors(config, int(match[1]))
+            local = len(f"model.layers.{match[1]}.")  # the names below are within the layer
+            shapes[router[local:]] = (config.n_experts, hidden)
+            for gate, up, down in experts:
+                shapes.update({gate[local:]: (inter, hidden), up[local:]: (inter, hidden), down[local:]: (hidden, inter)})
         else:
             shapes.update({"mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
                            "mlp.down_proj.weight": (hidden, inter)})

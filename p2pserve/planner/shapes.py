@@ -13,9 +13,10 @@ from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 
 
-def _shape(name, layers, hidden, heads, kv, inter, vocab, tie=False, experts=(0, 0)) -> ModelConfig:
+def _shape(name, layers, hidden, heads, kv, inter, vocab, tie=False, experts=(0, 0), head_dim=None) -> ModelConfig:
+    """``inter``: the MLP's width, each expert's in a mixture (``experts``: a layer's, a token's)."""
     return ModelConfig(name=name, n_layers=layers, hidden_size=hidden, n_heads=heads, n_kv_heads=kv,
-                       head_dim=hidden // heads, intermediate_size=inter, vocab_size=vocab,
+                       head_dim=head_dim or hidden // heads, intermediate_size=inter, vocab_size=vocab,
                        tie_word_embeddings=tie, n_experts=experts[0], n_experts_used=experts[1])
 
 
@@ -28,6 +29,7 @@ KNOWN_MODELS: dict[str, ModelConfig] = {
         _shape("llama-3-8b", 32, 4096, 32, 8, 14336, 128256),
         _shape("llama-3-70b", 80, 8192, 64, 8, 28672, 128256),
         _shape("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, experts=(8, 2)),
+        _shape("qwen3-30b-a3b", 48, 2048, 32, 4, 768, 151936, experts=(128, 8), head_dim=128),
         _shape("smollm2-135m", 30, 576, 9, 3, 1536, 49152, tie=True),
         _shape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000),
     )
