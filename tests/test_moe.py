@@ -23,6 +23,7 @@ from p2pserve.plan import Plan
 from p2pserve.ranks.pipeline import LocalPipeline
 
 from p2pserve.testing.reference import hf_greedy
+from p2pserve.testing.swarm import Swarm, client
 from .tiny import make_tiny_gguf, make_tiny_llama, make_tiny_mixtral, make_tiny_qwen3_moe
 
 PROMPT = [3, 17, 42, 9, 100, 7, 64, 5]
@@ -108,6 +109,22 @@ def test_the_moe_module_computes_what_transformers_sparse_block_computes(family,
         got = moe(x)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
     assert got.dtype == dtype and (got.float() - want.float()).abs().max() < tolerance
+
+
+async def test_a_swarm_serves_a_mixture_over_a_worker_and_a_tp2_worker(tmp_path):
+    """Bootstrap and two workers on 127.0.0.1, the second stage over two TP ranks (each with
+    half of every expert), Qwen3-MoE with SmolLM2's tokenizer: transformers' answer."""
+    path = make_tiny_qwen3_moe(tmp_path / "qwen3moe", vocab=49152, experts=EXPERTS, used=USED)
+    open_weights().tokenizer()._hf.save_pretrained(path)
+    ref_tokens, _ = hf_greedy(transformers_model(path), PROMPT, NEW_TOKENS)
+    with Swarm(tmp_path / "swarm") as swarm:
+        swarm.start_bootstrap("--model", str(path), "--hetero-config", "1", "2", "--pp-partition", "2", "2")
+        swarm.start_worker("--model", str(path), "--stage", "0")
+        swarm.start_worker("--model", str(path), "--stage", "1")
+        async with client(swarm.addr) as c:
+            await c.wait_chains(1)
+            answer = await c.ask(tokens=PROMPT, params=SamplingParams(max_new_tokens=NEW_TOKENS), stop_on_eos=False)
+    assert answer.tokens == ref_tokens
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -383,6 +383,58 @@ def test_a_rank_killed_mid_step_leaves_training_exact_on_the_surviving_templates
     assert param < 1e-5
 
 
+def test_a_rank_whose_commit_all_reduce_broke_after_the_others_returned_finishes_the_step(checkpoints):
+    """Rank 5 dies at the end of step 3's norm all-reduce (its part already in), so the
+    others return from it and take the step, but rank 2's side of it breaks: the survivors
+    are at steps 3 and 2. Rank 2 holds the gradients every rank summed, so it finishes
+    step 3 with the others' norm, and training stays exact."""
+    from p2pserve.train.comm import _PeerFailed
+    from p2pserve.train.elastic import ElasticJob, RankDied
+    from p2pserve.train.templates import PipelineTemplate
+
+    model = checkpoints["gqa_tied"]
+    templates = [PipelineTemplate((1, 1, 1, 1), (1, 1, 1, 1)), PipelineTemplate((3,), (4,)),
+                 PipelineTemplate((1, 2), (1, 3)), PipelineTemplate((1,), (4,))]
+    job = ElasticJob(model, templates, 8, 6, 1, token_data(), ADAMW)
+    broke = []
+
+    def break_the_norm_of_step_3(rank, trainer):
+        if rank in (2, 5) and len(job.layouts) == 1:
+            global_norm = trainer.sync.global_norm
+
+            def norm_then_fail(grads, comm):
+                norm = global_norm(grads, comm)
+                if trainer.step_index == 2:
+                    broke.append(rank)
+                    raise RankDied(rank) if rank == 5 else _PeerFailed(f"rank {rank}: the norm's all-reduce broke")
+                return norm
+
+            trainer.sync.global_norm = norm_then_fail
+
+    losses = job.run(5, on_start=break_the_norm_of_step_3)
+    assert sorted(broke) == [2, 5]
+    assert [layout.world_size for layout in job.layouts] == [8, 7]
+    ref_losses, ref_state = train_reference(model, 6, 5, ADAMW)
+    assert len(losses) == 5
+    assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) < 1e-6
+    _, param = worst_differences(losses, job.final_pieces, ref_losses, ref_state)
+    assert param < 1e-5
+
+
+def test_survivors_agree_on_the_step_or_say_why_not():
+    from p2pserve.errors import P2PServeError
+    from p2pserve.train.elastic import agree_on_step
+
+    assert agree_on_step({0: (4, False, 1.5), 1: (4, False, 1.5)}) == (4, {})
+    # one rank lost the norm its all-reduce carried: it finishes the step with the others'
+    assert agree_on_step({0: (4, False, 1.5), 1: (3, True, float("nan")), 2: (4, False, 1.5)}) == (4, {1: 1.5})
+    with pytest.raises(P2PServeError, match=r"disagree on the steps taken: \[3, 4\]"):
+        agree_on_step({0: (4, False, 1.5), 1: (3, False, 0.7)})  # its gradients were never summed
+    with pytest.raises(P2PServeError, match=r"disagree on the steps taken: \[2, 4\]"):
+        agree_on_step({0: (4, False, 1.5), 1: (2, True, 0.7)})
+
+
+
 @pytest.mark.parametrize("devices", ["4xcpu", "2xA6000@m1,1xA5000@m2,1xT4@m3", "3xA4000@m1,2xL4@m2"])
 def test_plan_train_proposes_layouts_that_p2pserve_train_accepts(checkpoints, devices):
     """Every proposal uses each device as one rank, gives every pipeline all the layers,

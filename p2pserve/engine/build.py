@@ -16,12 +16,12 @@ from p2pserve.engine.weights import WeightSource, moe_tensors, tensor_shape
 # expert e's are "gate.e", "up.e" and "down.e" (``is_linear``). A MoE router stays float:
 # its rounding would move tokens to other experts.
 LINEARS = frozenset({"q", "k", "v", "o", "gate", "up", "down", "head"})
+# bytes per value of a quantized linear weight, its scales aside: what ``progress`` counts
+QUANT_VALUE_BYTES = {"int8": 1.0, "int4": 0.5}
 
 
 def is_linear(role: str) -> bool:
     return role.partition(".")[0] in LINEARS
-# bytes per value of a quantized linear weight, its scales aside: what ``progress`` counts
-QUANT_VALUE_BYTES = {"int8": 1.0, "int4": 0.5}
 
 
 def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp: int = 1,
@@ -130,7 +130,8 @@ def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple
             tensors.update({f"gate.{e}": (gate, shard.ffn, None), f"up.{e}": (up, shard.ffn, None),
                             f"down.{e}": (down, None, shard.ffn)})
     else:
-        tensors.update(gate=(p + "mlp.gate_proj.weight", shard.ffn, None), up=(p + "mlp.up_proj.weight", shard.ffn, None),
+        tensors.update(gate=(p + "mlp.gate_proj.weight", shard.ffn, None),
+                       up=(p + "mlp.up_proj.weight", shard.ffn, None),
                        down=(p + "mlp.down_proj.weight", None, shard.ffn))
     if config.qkv_bias:
         tensors.update(q_bias=(p + "self_attn.q_proj.bias", q, None), k_bias=(p + "self_attn.k_proj.bias", kv, None),

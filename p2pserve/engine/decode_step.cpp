@@ -10,10 +10,11 @@
 // The arithmetic is model.py's, which is transformers': RMSNorm as w * (x * rsqrt(mean(x^2)
 // + eps)), Hugging Face's rotate-half RoPE from the stage's cos and signed-sin tables,
 // softmax(q k^T / sqrt(d)) v over the sequence's cached positions and the new one, and
-// SiLU(gate) * up, or Mixtral's mixture of such MLPs (model.MoE). Activations are fp32; the weights are gemv.cpp's fp32, int8, int4 or
-// bf16. A bf16 stage's step takes and returns bf16 hidden states and keeps its KV cache in
-// bf16, but computes in fp32 in between: only what the modules store in bf16 (weights,
-// cache, the hidden state between stages) is rounded to it, and each GEMV rounds its input.
+// SiLU(gate) * up, or a mixture of such MLPs (model.MoE). Activations are fp32; the
+// weights are gemv.cpp's fp32, int8, int4 or bf16. A bf16 stage's step takes and returns
+// bf16 hidden states and keeps its KV cache in bf16, but computes in fp32 in between: only
+// what the modules store in bf16 (weights, cache, the hidden state between stages) is
+// rounded to it, and each GEMV rounds its input.
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -527,7 +528,10 @@ class DecodeStep {
       const int64_t n = static_cast<int64_t>(chosen[e].size());
       if (n == 0) continue;
       xs.resize(n * H), ys.resize(n * H);
-      for (int64_t j = 0; j < n; ++j) std::copy(XN + chosen[e][j].first * H, XN + (chosen[e][j].first + 1) * H, xs.data() + j * H);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* x = XN + chosen[e][j].first * H;
+        std::copy(x, x + H, xs.data() + j * H);
+      }
       swiglu(l.gate_up[e], l.down[e], xs.data(), n, ys.data());
       for (int64_t j = 0; j < n; ++j) {
         const auto [b, w] = chosen[e][j];

@@ -303,7 +303,7 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm, all_reduce=None):
+    def __init__(self, attn: Attention, mlp: MLP | MoE, attn_norm: RMSNorm, mlp_norm: RMSNorm, all_reduce=None):
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
@@ -437,16 +437,18 @@ class StageModel(nn.Module):
         step = kernels.decode_step(self.config.hidden_size, self.shard.n_q_heads, self.shard.n_kv_heads,
                                    self.config.head_dim, self.cos, self.sin)
         for block in self.blocks:
-            attn, mlp = block.attn, block.mlp
-            experts = mlp.experts if isinstance(mlp, MoE) else [mlp]
+            attn = block.attn
+            moe = block.mlp if isinstance(block.mlp, MoE) else None  # a dense MLP: one expert, no router
+            experts = moe.experts if moe else [block.mlp]
             qkv, o = kernel_linear(attn.wqkv), kernel_linear(attn.wo)
             gate_up, down = [kernel_linear(x.w13) for x in experts], [kernel_linear(x.w2) for x in experts]
-            router = kernel_linear(mlp.router) if isinstance(mlp, MoE) else None
-            if None in (qkv, o, *gate_up, *down) or (isinstance(mlp, MoE) and router is None):
+            router = kernel_linear(moe.router) if moe else None
+            if None in (qkv, o, *gate_up, *down) or (moe and router is None):
                 return None
             q_norm, k_norm = attn.q_norm, attn.k_norm
             step.add_layer(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, qkv, o, gate_up, down,
-                           router, getattr(mlp, "top_k", 0), getattr(mlp, "norm_topk", False), attn.bqkv, None if q_norm is None else q_norm.weight,
+                           router, moe.top_k if moe else 0, moe.norm_topk if moe else False,
+                           attn.bqkv, None if q_norm is None else q_norm.weight,
                            None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
                            attn.cache.k, attn.cache.v)
         # the last stage's norm and head in the same call (an fp32 stage's: a bf16 one rounds

@@ -142,7 +142,8 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
             local = len(f"model.layers.{match[1]}.")  # the names below are within the layer
             shapes[router[local:]] = (config.n_experts, hidden)
             for gate, up, down in experts:
-                shapes.update({gate[local:]: (inter, hidden), up[local:]: (inter, hidden), down[local:]: (hidden, inter)})
+                shapes.update({gate[local:]: (inter, hidden), up[local:]: (inter, hidden),
+                               down[local:]: (hidden, inter)})
         else:
             shapes.update({"mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
                            "mlp.down_proj.weight": (hidden, inter)})

@@ -1,7 +1,9 @@
 """Training that survives a rank's death: Oobleck's reconfiguration from templates.
 
-When a rank dies mid-step, the step is taken by no one (``RankTrainer.step`` commits at
-its last all-reduce over the world). The survivors' pieces and optimizer state stay
+When a rank dies mid-step, the step is taken by all survivors or by none
+(``RankTrainer.step`` commits at its last all-reduce over the world, and a rank whose side
+of it broke after the others' returned finishes the step with their norm:
+``agree_on_step``). The survivors' pieces and optimizer state stay
 where they are; the layout is re-instantiated from the templates for the ranks still
 alive, every rank of it cuts its pieces out of the survivors' (a tensor part the dead
 rank held is held by the other pipelines, since each pipeline holds the whole model),
@@ -98,16 +100,34 @@ class ElasticJob:
                 return self.losses
             except RankDied as e:
                 alive = [r for r in sorted(trainers) if r != e.rank]
-                committed = {trainers[r].step_index for r in alive}
-                if len(committed) != 1:
-                    raise RuntimeError(f"survivors disagree on the step taken: {sorted(committed)}") from e
-                step = committed.pop()
+                step, behind = agree_on_step(
+                    {r: (trainers[r].step_index, trainers[r].awaiting_norm, trainers[r].grad_norm) for r in alive})
+                for r, norm in behind.items():
+                    trainers[r].finish_step(norm)
+                    losses[r].append(trainers[r].last_loss)
                 self.losses += losses[alive[0]]
                 survivors = checkpoint.by_name([rec for r in alive for rec in checkpoint.records(trainers[r])])
                 self.n_ranks -= 1
                 if self.n_ranks < 1:
                     raise ConfigError("every rank died") from e
         return self.losses
+
+
+def agree_on_step(survivors: dict[int, tuple[int, bool, float]]) -> tuple[int, dict[int, float]]:
+    """The step the survivors of a death go on from, and the norm each rank one step behind
+    must finish its step with first (``RankTrainer.finish_step``).
+
+    ``survivors``: each rank's steps taken, whether its summed gradients await their norm,
+    and its last step's norm. A rank that returned from the norm's all-reduce took the step;
+    one whose side of it broke holds the gradients every rank summed, so the norm the first
+    got is the one it would have got."""
+    taken = {steps for steps, _, _ in survivors.values()}
+    ahead = max(taken)
+    behind = [r for r, (steps, _, _) in survivors.items() if steps < ahead]
+    if behind and (min(taken) != ahead - 1 or not all(survivors[r][1] for r in behind)):
+        raise P2PServeError(f"the surviving ranks disagree on the steps taken: {sorted(taken)}")
+    norm = next(n for steps, _, n in survivors.values() if steps == ahead)
+    return ahead, {r: norm for r in behind}
 
 
 # ---- ranks as processes -------------------------------------------------------------------
@@ -188,7 +208,7 @@ def run_elastic(spec: ElasticSpec, n_ranks: int, config: ModelConfig, *, device:
                 else:
                     reports[slot] = (kind, *payload)
             if not dead:
-                failures = [detail for kind, _, _, detail in reports.values() if kind == "failed"]
+                failures = [detail for kind, _, _, detail, *_ in reports.values() if kind == "failed"]
                 if failures:
                     raise P2PServeError(f"a rank of the training world failed: {failures[0]}")
                 run.final_pieces = {rank: torch.load(io.BytesIO(reports[slot][2]), weights_only=False)
@@ -197,10 +217,24 @@ def run_elastic(spec: ElasticSpec, n_ranks: int, config: ModelConfig, *, device:
             survivors = [slot for slot in alive if slot not in dead]
             if not survivors:
                 raise ConfigError("every rank died")
-            committed = {reports[slot][1] for slot in survivors}
-            if len(committed) != 1:
-                raise P2PServeError(f"the surviving ranks disagree on the steps taken: {sorted(committed)}")
-            step = committed.pop()
+            step, behind = agree_on_step({slot: (reports[slot][1], *reports[slot][4:6]) for slot in survivors})
+            if behind:
+                say(f"ranks {sorted(alive.index(slot) for slot in behind)} lost step {step}'s commit all-reduce "
+                    "as others returned from it: they finish the step with its norm")
+            for slot, norm in behind.items():
+                orders[slot].put(("finish", norm))
+            pending = set(behind)
+            while pending:
+                try:
+                    slot, kind, *payload = results.get(timeout=REPORT_TIMEOUT)
+                except queue.Empty:
+                    raise P2PServeError(f"ranks {sorted(pending)} did not finish step {step} within "
+                                        f"{REPORT_TIMEOUT:g} s") from None
+                if kind == "step":
+                    losses[payload[0]] = payload[1]
+                else:
+                    reports[slot] = (kind, *payload)
+                    pending.discard(slot)
             # every survivor's pieces and optimizer state, for the next world to cut its own from
             records = [r for slot in survivors for r in torch.load(io.BytesIO(reports[slot][2]), weights_only=False)]
             state = _to_bytes(records) if records else None  # none: no rank had loaded yet
@@ -235,10 +269,18 @@ def _elastic_rank(slot: int, spec: ElasticSpec, device: str, threads: int, order
     threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
     source = open_weights(spec.model_path)
     trainer: RankTrainer | None = None  # the one of the last world: its state is the committed step's
+    rank = 0
     while True:
         order = orders.get()
         if order[0] == "stop":
             break
+        if order[0] == "finish":  # the step whose norm this rank's broken all-reduce lost
+            trainer.finish_step(order[1])
+            if rank == 0:
+                results.put((slot, "step", trainer.step_index, trainer.last_loss))
+            results.put((slot, "finished", trainer.step_index, _to_bytes(checkpoint.records(trainer)), "",
+                         trainer.awaiting_norm, trainer.grad_norm))
+            continue
         _, rank, layout, init, groups, step, state = order
         kind, detail, comm = "done", "", None
         try:
@@ -266,7 +308,8 @@ def _elastic_rank(slot: int, spec: ElasticSpec, device: str, threads: int, order
             gc.collect()  # the failed step's graph may hold the last references to the groups
         committed = trainer.step_index if trainer is not None else step
         records = checkpoint.records(trainer) if trainer is not None else []
-        results.put((slot, kind, committed, _to_bytes(records), detail))
+        awaiting, norm = (trainer.awaiting_norm, trainer.grad_norm) if trainer is not None else (False, float("nan"))
+        results.put((slot, kind, committed, _to_bytes(records), detail, awaiting, norm))
     results.close()
     results.join_thread()
     os._exit(0)  # the interpreter's teardown after gloo takes seconds nobody waits for

@@ -63,6 +63,8 @@ class RankTrainer:
         self.seq_len = data.windows.shape[1] - 1
         self.step_index = 0  # optimizer steps taken
         self.grad_norm = float("nan")  # of the last step's summed gradient, before clipping
+        self.last_loss = float("nan")  # the mean token loss of the last step computed
+        self.awaiting_norm = False  # the step's gradients are summed, its norm not yet known
 
     def step(self) -> float:
         """One optimizer step; returns its mean token loss (the same on every rank)."""
@@ -74,20 +76,33 @@ class RankTrainer:
             loss += self._run_schedule(mine.split(self.pipe.micro_batch))
         self.comm.finish()
         self.comm.all_reduce(loss, tuple(range(self.comm.world_size)))
+        self.last_loss = float(loss)
         grads = {piece.name: self._grad(p) for piece, p in self.stage.named_pieces()}
         self.sync.sum_gradients(grads, self.comm)
-        # The norm's all-reduce over the world is also the step's commit point: a rank that
-        # dies before it leaves every survivor unstepped, so a step is taken by all or none.
-        self.grad_norm = self.sync.global_norm(grads, self.comm)
+        # The norm's all-reduce over the world is the step's commit point. A rank that dies
+        # before adding its part to it leaves every survivor unstepped. One that dies after
+        # can leave a ring all-reduce returned on some ranks and broken on others: those
+        # hold their summed gradients (awaiting_norm) and finish the step with the norm
+        # the others got (elastic.agree_on_step), so a step is taken by all or none.
+        self.awaiting_norm = True
+        self.finish_step(self.sync.global_norm(grads, self.comm))
+        return self.last_loss
+
+    def finish_step(self, grad_norm: float) -> None:
+        """Take the optimizer step of the summed gradients, clipped by ``grad_norm`` (the whole
+        model's, the same on every rank)."""
+        if not self.awaiting_norm:
+            raise RuntimeError(f"rank {self.comm.rank} holds no summed gradients of step {self.step_index + 1}")
+        self.grad_norm = grad_norm
         if self.optim_config.max_grad_norm is not None:
-            coef = self.optim_config.max_grad_norm / (self.grad_norm + 1e-6)
+            coef = self.optim_config.max_grad_norm / (grad_norm + 1e-6)
             if coef < 1.0:
-                for g in grads.values():
-                    g.mul_(coef)
+                for _, p in self.stage.named_pieces():
+                    self._grad(p).mul_(coef)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.awaiting_norm = False
         self.step_index += 1
-        return float(loss)
 
     def _run_schedule(self, micro: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """This stage's share of one global batch; the sum of its scaled losses (last stage, TP rank 0)."""
