@@ -17,6 +17,9 @@ reported either way. One table, one row per check, in a few minutes on one GPU:
   itself), and torch's ``_weight_int8pack_mm`` on the device where it exists; then int8
   and int4 stages answer the prompt (the default model must say Paris; ``--expect`` names
   what another model's answer must hold).
+- **MoE parity fp32**: a random Qwen3-MoE (8 experts, 2 a token) built here with
+  transformers, one stage against transformers as for fp32 parity: the mixture's routing
+  and expert loop on the device.
 - **TP-2 / NCCL**: with two GPUs, an all-reduce in a 2-rank world (``ranks.world``) and a
   TP-2 plan's greedy answer equal to the one-stage one; with one GPU, skipped.
 - **speed**: decode tokens/s per dtype next to transformers', and as a fraction of the
@@ -33,6 +36,7 @@ import argparse
 import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -223,6 +227,29 @@ class Check:
         return "pass", "; ".join(parts)
 
 
+def moe_parity(device: str, tokens: int) -> tuple[str, str]:
+    """fp32 parity, as ``Check.parity``, of a random Qwen3-MoE saved in a temporary directory:
+    weights far from transformers' init (std 0.02 leaves every logit near a tie)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        moe = Check(Path(tmp), device, tokens, None)
+        return moe.parity("fp32", moe.hf_greedy(moe.hf_model(torch.float32)))
+
+
 def _all_reduce_rank(rank: int, w: world.World, conn) -> None:
     device = world.join(w, rank, threads=1)
     t = torch.full((4,), float(rank + 1), device=device)
@@ -306,6 +333,7 @@ def main() -> int:
     for fmt in quant.FORMATS:
         check.run(f"{fmt} kernels", lambda: check.kernels(fmt))
         check.run(f"{fmt} stage", lambda: check.quantized_answer(fmt, references["fp32"]))
+    check.run("MoE parity fp32", lambda: moe_parity(device, args.tokens))
     check.run("TP-2 all-reduce", lambda: check.tp2(references["fp32"]))
     check.run("decode speed", lambda: check.speed(hf_speeds))
     report(check.rows, device)

@@ -11,7 +11,7 @@ from .tiny import make_tiny_llama
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 CHECKS = ["parity fp32", "parity bf16", "int8 kernels", "int8 stage", "int4 kernels", "int4 stage",
-          "TP-2 all-reduce", "decode speed"]
+          "MoE parity fp32", "TP-2 all-reduce", "decode speed"]
 
 
 def run(*args, timeout=300):
