@@ -490,11 +490,11 @@ class DecodeStep {
   // Y [M, hidden] = down(SiLU(gate X) * up X) for X [M, hidden]
   static void swiglu(const Linear& gate_up, const Linear& down, const float* X, int64_t M, float* Y) {
     const int64_t inter = down.in;
-    std::vector<float> gu(M * 2 * inter), act(M * inter);
-    gate_up.apply(X, M, gu.data());
-    for (int64_t m = 0; m < M; ++m)
-      silu_mul(gu.data() + m * 2 * inter, gu.data() + m * 2 * inter + inter, act.data() + m * inter, inter);
-    down.apply(act.data(), M, Y);
+    auto gu = torch::empty({M, 2 * inter}, torch::kFloat), act = torch::empty({M, inter}, torch::kFloat);
+    float *GU = gu.data_ptr<float>(), *ACT = act.data_ptr<float>();
+    gate_up.apply(X, M, GU);
+    for (int64_t m = 0; m < M; ++m) silu_mul(GU + m * 2 * inter, GU + m * 2 * inter + inter, ACT + m * inter, inter);
+    down.apply(ACT, M, Y);
   }
 
   // model.MoE for XN [B, hidden]: each row's top_k experts by the softmax of the router's
