@@ -4,6 +4,7 @@ carrying signed worker records. Hosts run in-process on 127.0.0.1 with free port
 import contextlib
 import logging
 import os
+import re
 import socket
 import stat
 import time
@@ -15,6 +16,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from p2pserve.errors import ConfigError, NetworkError
 from p2pserve.net.host import (
     connect,
+    dial,
     host_multiaddrs,
     load_or_create_identity,
     parse_peer,
@@ -271,6 +273,35 @@ async def test_connecting_to_a_peer_that_never_answers_times_out_clearly():
             with pytest.raises(NetworkError, match=f"cannot reach {address}: no answer within 1 s"):
                 await connect(host, address, timeout=1)
             assert time.perf_counter() - started < 2.5
+
+
+async def test_a_frozen_first_address_costs_a_quarter_second_not_the_timeout():
+    """A peer's addresses are raced (Happy Eyeballs): one that accepts TCP and never speaks
+    libp2p delays the next by DIAL_STAGGER, not by the dial's timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        async with running_host(create_new_key_pair(), LOOPBACK) as host:
+            worker_key = create_new_key_pair()
+            async with running_host(worker_key, LOOPBACK) as worker:
+                frozen = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}"
+                started = time.perf_counter()
+                peer = await dial(host, peer_id_of(worker_key), [frozen, *host_multiaddrs(worker)], timeout=5)
+                took = time.perf_counter() - started
+                assert peer in host.get_connected_peers()
+    assert took < 2, f"{took:.2f} s"
+
+
+async def test_a_peer_none_of_whose_addresses_answers_is_named_with_each_failure():
+    closed = [f"/ip4/127.0.0.1/tcp/{free_port()}" for _ in range(2)]
+    peer = peer_id_of(create_new_key_pair())
+    async with running_host(create_new_key_pair(), LOOPBACK) as host:
+        with pytest.raises(NetworkError) as failure:
+            await dial(host, peer, closed, timeout=5)
+    message = str(failure.value)
+    assert message.startswith(f"cannot reach {peer}: ")
+    for address in closed:
+        assert re.search(f"cannot reach {address}/p2p/{peer}: [^;]*connection refused", message), message
 
 
 async def test_peer_restarted_at_a_new_port_is_reachable_again_at_once():

@@ -27,7 +27,7 @@ import socket
 import tempfile
 import warnings
 from collections import Counter
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import libp2p
@@ -413,9 +413,81 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
         # a peer whose last dial failed. An explicit connect dials exactly `address`.
         host.get_peerstore().clear_addrs(info.peer_id)
         host.get_network().unblock_peer(info.peer_id)
+    with _reaching(address, timeout):
+        await host.connect(info)
+    return info.peer_id
+
+
+# seconds a dial to one of a peer's addresses has before the next starts beside it
+# (Happy Eyeballs, RFC 8305's recommended delay); a failure starts the next at once
+DIAL_STAGGER = 0.25
+
+
+async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
+    """The one way to reach a peer named in a record or a chain: its open connection, or its
+    announced addresses: the direct ones raced (the next starts when the last fails or
+    after ``DIAL_STAGGER`` s; the first connection wins and the others are cancelled, so a
+    dead or frozen address costs a quarter second, not ``timeout``), then the relayed ones
+    (``…/p2p-circuit/p2p/<id>``, net/nat.py) through their relay, in turn. NetworkError
+    naming the peer and each address's failure if none answers."""
+    peer = ID.from_base58(peer_id)
+    if host.get_network().connections.get(peer):
+        return peer
+    direct = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in addrs if "/p2p-circuit" not in a]
+    failures = []
+    if direct:
+        try:
+            return await _race(host, direct, timeout)
+        except NetworkError as e:
+            failures.append(str(e))
+    for addr in addrs:
+        if "/p2p-circuit" in addr:  # a worker behind a NAT, reached through its relay
+            from p2pserve.net.nat import dial_through_relay  # nat.py builds on this module
+
+            try:
+                return await dial_through_relay(host, addr, timeout=timeout)
+            except NetworkError as e:
+                failures.append(str(e))
+    raise NetworkError(f"cannot reach {peer_id}: " + ("; ".join(failures) or "it announced no address"))
+
+
+async def _race(host, addresses: list[str], timeout: float) -> ID:
+    """Connect to one peer at the first of ``addresses`` that answers, Happy Eyeballs style.
+    Each address is dialed on its own (``Swarm.dial_addr``): ``host.connect`` dials a peer
+    one attempt at a time, a second waiting for the first."""
+    won: list[ID] = []
+    failures: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        for address in addresses:
+            failed = trio.Event()
+
+            async def attempt(address=address, failed=failed):
+                info = parse_peer(address)
+                try:
+                    with _reaching(address, timeout):
+                        await host.get_network().dial_addr(info.addrs[0], info.peer_id)
+                except NetworkError as e:
+                    failures[address] = str(e)
+                    failed.set()
+                    return
+                won.append(info.peer_id)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(attempt)
+            with trio.move_on_after(DIAL_STAGGER):
+                await failed.wait()
+    if won:
+        return won[0]
+    raise NetworkError("; ".join(failures[a] for a in addresses))
+
+
+@contextmanager
+def _reaching(address: str, timeout: float):
+    """Dialing ``address`` within ``timeout`` s; any failure as NetworkError "cannot reach
+    <address>: <why>", the root cause named (py-libp2p wraps it several levels deep)."""
     try:
         with trio.fail_after(timeout):
-            await host.connect(info)
+            yield
     except trio.TooSlowError:
         raise NetworkError(f"cannot reach {address}: no answer within {timeout:g} s (a peer that is down "
                            f"or frozen, or {_KEY_MISMATCH})") from None
@@ -427,27 +499,6 @@ async def connect(host, address: str, timeout: float = 10.0) -> ID:
             # by a reset or a close (or waits, the timeout above): which, depends on who reads first.
             why += f" during the handshake (a peer that speaks another protocol, or {_KEY_MISMATCH})"
         raise NetworkError(f"cannot reach {address}: {why}") from e
-    return info.peer_id
-
-
-async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
-    """The one way to reach a peer named in a record or a chain: its open connection, or
-    each of its announced addresses in turn, relayed ones (``…/p2p-circuit/p2p/<id>``,
-    net/nat.py) through their relay. NetworkError naming the peer if none answers."""
-    peer = ID.from_base58(peer_id)
-    if host.get_network().connections.get(peer):
-        return peer
-    failures = []
-    for addr in addrs:
-        try:
-            if "/p2p-circuit" in addr:  # a worker behind a NAT, reached through its relay
-                from p2pserve.net.nat import dial_through_relay  # nat.py builds on this module
-
-                return await dial_through_relay(host, addr, timeout=timeout)
-            return await connect(host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}", timeout=timeout)
-        except NetworkError as e:
-            failures.append(str(e))
-    raise NetworkError(f"cannot reach {peer_id}: " + ("; ".join(failures) or "it announced no address"))
 
 
 _KEY_MISMATCH = "a private swarm whose --swarm-key does not match"
