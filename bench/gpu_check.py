@@ -55,6 +55,7 @@ from p2pserve.errors import ConfigError, WeightsError  # noqa: E402
 from p2pserve.plan import Plan  # noqa: E402
 from p2pserve.ranks import world  # noqa: E402
 from p2pserve.ranks.pipeline import LocalPipeline, parse_dtype, weight_format  # noqa: E402
+from p2pserve.testing.checkpoints import save_random  # noqa: E402
 from p2pserve.testing.tolerance import rounding_tolerance, stack_reduction_length  # noqa: E402
 
 PROMPT = "What is the capital of France?"
@@ -228,24 +229,16 @@ class Check:
 
 
 def moe_parity(device: str, tokens: int) -> tuple[str, str]:
-    """fp32 parity, as ``Check.parity``, of a random Qwen3-MoE saved in a temporary directory:
-    weights far from transformers' init (std 0.02 leaves every logit near a tie)."""
+    """fp32 parity, as ``Check.parity``, of a random Qwen3-MoE saved in a temporary directory
+    (``save_random``: transformers' own init leaves every logit near a tie)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.2)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_random(Qwen3MoeForCausalLM, config, tmp)
         moe = Check(Path(tmp), device, tokens, None)
         return moe.parity("fp32", moe.hf_greedy(moe.hf_model(torch.float32)))
 

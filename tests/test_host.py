@@ -304,6 +304,12 @@ async def test_a_peer_none_of_whose_addresses_answers_is_named_with_each_failure
         assert re.search(f"cannot reach {address}/p2p/{peer}: [^;]*connection refused", message), message
 
 
+async def test_a_malformed_announced_address_is_a_config_error_not_an_error_group():
+    async with running_host(create_new_key_pair(), LOOPBACK) as host:
+        with pytest.raises(ConfigError, match="bad peer address"):
+            await dial(host, peer_id_of(create_new_key_pair()), ["/ip4/not-an-ip/tcp/1"], timeout=5)
+
+
 async def test_peer_restarted_at_a_new_port_is_reachable_again_at_once():
     # py-libp2p alone would dial the stale address and then refuse the peer for 60 s.
     worker_key = create_new_key_pair()

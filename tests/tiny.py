@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from p2pserve.engine.config import SUPPORTED_ARCHITECTURES, llama3_rope_factors
-from p2pserve.engine.weights import moe_tensors, open_weights
+from p2pserve.engine.weights import moe_expert, open_weights
+from p2pserve.testing.checkpoints import save_random
 
 
 def make_tiny_llama(
@@ -53,7 +54,7 @@ def make_tiny_llama(
         bos_token_id=1,
         eos_token_id=2,
     )
-    return _save_random(LlamaForCausalLM, config, dirpath, seed=seed, dtype=dtype, shards=shards)
+    return save_random(LlamaForCausalLM, config, dirpath, seed=seed, dtype=dtype, shards=shards)
 
 
 def make_tiny_qwen2(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128,
@@ -67,7 +68,7 @@ def make_tiny_qwen2(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, 
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie, use_sliding_window=False,
         bos_token_id=1, eos_token_id=2,
     )
-    return _save_random(Qwen2ForCausalLM, config, dirpath, seed=seed)
+    return save_random(Qwen2ForCausalLM, config, dirpath, seed=seed)
 
 
 def make_tiny_qwen3(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=32,
@@ -82,7 +83,7 @@ def make_tiny_qwen3(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, 
         max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tie,
         use_sliding_window=False, bos_token_id=1, eos_token_id=2,
     )
-    return _save_random(Qwen3ForCausalLM, config, dirpath, seed=seed)
+    return save_random(Qwen3ForCausalLM, config, dirpath, seed=seed)
 
 
 def make_tiny_mistral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128,
@@ -96,7 +97,7 @@ def make_tiny_mistral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2
         sliding_window=sliding_window, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2,
     )
-    return _save_random(MistralForCausalLM, config, dirpath, seed=seed)
+    return save_random(MistralForCausalLM, config, dirpath, seed=seed)
 
 
 def make_tiny_mixtral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=64,
@@ -110,7 +111,7 @@ def make_tiny_mixtral(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2
         num_local_experts=experts, num_experts_per_tok=used, rms_norm_eps=1e-5, rope_theta=1000000.0,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
-    return _save_random(MixtralForCausalLM, config, dirpath, seed=seed)
+    return save_random(MixtralForCausalLM, config, dirpath, seed=seed)
 
 
 def make_tiny_qwen3_moe(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=32,
@@ -128,24 +129,7 @@ def make_tiny_qwen3_moe(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False,
         bos_token_id=1, eos_token_id=2,
     )
-    return _save_random(Qwen3MoeForCausalLM, config, dirpath, seed=seed)
-
-
-def _save_random(model_class, config, dirpath, *, seed, dtype=torch.float32, shards=1) -> Path:
-    dirpath = Path(dirpath)
-    torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():
-        # Far from the default init (std 0.02), so logits are spread and greedy decoding varies.
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.2)
-    model = model.to(dtype)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(dirpath, max_shard_size=total // shards + 1 if shards > 1 else "50GB")
-    return dirpath
+    return save_random(Qwen3MoeForCausalLM, config, dirpath, seed=seed)
 
 
 def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tensors=None) -> Path:
@@ -175,7 +159,8 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         f"{arch}.attention.value_length": head_dim,
     }
 
-    experts = open_weights(hf_dir).config.n_experts
+    config = open_weights(hf_dir).config
+    experts = config.n_experts
     if experts:
         metadata = {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": hf["num_experts_per_tok"],
                     **({f"{arch}.expert_feed_forward_length": hf["moe_intermediate_size"]}
@@ -202,9 +187,9 @@ def make_tiny_gguf(path, hf_dir, *, qtype="F32", arch=None, metadata=None, tenso
         _add_value(writer, key, value)
 
     if experts:
-        config = open_weights(hf_dir).config
         for i in range(config.n_layers):  # [experts, out, in], as llama.cpp stacks them
-            for part, names in zip(("gate", "up", "down"), zip(*moe_tensors(config, i)[1])):
+            stacks = zip(*(moe_expert(config, i, e) for e in range(experts)))  # gate's names, up's, down's
+            for part, names in zip(("gate", "up", "down"), stacks):
                 state[f"blk.{i}.ffn_{part}_exps.weight"] = torch.stack([state.pop(n) for n in names])
 
     out = {}

@@ -10,7 +10,7 @@ from p2pserve.engine import quant as quantized
 from p2pserve.engine.config import ModelConfig
 from p2pserve.engine.model import MLP, Attention, Block, MoE, RMSNorm, StageModel, pack_linear
 from p2pserve.engine.tp import Shard, shard_for
-from p2pserve.engine.weights import WeightSource, moe_tensors, tensor_shape
+from p2pserve.engine.weights import WeightSource, moe_expert, moe_router, tensor_shape
 
 # the roles of a stage's tensors that are linear weights (quantized in an int8/int4 stage);
 # expert e's are "gate.e", "up.e" and "down.e" (``is_linear``). A MoE router stays float:
@@ -124,9 +124,9 @@ def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple
         "post_norm": (p + "post_attention_layernorm.weight", None, None),
     }
     if config.is_moe:
-        router, experts = moe_tensors(config, i)
-        tensors["router"] = (router, None, None)
-        for e, (gate, up, down) in enumerate(experts):
+        tensors["router"] = (moe_router(config, i), None, None)
+        for e in range(config.n_experts):
+            gate, up, down = moe_expert(config, i, e)
             tensors.update({f"gate.{e}": (gate, shard.ffn, None), f"up.{e}": (up, shard.ffn, None),
                             f"down.{e}": (down, None, shard.ffn)})
     else:

@@ -10,7 +10,7 @@ without a round trip through float32 and without a second rounding. Other types 
 file's Q6_K tensors) are dequantized by rows and the stage quantizes them itself.
 
 A mixture-of-experts layer's tensors have its family's Hugging Face names
-(``moe_tensors``), each expert a matrix of its own; a GGUF stacks a layer's experts in one
+(``moe_router``, ``moe_expert``), each expert a matrix of its own; a GGUF stacks a layer's experts in one
 3-D tensor a projection, and expert e is its e-th matrix.
 """
 
@@ -63,18 +63,21 @@ EXPERT_TENSORS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_ex
 _EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123]|(?:gate|up|down)_proj)")
 
 
-def moe_tensors(config: ModelConfig, i: int) -> tuple[str, list[tuple[str, str, str]]]:
-    """Layer ``i``'s router and each expert's (gate, up, down) weights, named as the family's
-    Hugging Face checkpoints name them: Mixtral's ``block_sparse_moe.gate`` and
-    ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen3-MoE's ``mlp.gate`` and
-    ``mlp.experts.{e}.gate_proj/up_proj/down_proj``."""
+def moe_router(config: ModelConfig, i: int) -> str:
+    """Layer ``i``'s router weight, named as the family's Hugging Face checkpoints name it:
+    Mixtral's ``block_sparse_moe.gate``, Qwen3-MoE's ``mlp.gate``."""
+    return f"model.layers.{i}." + ("block_sparse_moe.gate.weight" if config.arch == "llama" else "mlp.gate.weight")
+
+
+def moe_expert(config: ModelConfig, i: int, e: int) -> tuple[str, str, str]:
+    """Expert ``e``'s gate, up and down weights in layer ``i``: Mixtral's
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen3-MoE's ``mlp.experts.{e}.gate_proj/...``."""
     p = f"model.layers.{i}."
     if config.arch == "llama":
-        return p + "block_sparse_moe.gate.weight", [
-            tuple(f"{p}block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3", "w2"))
-            for e in range(config.n_experts)]
-    return p + "mlp.gate.weight", [
-        tuple(f"{p}mlp.experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")) for e in range(config.n_experts)]
+        return tuple(f"{p}block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3", "w2"))
+    return tuple(f"{p}mlp.experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down"))
+
+
 # Hugging Face name outside the layers -> llama.cpp's name.
 MODEL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -137,13 +140,16 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
             "self_attn.v_proj.weight": (kv_rows, hidden),
             "self_attn.o_proj.weight": (hidden, q_rows),
         }
-        if config.is_moe:
-            router, experts = moe_tensors(config, int(match[1]))
-            local = len(f"model.layers.{match[1]}.")  # the names below are within the layer
-            shapes[router[local:]] = (config.n_experts, hidden)
-            for gate, up, down in experts:
-                shapes.update({gate[local:]: (inter, hidden), up[local:]: (inter, hidden),
-                               down[local:]: (hidden, inter)})
+        if config.is_moe:  # the router, and the one expert the name may be of
+            layer, expert = int(match[1]), _EXPERT.fullmatch(match[2])
+            if name == moe_router(config, layer):
+                return (config.n_experts, hidden)
+            if expert and int(expert[1]) < config.n_experts:
+                gate, up, down = moe_expert(config, layer, int(expert[1]))
+                if name in (gate, up):
+                    return (inter, hidden)
+                if name == down:
+                    return (hidden, inter)
         else:
             shapes.update({"mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
                            "mlp.down_proj.weight": (hidden, inter)})

@@ -457,12 +457,13 @@ async def _race(host, addresses: list[str], timeout: float) -> ID:
     one attempt at a time, a second waiting for the first."""
     won: list[ID] = []
     failures: dict[str, str] = {}
+    # a malformed address is a ConfigError here, as connect's, not an error group of the nursery's
+    infos = [parse_peer(address) for address in addresses]
     async with trio.open_nursery() as nursery:
-        for address in addresses:
+        for address, info in zip(addresses, infos):
             failed = trio.Event()
 
-            async def attempt(address=address, failed=failed):
-                info = parse_peer(address)
+            async def attempt(address=address, info=info, failed=failed):
                 try:
                     with _reaching(address, timeout):
                         await host.get_network().dial_addr(info.addrs[0], info.peer_id)
