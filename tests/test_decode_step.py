@@ -89,8 +89,9 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
         assert stage._head_in_step == (stage.dtype == torch.float32)
         assert fused.dtype == eager.dtype and all(k.dtype == stage.dtype for k, _ in fused_cache)
         tolerance = TOLERANCE[kind]
+        # no argmax comparison: a random tiny model's first two logits may tie closer than
+        # the tolerance (its quantized MoE's do), and where they do not, this bound implies it
         torch.testing.assert_close(fused, eager, rtol=0, atol=tolerance * eager.abs().max().item())
-        assert torch.equal(fused.argmax(-1), eager.argmax(-1))
         for (ek, ev), (fk, fv) in zip(eager_cache, fused_cache):
             torch.testing.assert_close(fk, ek, rtol=0, atol=tolerance * ek.abs().max().item())
             torch.testing.assert_close(fv, ev, rtol=0, atol=tolerance * ev.abs().max().item())

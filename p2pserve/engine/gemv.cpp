@@ -103,6 +103,12 @@ struct QuantX {
       bytes.assign(M * 2 * padded, 0);
     else
       q.resize(M * in);
+#if defined(P2P_AVX512)
+    if (gs % 16 == 0) {
+      quantize16(X, M, gs);
+      return;
+    }
+#endif
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < G; ++g) {
         const float* x = X + m * in + g * gs;
@@ -127,6 +133,44 @@ struct QuantX {
         gsum[m * G + g] = sum;
       }
   }
+#if defined(P2P_AVX512)
+  // the loop above, 16 values at a time: a run of 16 in X lands on 16 neighbours in every
+  // layout (paired interleaves groups by 16s; split puts a block's values 0-15, or 16-31,
+  // side by side). It was serial work on the caller's thread before each GEMV's team ran.
+  void quantize16(const float* X, int64_t M, int64_t gs) {
+    const __m512i half = _mm512_set1_epi32(128);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* x = X + m * in + g * gs;
+        __m512 top = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < gs; i += 16) {
+          const __m512 v = _mm512_loadu_ps(x + i);
+          top = _mm512_max_ps(top, _mm512_abs_ps(v)), sum = _mm512_add_ps(sum, v);
+        }
+        const float t = _mm512_reduce_max_ps(top);
+        const __m512 inv = _mm512_set1_ps(t > 0.f ? I16_TOP / t : 0.f);
+        const bool pair = layout == Layout::paired && g < G - G % 2;
+        for (int64_t i = 0; i < gs; i += 16) {
+          // round to nearest even, as std::nearbyint in the default rounding mode
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+          const int64_t at = g * gs + i;
+          if (layout == Layout::split) {
+            const int64_t r = at % 128;
+            int8_t* quad = bytes.data() + m * 2 * padded + at / 128 * 256 + (r % 32) / 16 * 64 + r / 32 * 16;
+            const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(v, half), 8);  // a floor
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(hi));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(quad + 128),
+                             _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(hi, 8))));
+          } else {
+            int16_t* to = q.data() + m * in + (pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 : at);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi32_epi16(v));
+          }
+        }
+        scale[m * G + g] = t / I16_TOP;
+        gsum[m * G + g] = _mm512_reduce_add_ps(sum);
+      }
+  }
+#endif
   const int16_t* row(int64_t m) const { return q.data() + m * in; }
   const int8_t* split_row(int64_t m) const { return bytes.data() + m * 2 * padded; }
   float xs(int64_t m, int64_t g) const { return scale[m * G + g]; }
