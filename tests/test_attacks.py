@@ -85,7 +85,8 @@ async def test_an_impossible_tensor_header_resets_the_link_and_the_worker_serves
         await _still_exact(c, reference)
 
 
-# 2 and 5. records that are signed by their own peer but make no sense
+# 2 and 5. records that are signed by their own peer but make no sense; the last sends its
+# dialers to the worker it copied (its addresses name that worker's peer id)
 @pytest.mark.parametrize("change, why", [
     ({"start": 0, "end": 0}, "not a range"),
     ({"start": 0, "end": 31}, "outside"),
@@ -94,12 +95,17 @@ async def test_an_impossible_tensor_header_resets_the_link_and_the_worker_serves
     ({"load": {"sessions": "x"}}, "load must map"),
     ({"tp": 0}, "TP degree"),
     ({"addrs": ["/ip4/127.0.0.1/tcp/1"] * 65}, "addrs must be"),
+    ({"addrs": None}, "names peer"),
 ])
 async def test_a_record_out_of_bounds_is_refused_on_arrival(swarm2, reference, change, why):
     async with client(swarm2.addr) as c:
         st = await c.wait_chains(1)
         me = c.host.get_id().to_base58()
-        record = WorkerRecord(**{**_worker(st, 0), "peer_id": me, "expires_at": time.time() + 20, **change})
+        copied = _worker(st, 0)
+        plain = [a.split("/p2p/")[0] for a in copied["addrs"]]
+        if change.get("addrs", []) is None:  # the worker's addresses, its peer id in them
+            change = {"addrs": [f"{a}/p2p/{copied['peer_id']}" for a in plain]}
+        record = WorkerRecord(**{**copied, "peer_id": me, "addrs": plain, "expires_at": time.time() + 20, **change})
         s = await c.host.new_stream(c.bootstrap_id, [ANNOUNCE])
         await write_frame(s, {"type": "announce", "record": sign_record(record, c.key_pair)})
         with pytest.raises(RemoteError, match=why):

@@ -304,10 +304,31 @@ async def test_a_peer_none_of_whose_addresses_answers_is_named_with_each_failure
         assert re.search(f"cannot reach {address}/p2p/{peer}: [^;]*connection refused", message), message
 
 
-async def test_a_malformed_announced_address_is_a_config_error_not_an_error_group():
+async def test_a_malformed_address_is_named_and_the_peer_still_reached_at_its_others():
+    worker_key = create_new_key_pair()
     async with running_host(create_new_key_pair(), LOOPBACK) as host:
-        with pytest.raises(ConfigError, match="bad peer address"):
-            await dial(host, peer_id_of(create_new_key_pair()), ["/ip4/not-an-ip/tcp/1"], timeout=5)
+        with pytest.raises(NetworkError, match="'/ip4/not-an-ip/tcp/1' is not a multiaddr"):
+            await dial(host, peer_id_of(worker_key), ["/ip4/not-an-ip/tcp/1"], timeout=5)
+        async with running_host(worker_key, LOOPBACK) as worker:
+            peer = await dial(host, peer_id_of(worker_key), ["/ip4/not-an-ip/tcp/1", *host_multiaddrs(worker)],
+                              timeout=5)
+            assert peer.to_base58() == peer_id_of(worker_key)
+
+
+async def test_an_address_that_names_another_peer_is_never_dialed():
+    """A record or chain may list a live third peer's address as the peer's: dialing it
+    would hand the caller a connection to a peer nobody chose, under the wrong name."""
+    async with running_host(create_new_key_pair(), LOOPBACK) as host:
+        async with running_host(create_new_key_pair(), LOOPBACK) as third:
+            (elsewhere,) = host_multiaddrs(third)
+            third_id = third.get_id()
+            peer = peer_id_of(create_new_key_pair())
+            relayed = f"{elsewhere}/p2p-circuit/p2p/{third_id.to_base58()}"
+            with pytest.raises(NetworkError) as failure:
+                await dial(host, peer, [elsewhere, relayed], timeout=5)
+            assert third_id not in host.get_connected_peers()
+    message = str(failure.value)
+    assert message.count(f"names peer {third_id.to_base58()}, not {peer}") == 2, message
 
 
 async def test_peer_restarted_at_a_new_port_is_reachable_again_at_once():

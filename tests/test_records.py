@@ -182,3 +182,23 @@ def test_round_trip_maps_that_are_too_long_or_mistyped_are_refused(rtts, message
     blob = sign_record(make_record(key_pair, rtts=rtts), key_pair)
     with pytest.raises(RecordError, match=message):
         verify_record(blob, now=NOW)
+
+
+def test_a_record_whose_address_names_another_peer_is_refused():
+    """Its signer could otherwise send whoever dials it, and a pipeline's activations, to a
+    third peer: the record's own id is the only one its addresses may name."""
+    key_pair, other = create_new_key_pair(), peer_id(create_new_key_pair())
+    me = peer_id(key_pair)
+    relay = peer_id(create_new_key_pair())
+    fine = [f"/ip4/10.0.0.1/tcp/4001", f"/ip4/10.0.0.1/tcp/4001/p2p/{me}",
+            f"/ip4/10.0.0.2/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{me}"]
+    assert verify_record(sign_record(make_record(key_pair, addrs=fine), key_pair), now=NOW).addrs == fine
+    for addrs, message in [
+        ([f"/ip4/10.0.0.1/tcp/4001/p2p/{other}"], f"names peer {other}, not {me}"),
+        ([f"/ip4/10.0.0.2/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{other}"], f"names peer {other}"),
+        ([f"/ip4/10.0.0.2/tcp/4001/p2p/{relay}/p2p-circuit"], "does not name the peer behind the relay"),
+        (["/ip4/not-an-ip/tcp/1"], "is not a multiaddr"),
+    ]:
+        blob = sign_record(make_record(key_pair, addrs=fine[:1] + addrs), key_pair)
+        with pytest.raises(RecordError, match=message):
+            verify_record(blob, now=NOW)

@@ -52,7 +52,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.exceptions import UpgradeFailure
 
 from p2pserve.errors import ConfigError, NetworkError
-from p2pserve.net.records import NAMESPACE, RecordValidator
+from p2pserve.net.records import NAMESPACE, RecordValidator, address_problem
 from p2pserve.net.wire import reset_stream
 
 log = logging.getLogger("p2pserve.host")
@@ -428,19 +428,27 @@ async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
     announced addresses: the direct ones raced (the next starts when the last fails or
     after ``DIAL_STAGGER`` s; the first connection wins and the others are cancelled, so a
     dead or frozen address costs a quarter second, not ``timeout``), then the relayed ones
-    (``…/p2p-circuit/p2p/<id>``, net/nat.py) through their relay, in turn. NetworkError
-    naming the peer and each address's failure if none answers."""
+    (``…/p2p-circuit/p2p/<id>``, net/nat.py) through their relay, in turn. An address that
+    names another peer is not dialed (``records.address_problem``): the connection returned
+    is always to ``peer_id``. NetworkError naming the peer and each address's failure if
+    none answers."""
     peer = ID.from_base58(peer_id)
     if host.get_network().connections.get(peer):
         return peer
-    direct = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in addrs if "/p2p-circuit" not in a]
     failures = []
+    usable = []  # not what is no multiaddr or names another peer than peer_id
+    for addr in addrs:
+        if (problem := address_problem(addr, peer_id)) is not None:
+            failures.append(problem)
+        else:
+            usable.append(addr)
+    direct = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in usable if "/p2p-circuit" not in a]
     if direct:
         try:
             return await _race(host, direct, timeout)
         except NetworkError as e:
             failures.append(str(e))
-    for addr in addrs:
+    for addr in usable:
         if "/p2p-circuit" in addr:  # a worker behind a NAT, reached through its relay
             from p2pserve.net.nat import dial_through_relay  # nat.py builds on this module
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import msgpack
+import multiaddr
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
@@ -200,6 +201,9 @@ def _bounds_problem(r: WorkerRecord) -> str | None:
         return f"stage {r.stage} and TP degree {r.tp} must be >= -1 and >= 1"
     if len(r.addrs) > MAX_ITEMS or not all(isinstance(a, str) and 0 < len(a) <= MAX_TEXT for a in r.addrs):
         return "addrs must be at most 64 multiaddr strings"
+    for address in r.addrs:
+        if (problem := address_problem(address, r.peer_id)) is not None:
+            return problem
     if not 1 <= len(r.devices) <= MAX_ITEMS or not all(isinstance(d, dict) for d in r.devices):
         return "devices must be 1 to 64 maps, one per TP rank"
     for device in r.devices:
@@ -214,6 +218,22 @@ def _bounds_problem(r: WorkerRecord) -> str | None:
             isinstance(k, str) and 0 < len(k) <= MAX_TEXT and _number_ok(v) and v <= MAX_RTT
             for k, v in r.rtts.items()):
         return f"rtts must map at most {MAX_RTTS} peer ids to round-trip seconds in [0, {MAX_RTT:g}]"
+    return None
+
+
+def address_problem(address: str, peer_id: str) -> str | None:
+    """Why ``address`` is no way to reach ``peer_id`` (None if it is one): not a multiaddr,
+    or one that names another peer (its last ``/p2p/`` id; a relayed address's is the peer
+    behind the relay). A signed record or a chain that named a third peer would send its
+    dialers' connections, and a pipeline's activations, to a peer nobody chose."""
+    try:
+        named = multiaddr.Multiaddr(address).get_peer_id()
+    except Exception:
+        return f"address {address[:80]!r} is not a multiaddr"
+    if named is not None and named != peer_id:
+        return f"address {address[:80]!r} names peer {named}, not {peer_id}"
+    if named is None and "/p2p-circuit" in address:
+        return f"relayed address {address[:80]!r} does not name the peer behind the relay"
     return None
 
 
