@@ -791,8 +791,11 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
   if (m0 == 0)
     for (int r = 0; r < O; ++r) prefetch_row(Sc, o + r, G), prefetch_row(N, o + r, G);
   // reading O rows a quad at a time hops between them, which the hardware prefetcher does
-  // not follow as it does one row's stream: each quad fetches its place two passes on
-  const int64_t ahead = 2 * O * (in / 2);
+  // not follow as it does one row's stream: each quad fetches its place two passes on into
+  // L1, and its place in the next block of 16 rows into L2. The first alone kept only as
+  // many lines in flight as L1 tracks misses, too few to cover memory's latency at the
+  // loop's pace; L2 tracks more, and a line it holds reaches L1 in time.
+  const int64_t ahead = 2 * O * (in / 2), far = 16 * (in / 2);
   const int8_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = qx.split_row(m0 + m);
   const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
@@ -821,6 +824,7 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
                                    : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, w[r] + k * 64);
         lo[r] = _mm512_and_si512(b, low), hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
         _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + far), _MM_HINT_T1);
       }
       const __m512i pick = _mm512_srli_epi32(at, shift);
       for (int m = 0; m < M; ++m) {
