@@ -115,18 +115,15 @@ struct QuantX {
         float top = 0.f, sum = 0.f;
         for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::abs(x[i])), sum += x[i];
         const float inv = top > 0.f ? I16_TOP / top : 0.f;
-        const bool pair = layout == Layout::paired && g < G - G % 2;
         for (int64_t i = 0; i < gs; ++i) {
           const auto v = static_cast<int16_t>(std::nearbyint(x[i] * inv));
-          const int64_t at = g * gs + i;
           if (layout == Layout::split) {
-            const int64_t r = at % 128, b = r / 32, j = r % 32;
-            int8_t* quad = bytes.data() + m * 2 * padded + at / 128 * 256 + (j / 16) * 64 + b * 16 + j % 16;
+            int8_t* quad = bytes.data() + m * 2 * padded + split_slot(g * gs + i);
             const int hi = (v + 128) >> 8;  // arithmetic: a floor
             quad[0] = static_cast<int8_t>(hi);
             quad[128] = static_cast<int8_t>(v - 256 * hi);
           } else {
-            q[m * in + (pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 + i % 16 : at)] = v;
+            q[m * in + slot(g, i, gs)] = v;
           }
         }
         scale[m * G + g] = top / I16_TOP;
@@ -135,8 +132,8 @@ struct QuantX {
   }
 #if defined(P2P_AVX512)
   // the loop above, 16 values at a time: a run of 16 in X lands on 16 neighbours in every
-  // layout (paired interleaves groups by 16s; split puts a block's values 0-15, or 16-31,
-  // side by side). It was serial work on the caller's thread before each GEMV's team ran.
+  // layout (slot, split_slot). It was serial work on the caller's thread before each
+  // GEMV's team ran.
   void quantize16(const float* X, int64_t M, int64_t gs) {
     const __m512i half = _mm512_set1_epi32(128);
     for (int64_t m = 0; m < M; ++m)
@@ -149,20 +146,17 @@ struct QuantX {
         }
         const float t = _mm512_reduce_max_ps(top);
         const __m512 inv = _mm512_set1_ps(t > 0.f ? I16_TOP / t : 0.f);
-        const bool pair = layout == Layout::paired && g < G - G % 2;
         for (int64_t i = 0; i < gs; i += 16) {
           // round to nearest even, as std::nearbyint in the default rounding mode
           const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
-          const int64_t at = g * gs + i;
           if (layout == Layout::split) {
-            const int64_t r = at % 128;
-            int8_t* quad = bytes.data() + m * 2 * padded + at / 128 * 256 + (r % 32) / 16 * 64 + r / 32 * 16;
+            int8_t* quad = bytes.data() + m * 2 * padded + split_slot(g * gs + i);
             const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(v, half), 8);  // a floor
             _mm_storeu_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(hi));
             _mm_storeu_si128(reinterpret_cast<__m128i*>(quad + 128),
                              _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(hi, 8))));
           } else {
-            int16_t* to = q.data() + m * in + (pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 : at);
+            int16_t* to = q.data() + m * in + slot(g, i, gs);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi32_epi16(v));
           }
         }
@@ -171,6 +165,16 @@ struct QuantX {
       }
   }
 #endif
+  // where value i of group g (of gs values) goes in a row of q, plain or paired
+  int64_t slot(int64_t g, int64_t i, int64_t gs) const {
+    const bool pair = layout == Layout::paired && g < G - G % 2;
+    return pair ? (g - g % 2) * gs + (i / 16) * 32 + (g % 2) * 16 + i % 16 : g * gs + i;
+  }
+  // where the hi byte of value `at` goes in a row of `bytes` (split; its lo byte 128 on)
+  static int64_t split_slot(int64_t at) {
+    const int64_t r = at % 128, j = r % 32;
+    return at / 128 * 256 + (j / 16) * 64 + r / 32 * 16 + j % 16;
+  }
   const int16_t* row(int64_t m) const { return q.data() + m * in; }
   const int8_t* split_row(int64_t m) const { return bytes.data() + m * 2 * padded; }
   float xs(int64_t m, int64_t g) const { return scale[m * G + g]; }

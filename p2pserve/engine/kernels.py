@@ -60,7 +60,8 @@ GEMM_ROWS = 32
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)
 
 # one translation unit: the GEMVs, then the fused decode step and the bindings, which use them
-_SOURCE = "\n".join((Path(__file__).parent / name).read_text() for name in ("gemv.cpp", "decode_step.cpp"))
+SOURCE_FILES = ("gemv.cpp", "decode_step.cpp")
+_SOURCE = "\n".join((Path(__file__).parent / name).read_text() for name in SOURCE_FILES)
 
 _lock = threading.Lock()
 _module = None
@@ -91,9 +92,10 @@ def _load():
             log.warning("CPU decode kernel unavailable (%s); using torch's kernels", _why_not)
 
 
-def build(arch_flag: str):
+def build(arch_flag: str, source: str = _SOURCE):
     """Compile gemv.cpp for ``arch_flag`` (``-march=native``: the instructions of this CPU,
-    which pick the source's AVX-512, AVX2 or portable loops), or raise RuntimeError why not."""
+    which pick the source's AVX-512, AVX2 or portable loops), or raise RuntimeError why not.
+    ``source``: another version of the unit (bench/kernels_ab.py builds a git revision's)."""
     bindir = os.path.dirname(sys.executable)  # pip's ninja lives beside python, maybe off PATH
     if os.path.exists(os.path.join(bindir, "ninja")) and not shutil.which("ninja"):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
@@ -101,11 +103,11 @@ def build(arch_flag: str):
         raise RuntimeError("no C++ compiler or ninja on PATH")
     from torch.utils.cpp_extension import load_inline
 
-    key = _SOURCE + arch_flag + _cpu_flags() + torch.__version__
+    key = source + arch_flag + _cpu_flags() + torch.__version__
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     try:
         return load_inline(
-            f"p2pserve_gemv_{digest}", cpp_sources=_SOURCE,
+            f"p2pserve_gemv_{digest}", cpp_sources=source,
             extra_cflags=["-O3", arch_flag, "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # a broken toolchain must not take the engine down

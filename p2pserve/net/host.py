@@ -436,7 +436,7 @@ async def dial(host, peer_id: str, addrs, timeout: float = 10.0) -> ID:
     if host.get_network().connections.get(peer):
         return peer
     failures = []
-    usable = []  # not what is no multiaddr or names another peer than peer_id
+    usable = []  # addrs, less those address_problem refuses
     for addr in addrs:
         if (problem := address_problem(addr, peer_id)) is not None:
             failures.append(problem)
