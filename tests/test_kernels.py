@@ -190,16 +190,17 @@ def test_gemv_int8_with_row_or_group_scales(rows, group, shape):
     assert _relative_error(kernels.gemv_int8(x, q, scales.reshape(out, -1)), want) < int_tolerance()
 
 
-@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell", "-march=skylake-avx512"])
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell", "-march=skylake-avx512", "-march=cascadelake"])
 def test_every_instruction_set_path_computes_the_same(arch):
-    """The portable, AVX2 and AVX-512 (without VNNI or BF16) loops, built here beside this
-    CPU's own, give the same products: each machine runs only one of them."""
+    """The portable, AVX2 and AVX-512 (without VNNI or BF16; with VNNI but not GFNI) loops,
+    built here beside this CPU's own, give the same products: each machine runs only one of them."""
     isa, needs = {"-march=x86-64": ("portable", set()), "-march=haswell": ("avx2", set()),
-                  "-march=skylake-avx512": ("avx512", {"avx512f", "avx512bw", "avx512vl"})}[arch]
+                  "-march=skylake-avx512": ("avx512", {"avx512f", "avx512bw", "avx512vl"}),
+                  "-march=cascadelake": ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}[arch]
     if not _toolchain() or not needs <= set(kernels._cpu_flags().split()):
         pytest.skip(f"no {' / '.join(sorted(needs | {'AVX2'}))} / compiler / ninja here")
     # the loops this CPU runs are built already (and every other test runs them); AVX-512
-    # is built again for the loops of CPUs without VNNI and BF16
+    # is built again for the loops of CPUs without VNNI and BF16, or with VNNI but no GFNI
     module = kernels.module() if kernels.isa() == isa and isa != "avx512" else kernels.build(arch)
     assert module.isa() == isa
     for rows in (1, 3, 8, 11):

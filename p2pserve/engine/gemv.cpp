@@ -803,6 +803,10 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
   const int8_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = qx.split_row(m0 + m);
   const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+#if defined(__GFNI__)
+  // GF(2) affine map of each byte: bit i of the result is bit i + 4 of the byte (i < 4), 0 above
+  const __m512i high_nibble = _mm512_set1_epi64(0x1020408000000000);
+#endif
   const __m512i first = _mm512_set_epi32(96, 96, 96, 96, 64, 64, 64, 64, 32, 32, 32, 32, 0, 0, 0, 0);
   __m512 a[O][M];
   for (int r = 0; r < O; ++r)
@@ -826,7 +830,12 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
       for (int r = 0; r < O; ++r) {
         const __m512i b = nb >= 64 ? _mm512_loadu_si512(w[r] + k * 64)
                                    : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, w[r] + k * 64);
-        lo[r] = _mm512_and_si512(b, low), hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        lo[r] = _mm512_and_si512(b, low);
+#if defined(__GFNI__)  // one instruction for the shift and the mask: the loop is bound by instructions
+        hi[r] = _mm512_gf2p8affine_epi64_epi8(b, high_nibble, 0);
+#else
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+#endif
         _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + ahead), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + far), _MM_HINT_T1);
       }
@@ -837,8 +846,8 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
         const __m512i x2 = _mm512_loadu_si512(x + 128), x3 = _mm512_loadu_si512(x + 192);
         for (int r = 0; r < O; ++r) {
           const __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x0), hi[r], x1);
-          const __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x2), hi[r], x3);
-          const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+          // lo's products accumulate onto hi's, shifted: 256 hi + lo without an add
+          const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(h, 8), lo[r], x2), hi[r], x3);
           a[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pick, c[r][m]), a[r][m]);
         }
       }
