@@ -500,10 +500,18 @@ static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const fl
   for (; g < G; ++g)
     for (int64_t c0 = g * gs; c0 < (g + 1) * gs; c0 += I16_RUN) {
       const int64_t c1 = std::min((g + 1) * gs, c0 + I16_RUN);
-      __m512i acc[M];
+      // two chains of products a row of X: one waited on its own `vpdpwssd`s (a row's whole
+      // length is one group where the weight has a scale a row)
+      __m512i acc[M], odd[M];
       int32_t t[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512(), t[m] = 0;
+      for (int m = 0; m < M; ++m) acc[m] = odd[m] = _mm512_setzero_si512(), t[m] = 0;
       int64_t i = c0;
+      for (; i + 64 <= c1; i += 64) {
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 32)));
+        for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], w0, xr[m] + i), odd[m] = dot32(odd[m], w1, xr[m] + i + 32);
+      }
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_add_epi32(acc[m], odd[m]);
       for (; i + 32 <= c1; i += 32) {
         const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
         for (int m = 0; m < M; ++m) acc[m] = dot32(acc[m], wv, xr[m] + i);
