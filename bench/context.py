@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine import CORES, DTYPES, bytes_per_token, read_bandwidth
+from engine import CORES, DTYPES, Bandwidth, bytes_per_token
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
 from p2pserve.engine.weights import open_weights
@@ -77,14 +77,14 @@ def main() -> None:
     positions = sorted(set(args.positions))
     console = Console(width=130)
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth(args.threads)
-    console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = Bandwidth(args.threads)
+    console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth.read(5) / 1e9:.1f} GB/s")
     results = {}
     for dtype in args.dtypes:
         console.print(f"measuring {dtype}…")
         results[dtype] = step_times(dtype, positions, args.reps)
-        bandwidth = max(bandwidth, read_bandwidth(args.threads))
-    console.print(f"read bandwidth, the fastest of the run: {bandwidth / 1e9:.1f} GB/s (the floors below use it)")
+        bandwidth.read(5)
+    console.print(f"read bandwidth, the fastest of the run: {bandwidth.fastest / 1e9:.1f} GB/s (the floors below use it)")
     table = Table(title=f"one-stage decode step by position, SmolLM2-135M, {cpu_model()}, {args.threads} threads")
     for col in ("dtype", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
         table.add_column(col, justify="left" if col == "dtype" else "right")
@@ -93,7 +93,7 @@ def main() -> None:
         weights = bytes_per_token(dtype)
         for p in positions:
             kv = kv_bytes(config, dtype, p)
-            floor = (weights + kv) / bandwidth
+            floor = (weights + kv) / bandwidth.fastest
             table.add_row(dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
                           f"{kv / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
     console.print(table)
