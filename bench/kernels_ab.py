@@ -12,6 +12,11 @@ this tree's own commit, nothing changed) shows the harness's own noise, about 1%
 
     python bench/kernels_ab.py                          # int4 int8 against HEAD
     python bench/kernels_ab.py --rev f1a7d71 --dtypes int4 bf16 --rounds 20
+    python bench/kernels_ab.py --arch=-march=haswell    # both builds' AVX2 loops, on this CPU
+
+``--arch`` builds both for another instruction set than this CPU's own (one it can run): the
+loops of an AVX2-only CPU, timed on this one, move with a change as they would there, as
+far as this core runs AVX2 as that one would.
 """
 
 from __future__ import annotations
@@ -95,12 +100,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20, help="steps of one build before the other's")
     parser.add_argument("--threads", type=int, default=CORES)
+    parser.add_argument("--arch", default="-march=native", help="the compiler's -march for both builds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit(f"no CPU kernels: {kernels.why_not()}")
-    builds = {args.rev: kernels.build("-march=native", revision_source(args.rev)), "tree": kernels.module()}
-    print(f"{cpu_model()}, {args.threads} threads, kernels {kernels.isa()}; {args.rounds} rounds of "
+    tree = kernels.module() if args.arch == "-march=native" else kernels.build(args.arch)
+    builds = {args.rev: kernels.build(args.arch, revision_source(args.rev)), "tree": tree}
+    print(f"{cpu_model()}, {args.threads} threads, kernels {tree.isa()} ({args.arch}); {args.rounds} rounds of "
           f"{args.steps} steps a build")
     for dtype in args.dtypes:
         medians = step_times(dtype, builds, args.rounds, args.steps)

@@ -537,10 +537,20 @@ static inline __attribute__((always_inline)) void int8_group(const QuantX& qx, i
   for (int m = 0; m < M; ++m) p[m] = _mm256_setzero_ps(), t[m] = 0.f;
   for (int64_t c0 = g0; c0 < g1; c0 += I16_RUN) {
     const int64_t c1 = std::min(g1, c0 + I16_RUN);
-    __m256i ai[M];
+    __m256i ai[M], bi[M];  // bi: a second chain, 32 weights a pass
     int32_t ti[M];
-    for (int m = 0; m < M; ++m) ai[m] = _mm256_setzero_si256(), ti[m] = 0;
+    for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm256_setzero_si256(), ti[m] = 0;
     int64_t i = c0;
+    for (; i + 32 <= c1; i += 32) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)));
+      for (int m = 0; m < M; ++m) {
+        const int16_t* x = qx.row(m0 + m) + i;
+        ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+        bi[m] = _mm256_add_epi32(bi[m], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+      }
+    }
+    for (int m = 0; m < M; ++m) ai[m] = _mm256_add_epi32(ai[m], bi[m]);
     for (; i + 16 <= c1; i += 16) {
       const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
       for (int m = 0; m < M; ++m)
