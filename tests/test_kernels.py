@@ -132,8 +132,9 @@ def test_gemv_int4_multiplies_its_16_bit_activations_exactly(arch, rows, shape):
     """Where the loops take X in 16 bits, every product of a nibble and an x is exact in
     integers: the output is each group's integer sum times its two scales, plus the minima
     times X's group sums, up to the order of the fp32 sums. Shapes with groups of 32, 64,
-    128 and 1024 values, windows of 16 groups and a last part one, rows of 96, 160 and 576
-    values (AVX-512 VNNI takes whole quads of 128 values and a masked last one). This
+    128 and 1024 values, windows of 16 groups and a last part one (AVX2: of 8, the last
+    overlapping the one before), rows of 96, 160 and 576 values (AVX-512 VNNI takes whole
+    quads of 128 values and a masked last one, AVX2 halves of quads and a last block). This
     CPU's loops, and AVX2's beside them."""
     if arch == "-march=native":
         if not kernels.available() or kernels.isa() not in ("avx2", "avx512"):

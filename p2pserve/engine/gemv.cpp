@@ -56,12 +56,15 @@ constexpr int64_t I16_RUN = 1024;
 // the largest |x| in 16 bits: the largest whose two bytes (`QuantX::split`) are both int8
 constexpr float I16_TOP = 32639.f;
 
-#if defined(P2P_AVX512) && defined(__AVX512VNNI__)
+#if !defined(P2P_AVX512) || defined(__AVX512VNNI__)
 // int4 weights against X split into bytes: a nibble is an unsigned byte already, and
 // `vpdpbusd` multiplies 64 unsigned bytes by 64 signed ones and adds them in fours into
 // int32, so a 16-bit x = 256 hi + lo takes two products (hi's sums shifted by 8 and added
 // to lo's, exactly) and no widening of the weights: half the instructions of widening the
-// nibbles to int16 for `vpdpwssd`, for the same 16-bit activations.
+// nibbles to int16 for `vpdpwssd`, for the same 16-bit activations. AVX2's `vpmaddubsw`
+// does the same in int16 pairs (a nibble times a byte, twice, cannot reach its saturation):
+// twice the values an instruction of widening the nibbles for `vpmaddwd`. AVX-512 without
+// VNNI keeps the widening loop.
 #define P2P_INT4_SPLIT 1
 #endif
 
@@ -74,7 +77,7 @@ struct QuantX {
     // pair's sums are converted and scaled by one instruction each, not a reduction per
     // group. A last odd group keeps X's order.
     paired,
-    // int4 with VNNI, `bytes` in place of `q`: each x as hi = (x + 128) >> 8 and
+    // int4 (P2P_INT4_SPLIT), `bytes` in place of `q`: each x as hi = (x + 128) >> 8 and
     // lo = x - 256 hi, both int8, in quads of four 32-value blocks (128 values, 256 bytes):
     // hi of values 0-15 of each block, hi of 16-31 of each, then the same of lo, matching
     // the low and high nibbles of the quad's 64 weight bytes; rows padded with zeros to
@@ -97,7 +100,7 @@ struct QuantX {
 #if defined(P2P_AVX512)
     layout = split ? Layout::split : G >= 2 && gs % 16 == 0 && gs <= I16_RUN ? Layout::paired : Layout::plain;
 #else
-    layout = Layout::plain;
+    layout = split ? Layout::split : Layout::plain;
 #endif
     if (layout == Layout::split)
       bytes.assign(M * 2 * padded, 0);
@@ -793,6 +796,21 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
 #endif
 
 #if defined(P2P_INT4_SPLIT)
+// where the O weight rows o.. of an int4 weight keep their values, scales and minima; the
+// first pass over them (X's first rows) fetches the scales and minima ahead (prefetch_row)
+template <int O, class S>
+struct SplitRows {
+  const uint8_t* w[O];
+  const S *s[O], *mn[O];
+  SplitRows(const uint8_t* W, const S* Sc, const S* N, int64_t in, int64_t G, int64_t o, bool first) {
+    for (int r = 0; r < O; ++r) w[r] = W + (o + r) * (in / 2), s[r] = Sc + (o + r) * G, mn[r] = N + (o + r) * G;
+    if (first)
+      for (int r = 0; r < O; ++r) prefetch_row(Sc, o + r, G), prefetch_row(N, o + r, G);
+  }
+};
+#endif
+
+#if defined(P2P_INT4_SPLIT) && defined(P2P_AVX512)
 // O rows o.. of an int4 weight against rows m0.. of a QuantX in its split layout, a quad
 // of four blocks (128 values, 64 bytes) at a time: the bytes' low nibbles are values 0-15
 // of each block and their high nibbles 16-31, as QuantX splits X, so each row of X takes
@@ -803,15 +821,10 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
 // (128 k + 32 (l / 4)) >> log2(gs) for the window's quad k: gs is a power of two here.
 // A last part quad is loaded masked; X's padding is zeros.
 template <int M, int O, class S>
-static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* W, const S* Sc, const S* N,
-                                   float* Y, int64_t gs, int64_t out, int64_t o) {
+static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
+                                   int64_t out, int64_t o) {
   const int64_t in = qx.in, G = qx.G;
   const int shift = __builtin_ctzll(gs);
-  const uint8_t* w[O];
-  const S *s[O], *mn[O];
-  for (int r = 0; r < O; ++r) w[r] = W + (o + r) * (in / 2), s[r] = Sc + (o + r) * G, mn[r] = N + (o + r) * G;
-  if (m0 == 0)
-    for (int r = 0; r < O; ++r) prefetch_row(Sc, o + r, G), prefetch_row(N, o + r, G);
   // reading O rows a quad at a time hops between them, which the hardware prefetcher does
   // not follow as it does one row's stream: each quad fetches its place two passes on into
   // L1, and its place in the next block of 16 rows into L2. The first alone kept only as
@@ -836,8 +849,8 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
       const __m512 sx = load16_ps(qx.scale.data() + (m0 + m) * G + g, n);
       const __m512 sum = load16_ps(qx.gsum.data() + (m0 + m) * G + g, n);
       for (int r = 0; r < O; ++r) {
-        c[r][m] = _mm512_mul_ps(load16_ps(s[r] + g, n), sx);
-        a[r][m] = _mm512_fmadd_ps(load16_ps(mn[r] + g, n), sum, a[r][m]);
+        c[r][m] = _mm512_mul_ps(load16_ps(rows.s[r] + g, n), sx);
+        a[r][m] = _mm512_fmadd_ps(load16_ps(rows.mn[r] + g, n), sum, a[r][m]);
       }
     }
     const int64_t k1 = (std::min((g + 16) * gs, in) + 127) / 128;
@@ -846,16 +859,16 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
       const int64_t nb = (in - k * 128) / 2;
       __m512i lo[O], hi[O];
       for (int r = 0; r < O; ++r) {
-        const __m512i b = nb >= 64 ? _mm512_loadu_si512(w[r] + k * 64)
-                                   : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, w[r] + k * 64);
+        const __m512i b = nb >= 64 ? _mm512_loadu_si512(rows.w[r] + k * 64)
+                                   : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, rows.w[r] + k * 64);
         lo[r] = _mm512_and_si512(b, low);
 #if defined(__GFNI__)  // one instruction for the shift and the mask: the loop is bound by instructions
         hi[r] = _mm512_gf2p8affine_epi64_epi8(b, high_nibble, 0);
 #else
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
 #endif
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + ahead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k * 64 + far), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + far), _MM_HINT_T1);
       }
       const __m512i pick = _mm512_srli_epi32(at, shift);
       for (int m = 0; m < M; ++m) {
@@ -874,14 +887,90 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const uint8_t* 
   for (int r = 0; r < O; ++r)
     for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o + r] = _mm512_reduce_add_ps(a[r][m]);
 }
+#elif defined(P2P_INT4_SPLIT)
+// the first n (at most 8) values at p as floats; the rest 0, and never read. Set lane by
+// lane: eight stores read back as one vector stall the load (no store forwarding)
+template <class S>
+static inline __m256 load8(const S* p, int64_t n) {
+  if (n == 8) return load8(p);
+  float v[8];
+  for (int64_t i = 0; i < 8; ++i) v[i] = i < n ? to_float(p[i]) : 0.f;
+  return _mm256_setr_ps(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+}
 
+// AVX2's int4_split_rows: half a quad (two blocks, 32 bytes) at a time. `vpmaddubsw`
+// multiplies its 32 nibbles by 32 bytes of X and adds pairs into int16: a nibble's two
+// products with hi and with lo of X, each at most 2 * 15 * 128 in a pair, sum within
+// int16; `vpmaddwd` by 256 and by 1 joins hi's and lo's into int32, lanes 0-3 holding the
+// first block's values and 4-7 the second's. Windows of 8 groups, as 16 on AVX-512; a
+// row's last window is its last 8 groups, overlapping the one before, so that its scales
+// are whole vectors too (AVX2 has no 16-bit masked load), and the minima join once a row.
+template <int M, int O, class S>
+static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
+                                   int64_t out, int64_t o) {
+  const int64_t in = qx.in, G = qx.G;
+  const int shift = __builtin_ctzll(gs);
+  const int64_t ahead = 2 * O * (in / 2);  // as on AVX-512: rows hop, so each fetches its place two passes on
+  const int8_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = qx.split_row(m0 + m);
+  const __m256i low = _mm256_set1_epi8(0x0F), by256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+  const __m256i second = _mm256_set_epi32(32, 32, 32, 32, 0, 0, 0, 0);
+  __m256 a[O][M];
+  for (int r = 0; r < O; ++r)
+    for (int m = 0; m < M; ++m) a[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; g += 8) {
+    const int64_t g0 = std::max<int64_t>(0, std::min(g, G - 8)), n = std::min<int64_t>(8, G - g0);
+    __m256 c[O][M];
+    for (int m = 0; m < M; ++m) {
+      const __m256 sx = load8(qx.scale.data() + (m0 + m) * G + g0, n);
+      for (int r = 0; r < O; ++r) c[r][m] = _mm256_mul_ps(load8(rows.s[r] + g0, n), sx);
+    }
+    const int64_t h1 = (std::min((g + 8) * gs, in) + 63) / 64;
+    for (int64_t h = g * gs / 64; h < h1; ++h) {  // half h of quad h / 2: values 64 h..
+      __m256i lo[O], hi[O];
+      for (int r = 0; r < O; ++r) {
+        const uint8_t* p = rows.w[r] + h * 32;
+        // a row is whole blocks, so a last half holds one or two
+        const __m256i b = in - h * 64 >= 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                            : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        lo[r] = _mm256_and_si256(b, low), hi[r] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+      }
+      const __m256i pick = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_add_epi32(second, _mm256_set1_epi32(64 * h)), shift),
+                                            _mm256_set1_epi32(static_cast<int>(g0)));
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xr[m] + (h >> 1) * 256 + (h & 1) * 32;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64));
+        const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 128));
+        const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 192));
+        for (int r = 0; r < O; ++r) {
+          const __m256i h16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x0), _mm256_maddubs_epi16(hi[r], x1));
+          const __m256i l16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x2), _mm256_maddubs_epi16(hi[r], x3));
+          const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(h16, by256), _mm256_madd_epi16(l16, ones));
+          a[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_permutevar8x32_ps(c[r][m], pick), a[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < O; ++r)
+    for (int m = 0; m < M; ++m)
+      Y[(m0 + m) * out + o + r] = hsum(a[r][m]) + minima_share(rows.mn[r], qx.gsum.data() + (m0 + m) * G, G);
+}
+#endif
+
+#if defined(P2P_INT4_SPLIT)
 // X [M, in] times an int4 W [out, in / 2] into Y [M, out] through int4_split_rows: 16
 // weight rows at a time against every tile of X's rows (so they stay in L1 while X passes),
 // several weight rows a pass where few rows of X leave registers free
 template <class S>
 static void int4_split(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
                        int64_t out, int64_t G) {
+#if defined(P2P_AVX512)
   constexpr int tile = 8, block = 16;
+#else
+  constexpr int tile = 4, block = 16;
+#endif
   const int64_t gs = in / G;
   const QuantX qx(X, M, in, G, true);
   at::parallel_for(0, out, block, [&](int64_t b, int64_t e) {
@@ -889,10 +978,15 @@ static void int4_split(const float* X, const uint8_t* W, const S* Sc, const S* N
       const int64_t o1 = std::min(e, o0 + block);
       for (int64_t m = 0; m < M; m += tile)
         with_rows<tile>(std::min<int64_t>(tile, M - m), [&](auto R) {
+#if defined(P2P_AVX512)
           constexpr int O = R == 1 ? 4 : R <= 4 ? 2 : 1;
+#else
+          constexpr int O = R == 1 ? 4 : 1;
+#endif
           int64_t o = o0;
-          for (; o + O <= o1; o += O) int4_split_rows<R, O>(qx, m, W, Sc, N, Y, gs, out, o);
-          for (; o < o1; ++o) int4_split_rows<R, 1>(qx, m, W, Sc, N, Y, gs, out, o);
+          for (; o + O <= o1; o += O)
+            int4_split_rows<R, O>(qx, m, SplitRows<O, S>(W, Sc, N, in, G, o, m == 0), Y, gs, out, o);
+          for (; o < o1; ++o) int4_split_rows<R, 1>(qx, m, SplitRows<1, S>(W, Sc, N, in, G, o, m == 0), Y, gs, out, o);
         });
     }
   });
