@@ -175,20 +175,28 @@ def test_gemv_int4_refuses_groups_longer_than_its_int32_sums_allow():
     kernels.gemv_int4(x, packed, torch.ones(4, 2, dtype=torch.float16), torch.ones(4, 2, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("arch", ["-march=native", "-march=haswell"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 6])
 # one scale a row or a group; out not a multiple of the rows a pass; in not of 32 (a scalar
-# tail); in past one int32 run
+# tail); in past one int32 run; groups in windows of 8 (AVX2) with an odd one after
 @pytest.mark.parametrize("group, shape", [(None, (96, 160)), (32, (96, 160)), (None, (90, 176)),
-                                          (None, (20, 2080)), (32, (20, 2080))])
-def test_gemv_int8_with_row_or_group_scales(rows, group, shape):
-    if not kernels.available():
-        pytest.skip(kernels.why_not())
+                                          (None, (20, 2080)), (32, (20, 2080)), (64, (40, 576))])
+def test_gemv_int8_with_row_or_group_scales(arch, rows, group, shape):
+    """This CPU's loops, and AVX2's beside them."""
+    if arch == "-march=native":
+        if not kernels.available():
+            pytest.skip(kernels.why_not())
+        module = kernels.module()
+    else:
+        if not _toolchain():
+            pytest.skip("no AVX2 / compiler / ninja here")
+        module = kernels.build(arch)
     out, n = shape
     g = torch.Generator().manual_seed(rows)
     w, x = torch.randn(out, n, generator=g), torch.randn(rows, n, generator=g)
     q, scales = quant.quantize_int8(w) if group is None else quant.quantize_int8_groups(w, group)
     want = x @ quant.dequantize_int8(q, scales).T
-    assert _relative_error(kernels.gemv_int8(x, q, scales.reshape(out, -1)), want) < int_tolerance()
+    assert _relative_error(module.gemv_int8(x, q, scales.reshape(out, -1)), want) < int_tolerance(module)
 
 
 @pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell", "-march=skylake-avx512", "-march=cascadelake"])

@@ -244,6 +244,20 @@ static inline __m256 load8(const c10::BFloat16* p) {  // a bf16 value is a float
   const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
+// the first n (at most 8) values at p as floats; the rest 0, and never read
+static inline __m256 load8(const float* p, int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+}
+// and of 16-bit ones, which have no masked load: set lane by lane (eight stores read back as
+// one vector stall the load: no store forwarding)
+template <class S>
+static inline __m256 load8(const S* p, int64_t n) {
+  if (n == 8) return load8(p);
+  float v[8];
+  for (int64_t i = 0; i < 8; ++i) v[i] = i < n ? to_float(p[i]) : 0.f;
+  return _mm256_setr_ps(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+}
 #endif
 
 #if defined(P2P_AVX512)
@@ -529,72 +543,85 @@ static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const fl
   for (int m = 0; m < M; ++m) Y[m * out + o] = _mm512_reduce_add_ps(a[m]) + r[m];
 }
 #elif defined(P2P_I16)
-// One row of an int8 weight against rows m0.. of a QuantX, in groups of gs: 16 weights
-// widened to int16, one madd per row of X. Where M is 1, two groups at a time feed two
-// chains of scaled sums: a Q8_0 group is 32 values, whose products take less time than
-// converting and scaling their sum, so one chain would wait on itself (rows of X are
-// chains of their own).
+// int32 sums of the products of an int8 weight row's values c0..c1 (at most I16_RUN) with
+// rows m0.. of a QuantX: 16 weights widened to int16, one madd per row of X, two chains of
+// them (one waited on its own adds); a tail short of 16 values in ti
 template <int M>
-static inline __attribute__((always_inline)) void int8_group(const QuantX& qx, int64_t m0, const int8_t* w,
-                                                              int64_t g0, int64_t g1, __m256 p[M], float t[M]) {
-  for (int m = 0; m < M; ++m) p[m] = _mm256_setzero_ps(), t[m] = 0.f;
-  for (int64_t c0 = g0; c0 < g1; c0 += I16_RUN) {
-    const int64_t c1 = std::min(g1, c0 + I16_RUN);
-    __m256i ai[M], bi[M];  // bi: a second chain, 32 weights a pass
-    int32_t ti[M];
-    for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm256_setzero_si256(), ti[m] = 0;
-    int64_t i = c0;
-    for (; i + 32 <= c1; i += 32) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)));
-      for (int m = 0; m < M; ++m) {
-        const int16_t* x = qx.row(m0 + m) + i;
-        ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
-        bi[m] = _mm256_add_epi32(bi[m], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
-      }
+static inline __attribute__((always_inline)) void int8_run(const QuantX& qx, int64_t m0, const int8_t* w,
+                                                            int64_t c0, int64_t c1, __m256i ai[M], int32_t ti[M]) {
+  __m256i bi[M];
+  for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm256_setzero_si256(), ti[m] = 0;
+  int64_t i = c0;
+  for (; i + 32 <= c1; i += 32) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)));
+    for (int m = 0; m < M; ++m) {
+      const int16_t* x = qx.row(m0 + m) + i;
+      ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+      bi[m] = _mm256_add_epi32(bi[m], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
     }
-    for (int m = 0; m < M; ++m) ai[m] = _mm256_add_epi32(ai[m], bi[m]);
-    for (; i + 16 <= c1; i += 16) {
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
-      for (int m = 0; m < M; ++m)
-        ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(
-                                                             reinterpret_cast<const __m256i*>(qx.row(m0 + m) + i))));
-    }
-    for (; i < c1; ++i)
-      for (int m = 0; m < M; ++m) ti[m] += static_cast<int32_t>(w[i]) * qx.row(m0 + m)[i];
-    for (int m = 0; m < M; ++m) p[m] = _mm256_add_ps(p[m], _mm256_cvtepi32_ps(ai[m])), t[m] += ti[m];
   }
+  for (int m = 0; m < M; ++m) ai[m] = _mm256_add_epi32(ai[m], bi[m]);
+  for (; i + 16 <= c1; i += 16) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    for (int m = 0; m < M; ++m)
+      ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(
+                                                           reinterpret_cast<const __m256i*>(qx.row(m0 + m) + i))));
+  }
+  for (; i < c1; ++i)
+    for (int m = 0; m < M; ++m) ti[m] += static_cast<int32_t>(w[i]) * qx.row(m0 + m)[i];
 }
 
-template <int M>
-static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const float* s, float* Y, int64_t gs,
+// One row of an int8 weight against rows m0.. of a QuantX, in groups of gs. Where groups
+// are whole 16s within one run (Q8_0's 32), two groups' sums fold
+// into one register (`hadd`: lanes 0-1 and 4-5 the first's, 2-3 and 6-7 the second's), so
+// one convert and one FMA scale both, by the scales of 8 groups (weight's times X's)
+// multiplied at once and picked by a permute: a 32-value group's products take less time
+// than converting its sum and scaling it from scalars. Other groups a run at a time.
+// GS: the group size where the caller knows it at compile time (32: GGUF's Q8_0), else 0.
+template <int M, int GS>
+static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const float* s, float* Y, int64_t gs_,
                          int64_t out, int64_t o) {
-  const int64_t G = qx.in / gs;
-  __m256 a0[M], a1[M];  // a1: odd groups' where M is 1
+  const int64_t gs = GS ? GS : gs_, G = qx.in / gs;
+  __m256 a[M];
   float r[M];
-  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps(), r[m] = 0.f;
-  int64_t g = 0;
-  if constexpr (M == 1)
-    for (; g + 2 <= G; g += 2) {
-      __m256 p0[1], p1[1];
-      float t0[1], t1[1];
-      int8_group<1>(qx, m0, w, g * gs, (g + 1) * gs, p0, t0);
-      int8_group<1>(qx, m0, w, (g + 1) * gs, (g + 2) * gs, p1, t1);
-      const float s0 = s[g] * qx.xs(m0, g), s1 = s[g + 1] * qx.xs(m0, g + 1);
-      a0[0] = _mm256_fmadd_ps(p0[0], _mm256_set1_ps(s0), a0[0]);
-      a1[0] = _mm256_fmadd_ps(p1[0], _mm256_set1_ps(s1), a1[0]);
-      r[0] += t0[0] * s0 + t1[0] * s1;
+  __m256i sa[M], sb[M];
+  int32_t ta[M], tb[M];
+  for (int m = 0; m < M; ++m) a[m] = _mm256_setzero_ps(), r[m] = 0.f;
+  if (G >= 2 && gs % 16 == 0 && gs <= I16_RUN) {  // no tails
+    const __m256i pair = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+      const int64_t n = std::min<int64_t>(8, G - g0);
+      __m256 c[M];
+      const __m256 sw = load8(s + g0, n);
+      for (int m = 0; m < M; ++m) c[m] = _mm256_mul_ps(sw, load8(qx.scale.data() + (m0 + m) * G + g0, n));
+      int64_t k = 0;
+      for (; k + 2 <= n; k += 2) {
+        int8_run<M>(qx, m0, w, (g0 + k) * gs, (g0 + k + 1) * gs, sa, ta);
+        int8_run<M>(qx, m0, w, (g0 + k + 1) * gs, (g0 + k + 2) * gs, sb, tb);
+        const __m256i pick = _mm256_add_epi32(pair, _mm256_set1_epi32(static_cast<int>(k)));
+        for (int m = 0; m < M; ++m)
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sa[m], sb[m])),
+                                 _mm256_permutevar8x32_ps(c[m], pick), a[m]);
+      }
+      if (k < n) {
+        int8_run<M>(qx, m0, w, (g0 + k) * gs, (g0 + k + 1) * gs, sa, ta);
+        const __m256i pick = _mm256_set1_epi32(static_cast<int>(k));
+        for (int m = 0; m < M; ++m)
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sa[m]), _mm256_permutevar8x32_ps(c[m], pick), a[m]);
+      }
     }
-  for (; g < G; ++g) {
-    __m256 p[M];
-    float t[M];
-    int8_group<M>(qx, m0, w, g * gs, (g + 1) * gs, p, t);
-    for (int m = 0; m < M; ++m) {
-      const float sx = s[g] * qx.xs(m0 + m, g);
-      a0[m] = _mm256_fmadd_ps(p[m], _mm256_set1_ps(sx), a0[m]), r[m] += t[m] * sx;
-    }
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c0 = g * gs; c0 < (g + 1) * gs; c0 += I16_RUN) {
+        int8_run<M>(qx, m0, w, c0, std::min((g + 1) * gs, c0 + I16_RUN), sa, ta);
+        for (int m = 0; m < M; ++m) {
+          const float sx = s[g] * qx.xs(m0 + m, g);
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sa[m]), _mm256_set1_ps(sx), a[m]), r[m] += ta[m] * sx;
+        }
+      }
   }
-  for (int m = 0; m < M; ++m) Y[m * out + o] = hsum(_mm256_add_ps(a0[m], a1[m])) + r[m];
+  for (int m = 0; m < M; ++m) Y[m * out + o] = hsum(a[m]) + r[m];
 }
 #endif
 
@@ -611,13 +638,11 @@ static void int8_rows(const float* X, const int8_t* W, const float* S, float* Y,
     float* y_m = Y + m * out;
     if (m == 0) prefetch_row(S, o, G);
     with_rows<4>(n, [&](auto R) {
-#if defined(P2P_AVX512)
+#if defined(P2P_I16)
       if (gs == 32)
         row_int8_i16<R, 32>(qx, m, w_o, s_o, y_m, gs, out, o);
       else
         row_int8_i16<R, 0>(qx, m, w_o, s_o, y_m, gs, out, o);
-#elif defined(P2P_I16)
-      row_int8_i16<R>(qx, m, w_o, s_o, y_m, gs, out, o);
 #else
       row_int8<R>(X + m * in, w_o, s_o, y_m, in, gs, out, o);
 #endif
@@ -888,16 +913,6 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows
     for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o + r] = _mm512_reduce_add_ps(a[r][m]);
 }
 #elif defined(P2P_INT4_SPLIT)
-// the first n (at most 8) values at p as floats; the rest 0, and never read. Set lane by
-// lane: eight stores read back as one vector stall the load (no store forwarding)
-template <class S>
-static inline __m256 load8(const S* p, int64_t n) {
-  if (n == 8) return load8(p);
-  float v[8];
-  for (int64_t i = 0; i < 8; ++i) v[i] = i < n ? to_float(p[i]) : 0.f;
-  return _mm256_setr_ps(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
-}
-
 // AVX2's int4_split_rows: half a quad (two blocks, 32 bytes) at a time. `vpmaddubsw`
 // multiplies its 32 nibbles by 32 bytes of X and adds pairs into int16: a nibble's two
 // products with hi and with lo of X, each at most 2 * 15 * 128 in a pair, sum within
