@@ -573,11 +573,11 @@ static inline __attribute__((always_inline)) void int8_run(const QuantX& qx, int
 }
 
 // One row of an int8 weight against rows m0.. of a QuantX, in groups of gs. Where groups
-// are whole 16s within one run (Q8_0's 32), two groups' sums fold
-// into one register (`hadd`: lanes 0-1 and 4-5 the first's, 2-3 and 6-7 the second's), so
-// one convert and one FMA scale both, by the scales of 8 groups (weight's times X's)
-// multiplied at once and picked by a permute: a 32-value group's products take less time
-// than converting its sum and scaling it from scalars. Other groups a run at a time.
+// are whole 16s within one run (Q8_0's 32), two groups' sums fold into one register
+// (`hadd`: lanes 0-1 and 4-5 the first's, 2-3 and 6-7 the second's), so one convert and
+// one FMA scale both, by the scales of 8 groups (weight's times X's) multiplied at once
+// and picked by a permute: a 32-value group's products take less time than converting its
+// sum and scaling it from scalars. One scale a row, and other groups, a run at a time.
 // GS: the group size where the caller knows it at compile time (32: GGUF's Q8_0), else 0.
 template <int M, int GS>
 static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const float* s, float* Y, int64_t gs_,
