@@ -13,6 +13,7 @@ this tree's own commit, nothing changed) shows the harness's own noise, about 1%
     python bench/kernels_ab.py                          # int4 int8 against HEAD
     python bench/kernels_ab.py --rev f1a7d71 --dtypes int4 bf16 --rounds 20
     python bench/kernels_ab.py --arch=-march=haswell    # both builds' AVX2 loops, on this CPU
+    python bench/kernels_ab.py --position 2000          # the attention over 2000 cached positions
 
 ``--arch`` builds both for another instruction set than this CPU's own (one it can run): the
 loops of an AVX2-only CPU, timed on this one, move with a change as they would there, as
@@ -62,15 +63,19 @@ def kernels_of(module):
         kernels._module = saved
 
 
-def step_times(dtype: str, builds: dict, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds of a decode step with each build's fused step, interleaved by round."""
+def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int) -> dict[str, float]:
+    """Median seconds of a decode step at ``position`` with each build's fused step,
+    interleaved by round."""
     source = open_weights(None)
     stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
-    stage.allocate(1, 16)
+    stage.allocate(1, position + 1)
     token = torch.tensor([[source.config.bos_token_id or 1]])
-    batch = Batch((0,), (9,), 1)
+    batch = Batch((0,), (position,), 1)
     fused, logits = {}, {}
     with torch.inference_mode():
+        for block in stage.blocks:  # positions 8.. as bench/context.py fills them
+            block.attn.cache.k.normal_()
+            block.attn.cache.v.normal_()
         stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill for the step to read
         for name, module in builds.items():
             with kernels_of(module):
@@ -101,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of one build before the other's")
     parser.add_argument("--threads", type=int, default=CORES)
     parser.add_argument("--arch", default="-march=native", help="the compiler's -march for both builds")
+    parser.add_argument("--position", type=int, default=9,
+                        help="the step's position: the cached keys and values its attention reads (default 9)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.available():
@@ -108,9 +115,9 @@ def main() -> None:
     tree = kernels.module() if args.arch == "-march=native" else kernels.build(args.arch)
     builds = {args.rev: kernels.build(args.arch, revision_source(args.rev)), "tree": tree}
     print(f"{cpu_model()}, {args.threads} threads, kernels {tree.isa()} ({args.arch}); {args.rounds} rounds of "
-          f"{args.steps} steps a build")
+          f"{args.steps} steps a build, at position {args.position}")
     for dtype in args.dtypes:
-        medians = step_times(dtype, builds, args.rounds, args.steps)
+        medians = step_times(dtype, builds, args.rounds, args.steps, args.position)
         print(f"{dtype}: {args.rev} {medians[args.rev] * 1e3:.3f} ms/step, tree {medians['tree'] * 1e3:.3f} "
               f"ms/step: the tree {medians[args.rev] / medians['tree']:.3f}x the speed of {args.rev}")
 

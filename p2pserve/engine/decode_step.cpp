@@ -95,35 +95,43 @@ static float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[e] = sum_j p[j] * values[j * stride + e] for e < d, the sum in the order of j. 64 of
-// out's values are summed in registers over all of j, then the next 64: adding one value
-// row at a time into out in memory made each row's FMAs wait on the last row's stores,
-// most of a long context's attention.
-template <class T>
-static void weighted_sum(const float* p, const T* values, int64_t stride, int64_t d, int64_t n, float* out) {
+// out[h * d + e] = sum_j p[h * n + j] * values[j * d + e] for e < d and H query heads h of
+// one KV group, the sums in the order of j. Each value row is loaded once for the H heads,
+// and 32 of out's values a head are summed in registers over all of j, then the next 32:
+// adding one value row at a time into out in memory made each row's FMAs wait on the last
+// row's stores, most of a long context's attention.
+template <int H, class T>
+static void weighted_sum(const float* p, const T* values, int64_t d, int64_t n, float* out) {
   int64_t e0 = 0;
 #if defined(P2P_AVX2)
   while (e0 + 8 <= d) {
-    const int64_t vectors = std::min<int64_t>(8, (d - e0) / 8);  // whole vectors of 8 in this pass
-    with_rows<8>(vectors, [&](auto R) {
+    const int64_t vectors = std::min<int64_t>(4, (d - e0) / 8);  // whole vectors of 8 in this pass
+    with_rows<4>(vectors, [&](auto R) {
       constexpr int K = decltype(R)::value;
-      __m256 acc[K];
-      for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+      __m256 acc[H][K];
+      for (int h = 0; h < H; ++h)
+        for (int k = 0; k < K; ++k) acc[h][k] = _mm256_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
-        const __m256 w = _mm256_set1_ps(p[j]);
-        const T* v = values + j * stride + e0;
-        for (int k = 0; k < K; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+        __m256 w[H];
+        for (int h = 0; h < H; ++h) w[h] = _mm256_set1_ps(p[h * n + j]);
+        const T* v = values + j * d + e0;
+        for (int k = 0; k < K; ++k) {
+          const __m256 x = load8(v + 8 * k);
+          for (int h = 0; h < H; ++h) acc[h][k] = _mm256_fmadd_ps(w[h], x, acc[h][k]);
+        }
       }
-      for (int k = 0; k < K; ++k) _mm256_storeu_ps(out + e0 + 8 * k, acc[k]);
+      for (int h = 0; h < H; ++h)
+        for (int k = 0; k < K; ++k) _mm256_storeu_ps(out + h * d + e0 + 8 * k, acc[h][k]);
     });
     e0 += 8 * vectors;
   }
 #endif
-  for (int64_t e = e0; e < d; ++e) {
-    float s = 0.f;
-    for (int64_t j = 0; j < n; ++j) s += p[j] * static_cast<float>(values[j * stride + e]);
-    out[e] = s;
-  }
+  for (int h = 0; h < H; ++h)
+    for (int64_t e = e0; e < d; ++e) {
+      float s = 0.f;
+      for (int64_t j = 0; j < n; ++j) s += p[h * n + j] * static_cast<float>(values[j * d + e]);
+      out[h * d + e] = s;
+    }
 }
 
 #if defined(P2P_AVX2)
@@ -145,40 +153,65 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
-// p[j] = (q . keys[j * stride]) * scale for j < n, keys of d values; returns the largest.
-// Eight keys at a time: each its own chain of FMAs (one key's waits on itself), summed
-// across lanes together at the end.
+// Fetches n values from p on into L2. A chunk's keys and values stream from memory
+// once for a whole KV group; the hardware prefetchers alone ran too few lines ahead of
+// that stream (the loads of each row's first lines waited on memory), so the scores' loop
+// fetches the keys KEYS_AHEAD rows on, and the values its weighted sum will read next.
+// Prefetches past the end of the cache do not fault.
+constexpr int64_t KEYS_AHEAD = 16;
 template <class T>
-static float scores(const float* q, const T* keys, int64_t stride, int64_t d, int64_t n, float scale, float* p) {
+static inline void prefetch_l2(const T* p, int64_t n) {
+#if defined(P2P_AVX2)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T1);
+#endif
+}
+
+// p[h * n + j] = (q[h * d ..] . keys[j * d ..]) * scale for j < n and H query heads h of one
+// KV group (keys of d values); top[h] = the largest of head h's. Four keys at a time, each
+// key loaded once for the H heads, each (head, key) its own chain of FMAs, summed across
+// lanes together at the end. `values`: the same rows' values, fetched for weighted_sum.
+template <int H, class T>
+static void scores(const float* q, const T* keys, int64_t d, int64_t n, float scale, float* p, float* top,
+                   const T* values) {
   int64_t j = 0;
-  float top = -INFINITY;
+  for (int h = 0; h < H; ++h) top[h] = -INFINITY;
 #if defined(P2P_AVX2)
   if (d % 8 == 0) {
-    __m256 most = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= n; j += 8) {
-      __m256 acc[8];
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    __m128 most[H];
+    for (int h = 0; h < H; ++h) most[h] = _mm_set1_ps(-INFINITY);
+    for (; j + 4 <= n; j += 4) {
+      __m256 acc[H][4];
+      for (int h = 0; h < H; ++h)
+        for (int k = 0; k < 4; ++k) acc[h][k] = _mm256_setzero_ps();
+      prefetch_l2(keys + (j + KEYS_AHEAD) * d, 4 * d);
+      prefetch_l2(values + j * d, 4 * d);
       for (int64_t e = 0; e < d; e += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + e);
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys + (j + k) * stride + e), acc[k]);
+        __m256 qv[H];
+        for (int h = 0; h < H; ++h) qv[h] = _mm256_loadu_ps(q + h * d + e);
+        for (int k = 0; k < 4; ++k) {
+          const __m256 x = load8(keys + (j + k) * d + e);
+          for (int h = 0; h < H; ++h) acc[h][k] = _mm256_fmadd_ps(qv[h], x, acc[h][k]);
+        }
       }
-      // lane k of the sum: key j + k's dot product
-      const __m256 a01 = _mm256_hadd_ps(acc[0], acc[1]), a23 = _mm256_hadd_ps(acc[2], acc[3]);
-      const __m256 a45 = _mm256_hadd_ps(acc[4], acc[5]), a67 = _mm256_hadd_ps(acc[6], acc[7]);
-      const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
-      const __m256 sc = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
-                                                    _mm256_permute2f128_ps(a0123, a4567, 0x31)),
-                                      _mm256_set1_ps(scale));
-      _mm256_storeu_ps(p + j, sc);
-      most = _mm256_max_ps(most, sc);
+      for (int h = 0; h < H; ++h) {
+        // lanes k and 4 + k: halves of key j + k's dot product
+        const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+        const __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)),
+                                     _mm_set1_ps(scale));
+        _mm_storeu_ps(p + h * n + j, sc);
+        most[h] = _mm_max_ps(most[h], sc);
+      }
     }
-    alignas(32) float m[8];
-    _mm256_store_ps(m, most);
-    for (const float v : m) top = std::max(top, v);
+    for (int h = 0; h < H; ++h) {
+      alignas(16) float m[4];
+      _mm_store_ps(m, most[h]);
+      for (const float v : m) top[h] = std::max(top[h], v);
+    }
   }
 #endif
-  for (; j < n; ++j) top = std::max(top, p[j] = dot(q, keys + j * stride, d) * scale);
-  return top;
+  for (; j < n; ++j)
+    for (int h = 0; h < H; ++h) top[h] = std::max(top[h], p[h * n + j] = dot(q + h * d, keys + j * d, d) * scale);
 }
 
 // p[j] = e^(p[j] - top) for j < n; returns their sum
@@ -232,7 +265,7 @@ struct Layer {
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
-  torch::Tensor k_cache, v_cache;     // [slots, max_len, n_kv, d], fp32 or bf16
+  torch::Tensor k_cache, v_cache;     // [slots, n_kv, max_len, d], fp32 or bf16
 };
 
 // dst[j] = src[j] for j < n, rounded to nearest even into a bf16 cache
@@ -277,9 +310,9 @@ class DecodeStep {
                   "the layer's MLP weights do not have the stage's shapes");
     const auto cache_type = k_cache.scalar_type();
     TORCH_CHECK(k_cache.is_contiguous() && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                k_cache.dim() == 4 && k_cache.size(1) == cos_.size(0) && k_cache.size(2) == n_kv_ &&
+                k_cache.dim() == 4 && k_cache.size(1) == n_kv_ && k_cache.size(2) == cos_.size(0) &&
                 k_cache.size(3) == d_ && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                v_cache.scalar_type() == cache_type, "k/v cache: [slots, max_len, n_kv, d] fp32 or bf16 contiguous");
+                v_cache.scalar_type() == cache_type, "k/v cache: [slots, n_kv, max_len, d] fp32 or bf16 contiguous");
     TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
@@ -359,7 +392,7 @@ class DecodeStep {
     if (!layers_.empty()) {
       const auto& k = layers_[0].k_cache;
       for (size_t b = 0; b < slots.size(); ++b)
-        TORCH_CHECK(0 <= slots[b] && slots[b] < k.size(0) && 0 <= starts[b] && starts[b] < k.size(1),
+        TORCH_CHECK(0 <= slots[b] && slots[b] < k.size(0) && 0 <= starts[b] && starts[b] < k.size(2),
                     "slot ", slots[b], " position ", starts[b], " is outside the cache");
     }
     return x.to(at::kFloat).contiguous();
@@ -400,7 +433,7 @@ class DecodeStep {
   void attend(const Layer& l, float* QKV, const std::vector<int64_t>& slots, const std::vector<int64_t>& starts,
               T* KC, T* VC, float* A) const {
     const int64_t B = static_cast<int64_t>(slots.size()), d = d_, half = d / 2, width = (n_q_ + 2 * n_kv_) * d;
-    const int64_t max_len = l.k_cache.size(1), kv_row = n_kv_ * d;
+    const int64_t max_len = l.k_cache.size(2);
     std::vector<float> swapped(d);
     for (int64_t b = 0; b < B; ++b) {
       float* row = QKV + b * width;
@@ -418,44 +451,52 @@ class DecodeStep {
         for (int64_t j = 0; j < half; ++j) swapped[j] = v[j + half], swapped[j + half] = v[j];
         for (int64_t j = 0; j < d; ++j) v[j] = v[j] * c[j] + swapped[j] * s[j];
       }
-      const int64_t at = (slots[b] * max_len + starts[b]) * kv_row;
-      store(row + n_q_ * d, kv_row, KC + at);
-      store(row + (n_q_ + n_kv_) * d, kv_row, VC + at);
+      for (int64_t g = 0; g < n_kv_; ++g) {
+        const int64_t at = ((slots[b] * n_kv_ + g) * max_len + starts[b]) * d;
+        store(row + (n_q_ + g) * d, d, KC + at);
+        store(row + (n_q_ + n_kv_ + g) * d, d, VC + at);
+      }
     }
-    // Work items: (sequence, KV group, chunk of CHUNK cached positions, query head of the
-    // group), in that order. A group's heads take a chunk one after another, so its keys and
-    // values come from memory once (CHUNK positions' fit any L2), and a long context's
-    // chunks spread over the threads, as a few heads a sequence do not. Each item keeps its
-    // chunk's largest score, sum of exponentials and unnormalised output; the softmax over
-    // every chunk rescales them to the largest score (flash-decoding). A context of up to
-    // CHUNK positions is one chunk, computed exactly as a whole row.
+    // Work items: (sequence, chunk of CHUNK cached positions, KV group), in that order. An
+    // item reads its chunk of the group's keys and values (each one stream in the cache)
+    // once for the group's query heads, up to 3 at a time (their sums fill the registers),
+    // and a long context's chunks spread over the threads, as a few groups a sequence do not.
+    // Each (chunk, head) keeps its largest score, sum of exponentials and unnormalised output;
+    // the softmax over every chunk rescales them to the largest score (flash-decoding). A
+    // context of up to CHUNK positions is one chunk, computed exactly as a whole row.
     constexpr int64_t CHUNK = 256;
     const int64_t group = n_q_ / n_kv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    std::vector<int64_t> chunks(B), first(B + 1, 0);  // sequence b's items: [first[b], first[b + 1])
+    // sequence b's (chunk, head)s: [first[b], first[b + 1]), each chunk's n_q heads in order
+    std::vector<int64_t> chunks(B), first(B + 1, 0);
     for (int64_t b = 0; b < B; ++b) chunks[b] = (starts[b] + CHUNK) / CHUNK, first[b + 1] = first[b] + n_q_ * chunks[b];
-    const int64_t n_items = first[B];
-    std::vector<float> tops(n_items), sums(n_items), outs(n_items * d);
-    at::parallel_for(0, n_items, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t n_heads = first[B];
+    std::vector<float> tops(n_heads), sums(n_heads), outs(n_heads * d);
+    at::parallel_for(0, n_heads / group, 1, [&](int64_t u0, int64_t u1) {
       std::vector<float> p;
-      int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
-      for (int64_t t = t0; t < t1; ++t) {
+      int64_t b = std::upper_bound(first.begin(), first.end(), u0 * group) - first.begin() - 1;
+      for (int64_t t = u0 * group; t < u1 * group; t += group) {  // the item's first (chunk, head)
         while (t >= first[b + 1]) ++b;
-        const int64_t r = t - first[b], c = r / group % chunks[b], g = r / group / chunks[b];
-        const int64_t h = g * group + r % group, j0 = c * CHUNK, n = std::min(CHUNK, starts[b] + 1 - j0);
-        const float* q = QKV + b * width + h * d;
-        const T* keys = KC + (slots[b] * max_len + j0) * kv_row + g * d;
-        const T* values = VC + (slots[b] * max_len + j0) * kv_row + g * d;
-        p.resize(n);
-        tops[t] = scores(q, keys, kv_row, d, n, scale, p.data());
-        sums[t] = exp_shifted(p.data(), n, tops[t]);
-        weighted_sum(p.data(), values, kv_row, d, n, outs.data() + t * d);
+        const int64_t r = t - first[b], c = r / n_q_, h0 = r % n_q_, g = h0 / group;
+        const int64_t j0 = c * CHUNK, n = std::min(CHUNK, starts[b] + 1 - j0);
+        const T* keys = KC + ((slots[b] * n_kv_ + g) * max_len + j0) * d;
+        const T* values = VC + ((slots[b] * n_kv_ + g) * max_len + j0) * d;
+        p.resize(std::min<int64_t>(group, 3) * n);
+        for (int64_t i = 0; i < group;) {
+          with_rows<3>(group - i, [&](auto H_) {
+            constexpr int H = decltype(H_)::value;
+            const int64_t u = t + i;
+            scores<H>(QKV + b * width + (h0 + i) * d, keys, d, n, scale, p.data(), &tops[u], values);
+            for (int h = 0; h < H; ++h) sums[u + h] = exp_shifted(p.data() + h * n, n, tops[u + h]);
+            weighted_sum<H>(p.data(), values, d, n, outs.data() + u * d);
+            i += H;
+          });
+        }
       }
     });
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < n_q_; ++h) {
-        const int64_t g = h / group;
-        auto item = [&](int64_t c) { return first[b] + (g * chunks[b] + c) * group + h % group; };
+        auto item = [&](int64_t c) { return first[b] + c * n_q_ + h; };
         float top = -INFINITY, total = 0.f;
         for (int64_t c = 0; c < chunks[b]; ++c) top = std::max(top, tops[item(c)]);
         float* out = A + b * n_q_ * d + h * d;

@@ -4,9 +4,11 @@ A stage holds decoder layers ``[start, end)``; stage 0 also holds the embedding 
 last stage the final norm and LM head. Only a stage's TP rank 0 (its *leader*) holds
 those two: it embeds and samples, and the layers in between run on every rank.
 
-The KV cache is a preallocated buffer of *slots* (one per live sequence) laid out
-``[slot, position, kv_head, head_dim]``, the layout flash-attn's
-``flash_attn_with_kvcache`` reads, with the length of each sequence kept by the caller.
+The KV cache is a preallocated buffer of *slots* (one per live sequence), with the length
+of each sequence kept by the caller. It is laid out ``[slot, kv_head, position, head_dim]``
+(``KVCache``): a head's keys are one stream in memory, as a decode step's attention reads
+them, and as SDPA takes them. Where flash-attn reads it, it is
+``[slot, position, kv_head, head_dim]``, the layout ``flash_attn_with_kvcache`` takes.
 
 A decode step is one matrix-vector product per weight, bound by how fast the weights
 stream from memory: ``pack_linear`` keeps every linear weight in the layout the fastest
@@ -31,6 +33,11 @@ try:  # GPU fast path; SDPA everywhere else
     from flash_attn import flash_attn_with_kvcache
 except ImportError:  # pragma: no cover - not installed on CPU machines
     flash_attn_with_kvcache = None
+
+
+def _flash_reads(device) -> bool:
+    """Whether the attention on ``device`` is flash-attn's, which takes its own cache layout."""
+    return flash_attn_with_kvcache is not None and torch.device(device).type == "cuda"
 
 
 # oneDNN's linear layer, the op torch.compile's CPU freezing pass emits; None in a torch
@@ -169,15 +176,46 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    def __init__(self, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+    """Keys and values of ``n_slots`` sequences of up to ``max_len`` positions, ``[slot,
+    kv_head, position, head_dim]``, or ``[slot, position, kv_head, head_dim]`` where
+    ``positions_first`` (flash-attn's layout). Head-major, a decode step's attention reads
+    each head's keys as one stream: position-major, a head's 256 bytes a position lay
+    among the other heads', a strided read the CPU's prefetchers did not run ahead of."""
+
+    def __init__(self, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype,
+                 positions_first: bool = False):
         super().__init__()
-        shape = (n_slots, max_len, n_kv_heads, head_dim)
+        self.positions_first = positions_first
+        shape = (n_slots, max_len, n_kv_heads, head_dim) if positions_first else (n_slots, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1 if self.positions_first else 2]
+
+    def write(self, slots: tuple[int, ...], starts: tuple[int, ...], k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, T, kv_heads, head_dim]: sequence b's at positions starts[b].. of slot slots[b]."""
+        B, T = k.shape[0], k.shape[1]
+        if B == 1:  # slices: views, not an indexed write
+            at = (slots[0], slice(starts[0], starts[0] + T))
+            if self.positions_first:
+                self.k[at], self.v[at] = k[0], v[0]
+            else:
+                self.k[at[0], :, at[1]], self.v[at[0], :, at[1]] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+            return
+        index = torch.tensor(slots, device=k.device)[:, None]
+        positions = torch.tensor(starts, device=k.device)[:, None] + torch.arange(T, device=k.device)
+        if self.positions_first:
+            self.k[index, positions], self.v[index, positions] = k, v
+        else:  # the indices around the slice put their dimensions first: [B, T, kv_heads, head_dim]
+            self.k[index, :, positions], self.v[index, :, positions] = k, v
+
+    def read(self, slots: slice | torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``slots`` at positions [0, end), [B, kv_heads, end, head_dim]."""
+        if self.positions_first:
+            return self.k[slots, :end].transpose(1, 2), self.v[slots, :end].transpose(1, 2)
+        return self.k[slots, :, :end], self.v[slots, :, :end]
 
 
 class Attention(nn.Module):
@@ -210,7 +248,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin)  # q and k heads at once
         q, k = qk.split([self.n_q, self.n_kv], dim=2)
         v = v.view(B, T, self.n_kv, hd)
-        if flash_attn_with_kvcache is not None and x.is_cuda:
+        if self.cache.positions_first:
             out = self._flash(q, k, v, batch)
         else:
             out = self._sdpa(q, k, v, batch, mask)
@@ -227,26 +265,13 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, batch: Batch, mask):
         B, T = q.shape[0], q.shape[1]
-        ck, cv = self.cache.k, self.cache.v
-        if B == 1:
-            slot, start = batch.slots[0], batch.starts[0]
-            end = start + T
-            ck[slot, start:end] = k[0]
-            cv[slot, start:end] = v[0]
-            keys, values = ck[slot : slot + 1, :end], cv[slot : slot + 1, :end]
+        self.cache.write(batch.slots, batch.starts, k, v)
+        end = max(batch.starts) + T
+        first = batch.slots[0]
+        if batch.slots == tuple(range(first, first + B)):  # a view, not a gathered copy
+            keys, values = self.cache.read(slice(first, first + B), end)
         else:
-            slots = torch.tensor(batch.slots, device=q.device)
-            pos = torch.tensor(batch.starts, device=q.device)[:, None] + torch.arange(T, device=q.device)
-            ck[slots[:, None], pos] = k
-            cv[slots[:, None], pos] = v
-            end = max(batch.starts) + T
-            first = batch.slots[0]
-            if batch.slots == tuple(range(first, first + B)):  # a view, not a gathered copy
-                keys, values = ck[first : first + B, :end], cv[first : first + B, :end]
-            else:
-                keys, values = ck[slots, :end], cv[slots, :end]
-        # [B, L, H, D] -> [B, H, L, D]
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+            keys, values = self.cache.read(torch.tensor(batch.slots, device=q.device), end)
         if T == 1:
             # One query per sequence: the query heads of a KV group share its keys, so
             # attend as [B, kv_heads, group, D] against [B, kv_heads, L, D], no repeat.
@@ -367,8 +392,8 @@ class StageModel(nn.Module):
         """(Re)allocate the KV cache: ``n_slots`` sequences of up to ``max_len`` tokens."""
         device, dtype = self.device, self.dtype
         for block in self.blocks:
-            block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads,
-                                       self.config.head_dim, device, dtype)
+            block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads, self.config.head_dim,
+                                       device, dtype, positions_first=_flash_reads(device))
         self.cos, self.sin = rope_tables(self.config, max_len, device, dtype)
         self._decode_step = _UNBUILT  # it holds the caches and tables it was built with
 
