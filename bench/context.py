@@ -15,6 +15,7 @@ step, the head) with a greedy argmax after it. It prints, per dtype and position
 
     python bench/context.py                      # fp32 bf16 int8 int4 at 1 .. 2000
     python bench/context.py --dtypes int4 --positions 1 1000 4000
+    python bench/context.py --dtypes int4 --kv-dtypes auto bf16 fp16   # the cache in 16 bits
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from engine import CORES, DTYPES, Bandwidth, bytes_per_token
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
 from p2pserve.engine.weights import open_weights
-from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.ranks.pipeline import KV_DTYPES, parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.testing.machine import cpu_model
 
 
-def step_times(dtype: str, positions: list[int], reps: int) -> dict[int, float]:
+def step_times(dtype: str, kv_dtype: str, positions: list[int], reps: int) -> dict[int, float]:
     """Median seconds of a decode step at each position, the positions interleaved by round."""
     source = open_weights(None)
     config = source.config
-    stage = load_stage(source, 0, config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
+    stage = load_stage(source, 0, config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype),
+                       kv_dtype=parse_kv_dtype(kv_dtype))
     stage.allocate(1, max(*positions, 9) + 1)  # room for the 8-token prefill and its step
     token = torch.tensor([[config.bos_token_id or 1]])
     times: dict[int, list[float]] = {p: [] for p in positions}
@@ -59,9 +61,10 @@ def step_times(dtype: str, positions: list[int], reps: int) -> dict[int, float]:
     return {p: statistics.median(ts) for p, ts in times.items()}
 
 
-def kv_bytes(config, dtype: str, position: int) -> int:
+def kv_bytes(config, dtype: str, kv_dtype: str, position: int) -> int:
     """Keys and values a step at ``position`` reads: every cached position's and its own."""
-    return 2 * config.n_layers * position * config.n_kv_heads * config.head_dim * parse_dtype(dtype).itemsize
+    itemsize = (parse_kv_dtype(kv_dtype) or parse_dtype(dtype)).itemsize
+    return 2 * config.n_layers * position * config.n_kv_heads * config.head_dim * itemsize
 
 
 def main() -> None:
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--positions", nargs="+", type=int, default=[1, 250, 500, 1000, 2000],
                         help="positions of the new token (1: an empty cache)")
+    parser.add_argument("--kv-dtypes", nargs="+", default=["auto"], choices=list(KV_DTYPES),
+                        help="the KV cache's dtypes, each with every --dtypes (auto: the activations')")
     parser.add_argument("--reps", type=int, default=30, help="steps timed per position")
     parser.add_argument("--threads", type=int, default=CORES)
     args = parser.parse_args()
@@ -81,20 +86,21 @@ def main() -> None:
     console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth.read(5) / 1e9:.1f} GB/s")
     results = {}
     for dtype in args.dtypes:
-        console.print(f"measuring {dtype}…")
-        results[dtype] = step_times(dtype, positions, args.reps)
-        bandwidth.read(5)
+        for kv_dtype in args.kv_dtypes:
+            console.print(f"measuring {dtype}, KV cache {kv_dtype}…")
+            results[dtype, kv_dtype] = step_times(dtype, kv_dtype, positions, args.reps)
+            bandwidth.read(5)
     console.print(f"read bandwidth, the fastest of the run: {bandwidth.fastest / 1e9:.1f} GB/s (the floors below use it)")
     table = Table(title=f"one-stage decode step by position, SmolLM2-135M, {cpu_model()}, {args.threads} threads")
-    for col in ("dtype", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
-        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for col in ("dtype", "KV cache", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
+        table.add_column(col, justify="left" if col in ("dtype", "KV cache") else "right")
     config = open_weights(None).config
-    for dtype, times in results.items():
+    for (dtype, kv_dtype), times in results.items():
         weights = bytes_per_token(dtype)
         for p in positions:
-            kv = kv_bytes(config, dtype, p)
+            kv = kv_bytes(config, dtype, kv_dtype, p)
             floor = (weights + kv) / bandwidth.fastest
-            table.add_row(dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
+            table.add_row(dtype, kv_dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
                           f"{kv / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
     console.print(table)
     console.print(f"(load average now {os.getloadavg()[0]:.1f})")

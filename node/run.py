@@ -29,7 +29,7 @@ from p2pserve.planner.swarm import auto_request, device_entries, measure_devices
 from p2pserve.progress import loading_bar
 from p2pserve.ranks import world
 from p2pserve.ranks.cores import CoreShare, machine_cores
-from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.ranks.pipeline import parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.ranks.stages import StagesSpec, open_runner
 
 log = logging.getLogger("p2pserve.worker")
@@ -51,6 +51,7 @@ class WorkerOptions:
     dtype: str
     home: Path
     verbose: bool = False
+    kv_dtype: str = "auto"  # --kv-dtype: the KV cache's (auto: the activations')
     kv_memory: str | None = None
     max_queue: int | None = None
     threads: int | None = None
@@ -206,7 +207,7 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
         share = CoreShare(max(t for _, _, t in stages), opts.threads) if devices[0].startswith("cpu") else None
         spec = StagesSpec(opts.model_path and str(opts.model_path), stages, parse_dtype(opts.dtype),
                           world.World(tuple(world_devices)), opts.threads, quant=weight_format(opts.dtype),
-                          share_cores=share is not None)
+                          kv_dtype=parse_kv_dtype(opts.kv_dtype), share_cores=share is not None)
         if share is not None:
             others = share.others()
             click.echo(f"{share.threads()} torch thread(s) per rank: {machine_cores()} cores"
@@ -215,8 +216,9 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
                        err=True)
         # before the weights load: a --kv-memory that holds no session fails at once
         sessions = opts.max_sessions or max_sessions(config, end - start, tp, opts.max_seq_len,
-                                                     parse_dtype(opts.dtype), devices[0], opts.kv_memory)
-        click.echo(f"loading layers {start}-{end} of {config.name} (TP {tp} on {','.join(devices)}, {opts.dtype})…",
+                                                     spec.kv_dtype or spec.dtype, devices[0], opts.kv_memory)
+        kv = "" if spec.kv_dtype is None else f", KV cache {opts.kv_dtype}"
+        click.echo(f"loading layers {start}-{end} of {config.name} (TP {tp} on {','.join(devices)}, {opts.dtype}{kv})…",
                    err=True)
         # a bar on a terminal only; a TP group's or several stages' other ranks load theirs meanwhile
         ranks = spec.world.size

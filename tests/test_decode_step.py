@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(not kernels.vectorised(), reason="no vectorised 
 
 FAMILIES = {
     "llama": (make_tiny_llama, dict()),
+    # a KV group of one query head, and one of five (the attention takes 3 of a group's heads
+    # at a time, then the 2 left)
+    "llama-mha": (make_tiny_llama, dict(n_heads=4, n_kv_heads=4)),
+    "llama-gqa5": (make_tiny_llama, dict(n_heads=10, n_kv_heads=2, hidden=160)),
     "qwen2": (make_tiny_qwen2, dict(n_heads=6, n_kv_heads=3, hidden=96)),
     "qwen3": (make_tiny_qwen3, dict(head_dim=32)),
     # 4 experts, 2 a token: the batch's sequences pick some the same and some not
@@ -33,16 +37,19 @@ FAMILIES = {
     # its weights as they are, not renormalised over the chosen experts
     "qwen3moe": (make_tiny_qwen3_moe, dict(norm_topk=False)),
 }
-# what each kind of stage is loaded as: (quant, activations)
-KINDS = {"fp32": (None, torch.float32), "int8": ("int8", torch.float32), "int4": ("int4", torch.float32),
-         "bf16": (None, torch.bfloat16)}
+# what each kind of stage is loaded as: (quant, activations, KV cache; None: the activations')
+KINDS = {"fp32": (None, torch.float32, None), "int8": ("int8", torch.float32, None),
+         "int4": ("int4", torch.float32, None), "bf16": (None, torch.bfloat16, None),
+         "fp32-kv-bf16": (None, torch.float32, torch.bfloat16), "int4-kv-fp16": ("int4", torch.float32, torch.float16)}
 # of the largest logit (or cached value): fp32 sums in another order; on AVX2 and AVX-512
 # the int8 and int4 products also round their input to 16 bits (gemv.cpp), and a value rounded the other
 # way by an fp32 difference upstream moves what follows by a step of that. A bf16 stage's
 # modules round every activation to bf16, the fused step only each GEMV's input, the cache
 # and the hidden state it returns: on these tiny random models their logits part by up to
 # 4.5% of the largest (and each lies as far from an fp32 step over the same bf16 weights)
-TOLERANCE = {"fp32": 1e-5, "int8": 1e-3, "int4": 1e-3, "bf16": 6e-2}
+# A 16-bit cache holds what each path rounds to it: a key an fp32 sum order apart may round
+# to the neighbouring value, a step of 2^-8 (bf16) or 2^-11 (fp16) of it.
+TOLERANCE = {"fp32": 1e-5, "int8": 1e-3, "int4": 1e-3, "bf16": 6e-2, "fp32-kv-bf16": 1e-2, "int4-kv-fp16": 2e-3}
 # three sequences of different lengths, prefilled in slots 0..2
 PROMPTS = [[3, 17, 42], [9, 100, 7, 64, 5], [11, 12, 13, 14, 15, 16, 17]]
 
@@ -54,8 +61,8 @@ def checkpoints(tmp_path_factory):
 
 def prefilled(path, kind: str) -> StageModel:
     source = open_weights(path)
-    quant, dtype = KINDS[kind]
-    stage = load_stage(source, 0, source.config.n_layers, quant=quant, dtype=dtype)
+    quant, dtype, kv_dtype = KINDS[kind]
+    stage = load_stage(source, 0, source.config.n_layers, quant=quant, dtype=dtype, kv_dtype=kv_dtype)
     stage.allocate(len(PROMPTS), 64)
     for slot, prompt in enumerate(PROMPTS):
         stage(Batch((slot,), (0,), len(prompt)), torch.tensor([prompt]))
@@ -87,7 +94,7 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
         assert stage._decode_step is not None, "the fused step was not used"
         # an fp32 stage's final norm and head run in the same call (forward_logits)
         assert stage._head_in_step == (stage.dtype == torch.float32)
-        assert fused.dtype == eager.dtype and all(k.dtype == stage.dtype for k, _ in fused_cache)
+        assert fused.dtype == eager.dtype and all(k.dtype == (KINDS[kind][2] or stage.dtype) for k, _ in fused_cache)
         tolerance = TOLERANCE[kind]
         # no argmax comparison: a random tiny model's first two logits may tie closer than
         # the tolerance (its quantized MoE's do), and where they do not, this bound implies it
@@ -97,13 +104,17 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
             torch.testing.assert_close(fv, ev, rtol=0, atol=tolerance * ev.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16"])
-def test_a_context_of_several_chunks_joins_their_softmaxes(kind, checkpoints):
+# (a bf16 stage's modules round every activation to bf16: over 600 positions of the random
+# gqa5 model they part from the fused step by 10% of the largest logit, beyond TOLERANCE)
+@pytest.mark.parametrize("family, kind", [("llama", "fp32"), ("llama", "bf16"), ("llama", "fp32-kv-bf16"),
+                                          ("llama-gqa5", "fp32"), ("llama-gqa5", "fp32-kv-bf16")])
+def test_a_context_of_several_chunks_joins_their_softmaxes(family, kind, checkpoints):
     # decode_step.cpp attends 256 cached positions a chunk and joins the chunks' softmaxes
-    # (a group's heads one after another on a chunk): a sequence of 600 cached positions
-    # (three chunks, the last a part one) beside one of 5 (one chunk), in slots out of order
-    source = open_weights(checkpoints["llama"])
-    stage = load_stage(source, 0, source.config.n_layers, dtype=KINDS[kind][1])
+    # (a chunk's KV group at a time): a sequence of 600 cached positions (three chunks, the
+    # last a part one) beside one of 5 (one chunk), in slots out of order
+    source = open_weights(checkpoints[family])
+    _, dtype, kv_dtype = KINDS[kind]
+    stage = load_stage(source, 0, source.config.n_layers, dtype=dtype, kv_dtype=kv_dtype)
     stage.allocate(2, 1024)  # past the tiny config's 256 positions: RoPE's tables follow the cache
     long, short = [(7 * i + 3) % 200 for i in range(600)], [5, 9, 11, 2, 7]
     stage(Batch((1,), (0,), len(long)), torch.tensor([long]))
@@ -114,13 +125,15 @@ def test_a_context_of_several_chunks_joins_their_softmaxes(kind, checkpoints):
     assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_a_longer_context_takes_the_attention_s_eight_key_blocks(family, kind, checkpoints):
-    # 46 cached keys: five blocks of eight (decode_step.cpp: scores, exp_shifted) and a
-    # tail of six that the one-key loops take; fp32 or bf16 ones
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4-kv-fp16"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-mha"])
+def test_a_longer_context_takes_the_attention_s_key_blocks(family, kind, checkpoints):
+    # 46 cached keys: eleven blocks of four (decode_step.cpp: scores) and a tail of two that
+    # the one-key loop takes, five blocks of eight and a tail of six (exp_shifted); fp32,
+    # bf16 or fp16 ones
     source = open_weights(checkpoints[family])
-    stage = load_stage(source, 0, source.config.n_layers, dtype=KINDS[kind][1])
+    quant, dtype, kv_dtype = KINDS[kind]
+    stage = load_stage(source, 0, source.config.n_layers, quant=quant, dtype=dtype, kv_dtype=kv_dtype)
     stage.allocate(1, 64)
     prompt = [(7 * i + 3) % 100 for i in range(45)]
     stage(Batch((0,), (0,), len(prompt)), torch.tensor([prompt]))

@@ -176,7 +176,7 @@ def swarm(tmp_path_factory):
         swarm.start_bootstrap("--pp-partition", "15", "15", "--http", swarm.http)
         swarm.worker_metrics = f"127.0.0.1:{free_port()}"
         swarm.workers = [swarm.start_worker("--stage", "0", "--metrics", swarm.worker_metrics, wait=False),
-                         swarm.start_worker("--stage", "1", wait=False)]
+                         swarm.start_worker("--stage", "1", "--kv-dtype", "bf16", wait=False)]
         swarm.peer_ids = [swarm.wait_serving(w) for w in swarm.workers]
         wait_until(lambda: status_json(swarm)["chains"], "a complete chain")
         yield swarm
@@ -216,6 +216,8 @@ def test_status_json_lists_workers_layers_devices_and_chains(swarm):
 def test_a_worker_says_what_it_loads_before_it_serves(swarm):
     log = swarm.log(swarm.workers[0])
     assert log.index("loading layers 0-15 of smollm2-135m-instruct (TP 1 on cpu, fp32)") < log.index("serving layers 0-15")
+    # and the KV cache's dtype where it is not the activations' (this swarm's answers pass through it)
+    assert "loading layers 15-30 of smollm2-135m-instruct (TP 1 on cpu, fp32, KV cache bf16)" in swarm.log(swarm.workers[1])
 
 
 def test_status_table_is_readable(swarm):

@@ -28,27 +28,19 @@ from p2pserve.engine.weights import GGUFWeights, default_model_path, open_weight
 from p2pserve.plan import Plan
 from p2pserve.ranks.pipeline import LocalPipeline
 
-from .tiny import make_tiny_llama
+from .tiny import make_tiny_llama, scale_layers
 
 PLANS = [([1], [4]), ([1, 1], [2, 2]), ([2, 1], [3, 1])]
 # |logit - reference logit| at every position: activations enter the kernels as bfloat16
 LOGIT_TOLERANCE = 0.1
 MIN_TOP1 = 0.99
 PROMPT = [(i * 37) % 250 + 3 for i in range(96)]
-# tiny.py's weights make every layer amplify what enters it, a rounding error too; scaled
-# down, a layer's gain is nearer a trained model's, and a bfloat16 rounding stays small
-LAYER_SCALE = 0.35
+LAYER_SCALE = 0.35  # tiny.scale_layers: a bfloat16 rounding stays small
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = make_tiny_llama(tmp_path_factory.mktemp("llama"), tie=True)
-    state = load_file(path / "model.safetensors")
-    for name in state:
-        if ".layers." in name and "norm" not in name:
-            state[name] = state[name] * LAYER_SCALE
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    return scale_layers(make_tiny_llama(tmp_path_factory.mktemp("llama"), tie=True), LAYER_SCALE)
 
 
 def dequantized_reference(src, dst, plan: Plan, fmt: str):

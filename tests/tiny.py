@@ -57,6 +57,20 @@ def make_tiny_llama(
     return save_random(LlamaForCausalLM, config, dirpath, seed=seed, dtype=dtype, shards=shards)
 
 
+def scale_layers(path: Path, factor: float) -> Path:
+    """The decoder layers' linear weights of checkpoint ``path`` times ``factor``, in place.
+    tiny random weights make every layer amplify what enters it, a rounding error too;
+    scaled down, a layer's gain is nearer a trained model's, and a rounding stays small."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    for name in state:
+        if ".layers." in name and "norm" not in name:
+            state[name] = state[name] * factor
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def make_tiny_qwen2(dirpath, *, n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128,
                     vocab=256, tie=True, seed=0) -> Path:
     """A random ``Qwen2ForCausalLM`` (biases on q/k/v), tied like the small Qwen2.5 models."""

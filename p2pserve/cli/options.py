@@ -15,6 +15,15 @@ from p2pserve.engine.generate import SamplingParams
 ENGINE_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
 
 
+def kv_dtype_option(f):
+    """--kv-dtype of `run` and `worker`."""
+    return click.option(
+        "--kv-dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        help="The KV cache's dtype (auto: the activations', fp32 for int8 and int4). bf16 or fp16 halves the "
+             "bytes of a long context's attention and of each session's cache; keys and values are rounded "
+             "to it as they are stored.")(f)
+
+
 def plan_options(f):
     @click.option("--hetero-config", type=int, multiple=True, metavar="TP",
                   help="TP degree of each stage, e.g. --hetero-config 2 1 (space-separated).")

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, plan_from_options, plan_options,
-                                   sampling_from_options)
+from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, kv_dtype_option, plan_from_options,
+                                   plan_options, sampling_from_options)
 
 
 @click.command()
@@ -19,8 +19,9 @@ from p2pserve.cli.options import (ENGINE_DTYPES, generation_options, plan_from_o
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(ENGINE_DTYPES),
               help="int8, int4: weight-only quantized, each rank quantizing its own slice as it loads.")
+@kv_dtype_option
 @click.option("--stats/--no-stats", default=False, help="Print time to first token and decode speed.")
-def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, **gen):
+def run(prompt, model_path, hetero_config, pp_partition, device, dtype, kv_dtype, stats, **gen):
     """Answer PROMPT with a pipeline plan running on this machine (no bootstrap, no network)."""
     from p2pserve.heap import freeze_startup_heap
     from p2pserve.progress import loading_bar
@@ -32,7 +33,7 @@ def run(prompt, model_path, hetero_config, pp_partition, device, dtype, stats, *
     # with several ranks each loads its own layers at once, and the bar follows rank 0's
     ranks = plan.world_size if plan is not None else 1
     with loading_bar(f"loading {dtype} weights" + (f", rank 0 of {ranks}" if ranks > 1 else "")) as progress:
-        pipe = LocalPipeline(model_path, plan, dtype=dtype, device=device, progress=progress)
+        pipe = LocalPipeline(model_path, plan, dtype=dtype, kv_dtype=kv_dtype, device=device, progress=progress)
     freeze_startup_heap()  # a one-rank plan decodes in this process: no full GC pass over the model mid-answer
     with pipe:
         tokenizer = pipe.source.tokenizer()

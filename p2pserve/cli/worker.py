@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from p2pserve.cli.options import ENGINE_DTYPES, config_option
+from p2pserve.cli.options import ENGINE_DTYPES, config_option, kv_dtype_option
 from p2pserve.errors import ConfigError
 
 
@@ -43,6 +43,7 @@ from p2pserve.errors import ConfigError
               help="Positions per session (prompt + answer).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(ENGINE_DTYPES),
               help="int8, int4: weight-only quantized, each rank quantizing its own slice as it loads.")
+@kv_dtype_option
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="CPU threads per rank (default: the machine's cores divided among the ranks of its "
                    "p2pserve workers, followed as workers come and go).")
@@ -57,7 +58,7 @@ from p2pserve.errors import ConfigError
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True)
 def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_key, listen, announce, max_sessions, kv_memory, max_queue,
-           max_seq_len, dtype, threads, metrics, join_timeout, token_path, home, verbose):
+           max_seq_len, dtype, kv_dtype, threads, metrics, join_timeout, token_path, home, verbose):
     """Join the swarm at --peer and serve one stage (its layers and TP degree) of its model."""
     import trio
 
@@ -75,7 +76,7 @@ def worker(peer, stage, layers, model_path, devices, group_id, identity, swarm_k
         peer=bootstrap_addr(peer, h), stage=stage, layers=layers, model_path=model_path,
         devices=devices, group_id=group_id, listen=listen, max_sessions=max_sessions,
         kv_memory=kv_memory, max_queue=max_queue, threads=threads,
-        max_seq_len=max_seq_len, dtype=dtype, home=h, verbose=verbose, identity=identity,
+        max_seq_len=max_seq_len, dtype=dtype, kv_dtype=kv_dtype, home=h, verbose=verbose, identity=identity,
         swarm_key=swarm_key and read_swarm_key(swarm_key), join_timeout=join_timeout, metrics=metrics,
         token_path=token_path, announce=check_announce(announce),
     )

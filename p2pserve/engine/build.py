@@ -26,10 +26,12 @@ def is_linear(role: str) -> bool:
 
 def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp: int = 1,
                all_reduce=None, device="cpu", dtype=torch.float32, quant: str | None = None,
+               kv_dtype: torch.dtype | None = None,
                progress: Callable[[int, int], None] | None = None) -> StageModel:
     """Layers ``[start, end)`` for TP rank ``rank`` of ``tp``; embedding and head on rank 0 only.
     ``quant`` (int8, int4) quantizes every linear weight as it is read, the head at 8 bits
-    (``quantized_head``); activations stay ``dtype``.
+    (``quantized_head``); activations stay ``dtype``. ``kv_dtype``: the KV cache's
+    (``StageModel.allocate``), the activations' where None.
 
     ``all_reduce(h)`` sums a partial result in place over the stage's TP ranks
     (``p2pserve.ranks`` makes it; None for TP 1).
@@ -107,7 +109,9 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             head = read(ends, "head", lambda *_: quantized_head(source, quant, device))
         else:  # tied and dense: the head is the embedding itself, no copy
             head = pack_linear(read(ends, "head") if "head" in ends else embed)
-    return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()
+    model = StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()
+    model.kv_dtype = kv_dtype
+    return model
 
 
 def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple]:

@@ -12,9 +12,10 @@
 // softmax(q k^T / sqrt(d)) v over the sequence's cached positions and the new one, and
 // SiLU(gate) * up, or a mixture of such MLPs (model.MoE). Activations are fp32; the
 // weights are gemv.cpp's fp32, int8, int4 or bf16. A bf16 stage's step takes and returns
-// bf16 hidden states and keeps its KV cache in bf16, but computes in fp32 in between: only
-// what the modules store in bf16 (weights, cache, the hidden state between stages) is
-// rounded to it, and each GEMV rounds its input.
+// bf16 hidden states, but computes in fp32 in between: only what the modules store in bf16
+// (weights, the hidden state between stages) is rounded to it, and each GEMV rounds its
+// input. The KV cache is fp32, bf16 or fp16 (the stage's kv_dtype): keys and values are
+// rounded to it as they are stored, as the modules store them.
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -81,7 +82,7 @@ struct Linear {
   }
 };
 
-// a cached key or value: fp32, or bf16 in a bf16 stage
+// a cached key or value: fp32, bf16 or fp16 (model.KVCache)
 template <class T>
 static float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
@@ -265,13 +266,14 @@ struct Layer {
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
-  torch::Tensor k_cache, v_cache;     // [slots, n_kv, max_len, d], fp32 or bf16
+  torch::Tensor k_cache, v_cache;     // [slots, n_kv, max_len, d], fp32, bf16 or fp16
 };
 
-// dst[j] = src[j] for j < n, rounded to nearest even into a bf16 cache
+// dst[j] = src[j] for j < n, rounded to nearest even into a bf16 or fp16 cache
 static void store(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
-static void store(const float* src, int64_t n, c10::BFloat16* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+template <class T>
+static void store(const float* src, int64_t n, T* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = T(src[j]);
 }
 
 class DecodeStep {
@@ -309,10 +311,12 @@ class DecodeStep {
                   down[e].in == gate_up[e].out / 2 && down[e].out == hidden_,
                   "the layer's MLP weights do not have the stage's shapes");
     const auto cache_type = k_cache.scalar_type();
-    TORCH_CHECK(k_cache.is_contiguous() && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+    TORCH_CHECK(k_cache.is_contiguous() &&
+                (cache_type == at::kFloat || cache_type == at::kBFloat16 || cache_type == at::kHalf) &&
                 k_cache.dim() == 4 && k_cache.size(1) == n_kv_ && k_cache.size(2) == cos_.size(0) &&
                 k_cache.size(3) == d_ && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                v_cache.scalar_type() == cache_type, "k/v cache: [slots, n_kv, max_len, d] fp32 or bf16 contiguous");
+                v_cache.scalar_type() == cache_type,
+                "k/v cache: [slots, n_kv, max_len, d] fp32, bf16 or fp16 contiguous");
     TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
@@ -418,6 +422,9 @@ class DecodeStep {
     auto attn = torch::empty({B, n_q_ * d_}, x.options());
     if (l.k_cache.scalar_type() == at::kBFloat16)
       attend(l, QKV, slots, starts, l.k_cache.data_ptr<c10::BFloat16>(), l.v_cache.data_ptr<c10::BFloat16>(),
+             attn.data_ptr<float>());
+    else if (l.k_cache.scalar_type() == at::kHalf)
+      attend(l, QKV, slots, starts, l.k_cache.data_ptr<c10::Half>(), l.v_cache.data_ptr<c10::Half>(),
              attn.data_ptr<float>());
     else
       attend(l, QKV, slots, starts, l.k_cache.data_ptr<float>(), l.v_cache.data_ptr<float>(), attn.data_ptr<float>());

@@ -197,6 +197,7 @@ class KVCache(nn.Module):
     def write(self, slots: tuple[int, ...], starts: tuple[int, ...], k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, T, kv_heads, head_dim]: sequence b's at positions starts[b].. of slot slots[b]."""
         B, T = k.shape[0], k.shape[1]
+        k, v = k.to(self.k.dtype), v.to(self.k.dtype)  # rounded as the fused step stores them
         if B == 1:  # slices: views, not an indexed write
             at = (slots[0], slice(starts[0], starts[0] + T))
             if self.positions_first:
@@ -212,7 +213,8 @@ class KVCache(nn.Module):
             self.k[index, :, positions], self.v[index, :, positions] = k, v
 
     def read(self, slots: slice | torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of ``slots`` at positions [0, end), [B, kv_heads, end, head_dim]."""
+        """Keys and values of ``slots`` at positions [0, end), [B, kv_heads, end, head_dim], in
+        the cache's dtype."""
         if self.positions_first:
             return self.k[slots, :end].transpose(1, 2), self.v[slots, :end].transpose(1, 2)
         return self.k[slots, :, :end], self.v[slots, :, :end]
@@ -272,6 +274,7 @@ class Attention(nn.Module):
             keys, values = self.cache.read(slice(first, first + B), end)
         else:
             keys, values = self.cache.read(torch.tensor(batch.slots, device=q.device), end)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a cache of another dtype than the activations'
         if T == 1:
             # One query per sequence: the query heads of a KV group share its keys, so
             # attend as [B, kv_heads, group, D] against [B, kv_heads, L, D], no repeat.
@@ -368,6 +371,7 @@ class StageModel(nn.Module):
         self.norm = norm
         self.head = None if head is None else _weight(head)
         self.cos = self.sin = None
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's; None: the activations'
         self._decode_step = _UNBUILT
         self._head_in_step = False  # whether _decode_step ends in the final norm and head
 
@@ -391,9 +395,10 @@ class StageModel(nn.Module):
     def allocate(self, n_slots: int, max_len: int) -> None:
         """(Re)allocate the KV cache: ``n_slots`` sequences of up to ``max_len`` tokens."""
         device, dtype = self.device, self.dtype
-        for block in self.blocks:
-            block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads, self.config.head_dim,
-                                       device, dtype, positions_first=_flash_reads(device))
+        kv_dtype = self.kv_dtype or dtype
+        for block in self.blocks:  # flash-attn reads a cache of the activations' dtype only
+            block.attn.cache = KVCache(n_slots, max_len, self.shard.n_kv_heads, self.config.head_dim, device,
+                                       kv_dtype, positions_first=_flash_reads(device) and kv_dtype == dtype)
         self.cos, self.sin = rope_tables(self.config, max_len, device, dtype)
         self._decode_step = _UNBUILT  # it holds the caches and tables it was built with
 

@@ -39,6 +39,16 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_kv_dtype(name: str) -> torch.dtype | None:
+    """The KV cache's dtype of ``--kv-dtype name``; None (auto) for the activations'."""
+    if name not in KV_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {name!r}: use {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
+
+
 def weight_format(name: str) -> str | None:
     """The quantized weight format of ``--dtype name`` (int8, int4), None for a float dtype."""
     return name if name in ("int8", "int4") else None
@@ -149,7 +159,7 @@ def _rank_main(rank: int, spec: StagesSpec, conn) -> None:
 class LocalPipeline:
     """A plan running on this machine. ``generate`` is the whole public surface."""
 
-    def __init__(self, model_path=None, plan: Plan | None = None, *, dtype: str = "fp32",
+    def __init__(self, model_path=None, plan: Plan | None = None, *, dtype: str = "fp32", kv_dtype: str = "auto",
                  device: str = "cpu", threads: int | None = None, startup_timeout: float = 600,
                  progress: Callable[[int, int], None] | None = None):
         """``progress(done, total)``: the bytes rank 0 has loaded of its own (``load_stage``);
@@ -161,7 +171,7 @@ class LocalPipeline:
         stages = tuple((s.start, s.end, s.tp) for s in self.plan.stages)
         spec = StagesSpec(None if model_path is None else str(model_path), stages, parse_dtype(dtype),
                           world.World(world.rank_devices(resolve_device(device), self.plan.world_size)), threads,
-                          quant=weight_format(dtype))
+                          quant=weight_format(dtype), kv_dtype=parse_kv_dtype(kv_dtype))
         self._ranks = None
         if self.plan.world_size == 1:
             self._local = _Driver(LocalStages(spec, self.source, progress=progress))

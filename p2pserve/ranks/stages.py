@@ -98,6 +98,7 @@ class StagesSpec:
     world: world.World
     threads: int | None = None  # per rank; None: world.default_threads of its stage's TP
     quant: str | None = None  # weight format (int8, int4) of a quantized world, None for float weights
+    kv_dtype: torch.dtype | None = None  # the KV cache's, None: the activations' (``dtype``)
     share_cores: bool = False  # without threads: follow this machine's share among its workers (ranks/cores.py)
 
     def __post_init__(self):
@@ -138,7 +139,7 @@ class _Member:
         self.model = load_stage(source or open_weights(spec.model_path), start, end,
                                 rank=rank - self.stage.first_rank, tp=tp,
                                 all_reduce=all_reduce_for(self.group, device), device=device, dtype=spec.dtype,
-                                quant=spec.quant, progress=progress)
+                                quant=spec.quant, kv_dtype=spec.kv_dtype, progress=progress)
         leaders = [s.first_rank for s in layout.stages]
         i = self.stage.index
         self.prev_leader = leaders[i - 1] if i > 0 else None
@@ -318,5 +319,5 @@ def open_runner(spec: StagesSpec, source=None, progress=None):
     stage = spec.stages[0]
     device = world.join(spec.world, 0, spec.rank_threads(1))
     model = load_stage(source or open_weights(spec.model_path), stage[0], stage[1], device=device, dtype=spec.dtype,
-                       quant=spec.quant, progress=progress)
+                       quant=spec.quant, kv_dtype=spec.kv_dtype, progress=progress)
     return model, lambda: None
