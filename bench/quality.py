@@ -1,6 +1,7 @@
 """Quality of quantized answers: top-1 agreement with fp32 and perplexity, per dtype.
 
     python bench/quality.py [--dtypes fp32 bf16 int8 int4] [--tokens 512] [--threads N]
+    python bench/quality.py --dtypes int4 --kv-dtypes auto bf16 fp16   # a 16-bit KV cache's cost
 
 The text is one that ships with Python, so nothing is downloaded: the Zen of Python
 (``this.s``, rot13-decoded) and then ``heapq.__about__``, the long essay on heaps in the
@@ -31,7 +32,9 @@ those Q8_0 blocks (``build.quantized_head``: an int4 stage never rounds its head
 bits). The row "int4, head at 4 bits" applies the head int4 had before that rule, the
 embedding quantized again to int4 in groups of 64, to int4's last hidden states: what the
 rule is worth. bf16 rounds activations and weights; int8 serves the layers' Q4_1 values
-requantized with a scale per output row, and the head's Q8_0 blocks as stored.
+requantized with a scale per output row, and the head's Q8_0 blocks as stored. A row
+"D, KV cache K" (``--kv-dtypes``) keeps D's KV cache in K (``--kv-dtype``): each prefill
+chunk reads the earlier chunks' keys and values, and its own, rounded to K.
 
 Where llama-cpp-python is installed (``p2pserve.testing.llamacpp``), llama.cpp evaluates
 the same token ids on the same file (``logits_all=True``) and its row stands beside ours:
@@ -59,7 +62,7 @@ from p2pserve.engine.build import load_stage
 from p2pserve.engine.generate import PREFILL_CHUNK
 from p2pserve.engine.model import Batch, linear
 from p2pserve.engine.weights import default_model_path, open_weights
-from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.ranks.pipeline import KV_DTYPES, parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.testing import llamacpp
 from p2pserve.testing.machine import cpu_model
 
@@ -73,11 +76,12 @@ def held_out_text() -> str:
 
 
 @torch.inference_mode()
-def engine_states(dtype: str, ids: list[int], chunk: int = PREFILL_CHUNK):
+def engine_states(dtype: str, ids: list[int], chunk: int = PREFILL_CHUNK, kv_dtype: str = "auto"):
     """p2pserve's final-normed hidden states at every position [len(ids), hidden], prefilled in
     chunks of ``chunk`` tokens (the engine's by default), and the stage's LM head."""
     source = open_weights(None)
-    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
+    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype),
+                       kv_dtype=parse_kv_dtype(kv_dtype))
     stage.allocate(1, len(ids))
     out = []
     for start in range(0, len(ids), chunk):
@@ -108,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES,
                         help="fp32 is always measured: it is the reference")
+    parser.add_argument("--kv-dtypes", nargs="+", default=["auto"], choices=list(KV_DTYPES),
+                        help="the KV cache's dtypes, each with every --dtypes (auto: the activations')")
     parser.add_argument("--tokens", type=int, default=512, help="positions of the text to score (at most its "
                                                                 "length, about 1,400 tokens)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -132,6 +138,10 @@ def main() -> None:
                 states, head = engine_states(dtype, ids, kernels.GEMM_ROWS - 1)
                 logits["int4, as decode steps compute"] = head_logits(states, head)
         del states, head
+        for kv_dtype in args.kv_dtypes:
+            if kv_dtype != "auto":
+                states, head = engine_states(dtype, ids, kv_dtype=kv_dtype)
+                logits[f"{dtype}, KV cache {kv_dtype}"] = head_logits(states, head)
     if llamacpp.available():
         console.print(f"llama.cpp: {llamacpp.version()}, logits_all=True on the same token ids")
         logits["llama.cpp Q4_1"] = llama_cpp_logits(ids, args.threads)
