@@ -184,3 +184,15 @@ def test_plan_says_why_a_device_is_left_idle_and_takes_names_with_spaces():
     if "unused: 1xT4@m2" in out:
         assert "  T4@m2: the best plan with it (--hetero-config" in out and "tokens/s at 16 session(s)" in out
     assert "10% of each device is kept for the KV cache" in out
+
+
+def test_a_16_bit_kv_cache_fits_the_sessions_an_fp32_one_does_not():
+    # an int4 model's cache is fp32 unless the workers run --kv-dtype fp16 or bf16: four
+    # sessions of 2128 tokens of llama-2-13b fit beside its weights on a 4090 only at 16 bits
+    args = ["plan", "--model", "llama-2-13b", "--devices", "1xRTX4090@m1", "--dtype", "int4",
+            "--sessions", "4", "--prompt-len", "2000"]
+    fp32 = CliRunner().invoke(cli, args)
+    assert isinstance(fp32.exception, ConfigError) and "no plan fits" in str(fp32.exception)
+    fp16 = CliRunner().invoke(cli, [*args, "--kv-dtype", "fp16"])
+    assert fp16.exit_code == 0, fp16.output
+    assert "pipeline 1: --hetero-config 1 --pp-partition 40" in fp16.output

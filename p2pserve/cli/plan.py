@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -20,6 +21,8 @@ from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
 @click.option("--devices", "devices_spec", required=True, metavar="SPEC",
               help="e.g. 4xA6000@m1,2xA5000@m2 or 2xcustom(mem=24GB,tflops=35,bw=900GB/s)@m3.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp16", show_default=True)
+@click.option("--kv-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="The workers' KV cache (their --kv-dtype; auto: the activations', fp32 for int8 and int4).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="latency", show_default=True,
               help="latency: per-token latency (then time to first token); throughput: tokens/s.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True)
@@ -35,7 +38,7 @@ from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
               help="With --train: sequences per optimizer step.")
 @click.option("--toml", "toml_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the plan here, for `p2pserve bootstrap --config FILE`.")
-def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions, inter_link, for_training,
+def plan(model, devices_spec, dtype, kv_dtype, objective, prompt_len, output_len, sessions, inter_link, for_training,
          seq_len, global_batch, toml_path):
     """Choose an asymmetric TP x PP plan for MODEL on the devices of a swarm."""
     config = resolve_model(model)
@@ -50,7 +53,8 @@ def plan(model, devices_spec, dtype, objective, prompt_len, output_len, sessions
             click.echo(f"layout {i}: " + "\n".join(describe(proposal)))
         return
     workload = Workload(prompt_len, output_len, sessions)
-    found = plan_swarm(devices, config, dtype=dtype, workload=workload, objective=objective, params=params)
+    precision = DTYPES[dtype] if kv_dtype == "auto" else replace(DTYPES[dtype], kv_bytes=DTYPES[kv_dtype].kv_bytes)
+    found = plan_swarm(devices, config, dtype=precision, workload=workload, objective=objective, params=params)
     # the bootstrap (--config) loads weights from `model`: a path stays one, absolute
     written_model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     toml = dump_plan_toml(found.report.pipelines, model=written_model, dtype=dtype, objective=objective)
