@@ -15,9 +15,11 @@ MAX_DEFAULT_SESSIONS = 16
 
 
 def kv_bytes_per_session(config: ModelConfig, n_layers: int, tp: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V one session needs on the busiest TP rank (it holds the most KV heads)."""
+    """Bytes of K and V one session needs on the busiest TP rank (it holds the most KV heads);
+    an int8 cache's with its fp32 scale a head's row (model.KVCache)."""
     heads = max(b - a for a, b in split_evenly(config.n_kv_heads, tp))
-    return 2 * n_layers * heads * config.head_dim * max_len * torch.empty((), dtype=dtype).element_size()
+    row = config.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+    return 2 * n_layers * heads * row * max_len
 
 
 def total_memory(device: str) -> int:

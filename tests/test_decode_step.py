@@ -40,16 +40,19 @@ FAMILIES = {
 # what each kind of stage is loaded as: (quant, activations, KV cache; None: the activations')
 KINDS = {"fp32": (None, torch.float32, None), "int8": ("int8", torch.float32, None),
          "int4": ("int4", torch.float32, None), "bf16": (None, torch.bfloat16, None),
-         "fp32-kv-bf16": (None, torch.float32, torch.bfloat16), "int4-kv-fp16": ("int4", torch.float32, torch.float16)}
+         "fp32-kv-bf16": (None, torch.float32, torch.bfloat16), "int4-kv-fp16": ("int4", torch.float32, torch.float16),
+         "int4-kv-int8": ("int4", torch.float32, torch.int8)}
 # of the largest logit (or cached value): fp32 sums in another order; on AVX2 and AVX-512
 # the int8 and int4 products also round their input to 16 bits (gemv.cpp), and a value rounded the other
 # way by an fp32 difference upstream moves what follows by a step of that. A bf16 stage's
 # modules round every activation to bf16, the fused step only each GEMV's input, the cache
 # and the hidden state it returns: on these tiny random models their logits part by up to
 # 4.5% of the largest (and each lies as far from an fp32 step over the same bf16 weights)
-# A 16-bit cache holds what each path rounds to it: a key an fp32 sum order apart may round
-# to the neighbouring value, a step of 2^-8 (bf16) or 2^-11 (fp16) of it.
-TOLERANCE = {"fp32": 1e-5, "int8": 1e-3, "int4": 1e-3, "bf16": 6e-2, "fp32-kv-bf16": 1e-2, "int4-kv-fp16": 2e-3}
+# A 16-bit or int8 cache holds what each path rounds to it: a key an fp32 sum order apart
+# may round to the neighbouring value, a step of 2^-8 (bf16) or 2^-11 (fp16) of it, or of
+# 1/127 of its row's largest (int8).
+TOLERANCE = {"fp32": 1e-5, "int8": 1e-3, "int4": 1e-3, "bf16": 6e-2, "fp32-kv-bf16": 1e-2, "int4-kv-fp16": 2e-3,
+             "int4-kv-int8": 1e-2}
 # three sequences of different lengths, prefilled in slots 0..2
 PROMPTS = [[3, 17, 42], [9, 100, 7, 64, 5], [11, 12, 13, 14, 15, 16, 17]]
 
@@ -100,6 +103,10 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
         # the tolerance (its quantized MoE's do), and where they do not, this bound implies it
         torch.testing.assert_close(fused, eager, rtol=0, atol=tolerance * eager.abs().max().item())
         for (ek, ev), (fk, fv) in zip(eager_cache, fused_cache):
+            if ek.dtype == torch.int8:  # integers: at most one apart (a rounding the other way)
+                assert (fk.int() - ek.int()).abs().max() <= 1 and (fv.int() - ev.int()).abs().max() <= 1
+                assert (fk != ek).float().mean() < 0.01 and (fv != ev).float().mean() < 0.01
+                continue
             torch.testing.assert_close(fk, ek, rtol=0, atol=tolerance * ek.abs().max().item())
             torch.testing.assert_close(fv, ev, rtol=0, atol=tolerance * ev.abs().max().item())
 
@@ -107,14 +114,15 @@ def test_the_fused_decode_step_computes_what_the_modules_compute(family, kind, c
 # (a bf16 stage's modules round every activation to bf16: over 600 positions of the random
 # gqa5 model they part from the fused step by 10% of the largest logit, beyond TOLERANCE)
 @pytest.mark.parametrize("family, kind", [("llama", "fp32"), ("llama", "bf16"), ("llama", "fp32-kv-bf16"),
-                                          ("llama-gqa5", "fp32"), ("llama-gqa5", "fp32-kv-bf16")])
+                                          ("llama-gqa5", "fp32"), ("llama-gqa5", "fp32-kv-bf16"),
+                                          ("llama-gqa5", "int4-kv-int8")])
 def test_a_context_of_several_chunks_joins_their_softmaxes(family, kind, checkpoints):
     # decode_step.cpp attends 256 cached positions a chunk and joins the chunks' softmaxes
     # (a chunk's KV group at a time): a sequence of 600 cached positions (three chunks, the
     # last a part one) beside one of 5 (one chunk), in slots out of order
     source = open_weights(checkpoints[family])
-    _, dtype, kv_dtype = KINDS[kind]
-    stage = load_stage(source, 0, source.config.n_layers, dtype=dtype, kv_dtype=kv_dtype)
+    quant, dtype, kv_dtype = KINDS[kind]
+    stage = load_stage(source, 0, source.config.n_layers, quant=quant, dtype=dtype, kv_dtype=kv_dtype)
     stage.allocate(2, 1024)  # past the tiny config's 256 positions: RoPE's tables follow the cache
     long, short = [(7 * i + 3) % 200 for i in range(600)], [5, 9, 11, 2, 7]
     stage(Batch((1,), (0,), len(long)), torch.tensor([long]))
@@ -125,7 +133,7 @@ def test_a_context_of_several_chunks_joins_their_softmaxes(family, kind, checkpo
     assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4-kv-fp16"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4-kv-fp16", "int4-kv-int8"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "llama-mha"])
 def test_a_longer_context_takes_the_attention_s_key_blocks(family, kind, checkpoints):
     # 46 cached keys: eleven blocks of four (decode_step.cpp: scores) and a tail of two that

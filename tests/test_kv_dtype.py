@@ -1,5 +1,6 @@
-"""A KV cache in 16 bits (``--kv-dtype bf16|fp16``) beside fp32 or int4 weights and fp32
-activations: keys and values are rounded as they are stored, and nothing else changes.
+"""A KV cache in 16 bits or int8 (``--kv-dtype bf16|fp16|int8``) beside fp32 or int4 weights
+and fp32 activations: keys and values are rounded as they are stored (int8: a scale a head's
+row), and nothing else changes.
 
 The reference is the same stage with its cache in the activations' dtype (``auto``). The
 rounding moves the logits a little, so: a logit tolerance, and top-1 agreement where the
@@ -26,9 +27,10 @@ from p2pserve.ranks.pipeline import LocalPipeline, parse_kv_dtype
 from .tiny import make_tiny_llama, scale_layers
 
 PROMPT = [(i * 37) % 250 + 3 for i in range(96)]
-# |logit - reference logit| of a bf16 or fp16 cache, the largest logit ~10: a cached value
-# rounds by up to 2^-9 (bf16) or 2^-12 (fp16) of itself; measured 0.016 and 0.003 here
-TOLERANCE = {"bf16": 0.05, "fp16": 0.01}
+# |logit - reference logit| of a bf16, fp16 or int8 cache, the largest logit ~10: a cached
+# value rounds by up to 2^-9 (bf16) or 2^-12 (fp16) of itself, or 1/254 of its row's
+# largest (int8); measured 0.016, 0.003 and 0.055 here
+TOLERANCE = {"bf16": 0.05, "fp16": 0.01, "int8": 0.1}
 MIN_TOP1 = 0.99
 
 
@@ -65,26 +67,28 @@ def assert_agree(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: 
     assert (got - want).abs().max() > 0, f"{what}: the cache was not rounded"
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_a_16_bit_cache_decodes_as_the_fp32_one_within_its_rounding(quant, kv_dtype, tiny):
     assert_agree(decoded_logits(tiny, quant, kv_dtype), decoded_logits(tiny, quant, "auto"),
                  TOLERANCE[kv_dtype], f"{quant or 'fp32'} weights, {kv_dtype} cache")
 
 
-@pytest.mark.parametrize("hetero, partition", [([1, 1], [2, 2]), ([2, 1], [3, 1])])
-def test_a_16_bit_cache_prefills_as_the_fp32_one_on_every_plan(hetero, partition, tiny):
+@pytest.mark.parametrize("hetero, partition, kv_dtype", [([1, 1], [2, 2], "bf16"), ([2, 1], [3, 1], "int8")])
+def test_a_smaller_cache_prefills_as_the_fp32_one_on_every_plan(hetero, partition, kv_dtype, tiny):
     plan = Plan(hetero, partition)
-    assert_agree(prefilled_logits(tiny, plan, "bf16"), prefilled_logits(tiny, plan, "auto"),
-                 TOLERANCE["bf16"], plan.flags())
+    assert_agree(prefilled_logits(tiny, plan, kv_dtype), prefilled_logits(tiny, plan, "auto"),
+                 TOLERANCE[kv_dtype], f"{plan.flags()}, {kv_dtype} cache")
 
 
-def test_a_16_bit_cache_holds_twice_the_sessions_of_an_fp32_one(tiny):
-    from p2pserve.node.budget import max_sessions
+def test_a_smaller_cache_holds_more_sessions(tiny):
+    from p2pserve.node.budget import kv_bytes_per_session, max_sessions
 
-    config = open_weights(tiny).config
+    config = open_weights(tiny).config  # head_dim 16: an int8 row is 16 bytes and a 4-byte scale
     args = (config, config.n_layers, 1, 2048)
-    assert max_sessions(*args, torch.bfloat16, "cpu", "64MB") == 2 * max_sessions(*args, torch.float32, "cpu", "64MB")
+    fp32 = max_sessions(*args, torch.float32, "cpu", "64MB")
+    assert max_sessions(*args, torch.bfloat16, "cpu", "64MB") == 2 * fp32
+    assert kv_bytes_per_session(*args, torch.int8) * 64 == kv_bytes_per_session(*args, torch.float32) * 20
 
 
 def test_an_unknown_kv_dtype_is_refused():

@@ -13,15 +13,17 @@ from p2pserve.engine.generate import SamplingParams
 
 # --dtype of `run` and `worker`: float weights, or weight-only int8 / int4 (fp32 activations)
 ENGINE_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+# --kv-dtype of `run`, `worker` and `plan` (ranks.pipeline.KV_DTYPES, planner.cost.KV_BYTES)
+KV_DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def kv_dtype_option(f):
     """--kv-dtype of `run` and `worker`."""
     return click.option(
-        "--kv-dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        "--kv-dtype", default="auto", show_default=True, type=click.Choice(KV_DTYPE_NAMES),
         help="The KV cache's dtype (auto: the activations', fp32 for int8 and int4). bf16 or fp16 halves the "
-             "bytes of a long context's attention and of each session's cache; keys and values are rounded "
-             "to it as they are stored.")(f)
+             "bytes of a long context's attention and of each session's cache, int8 (a scale a head's row) "
+             "quarters them; keys and values are rounded to it as they are stored.")(f)
 
 
 def plan_options(f):

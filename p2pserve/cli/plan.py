@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from p2pserve.errors import ConfigError
-from p2pserve.planner.cost import DTYPES, CostParams, Workload
+from p2pserve.cli.options import KV_DTYPE_NAMES
+from p2pserve.planner.cost import DTYPES, KV_BYTES, CostParams, Workload
 from p2pserve.planner.devices import KV_SHARE, GiB, parse_devices, parse_link
 from p2pserve.planner.planfile import dump_plan_toml
 from p2pserve.planner.search import OBJECTIVES, SwarmPlan, plan_swarm
@@ -21,7 +22,7 @@ from p2pserve.planner.shapes import KNOWN_MODELS, resolve_model
 @click.option("--devices", "devices_spec", required=True, metavar="SPEC",
               help="e.g. 4xA6000@m1,2xA5000@m2 or 2xcustom(mem=24GB,tflops=35,bw=900GB/s)@m3.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp16", show_default=True)
-@click.option("--kv-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPE_NAMES), default="auto", show_default=True,
               help="The workers' KV cache (their --kv-dtype; auto: the activations', fp32 for int8 and int4).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="latency", show_default=True,
               help="latency: per-token latency (then time to first token); throughput: tokens/s.")
@@ -53,7 +54,7 @@ def plan(model, devices_spec, dtype, kv_dtype, objective, prompt_len, output_len
             click.echo(f"layout {i}: " + "\n".join(describe(proposal)))
         return
     workload = Workload(prompt_len, output_len, sessions)
-    precision = DTYPES[dtype] if kv_dtype == "auto" else replace(DTYPES[dtype], kv_bytes=DTYPES[kv_dtype].kv_bytes)
+    precision = DTYPES[dtype] if kv_dtype == "auto" else replace(DTYPES[dtype], kv_bytes=KV_BYTES[kv_dtype])
     found = plan_swarm(devices, config, dtype=precision, workload=workload, objective=objective, params=params)
     # the bootstrap (--config) loads weights from `model`: a path stays one, absolute
     written_model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 
 namespace py = pybind11;
 
@@ -82,7 +83,13 @@ struct Linear {
   }
 };
 
-// a cached key or value: fp32, bf16 or fp16 (model.KVCache)
+#if defined(P2P_AVX2)
+static inline __m256 load8(const int8_t* p) {  // an int8 cache's: times its row's scale after
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// a cached key or value: fp32, bf16, fp16 or int8 (model.KVCache)
 template <class T>
 static float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
@@ -172,9 +179,11 @@ static inline void prefetch_l2(const T* p, int64_t n) {
 // KV group (keys of d values); top[h] = the largest of head h's. Four keys at a time, each
 // key loaded once for the H heads, each (head, key) its own chain of FMAs, summed across
 // lanes together at the end. `values`: the same rows' values, fetched for weighted_sum.
+// An int8 cache's keys are integers times their row's scale (`key_scales`, else null).
 template <int H, class T>
-static void scores(const float* q, const T* keys, int64_t d, int64_t n, float scale, float* p, float* top,
-                   const T* values) {
+static void scores(const float* q, const T* keys, const float* key_scales, int64_t d, int64_t n, float scale,
+                   float* p, float* top, const T* values) {
+  constexpr bool scaled = std::is_same_v<T, int8_t>;
   int64_t j = 0;
   for (int h = 0; h < H; ++h) top[h] = -INFINITY;
 #if defined(P2P_AVX2)
@@ -198,8 +207,9 @@ static void scores(const float* q, const T* keys, int64_t d, int64_t n, float sc
       for (int h = 0; h < H; ++h) {
         // lanes k and 4 + k: halves of key j + k's dot product
         const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
-        const __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)),
-                                     _mm_set1_ps(scale));
+        __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)),
+                               _mm_set1_ps(scale));
+        if constexpr (scaled) sc = _mm_mul_ps(sc, _mm_loadu_ps(key_scales + j));
         _mm_storeu_ps(p + h * n + j, sc);
         most[h] = _mm_max_ps(most[h], sc);
       }
@@ -212,7 +222,11 @@ static void scores(const float* q, const T* keys, int64_t d, int64_t n, float sc
   }
 #endif
   for (; j < n; ++j)
-    for (int h = 0; h < H; ++h) top[h] = std::max(top[h], p[h * n + j] = dot(q + h * d, keys + j * d, d) * scale);
+    for (int h = 0; h < H; ++h) {
+      float sc = dot(q + h * d, keys + j * d, d) * scale;
+      if constexpr (scaled) sc *= key_scales[j];
+      top[h] = std::max(top[h], p[h * n + j] = sc);
+    }
 }
 
 // p[j] = e^(p[j] - top) for j < n; returns their sum
@@ -266,7 +280,8 @@ struct Layer {
   torch::Tensor bqkv;                 // [(n_q + 2 n_kv) d], or undefined
   torch::Tensor q_norm, k_norm;       // [d] each (Qwen3), or undefined
   float qk_eps;
-  torch::Tensor k_cache, v_cache;     // [slots, n_kv, max_len, d], fp32, bf16 or fp16
+  torch::Tensor k_cache, v_cache;     // [slots, n_kv, max_len, d], fp32, bf16, fp16 or int8
+  torch::Tensor k_scales, v_scales;   // an int8 cache's [slots, n_kv, max_len] fp32, else undefined
 };
 
 // dst[j] = src[j] for j < n, rounded to nearest even into a bf16 or fp16 cache
@@ -274,6 +289,15 @@ static void store(const float* src, int64_t n, float* dst) { std::copy(src, src 
 template <class T>
 static void store(const float* src, int64_t n, T* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = T(src[j]);
+}
+// into an int8 cache: src / s rounded to nearest even, s = max |src| / 127 (model.KVCache's
+// arithmetic, so that both paths store the same integers)
+static void store(const float* src, int64_t n, int8_t* dst, float* scale) {
+  float most = 0.f;
+  for (int64_t j = 0; j < n; ++j) most = std::max(most, std::fabs(src[j]));
+  const float s = most / 127.f;
+  *scale = s;
+  for (int64_t j = 0; j < n; ++j) dst[j] = s > 0.f ? static_cast<int8_t>(std::nearbyint(src[j] / s)) : 0;
 }
 
 class DecodeStep {
@@ -294,7 +318,8 @@ class DecodeStep {
                  std::vector<Linear> gate_up, std::vector<Linear> down, std::optional<Linear> router,
                  int64_t top_k, bool norm_topk, c10::optional<torch::Tensor> bqkv,
                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
-                 torch::Tensor k_cache, torch::Tensor v_cache) {
+                 torch::Tensor k_cache, torch::Tensor v_cache, c10::optional<torch::Tensor> k_scales,
+                 c10::optional<torch::Tensor> v_scales) {
     const int64_t width = (n_q_ + 2 * n_kv_) * d_;
     auto vec = [](const torch::Tensor& t, int64_t n) {  // held as fp32 (a bf16 stage's: a copy)
       TORCH_CHECK(t.is_floating_point() && t.numel() == n, "a norm weight or bias: [", n, "] floats");
@@ -312,18 +337,26 @@ class DecodeStep {
                   "the layer's MLP weights do not have the stage's shapes");
     const auto cache_type = k_cache.scalar_type();
     TORCH_CHECK(k_cache.is_contiguous() &&
-                (cache_type == at::kFloat || cache_type == at::kBFloat16 || cache_type == at::kHalf) &&
+                (cache_type == at::kFloat || cache_type == at::kBFloat16 || cache_type == at::kHalf ||
+                 cache_type == at::kChar) &&
                 k_cache.dim() == 4 && k_cache.size(1) == n_kv_ && k_cache.size(2) == cos_.size(0) &&
                 k_cache.size(3) == d_ && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
                 v_cache.scalar_type() == cache_type,
-                "k/v cache: [slots, n_kv, max_len, d] fp32, bf16 or fp16 contiguous");
+                "k/v cache: [slots, n_kv, max_len, d] fp32, bf16, fp16 or int8 contiguous");
+    const bool int8 = cache_type == at::kChar;
+    TORCH_CHECK(k_scales.has_value() == int8 && v_scales.has_value() == int8 &&
+                (!int8 || (k_scales->scalar_type() == at::kFloat && k_scales->is_contiguous() &&
+                           k_scales->sizes() == k_cache.sizes().slice(0, 3) && v_scales->sizes() == k_scales->sizes() &&
+                           v_scales->scalar_type() == at::kFloat && v_scales->is_contiguous())),
+                "an int8 cache's scales, and only its: [slots, n_kv, max_len] fp32 contiguous");
     TORCH_CHECK(layers_.empty() || layers_[0].k_cache.scalar_type() == cache_type, "every layer's cache one dtype");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
     Layer l{vec(attn_norm, hidden_), vec(mlp_norm, hidden_), static_cast<float>(eps), std::move(qkv),
             std::move(o), std::move(gate_up), std::move(down), std::move(router), top_k, norm_topk,
             bqkv ? vec(*bqkv, width) : torch::Tensor(),
             q_norm ? vec(*q_norm, d_) : torch::Tensor(), k_norm ? vec(*k_norm, d_) : torch::Tensor(),
-            static_cast<float>(qk_eps), k_cache, v_cache};
+            static_cast<float>(qk_eps), k_cache, v_cache, int8 ? *k_scales : torch::Tensor(),
+            int8 ? *v_scales : torch::Tensor()};
     layers_.push_back(std::move(l));
   }
 
@@ -426,6 +459,9 @@ class DecodeStep {
     else if (l.k_cache.scalar_type() == at::kHalf)
       attend(l, QKV, slots, starts, l.k_cache.data_ptr<c10::Half>(), l.v_cache.data_ptr<c10::Half>(),
              attn.data_ptr<float>());
+    else if (l.k_cache.scalar_type() == at::kChar)
+      attend(l, QKV, slots, starts, l.k_cache.data_ptr<int8_t>(), l.v_cache.data_ptr<int8_t>(),
+             attn.data_ptr<float>());
     else
       attend(l, QKV, slots, starts, l.k_cache.data_ptr<float>(), l.v_cache.data_ptr<float>(), attn.data_ptr<float>());
     auto y = torch::empty_like(x);
@@ -441,6 +477,9 @@ class DecodeStep {
               T* KC, T* VC, float* A) const {
     const int64_t B = static_cast<int64_t>(slots.size()), d = d_, half = d / 2, width = (n_q_ + 2 * n_kv_) * d;
     const int64_t max_len = l.k_cache.size(2);
+    constexpr bool scaled = std::is_same_v<T, int8_t>;  // an int8 cache: a scale a row of d
+    float* KS = scaled ? l.k_scales.data_ptr<float>() : nullptr;
+    float* VS = scaled ? l.v_scales.data_ptr<float>() : nullptr;
     std::vector<float> swapped(d);
     for (int64_t b = 0; b < B; ++b) {
       float* row = QKV + b * width;
@@ -459,9 +498,14 @@ class DecodeStep {
         for (int64_t j = 0; j < d; ++j) v[j] = v[j] * c[j] + swapped[j] * s[j];
       }
       for (int64_t g = 0; g < n_kv_; ++g) {
-        const int64_t at = ((slots[b] * n_kv_ + g) * max_len + starts[b]) * d;
-        store(row + (n_q_ + g) * d, d, KC + at);
-        store(row + (n_q_ + n_kv_ + g) * d, d, VC + at);
+        const int64_t at = (slots[b] * n_kv_ + g) * max_len + starts[b];
+        if constexpr (scaled) {
+          store(row + (n_q_ + g) * d, d, KC + at * d, KS + at);
+          store(row + (n_q_ + n_kv_ + g) * d, d, VC + at * d, VS + at);
+        } else {
+          store(row + (n_q_ + g) * d, d, KC + at * d);
+          store(row + (n_q_ + n_kv_ + g) * d, d, VC + at * d);
+        }
       }
     }
     // Work items: (sequence, chunk of CHUNK cached positions, KV group), in that order. An
@@ -486,15 +530,20 @@ class DecodeStep {
         while (t >= first[b + 1]) ++b;
         const int64_t r = t - first[b], c = r / n_q_, h0 = r % n_q_, g = h0 / group;
         const int64_t j0 = c * CHUNK, n = std::min(CHUNK, starts[b] + 1 - j0);
-        const T* keys = KC + ((slots[b] * n_kv_ + g) * max_len + j0) * d;
-        const T* values = VC + ((slots[b] * n_kv_ + g) * max_len + j0) * d;
+        const int64_t row0 = (slots[b] * n_kv_ + g) * max_len + j0;  // the chunk's first cached row
+        const T* keys = KC + row0 * d;
+        const T* values = VC + row0 * d;
         p.resize(std::min<int64_t>(group, 3) * n);
         for (int64_t i = 0; i < group;) {
           with_rows<3>(group - i, [&](auto H_) {
             constexpr int H = decltype(H_)::value;
             const int64_t u = t + i;
-            scores<H>(QKV + b * width + (h0 + i) * d, keys, d, n, scale, p.data(), &tops[u], values);
+            scores<H>(QKV + b * width + (h0 + i) * d, keys, scaled ? KS + row0 : nullptr, d, n, scale, p.data(),
+                      &tops[u], values);
             for (int h = 0; h < H; ++h) sums[u + h] = exp_shifted(p.data() + h * n, n, tops[u + h]);
+            if constexpr (scaled)  // each value row's scale into its weights, after their sum
+              for (int h = 0; h < H; ++h)
+                for (int64_t j = 0; j < n; ++j) p[h * n + j] *= VS[row0 + j];
             weighted_sum<H>(p.data(), values, d, n, outs.data() + u * d);
             i += H;
           });

@@ -180,7 +180,11 @@ class KVCache(nn.Module):
     kv_head, position, head_dim]``, or ``[slot, position, kv_head, head_dim]`` where
     ``positions_first`` (flash-attn's layout). Head-major, a decode step's attention reads
     each head's keys as one stream: position-major, a head's 256 bytes a position lay
-    among the other heads', a strided read the CPU's prefetchers did not run ahead of."""
+    among the other heads', a strided read the CPU's prefetchers did not run ahead of.
+
+    An int8 cache keeps each row of ``head_dim`` values as integers and a scale,
+    ``max |row| / 127`` (``k_scales``, ``v_scales``: ``[slot, kv_head, position]`` fp32), as
+    llama.cpp's q8_0 cache keeps blocks of 32."""
 
     def __init__(self, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype,
                  positions_first: bool = False):
@@ -189,35 +193,61 @@ class KVCache(nn.Module):
         shape = (n_slots, max_len, n_kv_heads, head_dim) if positions_first else (n_slots, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        scales = torch.zeros(shape[:3], device=device) if dtype == torch.int8 else None
+        self.register_buffer("k_scales", scales, persistent=False)
+        self.register_buffer("v_scales", None if scales is None else scales.clone(), persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[1 if self.positions_first else 2]
 
     def write(self, slots: tuple[int, ...], starts: tuple[int, ...], k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [B, T, kv_heads, head_dim]: sequence b's at positions starts[b].. of slot slots[b]."""
-        B, T = k.shape[0], k.shape[1]
-        k, v = k.to(self.k.dtype), v.to(self.k.dtype)  # rounded as the fused step stores them
+        """k, v [B, T, kv_heads, head_dim]: sequence b's at positions starts[b].. of slot slots[b],
+        rounded to the cache's dtype as the fused decode step stores them."""
+        if self.k_scales is None:
+            parts = [(self.k, k.to(self.k.dtype)), (self.v, v.to(self.v.dtype))]
+        else:
+            (k, k_scales), (v, v_scales) = quantize_rows(k), quantize_rows(v)
+            parts = [(self.k, k), (self.v, v), (self.k_scales, k_scales), (self.v_scales, v_scales)]
+        for dst, src in parts:
+            self._put(dst, slots, starts, src)
+
+    def _put(self, dst: torch.Tensor, slots, starts, src: torch.Tensor) -> None:
+        """src [B, T, kv_heads, ...] into dst at (slot, position)."""
+        B, T = src.shape[0], src.shape[1]
         if B == 1:  # slices: views, not an indexed write
-            at = (slots[0], slice(starts[0], starts[0] + T))
+            at = slice(starts[0], starts[0] + T)
             if self.positions_first:
-                self.k[at], self.v[at] = k[0], v[0]
+                dst[slots[0], at] = src[0]
             else:
-                self.k[at[0], :, at[1]], self.v[at[0], :, at[1]] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+                dst[slots[0], :, at] = src[0].transpose(0, 1)
             return
-        index = torch.tensor(slots, device=k.device)[:, None]
-        positions = torch.tensor(starts, device=k.device)[:, None] + torch.arange(T, device=k.device)
+        index = torch.tensor(slots, device=src.device)[:, None]
+        positions = torch.tensor(starts, device=src.device)[:, None] + torch.arange(T, device=src.device)
         if self.positions_first:
-            self.k[index, positions], self.v[index, positions] = k, v
-        else:  # the indices around the slice put their dimensions first: [B, T, kv_heads, head_dim]
-            self.k[index, :, positions], self.v[index, :, positions] = k, v
+            dst[index, positions] = src
+        else:  # the indices around the slice put their dimensions first: [B, T, kv_heads, ...]
+            dst[index, :, positions] = src
 
     def read(self, slots: slice | torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``slots`` at positions [0, end), [B, kv_heads, end, head_dim], in
-        the cache's dtype."""
+        the cache's dtype (an int8 cache's: fp32, its integers times their scales)."""
         if self.positions_first:
             return self.k[slots, :end].transpose(1, 2), self.v[slots, :end].transpose(1, 2)
-        return self.k[slots, :, :end], self.v[slots, :, :end]
+        if self.k_scales is None:
+            return self.k[slots, :, :end], self.v[slots, :, :end]
+        return (self.k[slots, :, :end].float() * self.k_scales[slots, :, :end, None],
+                self.v[slots, :, :end].float() * self.v_scales[slots, :, :end, None])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] as int8 integers and a scale a row, ``max |row| / 127``, the integers
+    ``x / scale`` rounded to nearest even: decode_step.cpp's ``store`` into an int8 cache, the
+    same fp32 operations, so that both store the same integers for the same values."""
+    x = x.float()
+    scales = x.abs().amax(-1) / 127
+    q = torch.where(scales[..., None] > 0, torch.round(x / scales[..., None]), 0)
+    return q.to(torch.int8), scales
 
 
 class Attention(nn.Module):
@@ -480,7 +510,7 @@ class StageModel(nn.Module):
                            router, moe.top_k if moe else 0, moe.norm_topk if moe else False,
                            attn.bqkv, None if q_norm is None else q_norm.weight,
                            None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps,
-                           attn.cache.k, attn.cache.v)
+                           attn.cache.k, attn.cache.v, attn.cache.k_scales, attn.cache.v_scales)
         # the last stage's norm and head in the same call (an fp32 stage's: a bf16 one rounds
         # its logits to bf16, as transformers does, in ``logits``), but not where a TP group
         # sums each half of a layer between DecodeStep's calls

@@ -34,7 +34,7 @@ class Dtype:
     name: str
     weight_bytes: float  # per parameter, quantisation scales included
     act_bytes: int  # activations between layers and stages
-    kv_bytes: int  # KV cache entries
+    kv_bytes: float  # per KV cache entry (its scales included)
     flops_scale: float = 1.0  # matmul rate relative to the device's fp16 figure
     # per parameter of the embedding table where it stays unquantized (None: weight_bytes);
     # a tied LM head is then a quantized copy of its own
@@ -64,6 +64,11 @@ DTYPES = {
     "int8": Dtype("int8", INT8_BYTES, 4, 4, flops_scale=0.5, embed_bytes=4),
     "int4": Dtype("int4", 0.5 + 4 / 32, 4, 4, flops_scale=0.5, embed_bytes=4, head_bytes=INT8_BYTES),
 }
+
+
+# bytes per cached key or value of a worker's --kv-dtype: an int8 cache's scale (fp32) a
+# head's row counted at 64 values (the smallest head_dim of the known models, the largest cost)
+KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1 + 4 / 64}
 
 
 def dtype_named(name: str) -> Dtype:

@@ -39,7 +39,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 def parse_kv_dtype(name: str) -> torch.dtype | None:
