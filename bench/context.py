@@ -38,6 +38,18 @@ from p2pserve.ranks.pipeline import KV_DTYPES, parse_dtype, parse_kv_dtype, weig
 from p2pserve.testing.machine import cpu_model
 
 
+def fill_random(stage) -> None:
+    """Every slot and position of the stage's KV cache random (an int8 cache's integers and
+    its scales): a step reads them as it would a real context's."""
+    for block in stage.blocks:
+        cache = block.attn.cache
+        for t in (cache.k, cache.v):
+            t.random_(-127, 128) if t.dtype == torch.int8 else t.normal_()
+        for scales in (cache.k_scales, cache.v_scales):
+            if scales is not None:
+                scales.uniform_(0.01, 0.03)
+
+
 def step_times(dtype: str, kv_dtype: str, positions: list[int], reps: int) -> dict[int, float]:
     """Median seconds of a decode step at each position, the positions interleaved by round."""
     source = open_weights(None)
@@ -50,9 +62,7 @@ def step_times(dtype: str, kv_dtype: str, positions: list[int], reps: int) -> di
     with torch.inference_mode():
         stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill, then the step is built
         stage.forward(Batch((0,), (8,), 1), token)
-        for block in stage.blocks:
-            block.attn.cache.k.normal_()
-            block.attn.cache.v.normal_()
+        fill_random(stage)
         for _ in range(reps):
             for p in positions:
                 t0 = time.perf_counter()
@@ -63,8 +73,9 @@ def step_times(dtype: str, kv_dtype: str, positions: list[int], reps: int) -> di
 
 def kv_bytes(config, dtype: str, kv_dtype: str, position: int) -> int:
     """Keys and values a step at ``position`` reads: every cached position's and its own."""
-    itemsize = (parse_kv_dtype(kv_dtype) or parse_dtype(dtype)).itemsize
-    return 2 * config.n_layers * position * config.n_kv_heads * config.head_dim * itemsize
+    cache = parse_kv_dtype(kv_dtype) or parse_dtype(dtype)
+    row = config.head_dim * cache.itemsize + (4 if cache == torch.int8 else 0)  # an int8 row's fp32 scale
+    return 2 * config.n_layers * position * config.n_kv_heads * row
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import p2pserve  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads, as for p2pserve run)
 import torch
 
+from context import fill_random
 from engine import CORES, DTYPES
 from p2pserve.engine import kernels
 from p2pserve.engine.build import load_stage
@@ -73,9 +74,7 @@ def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int)
     batch = Batch((0,), (position,), 1)
     fused, logits = {}, {}
     with torch.inference_mode():
-        for block in stage.blocks:  # positions 8.. as bench/context.py fills them
-            block.attn.cache.k.normal_()
-            block.attn.cache.v.normal_()
+        fill_random(stage)  # positions 8.. as bench/context.py fills them
         stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill for the step to read
         for name, module in builds.items():
             with kernels_of(module):
