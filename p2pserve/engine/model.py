@@ -179,7 +179,7 @@ class KVCache(nn.Module):
     """Keys and values of ``n_slots`` sequences of up to ``max_len`` positions, ``[slot,
     kv_head, position, head_dim]``, or ``[slot, position, kv_head, head_dim]`` where
     ``positions_first`` (flash-attn's layout). Head-major, a decode step's attention reads
-    each head's keys as one stream: position-major, a head's 256 bytes a position lay
+    each head's keys as one stream: position-major, a head's row of each position lies
     among the other heads', a strided read the CPU's prefetchers did not run ahead of.
 
     An int8 cache keeps each row of ``head_dim`` values as integers and a scale,
