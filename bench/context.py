@@ -34,6 +34,7 @@ from engine import CORES, DTYPES, Bandwidth, bytes_per_token
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
 from p2pserve.engine.weights import open_weights
+from p2pserve.node.budget import kv_bytes_per_session
 from p2pserve.ranks.pipeline import KV_DTYPES, parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.testing.machine import cpu_model
 
@@ -44,7 +45,10 @@ def fill_random(stage) -> None:
     for block in stage.blocks:
         cache = block.attn.cache
         for t in (cache.k, cache.v):
-            t.random_(-127, 128) if t.dtype == torch.int8 else t.normal_()
+            if t.dtype == torch.int8:
+                t.random_(-127, 128)
+            else:
+                t.normal_()
         for scales in (cache.k_scales, cache.v_scales):
             if scales is not None:
                 scales.uniform_(0.01, 0.03)
@@ -72,10 +76,10 @@ def step_times(dtype: str, kv_dtype: str, positions: list[int], reps: int) -> di
 
 
 def kv_bytes(config, dtype: str, kv_dtype: str, position: int) -> int:
-    """Keys and values a step at ``position`` reads: every cached position's and its own."""
+    """Keys and values a step at ``position`` reads: every cached position's and its own (a
+    worker's budget of one session that long, an int8 cache's scales included)."""
     cache = parse_kv_dtype(kv_dtype) or parse_dtype(dtype)
-    row = config.head_dim * cache.itemsize + (4 if cache == torch.int8 else 0)  # an int8 row's fp32 scale
-    return 2 * config.n_layers * position * config.n_kv_heads * row
+    return kv_bytes_per_session(config, config.n_layers, 1, position, cache)
 
 
 def main() -> None:

@@ -109,9 +109,7 @@ def load_stage(source: WeightSource, start: int, end: int, *, rank: int = 0, tp:
             head = read(ends, "head", lambda *_: quantized_head(source, quant, device))
         else:  # tied and dense: the head is the embedding itself, no copy
             head = pack_linear(read(ends, "head") if "head" in ends else embed)
-    model = StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head).eval()
-    model.kv_dtype = kv_dtype
-    return model
+    return StageModel(config, start, end, shard, blocks, embed=embed, norm=norm, head=head, kv_dtype=kv_dtype).eval()
 
 
 def _layer_tensors(config: ModelConfig, shard: Shard, i: int) -> dict[str, tuple]:

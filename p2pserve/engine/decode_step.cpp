@@ -14,8 +14,8 @@
 // weights are gemv.cpp's fp32, int8, int4 or bf16. A bf16 stage's step takes and returns
 // bf16 hidden states, but computes in fp32 in between: only what the modules store in bf16
 // (weights, the hidden state between stages) is rounded to it, and each GEMV rounds its
-// input. The KV cache is fp32, bf16 or fp16 (the stage's kv_dtype): keys and values are
-// rounded to it as they are stored, as the modules store them.
+// input. The KV cache is fp32, bf16, fp16 or int8 (the stage's kv_dtype): keys and values
+// are rounded to it as they are stored, as the modules store them.
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -285,7 +285,6 @@ struct Layer {
 };
 
 // dst[j] = src[j] for j < n, rounded to nearest even into a bf16 or fp16 cache
-static void store(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
 template <class T>
 static void store(const float* src, int64_t n, T* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = T(src[j]);

@@ -391,7 +391,7 @@ class StageModel(nn.Module):
     fused_decode = True
 
     def __init__(self, config: ModelConfig, start: int, end: int, shard: Shard, blocks,
-                 embed=None, norm=None, head=None):
+                 embed=None, norm=None, head=None, kv_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
         self.start, self.end = start, end
@@ -401,7 +401,7 @@ class StageModel(nn.Module):
         self.norm = norm
         self.head = None if head is None else _weight(head)
         self.cos = self.sin = None
-        self.kv_dtype: torch.dtype | None = None  # the KV cache's; None: the activations'
+        self.kv_dtype = kv_dtype  # the KV cache's; None: the activations'
         self._decode_step = _UNBUILT
         self._head_in_step = False  # whether _decode_step ends in the final norm and head
 

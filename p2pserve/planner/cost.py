@@ -68,7 +68,7 @@ DTYPES = {
 
 # bytes per cached key or value of a worker's --kv-dtype: an int8 cache's scale (fp32) a
 # head's row counted at 64 values (the smallest head_dim of the known models, the largest cost)
-KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1 + 4 / 64}
+KV_BYTES = {**{name: DTYPES[name].kv_bytes for name in ("fp32", "bf16", "fp16")}, "int8": 1 + 4 / 64}
 
 
 def dtype_named(name: str) -> Dtype:
