@@ -35,11 +35,12 @@ import torch
 
 from context import fill_random
 from engine import CORES, DTYPES
+from p2pserve.cli.options import KV_DTYPE_NAMES
 from p2pserve.engine import kernels
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
 from p2pserve.engine.weights import open_weights
-from p2pserve.ranks.pipeline import parse_dtype, weight_format
+from p2pserve.ranks.pipeline import parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.testing.machine import cpu_model
 
 ENGINE = Path(kernels.__file__).parent
@@ -64,11 +65,13 @@ def kernels_of(module):
         kernels._module = saved
 
 
-def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int) -> dict[str, float]:
+def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int,
+               kv_dtype: str = "auto") -> dict[str, float]:
     """Median seconds of a decode step at ``position`` with each build's fused step,
     interleaved by round."""
     source = open_weights(None)
-    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype))
+    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype),
+                       kv_dtype=parse_kv_dtype(kv_dtype))
     stage.allocate(1, position + 1)
     token = torch.tensor([[source.config.bos_token_id or 1]])
     batch = Batch((0,), (position,), 1)
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--arch", default="-march=native", help="the compiler's -march for both builds")
     parser.add_argument("--position", type=int, default=9,
                         help="the step's position: the cached keys and values its attention reads (default 9)")
+    parser.add_argument("--kv-dtype", default="auto", choices=KV_DTYPE_NAMES,
+                        help="the KV cache's dtype (default auto: the activations')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.available():
@@ -114,9 +119,9 @@ def main() -> None:
     tree = kernels.module() if args.arch == "-march=native" else kernels.build(args.arch)
     builds = {args.rev: kernels.build(args.arch, revision_source(args.rev)), "tree": tree}
     print(f"{cpu_model()}, {args.threads} threads, kernels {tree.isa()} ({args.arch}); {args.rounds} rounds of "
-          f"{args.steps} steps a build, at position {args.position}")
+          f"{args.steps} steps a build, at position {args.position}, KV cache {args.kv_dtype}")
     for dtype in args.dtypes:
-        medians = step_times(dtype, builds, args.rounds, args.steps, args.position)
+        medians = step_times(dtype, builds, args.rounds, args.steps, args.position, args.kv_dtype)
         print(f"{dtype}: {args.rev} {medians[args.rev] * 1e3:.3f} ms/step, tree {medians['tree'] * 1e3:.3f} "
               f"ms/step: the tree {medians[args.rev] / medians['tree']:.3f}x the speed of {args.rev}")
 

@@ -70,6 +70,7 @@ def _worker_view(w: dict, chains: int) -> dict:
         "tp": w.get("tp", 1),
         "devices": [str(d.get("name", "?")) for d in devices],
         "dtype": next((str(d["dtype"]) for d in devices if d.get("dtype")), ""),
+        "kv_dtype": next((str(d["kv_dtype"]) for d in devices if d.get("kv_dtype")), ""),  # "": an older worker
         "memory_gib": round(sum(d.get("memory", 0) for d in devices) / 2**30, 1),
         "sessions": load.get("sessions", 0),
         "max_sessions": load.get("max_sessions"),
@@ -91,6 +92,12 @@ def _links(rtts, workers: dict[str, dict], head: str) -> list[dict]:
     links = [{"peer": p, "layers": workers[p]["layers"] if p in workers else None, "rtt_ms": round(s * 1e3, 3)}
              for p, s in rtts.items() if (p in workers or p == head) and isinstance(s, (int, float))]
     return sorted(links, key=lambda link: (link["layers"] is None, link["layers"] or [], link["peer"]))
+
+
+def precision_label(worker: dict) -> str:
+    """``int4, KV fp16``: a worker's weights' dtype and its KV cache's (the dtype alone for an
+    older worker, whose record names no cache dtype)."""
+    return f"{worker['dtype']}, KV {worker['kv_dtype']}" if worker["kv_dtype"] else worker["dtype"]
 
 
 def link_label(link: dict) -> str:
@@ -181,7 +188,7 @@ def render_swarm(d: dict) -> str:
                             f'{link["rtt_ms"]:.2f} ms</span>' for link in w["links"]) or "—"
         out.append(f'<tr class="worker" data-peer="{e(w["peer_id"])}"><td title="{e(w["peer_id"])}">'
                    f'{e(w["peer_id"][-12:])}</td><td>{w["layers"][0]}-{w["layers"][1]}</td>'
-                   f'<td>{e(", ".join(w["devices"]))} (TP {w["tp"]})</td><td>{e(w["dtype"])}</td>'
+                   f'<td>{e(", ".join(w["devices"]))} (TP {w["tp"]})</td><td>{e(precision_label(w))}</td>'
                    f'<td>{w["sessions"]}/{w["max_sessions"] or "?"}</td><td>{w["queue"]}</td><td>{step}</td>'
                    f'<td>{w["chains"]}</td><td>{links}</td></tr>')
     out.append("</tbody></table></section>")

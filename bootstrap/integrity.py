@@ -11,8 +11,13 @@ prompts, so a near-tie in the logits cannot ban an honest worker): every worker 
 chain still on probation is banned, and comes back on probation after the ban.
 
 The swarm's first complete chain is admitted on trust: there is nothing yet to compare
-it with. Workers that run another dtype than the admitted chain would not give the same
-greedy tokens, so they are admitted unchecked, with a log line saying so.
+it with. Only chains that compute every layer in the same precision (``alike``: the
+weights' dtype and the KV cache's, as the records say) give the same greedy tokens: across
+precisions a near tie goes either way (SmolLM2 int4 against fp32: one token in about 25,
+bench/quality.py), which no check may take for a lie. So the probe's reference chain and
+a spot check's witness and judge are chains alike the checked one; a worker no admitted
+chain is alike is admitted unchecked, with a log line saying so, and its answers go
+unchecked until one is.
 """
 
 from __future__ import annotations
@@ -40,8 +45,19 @@ PROBE_PROMPTS = (
 )
 
 
-def _dtypes(chain: list[WorkerRecord]) -> set:
-    return {d.get("dtype") for r in chain for d in r.devices}
+def precision(record: WorkerRecord) -> tuple[str, str]:
+    """What ``record``'s worker computes its layers in: its weights' dtype and its KV cache's
+    ("" where a worker older than --kv-dtype names none)."""
+    entry = record.devices[0] if record.devices and isinstance(record.devices[0], dict) else {}
+    return str(entry.get("dtype", "")), str(entry.get("kv_dtype", ""))
+
+
+def alike(records: list[WorkerRecord], chain: list[WorkerRecord]) -> list[WorkerRecord]:
+    """The workers of ``records`` that compute each of their layers in the precision
+    ``chain`` computes it in: any chain of them answers greedily as ``chain`` does."""
+    per_layer = {layer: precision(r) for r in chain for layer in range(r.start, r.end)}
+    return [r for r in records if r.end - r.start <= len(per_layer)
+            and all(per_layer.get(layer) == precision(r) for layer in range(r.start, r.end))]
 
 
 class Admission:
@@ -96,13 +112,15 @@ class Admission:
     async def _probe(self, record: WorkerRecord, chain: list[WorkerRecord]) -> None:
         newcomers = [r for r in chain if r.peer_id not in self.registry.admitted]
         try:
-            reference = self.registry.best_chain(exclude=frozenset(r.peer_id for r in newcomers))
-            if reference is None:
+            new = frozenset(r.peer_id for r in newcomers)
+            if self.registry.best_chain(exclude=new) is None:
                 return
-            if _dtypes(reference) != _dtypes(chain):
+            reference = self.registry.best_chain(exclude=new, records=alike(self.registry.routable(), chain))
+            if reference is None:
+                runs = sorted({"/".join(precision(r)) for r in newcomers})
                 for r in newcomers:
-                    self._admit(r, f"not checked: it runs {sorted(map(str, _dtypes(chain)))}, no admitted "
-                                   f"chain runs the same dtype to compare with")
+                    self._admit(r, f"not checked: it runs {', '.join(runs)} (dtype/KV cache), and no admitted "
+                                   f"chain computes its layers in the same precision to compare with")
                 return
             prompt = random.choice(PROBE_PROMPTS)
             try:
@@ -139,6 +157,7 @@ WITNESS_WAIT = 30.0  # seconds a checked answer waits for its witness before goi
 class _Witness:
     """A second chain computing the first tokens of a checked answer, beside the user's."""
     peers: frozenset[str]
+    checked: list[WorkerRecord]  # the records of the checked chain, whose precision a judge's must have
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
     tokens: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
@@ -185,11 +204,13 @@ class SpotChecks:
         if (self._nursery is None or not reproducible or self._running >= SPOT_AT_ONCE
                 or random.random() >= self.rate):
             return None
-        other = self.registry.best_chain(avoid=served)
+        routable = self.registry.routable()
+        checked = [r for r in routable if r.peer_id in served]
+        other = self.registry.best_chain(avoid=served, records=alike(routable, checked))
         if other is None or {r.peer_id for r in other} == served:
             self.stats["no_other_chain"] += 1
             return None
-        witness = _Witness(frozenset(r.peer_id for r in other))
+        witness = _Witness(frozenset(r.peer_id for r in other), checked)
         sub = dataclasses.replace(params, max_new_tokens=min(SPOT_TOKENS, params.max_new_tokens), logprobs=None)
         self._nursery.start_soon(self._run_witness, witness, other, prompt, sub)
         self.stats["checked"] += 1
@@ -243,7 +264,7 @@ class SpotChecks:
     async def _settle(self, served: frozenset[str], witness: _Witness, prompt, params, tokens: list[int]) -> None:
         """The user's chain and its witness disagree on ``tokens``: a third chain decides."""
         got = witness.tokens[:len(tokens)]
-        judge = self._judge(served, witness.peers)
+        judge = self._judge(served, witness.peers, witness.checked)
         sub = dataclasses.replace(params, max_new_tokens=len(tokens), logprobs=None)
         verdict = None if judge is None else await replay(self.node, judge, prompt, sub)
         judged = frozenset(r.peer_id for r in judge or [])
@@ -267,11 +288,12 @@ class SpotChecks:
             raise _ChainFailed(liars, "a spot check caught this chain answering unlike two others; "
                                       "the answer goes on from the agreed tokens on another chain")
 
-    def _judge(self, a: frozenset[str], b: frozenset[str]) -> list[WorkerRecord] | None:
-        """A third chain for two that disagree: without the workers only one of them holds
-        (tried for each side), and not the other chain itself."""
+    def _judge(self, a: frozenset[str], b: frozenset[str], checked: list[WorkerRecord]) -> list[WorkerRecord] | None:
+        """A third chain for two that disagree, alike them (as ``checked``): without the workers
+        only one of them holds (tried for each side), and not the other chain itself."""
+        candidates = alike(self.registry.routable(), checked)
         for accused, other in ((a, b), (b, a)):
-            judge = self.registry.best_chain(exclude=accused - other, avoid=other)
+            judge = self.registry.best_chain(exclude=accused - other, avoid=other, records=candidates)
             if judge is not None and {r.peer_id for r in judge} != other:
                 return judge
         return None

@@ -29,7 +29,7 @@ from p2pserve.planner.swarm import auto_request, device_entries, measure_devices
 from p2pserve.progress import loading_bar
 from p2pserve.ranks import world
 from p2pserve.ranks.cores import CoreShare, machine_cores
-from p2pserve.ranks.pipeline import parse_dtype, parse_kv_dtype, weight_format
+from p2pserve.ranks.pipeline import kv_dtype_name, parse_dtype, parse_kv_dtype, weight_format
 from p2pserve.ranks.stages import StagesSpec, open_runner
 
 log = logging.getLogger("p2pserve.worker")
@@ -127,6 +127,7 @@ def plan_request(opts: WorkerOptions, speeds) -> dict:
         return {"type": "plan"}
     # without --max-sessions the KV cache is sized after loading (node/budget.py): one must fit
     return {"type": "plan", "auto": auto_request(speeds[0], n_devices=len(speeds), dtype=opts.dtype,
+                                                 kv_dtype=kv_dtype_name(opts.dtype, opts.kv_dtype),
                                                  max_sessions=opts.max_sessions or 1, max_seq_len=opts.max_seq_len)}
 
 
@@ -238,7 +239,8 @@ async def run_worker(opts: WorkerOptions, task_status=trio.TASK_STATUS_IGNORED) 
             # measured again: the stage now runs with its own thread count (--threads, or
             # cores // TP), which the record's speed must reflect (cached per thread count)
             device_info = device_entries(await compute.run(partial(measure_devices, devices)), config, opts.dtype,
-                                         first=start == 0, last=end == config.n_layers)
+                                         kv_dtype_name(opts.dtype, opts.kv_dtype), first=start == 0,
+                                         last=end == config.n_layers)
 
             def record():
                 return make_record(host, server, stage=stage, tp=tp, devices=device_info,

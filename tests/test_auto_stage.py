@@ -35,11 +35,12 @@ N = 16
 
 
 def small_cpu_request(**kw) -> dict:
-    return auto_request(SMALL_CPU, **{"n_devices": 1, "dtype": "fp32", "max_sessions": 4, "max_seq_len": 512, **kw})
+    return auto_request(SMALL_CPU, **{"n_devices": 1, "dtype": "fp32", "kv_dtype": "fp32", "max_sessions": 4,
+                                      "max_seq_len": 512, **kw})
 
 
 def record(peer: str, start: int, end: int, speed: DeviceSpeed = SMALL_CPU) -> WorkerRecord:
-    devices = device_entries([speed], CONFIG, "fp32", first=start == 0, last=end == CONFIG.n_layers)
+    devices = device_entries([speed], CONFIG, "fp32", "fp32", first=start == 0, last=end == CONFIG.n_layers)
     return WorkerRecord(peer, [], CONFIG.name, CONFIG.fingerprint(), -1, start, end, 1, devices, "", "0",
                         {"sessions": 0, "queue": 0}, time.time() + 30)
 
@@ -84,6 +85,17 @@ def test_a_fixed_plan_gives_auto_workers_its_stages_missing_ones_first():
     assert p.plans() == [Plan([1, 1, 1], [8, 15, 7])]
 
 
+def test_a_worker_with_a_smaller_kv_cache_is_given_the_layers_its_memory_holds():
+    # 16 sessions of 2048 tokens: the KV cache, not the weights, fills the small device
+    tight = dict(max_sessions=16, max_seq_len=2048)
+    layers = {kv: planning().assign("w1", small_cpu_request(kv_dtype=kv, **tight))["end"] for kv in ("fp32", "fp16", "int8")}
+    assert layers["fp32"] < layers["fp16"] < layers["int8"], layers
+    # a worker older than --kv-dtype names no cache dtype: its dtype's own, as before
+    older = small_cpu_request(**tight)
+    del older["kv_dtype"]
+    assert planning().assign("w1", older)["end"] == layers["fp32"]
+
+
 def test_the_published_plan_is_planned_from_the_announced_devices():
     p = planning()
     assert p.plans() == [Plan([1, 1], [15, 15])]  # nobody joined yet: the even split
@@ -103,6 +115,8 @@ def test_the_published_plan_is_planned_from_the_announced_devices():
     ({"memory": -1}, "'memory' must be a positive number"),
     ({"n_devices": 0}, "'n_devices' must be an integer in"),
     ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+    ({"kv_dtype": "fp4"}, "unknown KV cache dtype 'fp4'"),
+    ({"kv_dtype": ["int8"]}, "'kv_dtype' must be a string"),
 ])
 def test_a_malformed_auto_request_is_refused_by_name(bad, message):
     request = {**small_cpu_request(), **bad}
@@ -117,7 +131,8 @@ def test_a_malformed_auto_request_is_refused_by_name(bad, message):
 def test_a_device_too_small_for_one_layer_is_told_so():
     tiny = dataclasses.replace(SMALL_CPU, memory=1.01 * GiB)
     with pytest.raises(ConfigError, match="cannot hold one layer"):
-        planning().assign("w1", auto_request(tiny, n_devices=1, dtype="fp32", max_sessions=4, max_seq_len=512))
+        planning().assign("w1", auto_request(tiny, n_devices=1, dtype="fp32", kv_dtype="fp32", max_sessions=4,
+                                             max_seq_len=512))
 
 
 # --- a real swarm --------------------------------------------------------------------------------

@@ -207,6 +207,8 @@ def test_status_json_lists_workers_layers_devices_and_chains(swarm):
     assert {w["peer_id"] for w in view["workers"]} == set(swarm.peer_ids)
     for w in view["workers"]:
         assert len(w["devices"]) == 1 and w["devices"][0].startswith("cpu") and w["dtype"] == "fp32" and w["tp"] == 1
+        # the KV cache's dtype as the worker resolved it: stage 1 runs --kv-dtype bf16
+        assert w["kv_dtype"] == ("fp32" if w["layers"] == [0, 15] else "bf16")
         assert w["sessions"] == 0 and w["max_sessions"] >= 1 and w["step_ms"] > 0 and w["chains"] == 1
     assert view["chains"] == [{"peers": [by_layers[0, 15]["peer_id"], by_layers[15, 30]["peer_id"]],
                                "layers": [[0, 15], [15, 30]]}]
@@ -224,6 +226,7 @@ def test_status_table_is_readable(swarm):
     r = swarm.cli("status", "--peer", swarm.addr, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "0-15" in r.stdout and "15-30" in r.stdout and "chain 0:" in r.stdout
+    assert "fp32, KV bf16" in r.stdout  # stage 1's cache, beside its weights' dtype
     assert "gaps" not in r.stdout
 
 

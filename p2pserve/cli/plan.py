@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from p2pserve.errors import ConfigError
 from p2pserve.cli.options import KV_DTYPE_NAMES
-from p2pserve.planner.cost import DTYPES, KV_BYTES, CostParams, Workload
+from p2pserve.planner.cost import DTYPES, CostParams, Workload, dtype_named
 from p2pserve.planner.devices import KV_SHARE, GiB, parse_devices, parse_link
 from p2pserve.planner.planfile import dump_plan_toml
 from p2pserve.planner.search import OBJECTIVES, SwarmPlan, plan_swarm
@@ -54,8 +53,7 @@ def plan(model, devices_spec, dtype, kv_dtype, objective, prompt_len, output_len
             click.echo(f"layout {i}: " + "\n".join(describe(proposal)))
         return
     workload = Workload(prompt_len, output_len, sessions)
-    precision = DTYPES[dtype] if kv_dtype == "auto" else replace(DTYPES[dtype], kv_bytes=KV_BYTES[kv_dtype])
-    found = plan_swarm(devices, config, dtype=precision, workload=workload, objective=objective, params=params)
+    found = plan_swarm(devices, config, dtype=dtype_named(dtype, kv_dtype), workload=workload, objective=objective, params=params)
     # the bootstrap (--config) loads weights from `model`: a path stays one, absolute
     written_model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     toml = dump_plan_toml(found.report.pipelines, model=written_model, dtype=dtype, objective=objective)

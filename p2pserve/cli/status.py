@@ -49,17 +49,18 @@ def print_view(view: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from p2pserve.bootstrap.dashboard import link_label
+    from p2pserve.bootstrap.dashboard import link_label, precision_label
 
     console = Console(highlight=False)
     table = Table(title=f"{view['model']}: {view['n_layers']} layers, {len(view['workers'])} workers, "
                         f"{len(view['chains'])} complete chains")
     for col in ("worker", "layers", "stage", "TP", "devices", "dtype", "sessions", "queue", "ms/step", "chains"):
-        table.add_column(col, justify="left" if col in ("worker", "devices", "dtype") else "right")
+        table.add_column(col, justify="left" if col in ("worker", "devices", "dtype") else "right",
+                         no_wrap=col == "dtype")  # "int4, KV fp16" reads as one
     for w in view["workers"]:
         table.add_row(w["peer_id"][-12:], f"{w['layers'][0]}-{w['layers'][1]}",
                       str(w["stage"]) if w["stage"] >= 0 else "-", str(w["tp"]), ", ".join(w["devices"]),
-                      w["dtype"], f"{w['sessions']}/{w['max_sessions'] or '?'}", str(w["queue"]),
+                      precision_label(w), f"{w['sessions']}/{w['max_sessions'] or '?'}", str(w["queue"]),
                       f"{w['step_ms']:.1f}" if w["step_ms"] is not None else "?", str(w["chains"]))
     console.print(table)
     for i, chain in enumerate(view["chains"]):

@@ -19,7 +19,7 @@ A decode step reads the weights once for the whole batch, and each sequence's KV
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -71,11 +71,17 @@ DTYPES = {
 KV_BYTES = {**{name: DTYPES[name].kv_bytes for name in ("fp32", "bf16", "fp16")}, "int8": 1 + 4 / 64}
 
 
-def dtype_named(name: str) -> Dtype:
+def dtype_named(name: str, kv_dtype: str = "auto") -> Dtype:
+    """``--dtype name`` with its KV cache in ``--kv-dtype kv_dtype`` (auto: as the dtype keeps it)."""
     try:
-        return DTYPES[name]
+        precision = DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+    if kv_dtype == "auto":
+        return precision
+    if kv_dtype not in KV_BYTES:
+        raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}: use auto or one of {', '.join(KV_BYTES)}")
+    return replace(precision, kv_bytes=KV_BYTES[kv_dtype])
 
 
 @dataclass(frozen=True)

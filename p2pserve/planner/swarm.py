@@ -5,11 +5,12 @@ devices and stages.
 A worker measures its devices (``measure_device``, cached) and puts one entry per TP rank
 into its record's ``devices``::
 
-    {"name", "memory", "dtype", "speed": DeviceSpeed.to_dict(), "layer_time"}
+    {"name", "memory", "dtype", "kv_dtype", "speed": DeviceSpeed.to_dict(), "layer_time"}
 
 ``layer_time`` is the cost model's seconds per layer per decode step of one session, which
 the router reads to rank chains; ``speed`` lets the bootstrap plan with the worker's own
-figures. Entries come from other peers, so everything read here is checked.
+figures; ``dtype`` and ``kv_dtype`` (the cache's, resolved: never auto) say what precision its
+layers compute in, which the result checks compare like with like by. Entries come from other peers, so everything read here is checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence
 from p2pserve.engine.config import ModelConfig
 from p2pserve.errors import ConfigError
 from p2pserve.plan import Plan
-from p2pserve.planner.cost import CostParams, Workload, dtype_named, stage_cost
+from p2pserve.planner.cost import CostParams, Dtype, Workload, dtype_named, stage_cost
 from p2pserve.planner.devices import CATALOGUE, LIBP2P, Device, DeviceType
 from p2pserve.planner.measure import DeviceSpeed, measure_device
 from p2pserve.planner.search import ServingStage, best_stage_for_new_worker, plan_swarm
@@ -42,20 +43,22 @@ def measure_devices(devices: Sequence[str]) -> list[DeviceSpeed]:
     return [measured[d] for d in devices]
 
 
-def device_entries(speeds: Sequence[DeviceSpeed], model: ModelConfig, dtype: str, *, first: bool, last: bool,
-                   params: CostParams = SWARM) -> list[dict]:
-    """The record's ``devices``: one entry per TP rank of a stage on ``speeds``."""
+def device_entries(speeds: Sequence[DeviceSpeed], model: ModelConfig, dtype: str, kv_dtype: str, *, first: bool,
+                   last: bool, params: CostParams = SWARM) -> list[dict]:
+    """The record's ``devices``: one entry per TP rank of a stage on ``speeds``, whose KV
+    cache is ``kv_dtype`` (a name, auto resolved)."""
     kinds = tuple(s.device_type() for s in speeds)
-    cost = stage_cost(model, dtype_named(dtype), kinds, first=first, last=last, workload=Workload(),
+    cost = stage_cost(model, dtype_named(dtype, kv_dtype), kinds, first=first, last=last, workload=Workload(),
                       sessions=1, micro_batch=1, params=params)
-    return [{"name": s.name, "memory": s.memory, "dtype": dtype, "speed": s.to_dict(),
+    return [{"name": s.name, "memory": s.memory, "dtype": dtype, "kv_dtype": kv_dtype, "speed": s.to_dict(),
              "layer_time": cost.decode.per_layer} for s in speeds]
 
 
-def auto_request(speed: DeviceSpeed, *, n_devices: int, dtype: str, max_sessions: int, max_seq_len: int) -> dict:
+def auto_request(speed: DeviceSpeed, *, n_devices: int, dtype: str, kv_dtype: str, max_sessions: int,
+                 max_seq_len: int) -> dict:
     """What a ``--stage auto`` worker tells the bootstrap in its PLAN request."""
     return {"speed": speed.to_dict(), "memory": speed.memory, "n_devices": n_devices, "dtype": dtype,
-            "max_sessions": max_sessions, "max_seq_len": max_seq_len}
+            "kv_dtype": kv_dtype, "max_sessions": max_sessions, "max_seq_len": max_seq_len}
 
 
 # --- the bootstrap's side: reading what peers sent -----------------------------------------------
@@ -120,6 +123,12 @@ class AutoRequest:
     dtype: str
     max_sessions: int
     max_seq_len: int
+    kv_dtype: str = "auto"  # a request from a worker older than --kv-dtype names none
+
+    @property
+    def precision(self) -> Dtype:
+        """The dtype's bytes, its KV cache's at ``kv_dtype``'s."""
+        return dtype_named(self.dtype, self.kv_dtype)
 
     @classmethod
     def parse(cls, d: object) -> "AutoRequest":
@@ -129,9 +138,13 @@ class AutoRequest:
         dtype = d.get("dtype")
         if not isinstance(dtype, str):
             raise ConfigError(f"{what}: 'dtype' must be a string such as fp32")
-        dtype_named(dtype)
+        kv_dtype = d.get("kv_dtype", "auto")
+        if not isinstance(kv_dtype, str):
+            raise ConfigError(f"{what}: 'kv_dtype' must be a string such as fp16")
+        dtype_named(dtype, kv_dtype)
         return cls(speed_kind(d.get("speed"), d.get("memory"), what), _int_in(d, "n_devices", 1, MAX_DEVICES, what),
-                   dtype, _int_in(d, "max_sessions", 1, 4096, what), _int_in(d, "max_seq_len", 16, 1 << 20, what))
+                   dtype, _int_in(d, "max_sessions", 1, 4096, what), _int_in(d, "max_seq_len", 16, 1 << 20, what),
+                   kv_dtype)
 
     @property
     def workload(self) -> Workload:
@@ -149,7 +162,7 @@ def assign_stage(serving: Sequence[ServingStage], request: AutoRequest, model: M
         stages = [(s.start, s.end, s.tp) for s in plan.stages]
         candidates = [s for s in stages if s[2] == request.n_devices] or stages
     return best_stage_for_new_worker(serving, request.device, model, n_devices=request.n_devices,
-                                     dtype=request.dtype, workload=request.workload, params=params,
+                                     dtype=request.precision, workload=request.workload, params=params,
                                      candidates=candidates)
 
 

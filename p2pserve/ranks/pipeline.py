@@ -49,6 +49,13 @@ def parse_kv_dtype(name: str) -> torch.dtype | None:
     return KV_DTYPES[name]
 
 
+def kv_dtype_name(dtype: str, kv_dtype: str) -> str:
+    """The KV cache's dtype of ``--dtype dtype --kv-dtype kv_dtype`` by name, auto resolved to
+    the activations' dtype (what a worker's record says its cache holds)."""
+    cache = parse_kv_dtype(kv_dtype) or parse_dtype(dtype)
+    return next(name for name, t in KV_DTYPES.items() if t == cache)
+
+
 def weight_format(name: str) -> str | None:
     """The quantized weight format of ``--dtype name`` (int8, int4), None for a float dtype."""
     return name if name in ("int8", "int4") else None
