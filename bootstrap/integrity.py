@@ -56,8 +56,16 @@ def alike(records: list[WorkerRecord], chain: list[WorkerRecord]) -> list[Worker
     """The workers of ``records`` that compute each of their layers in the precision
     ``chain`` computes it in: any chain of them answers greedily as ``chain`` does."""
     per_layer = {layer: precision(r) for r in chain for layer in range(r.start, r.end)}
-    return [r for r in records if r.end - r.start <= len(per_layer)
-            and all(per_layer.get(layer) == precision(r) for layer in range(r.start, r.end))]
+
+    def computes_as_chain(r: WorkerRecord) -> bool:
+        # a record's range is not bounded by the model where it arrives: one wider than the
+        # chain cannot match, and is not walked layer by layer
+        if r.end - r.start > len(per_layer):
+            return False
+        mine = precision(r)
+        return all(per_layer.get(layer) == mine for layer in range(r.start, r.end))
+
+    return [r for r in records if computes_as_chain(r)]
 
 
 class Admission:

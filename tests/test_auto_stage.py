@@ -88,7 +88,8 @@ def test_a_fixed_plan_gives_auto_workers_its_stages_missing_ones_first():
 def test_a_worker_with_a_smaller_kv_cache_is_given_the_layers_its_memory_holds():
     # 16 sessions of 2048 tokens: the KV cache, not the weights, fills the small device
     tight = dict(max_sessions=16, max_seq_len=2048)
-    layers = {kv: planning().assign("w1", small_cpu_request(kv_dtype=kv, **tight))["end"] for kv in ("fp32", "fp16", "int8")}
+    layers = {kv: planning().assign("w1", small_cpu_request(kv_dtype=kv, **tight))["end"]
+              for kv in ("fp32", "fp16", "int8")}
     assert layers["fp32"] < layers["fp16"] < layers["int8"], layers
     # a worker older than --kv-dtype names no cache dtype: its dtype's own, as before
     older = small_cpu_request(**tight)

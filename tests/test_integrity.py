@@ -117,3 +117,10 @@ async def test_a_newcomer_is_probed_against_an_alike_chain_and_banned_for_lying(
     # the reference was the fp32 chain a-b every time, never a-c (int4, which answers otherwise)
     assert all(chain in (["a", "b"], ["a", "n"]) for chain in head.asked), head.asked
     assert "n" not in head.registry.admitted and head.registry.banned("n")
+
+
+def test_a_record_wider_than_the_model_is_not_alike_and_not_walked():
+    chain = [rec("a", 0, N)]
+    t0 = time.monotonic()
+    assert alike([rec("x", 0, 10**12)], chain) == []  # a hostile range: refused at once
+    assert time.monotonic() - t0 < 1.0

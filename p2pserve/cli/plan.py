@@ -53,7 +53,8 @@ def plan(model, devices_spec, dtype, kv_dtype, objective, prompt_len, output_len
             click.echo(f"layout {i}: " + "\n".join(describe(proposal)))
         return
     workload = Workload(prompt_len, output_len, sessions)
-    found = plan_swarm(devices, config, dtype=dtype_named(dtype, kv_dtype), workload=workload, objective=objective, params=params)
+    found = plan_swarm(devices, config, dtype=dtype_named(dtype, kv_dtype), workload=workload, objective=objective,
+                       params=params)
     # the bootstrap (--config) loads weights from `model`: a path stays one, absolute
     written_model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     toml = dump_plan_toml(found.report.pipelines, model=written_model, dtype=dtype, objective=objective)

@@ -9,8 +9,9 @@ into its record's ``devices``::
 
 ``layer_time`` is the cost model's seconds per layer per decode step of one session, which
 the router reads to rank chains; ``speed`` lets the bootstrap plan with the worker's own
-figures; ``dtype`` and ``kv_dtype`` (the cache's, resolved: never auto) say what precision its
-layers compute in, which the result checks compare like with like by. Entries come from other peers, so everything read here is checked.
+figures; ``dtype`` and ``kv_dtype`` (the KV cache's, resolved: never auto) say in what
+precision its layers compute, by which the head's result checks pair like chains
+(bootstrap/integrity.py). Entries come from other peers, so everything read here is checked.
 """
 
 from __future__ import annotations
