@@ -442,7 +442,9 @@ class Bootstrap:
                 raise _ChainFailed(all_peers, e.message, busy=True) from None
             raise _ChainFailed(await self._suspects(chain), e.message) from None
         except (WireError, EOFError, P2PServeError, OSError, BaseLibp2pError) as e:  # a peer's failure
-            if isinstance(e, P2PServeError) and e.code in REQUEST_CODES:
+            # A WireError's code is what a server answers a peer that sent it a bad frame
+            # (bad_request); here the stream that broke is stage 0's, so it blames the chain.
+            if isinstance(e, P2PServeError) and not isinstance(e, WireError) and e.code in REQUEST_CODES:
                 raise
             raise _ChainFailed(await self._suspects(chain), str(e)) from None
         finally:

@@ -9,7 +9,7 @@ import trio.testing
 
 from p2pserve.bootstrap.server import tokens_of
 from p2pserve.node.driver import UpstreamWriter
-from p2pserve.net.wire import StreamClosed, read_frame
+from p2pserve.net.wire import StreamClosed, read_frame, write_frame
 
 from .test_wire import Pipe
 
@@ -118,3 +118,68 @@ async def test_a_flush_writes_the_first_token_before_its_session_goes_on(autojum
         assert stream.writes[1][1] == [{"type": "tokens", "tokens": [8]}]
         await writer.finish({"type": "done", "n_tokens": 2})
     assert _tokens(stream.writes) == [7, 8]
+
+
+class _Stage0:
+    """Stage 0's end of a session stream as the head sees it: the head's frames go to
+    ``sent``, and the head reads what ``answer`` holds, then the end of the stream."""
+
+    def __init__(self, frames: list[dict]):
+        self.sent, self.answer = Pipe(), Pipe()
+        self.frames = frames
+
+    async def fill(self) -> None:
+        for frame in self.frames:
+            await write_frame(self.answer, frame)
+        await self.answer.close()
+
+    async def write(self, data: bytes) -> None:
+        await self.sent.write(data)
+
+    async def read(self, n: int) -> bytes:
+        return await self.answer.read(n)
+
+    async def close(self) -> None:
+        await self.sent.close()
+
+    async def reset(self) -> None:
+        await self.sent.reset()
+
+
+async def test_a_stage_0_stream_that_ends_mid_answer_fails_the_chain_not_the_request(monkeypatch):
+    """A StreamClosed (or any WireError) carries bad_request, the code a server answers a
+    peer's bad frame with; on the head's side it is stage 0's stream that broke, so the
+    chain fails and the answer goes on through another (before, the head re-raised it as
+    the request's fault and reset the client's stream with no error frame)."""
+    from types import SimpleNamespace
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pserve.bootstrap import server
+    from p2pserve.bootstrap.registry import Registry
+    from p2pserve.engine.generate import SamplingParams
+    from p2pserve.net.protocols import Hop
+
+    stage0 = _Stage0([{"type": "ready"}, {"type": "tokens", "tokens": [5]}])
+    await stage0.fill()
+
+    async def dial(host, peer_id, addrs):
+        return peer_id
+
+    async def new_stream(peer, protocols):
+        return stage0
+
+    async def suspects(chain):
+        return frozenset()
+
+    monkeypatch.setattr(server, "dial", dial)
+    head = SimpleNamespace(host=SimpleNamespace(new_stream=new_stream), registry=Registry("m", "f", 2),
+                           key_pair=create_new_key_pair(), head_cert=None, stream_interval=0.0,
+                           config=SimpleNamespace(vocab_size=10, eos_token_ids=[0]), _suspects=suspects)
+    chain = [Hop("stage-0", (), 0, 2)]
+    got = []
+    with pytest.raises(server._ChainFailed, match="closed"):
+        async for tokens in server.Bootstrap._run_chain(head, chain, [1, 2], SamplingParams(max_new_tokens=4), True):
+            got += tokens
+    assert got == [5]
+    assert stage0.sent.was_reset
