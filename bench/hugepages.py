@@ -1,6 +1,6 @@
 """Do 2 MiB pages speed up a decode step? A paired test in one process.
 
-    python bench/hugepages.py [--blocks 40] [--steps 10]
+    python bench/hugepages.py [--blocks 40] [--steps 10] [--dtype int8]
 
 Loads SmolLM2's 30 layers twice, moves each copy's weights into one arena, madvised
 MADV_HUGEPAGE for one copy and MADV_NOHUGEPAGE for the other, then times one-token decode
@@ -24,15 +24,21 @@ import torch
 
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
+from p2pserve.testing.machine import cpu_model
 from p2pserve.engine.weights import open_weights
+from p2pserve.ranks.pipeline import parse_dtype, weight_format
+
+DTYPES = ["fp32", "bf16", "int8", "int4"]
 
 HUGE = 2 << 20
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 
 
 def into_arena(model: torch.nn.Module, advice: int) -> torch.Tensor:
-    """Copy every distinct parameter into one 2 MiB-aligned buffer madvised ``advice``."""
-    params = list({p.data_ptr(): p for p in model.parameters()}.values())
+    """Copy every distinct parameter and buffer (a quantized weight's values and scales) into
+    one 2 MiB-aligned buffer madvised ``advice``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    params = list({p.data_ptr(): p for p in tensors if p.numel()}.values())
     sizes = [(p.numel() * p.element_size() + 63) // 64 * 64 for p in params]
     total = (sum(sizes) + HUGE - 1) // HUGE * HUGE
     buf = torch.empty(total + HUGE, dtype=torch.uint8)
@@ -61,16 +67,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     source = open_weights(None)
     runners, arenas = {}, []
     for name, advice in (("huge", MADV_HUGEPAGE), ("4 KiB", MADV_NOHUGEPAGE)):
-        model = load_stage(source, 0, source.config.n_layers)
+        model = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(args.dtype),
+                           quant=weight_format(args.dtype))
         arenas.append(into_arena(model, advice))
         runners[name] = model
         runners[name].allocate(1, args.steps + 1)
-    print(f"AnonHugePages: {anon_huge_kib() / 1024:.0f} MiB")
+    print(f"{cpu_model()}, {args.dtype}: AnonHugePages {anon_huge_kib() / 1024:.0f} MiB")
     x = torch.tensor([[1]])
     times = {name: [] for name in runners}
     with torch.inference_mode():
