@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine import CORES, DTYPES, Bandwidth, bytes_per_token
+from engine import BANDWIDTH_BYTES, CORES, DTYPES, Bandwidth, bytes_per_token
 from p2pserve.engine.build import load_stage
 from p2pserve.engine.model import Batch
 from p2pserve.engine.weights import open_weights
@@ -98,23 +98,25 @@ def main() -> None:
     console = Console(width=130)
     torch.set_num_threads(args.threads)
     bandwidth = Bandwidth(args.threads)
-    console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth.read(5) / 1e9:.1f} GB/s")
+    console.print(f"{cpu_model()}, {args.threads} threads; read bandwidth {bandwidth.read(reps=5) / 1e9:.1f} GB/s "
+                  f"over {BANDWIDTH_BYTES >> 20} MiB")
+    config = open_weights(None).config
     results = {}
     for dtype in args.dtypes:
         for kv_dtype in args.kv_dtypes:
             console.print(f"measuring {dtype}, KV cache {kv_dtype}…")
             results[dtype, kv_dtype] = step_times(dtype, kv_dtype, positions, args.reps)
-            bandwidth.read(5)
-    console.print(f"read bandwidth, the fastest of the run: {bandwidth.fastest / 1e9:.1f} GB/s (the floors below use it)")
+            for p in positions:  # over a step's bytes, which may fit a cache (bench/engine.py)
+                bandwidth.read(bytes_per_token(dtype) + kv_bytes(config, dtype, kv_dtype, p), 5)
+    console.print("read bandwidth over each step's bytes, the fastest of the run, gives the floors below")
     table = Table(title=f"one-stage decode step by position, SmolLM2-135M, {cpu_model()}, {args.threads} threads")
     for col in ("dtype", "KV cache", "position", "ms/step", "vs first", "KV MB read", "floor ms", "of floor"):
         table.add_column(col, justify="left" if col in ("dtype", "KV cache") else "right")
-    config = open_weights(None).config
     for (dtype, kv_dtype), times in results.items():
         weights = bytes_per_token(dtype)
         for p in positions:
             kv = kv_bytes(config, dtype, kv_dtype, p)
-            floor = (weights + kv) / bandwidth.fastest
+            floor = (weights + kv) / bandwidth.fastest[weights + kv]
             table.add_row(dtype, kv_dtype, str(p), f"{times[p] * 1e3:.2f}", f"{times[p] / times[positions[0]]:.2f}x",
                           f"{kv / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{floor / times[p]:.0%}")
     console.print(table)

@@ -18,8 +18,12 @@ transformers runs fp32 (its CPU baseline); bf16, int8 and int4 plans are compare
 too. Each is also set against the *weight-streaming floor*: a decode step reads every
 weight of the model once (on every plan, split over its ranks), so no plan on this machine
 decodes faster than its read bandwidth over the bytes of those weights. The bandwidth is
-measured here (a sum and a max over a tensor far larger than the caches, on all cores, the
-faster of the two) right before and right after every run of every contender. On the
+measured here (a sum and a max, on all cores, the faster of the two) right before and right
+after every run of every contender, over as many bytes as a decode step of the dtype reads,
+read once before the timed reads: a step finds its weights where the step before left
+them, and so does the reader. Where they fit the last-level cache, that is the floor, not
+memory's: an Intel Xeon with 480 MiB of L3 (a share of it to this machine) read 98 MB (an
+int4 step) at about 50 GB/s and 139 MB (int8) at 26, as fast as 1 GiB. On the
 shared machines this was built on it jumps between levels (34 and 52 GB/s, say) within
 seconds, and every way of reading memory moves with it, ours too. So each run is set
 against the bandwidth around it ("paired": the mean of those two), and the table gives the
@@ -79,33 +83,38 @@ ALL_PLANS = ["1/30", "1,1/15,15", "2,1/20,10", "1,2,1/7,11,12", "3/30"]
 QUICK_PLANS = ["1/30", "1,1/15,15"]
 CORES = os.cpu_count() or 1
 DTYPES = ["fp32", "bf16", "int8", "int4"]
-BANDWIDTH_BYTES = 1 << 30  # read per measurement: far beyond any CPU's caches
+BANDWIDTH_BYTES = 1 << 30  # the most read per measurement: far beyond any CPU's caches
 
 
 class Bandwidth:
-    """Bytes/s that ``threads`` threads read from memory, measured whenever asked (reductions
-    over a tensor far larger than the caches, allocated once), and the fastest seen."""
+    """Bytes/s that ``threads`` threads read, measured whenever asked over the first
+    ``nbytes`` of a buffer allocated once (a decode step's weights), and the fastest seen at
+    each size."""
 
     def __init__(self, threads: int):
         self.threads = threads
         self.x = torch.ones(BANDWIDTH_BYTES // 4)
         self.x.sum()  # faults the pages in
-        self.fastest = 0.0
+        self.fastest: dict[int, float] = {}
 
-    def read(self, reps: int = 1) -> float:
-        """The fastest of ``reps`` sums and as many maxima (what the machine can do now: on
-        shared cores a median measures the neighbours). Two readers, because neither is the
-        machine's own limit: the max read 5-10% faster than the sum on AMD EPYC (Zen 4),
-        and a fp32 decode step faster than the sum around it."""
+    def read(self, nbytes: int = BANDWIDTH_BYTES, reps: int = 1) -> float:
+        """The fastest of ``reps`` sums and as many maxima over ``nbytes`` (what the machine
+        can do now: on shared cores a median measures the neighbours), after one untimed sum
+        that leaves them where a step's weights are after the step before (in the cache
+        where they fit). Two readers, because neither is the machine's own limit: the max
+        read 5-10% faster than the sum on AMD EPYC (Zen 4), and a fp32 decode step faster
+        than the sum around it."""
         torch.set_num_threads(self.threads)
+        x = self.x[: min(nbytes, BANDWIDTH_BYTES) // 4]
+        x.sum()
         times = []
         for _ in range(reps):
             for reduce in (torch.sum, torch.amax):
                 t0 = time.perf_counter()
-                reduce(self.x)
+                reduce(x)
                 times.append(time.perf_counter() - t0)
-        bandwidth = BANDWIDTH_BYTES / min(times)
-        self.fastest = max(self.fastest, bandwidth)
+        bandwidth = x.numel() * 4 / min(times)
+        self.fastest[nbytes] = max(self.fastest.get(nbytes, 0.0), bandwidth)
         return bandwidth
 
 
@@ -260,17 +269,18 @@ class Engine:
         self.pipe.close()
 
 
-def measure(contenders: dict[str, object], prompt: list[int], reps: int, bandwidth: Bandwidth) -> dict[str, Samples]:
+def measure(contenders: dict[str, object], prompt: list[int], reps: int, bandwidth: Bandwidth,
+            nbytes: int) -> dict[str, Samples]:
     """``reps`` rounds, each running every contender once, the order rotating by round, each
-    run between two readings of the bandwidth."""
+    run between two readings of the bandwidth over ``nbytes``."""
     names = list(contenders)
     samples = {name: Samples() for name in names}
     for r in range(reps):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            before = bandwidth.read()
+            before = bandwidth.read(nbytes)
             run = contenders[name].run(prompt)
-            run.bandwidth = (before + bandwidth.read()) / 2
+            run.bandwidth = (before + bandwidth.read(nbytes)) / 2
             samples[name].runs.append(run)
     return samples
 
@@ -291,7 +301,7 @@ class Row:
     hf: Samples  # transformers, in the same rounds
     same: bool
     weight_bytes: int  # what a decode step reads
-    fastest: float  # bytes/s: the fastest bandwidth of the whole run
+    fastest: float  # bytes/s: the fastest bandwidth of the whole run over weight_bytes
     llama: Samples | None = None  # llama.cpp on the same file, in the same rounds (--llama-cpp)
 
     @property
@@ -341,8 +351,10 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                   f"{CORES} cores, {threads} threads, load average {os.getloadavg()[0]:.1f}")
     bandwidth = Bandwidth(threads)
     weight_bytes = {dtype: bytes_per_token(dtype) for dtype in dtypes}
-    console.print(f"read bandwidth {bandwidth.read(5) / 1e9:.1f} GB/s on {threads} threads; bytes per decode step: "
-                  + ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in weight_bytes.items()))
+    console.print(f"bytes per decode step and read bandwidth over as many on {threads} threads: "
+                  + ", ".join(f"{d} {b / 1e6:.0f} MB at {bandwidth.read(b, 5) / 1e9:.1f} GB/s"
+                              for d, b in weight_bytes.items())
+                  + f"; {BANDWIDTH_BYTES >> 20} MiB at {bandwidth.read(reps=5) / 1e9:.1f} GB/s")
     console.print("loading transformers (slow: dequantizes the GGUF)…")
     hf = Transformers(n_tokens, threads)
     hf.run(prompt)  # warm-up
@@ -361,20 +373,21 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
             for plan in plans:
                 console.print(f"measuring {plan_name(plan)} {dtype}…")
                 if plan == one:
-                    s = measure({"ours": single, **others}, prompt, reps, bandwidth)
+                    s = measure({"ours": single, **others}, prompt, reps, bandwidth, weight_bytes[dtype])
                     s["one"] = s["ours"]
                     label = str(threads)
                 else:
                     engine = Engine(plan, dtype, n_tokens, threads)
                     try:
                         engine.run(prompt)
-                        s = measure({"ours": engine, "one": single, **others}, prompt, reps, bandwidth)
+                        s = measure({"ours": engine, "one": single, **others}, prompt, reps, bandwidth,
+                                    weight_bytes[dtype])
                     finally:
                         engine.close()
                     label = threads_label(plan)
                 same = same_answer(s["ours"].runs[0].tokens, s["hf"].runs[0].tokens, eos)
                 rows.append(Row(plan, dtype, label, s["ours"], s["one"], s["hf"], same,
-                                weight_bytes[dtype], bandwidth.fastest, s.get("llama")))
+                                weight_bytes[dtype], 0.0, s.get("llama")))
                 r = rows[-1]
                 console.print(f"  {r.ours.decode:.1f} tok/s ({r.vs_hf:.2f}x transformers, {r.vs_one_stage:.2f}x "
                               f"one-stage, {r.of_floor:.0%} of the paired floor, range {r.floor_range}), "
@@ -387,10 +400,12 @@ def run_bench(plans: list[Plan], dtypes: list[str], reps: int, n_tokens: int, co
                                   "are ours")
         finally:
             single.close()
-    bandwidth.read(5)
-    console.print(f"read bandwidth, the fastest of the run: {bandwidth.fastest / 1e9:.1f} GB/s (\"floor tok/s\" "
-                  "and \"of fastest\" use it)")
-    return [replace(r, fastest=bandwidth.fastest) for r in rows]
+    for b in weight_bytes.values():
+        bandwidth.read(b, 5)
+    console.print("read bandwidth, the fastest of the run: "
+                  + ", ".join(f"{d} {bandwidth.fastest[b] / 1e9:.1f} GB/s" for d, b in weight_bytes.items())
+                  + " (\"floor tok/s\" and \"of fastest\" use it)")
+    return [replace(r, fastest=bandwidth.fastest[r.weight_bytes]) for r in rows]
 
 
 def report(rows: list[Row], console: Console) -> None:
