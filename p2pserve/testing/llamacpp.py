@@ -4,6 +4,14 @@ prebuilt wheels crash on some CPUs):
 
     .venv/bin/pip install --no-deps --no-binary llama-cpp-python llama-cpp-python
 
+On an Intel Xeon with AMX, a build for the native CPU includes ggml's AMX kernels, which
+died on a general protection fault in the first decode (llama-cpp-python 0.3.36, in a
+virtual machine); build for the CPU's AVX-512 without them:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON" \
+      .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python
+
 Benchmarks that set a figure beside llama.cpp's print ``MISSING`` and go on without it
 when it is not installed."""
 
