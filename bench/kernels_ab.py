@@ -3,10 +3,11 @@
 A decode step's time moves by 20-40% from run to run on shared cores, more than most kernel
 changes gain, so two runs of bench/engine.py compare the neighbours, not the builds. This
 bench compiles this tree's gemv.cpp and decode_step.cpp and a revision's (HEAD by default)
-into two extensions, loads one stage of the default model (SmolLM2-135M) once, builds a
-fused decode step with each, checks they compute the same logits, and then times the two in
-alternation (``--steps`` steps of one, then of the other, ``--rounds`` times), the real path
-(``StageModel.forward``: the fused step, the head, a greedy argmax). It prints each build's
+into two extensions, loads one stage of the default model (SmolLM2-135M) for each (its
+weights in the layouts that build reads), builds a fused decode step with each, checks
+they compute the same logits, and then times the two in alternation (``--steps`` steps
+of one, then of the other, ``--rounds`` times), the real path (``StageModel.forward``: the
+fused step, the head, a greedy argmax). It prints each build's
 median ms per step and the tree's speed against the revision's: an A/A run (``--rev`` of
 this tree's own commit, nothing changed) shows the harness's own noise, about 1%.
 
@@ -68,22 +69,24 @@ def kernels_of(module):
 def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int,
                kv_dtype: str = "auto") -> dict[str, float]:
     """Median seconds of a decode step at ``position`` with each build's fused step,
-    interleaved by round."""
+    interleaved by round. Each build has a stage of its own, loaded while its functions
+    serve kernels.py: a weight is stored in the layout that build multiplies (int8's split
+    layout, say, where one build has it), and both stages' caches hold the same values."""
     source = open_weights(None)
-    stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype), quant=weight_format(dtype),
-                       kv_dtype=parse_kv_dtype(kv_dtype))
-    stage.allocate(1, position + 1)
     token = torch.tensor([[source.config.bos_token_id or 1]])
     batch = Batch((0,), (position,), 1)
-    fused, logits = {}, {}
+    stages, logits = {}, {}
     with torch.inference_mode():
-        fill_random(stage)  # positions 8.. as bench/context.py fills them
-        stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill for the step to read
         for name, module in builds.items():
             with kernels_of(module):
-                stage._decode_step = stage._build_decode_step()
-            fused[name] = stage._decode_step
-            logits[name] = stage.forward(batch, token).float()
+                stage = load_stage(source, 0, source.config.n_layers, dtype=parse_dtype(dtype),
+                                   quant=weight_format(dtype), kv_dtype=parse_kv_dtype(kv_dtype))
+                stage.allocate(1, position + 1)
+                torch.manual_seed(0)
+                fill_random(stage)  # positions 8.. as bench/context.py fills them
+                stage.forward(Batch((0,), (0,), 8), torch.arange(1, 9)[None])  # a prefill for the step to read
+                logits[name] = stage.forward(batch, token).float()  # builds the fused step
+            stages[name] = stage
         first, *others = logits.values()
         for other in others:  # the same arithmetic, up to the order of float sums
             torch.testing.assert_close(other, first, rtol=0, atol=1e-3 * first.abs().max().item())
@@ -91,8 +94,7 @@ def step_times(dtype: str, builds: dict, rounds: int, steps: int, position: int,
         gc.freeze()  # as a serving worker does: no full collection inside the timed steps
         times: dict[str, list[float]] = {name: [] for name in builds}
         for _ in range(rounds):
-            for name in builds:
-                stage._decode_step = fused[name]
+            for name, stage in stages.items():
                 for _ in range(steps):
                     t0 = time.perf_counter()
                     int(torch.argmax(stage.forward(batch, token)[0]))

@@ -199,6 +199,69 @@ def test_gemv_int8_with_row_or_group_scales(arch, rows, group, shape):
     assert _relative_error(module.gemv_int8(x, q, scales.reshape(out, -1)), want) < int_tolerance(module)
 
 
+def _split_module():
+    """This CPU's build where it multiplies int8 in the split layout (AVX-512 VNNI), else a skip."""
+    if not kernels.available() or not kernels.module().int8_split_layout():
+        pytest.skip("no int8 split layout here (it is AVX-512 VNNI's)")
+    return kernels.module()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+# one scale a row (576, a last part quad of 4.5; 2080; 32, one block; 96, three); groups of
+# 32 (GGUF's Q8_0, windows of 16 and a part one) and 64
+@pytest.mark.parametrize("group, shape", [(None, (96, 576)), (None, (20, 2080)), (None, (16, 32)), (None, (40, 96)),
+                                          (32, (48, 576)), (32, (20, 2080)), (64, (40, 576))])
+def test_gemv_int8_split_layout_multiplies_its_16_bit_activations_exactly(rows, group, shape):
+    """In the split layout (each value plus 128, in int4's order) every product of a weight
+    and an x is exact in integers and the offset's share cancels: the output is each
+    group's integer sum of q * x16 times its two scales, up to the order of the fp32 sums;
+    and the weight dequantizes to what the plain layout does."""
+    module = _split_module()
+    out, n = shape
+    g = torch.Generator().manual_seed(rows + n)
+    w, x = torch.randn(out, n, generator=g), torch.randn(rows, n, generator=g)
+    q, scales = quant.quantize_int8(w) if group is None else quant.quantize_int8_groups(w, group)
+    scales = scales.reshape(out, -1)
+    gs = n // scales.shape[1]
+    x16, xs, _ = _x_in_int16(x, gs)
+    sums = torch.einsum("mgi,ogi->mog", x16.double(), q.reshape(out, n // gs, gs).double())
+    want = (sums * (scales.double()[None] * xs.double().transpose(1, 2))).sum(-1)
+    packed = module.pack_int8(q, scales.shape[1])
+    assert packed.dtype == torch.uint8 and packed.shape == q.shape
+    assert _relative_error(module.gemv_int8(x, packed, scales).double(), want) < EXACT
+    assert torch.equal(module.dequantize_int8(packed, scales), module.dequantize_int8(q, scales))
+    i = int(x[0].abs().argmax())  # one weight a level off is seen (where x is not near 0)
+    q[out // 2, i] += 1 if q[out // 2, i] < 127 else -1
+    assert _relative_error(module.gemv_int8(x, module.pack_int8(q, scales.shape[1]), scales).double(), want) > EXACT
+
+
+def test_the_split_layout_refuses_rows_it_cannot_hold():
+    """Rows of a whole number of 32-value blocks, in groups of a power of two or one a row."""
+    module = _split_module()
+    with pytest.raises(RuntimeError, match="no split int8 layout"):
+        module.pack_int8(torch.zeros(4, 90, dtype=torch.int8), 1)
+    with pytest.raises(RuntimeError, match="no split int8 layout"):
+        module.pack_int8(torch.zeros(4, 192, dtype=torch.int8), 2)  # groups of 96
+    assert not kernels.int8_split_layout(192, 2) and kernels.int8_split_layout(192, 6)
+    with pytest.raises(RuntimeError, match="no split int8 layout"):  # a uint8 weight it cannot be
+        module.gemv_int8(torch.randn(1, 192), torch.zeros(4, 192, dtype=torch.uint8), torch.ones(4, 2))
+
+
+def test_an_int8_weight_in_the_split_layout_serves_any_activations():
+    """Int8Weight keeps the split layout where the kernels take it; bf16 activations, which
+    they do not, multiply its dequantized weight."""
+    _split_module()
+    g = torch.Generator().manual_seed(5)
+    q, scales = quant.quantize_int8_groups(torch.randn(64, 256, generator=g), 32)
+    w = quant.Int8Weight(q, scales, 32)
+    assert w.for_kernel and w.q.dtype == torch.uint8 and w.shape == (64, 256)
+    x = torch.randn(3, 256, generator=g)
+    want = x @ quant.dequantize_int8(q, scales).T
+    assert torch.equal(w.dequantize(), quant.dequantize_int8(q, scales))
+    assert _relative_error(w(x), want) < int_tolerance()
+    assert _relative_error(w(x.bfloat16()).float(), want) < 2e-2  # bf16's own rounding
+
+
 @pytest.mark.parametrize("arch", ["-march=x86-64", "-march=haswell", "-march=skylake-avx512", "-march=cascadelake"])
 def test_every_instruction_set_path_computes_the_same(arch):
     """The portable, AVX2 and AVX-512 (without VNNI or BF16; with VNNI but not GFNI) loops,
@@ -225,6 +288,10 @@ def test_every_instruction_set_path_computes_the_same(arch):
         q8, s8 = quant.quantize_int8_groups(torch.randn(48, 192), 32)
         want8 = x @ quant.dequantize_int8(q8, s8).T
         assert _relative_error(module.gemv_int8(x, q8, s8), want8) < int_tolerance(module)
+        assert module.int8_split_layout() == (arch == "-march=cascadelake")  # AVX-512 VNNI's only
+        if module.int8_split_layout():
+            p8 = module.pack_int8(q8, s8.shape[1])
+            assert _relative_error(module.gemv_int8(x, p8, s8), want8) < int_tolerance(module)
         wb, xb, want_b = _bf16_case(40, 200, rows, seed=rows)
         assert _relative_error(module.gemv_bf16(xb, wb), want_b) < EXACT
         w32 = torch.randn(40, 192)

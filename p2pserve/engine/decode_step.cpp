@@ -27,12 +27,13 @@ namespace py = pybind11;
 
 // A linear weight as model.py and quant.py hold it, multiplied by gemv.cpp's loops.
 struct Linear {
-  enum Kind { F32, BF16, INT8, INT4_F16, INT4_F32 };
+  enum Kind { F32, BF16, INT8, INT8_SPLIT, INT4_F16, INT4_F32 };
   Kind kind = F32;
   torch::Tensor w, scales, mins;
   int64_t in = 0, out = 0, groups = 1;
 
-  // fp32 or bf16 [out, in]; int8 [out, in] with fp32 scales [out, G]; int4 uint8 [out, in / 2] in
+  // fp32 or bf16 [out, in]; int8 [out, in] with fp32 scales [out, G] (or uint8 [out, in] in
+  // gemv.cpp's split layout, pack_int8's, and no mins); int4 uint8 [out, in / 2] in
   // gemv.cpp's blocks with scales and mins [out, G], both fp16 or both fp32
   Linear(torch::Tensor w_, c10::optional<torch::Tensor> s, c10::optional<torch::Tensor> m)
       : w(w_.contiguous()), out(w_.size(0)) {
@@ -45,11 +46,16 @@ struct Linear {
         kind = BF16, in = w.size(1);
         return;
       case at::kChar:
-        TORCH_CHECK(s.has_value() && s->scalar_type() == at::kFloat && s->dim() == 2 && s->size(0) == out &&
-                    w.size(1) % s->size(1) == 0, "int8 scales: [out, groups] fp32");
+        TORCH_CHECK(s.has_value(), "an int8 weight has scales");
+        check_int8(w, *s);
         kind = INT8, in = w.size(1), scales = s->contiguous(), groups = scales.size(1);
         return;
       case at::kByte: {
+        if (!m.has_value()) {  // int8 in the split layout
+          TORCH_CHECK(s.has_value() && check_int8(w, *s), "an int8 weight in the split layout has scales");
+          kind = INT8_SPLIT, in = w.size(1), scales = s->contiguous(), groups = scales.size(1);
+          return;
+        }
         TORCH_CHECK(s.has_value() && m.has_value() && s->dim() == 2 && s->size(0) == out &&
                     m->sizes() == s->sizes() && m->scalar_type() == s->scalar_type() &&
                     (s->scalar_type() == at::kHalf || s->scalar_type() == at::kFloat),
@@ -71,6 +77,11 @@ struct Linear {
       case F32: f32_rows(X, w.data_ptr<float>(), Y, M, in, out); break;
       case BF16: bf16_rows(X, w.data_ptr<c10::BFloat16>(), Y, M, in, out); break;
       case INT8: int8_rows(X, w.data_ptr<int8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups); break;
+      case INT8_SPLIT:
+#if defined(P2P_INT8_SPLIT)
+        int8_split(X, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups);
+#endif
+        break;
       case INT4_F16:
         int4_rows(X, w.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), Y, M, in,
                   out, groups);
@@ -646,6 +657,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16);
   m.def("dequantize_int4", &dequantize_int4);
   m.def("dequantize_int8", &dequantize_int8);
+  m.def("pack_int8", &pack_int8);
+  m.def("int8_split_layout", &int8_split_layout);
   // module_local: tests load builds for other instruction sets beside this CPU's own
   py::class_<Linear>(m, "Linear", py::module_local())
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),

@@ -67,6 +67,9 @@ constexpr float I16_TOP = 32639.f;
 // VNNI keeps the widening loop.
 #define P2P_INT4_SPLIT 1
 #endif
+#if defined(P2P_INT4_SPLIT) && defined(P2P_AVX512)
+#define P2P_INT8_SPLIT 1  // int8 in int4's layout: see split8_at
+#endif
 
 struct QuantX {
   // how the int16 values are laid out for the loop that reads them
@@ -88,6 +91,9 @@ struct QuantX {
   std::vector<int8_t> bytes;  // [M, 2 * padded]: split
   std::vector<float> scale;  // [M, G]: each group's largest |x| / I16_TOP
   std::vector<float> gsum;  // [M, G]: each group's sum of x (int4's minima multiply them)
+  // [M, G]: each group's sum of its int16 values times its scale, the x the products take
+  // (what the offset of int8's split layout multiplies: its share cancels exactly)
+  std::vector<float> qsum;
   int64_t in, G, padded;
   Layout layout;
 
@@ -95,7 +101,7 @@ struct QuantX {
   // else paired where the groups allow it on AVX-512 (groups too long for one int32 run,
   // or not of whole 16s, keep X's order)
   QuantX(const float* X, int64_t M, int64_t in_, int64_t G_, bool split = false)
-      : scale(M * G_), gsum(M * G_), in(in_), G(G_), padded((in_ + 127) / 128 * 128) {
+      : scale(M * G_), gsum(M * G_), qsum(M * G_), in(in_), G(G_), padded((in_ + 127) / 128 * 128) {
     const int64_t gs = in / G;
 #if defined(P2P_AVX512)
     layout = split ? Layout::split : G >= 2 && gs % 16 == 0 && gs <= I16_RUN ? Layout::paired : Layout::plain;
@@ -118,8 +124,10 @@ struct QuantX {
         float top = 0.f, sum = 0.f;
         for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::abs(x[i])), sum += x[i];
         const float inv = top > 0.f ? I16_TOP / top : 0.f;
+        int64_t isum = 0;
         for (int64_t i = 0; i < gs; ++i) {
           const auto v = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+          isum += v;
           if (layout == Layout::split) {
             int8_t* quad = bytes.data() + m * 2 * padded + split_slot(g * gs + i);
             const int hi = (v + 128) >> 8;  // arithmetic: a floor
@@ -131,6 +139,7 @@ struct QuantX {
         }
         scale[m * G + g] = top / I16_TOP;
         gsum[m * G + g] = sum;
+        qsum[m * G + g] = static_cast<float>(isum) * scale[m * G + g];
       }
   }
 #if defined(P2P_AVX512)
@@ -149,9 +158,11 @@ struct QuantX {
         }
         const float t = _mm512_reduce_max_ps(top);
         const __m512 inv = _mm512_set1_ps(t > 0.f ? I16_TOP / t : 0.f);
+        __m512i isum = _mm512_setzero_si512();  // gs / 16 values of at most 32639 a lane: no overflow
         for (int64_t i = 0; i < gs; i += 16) {
           // round to nearest even, as std::nearbyint in the default rounding mode
           const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+          isum = _mm512_add_epi32(isum, v);
           if (layout == Layout::split) {
             int8_t* quad = bytes.data() + m * 2 * padded + split_slot(g * gs + i);
             const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(v, half), 8);  // a floor
@@ -165,6 +176,7 @@ struct QuantX {
         }
         scale[m * G + g] = t / I16_TOP;
         gsum[m * G + g] = _mm512_reduce_add_ps(sum);
+        qsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi32(isum)) * scale[m * G + g];
       }
   }
 #endif
@@ -312,7 +324,7 @@ static inline void prefetch_row(const T* rows, int64_t row, int64_t n) {
 // follow, but on a Xeon (2 threads) they kept too few lines in flight to cover memory's
 // latency at the loops' pace: a small matrix's rows came at 60-80% of the bandwidth a plain
 // sum reads. So each 64 bytes read fetch their place 16 rows on into L2 and 2 rows on into
-// L1 (the L2 one is what helps: L2 tracks more misses than L1), as int4_split_rows's do.
+// L1 (the L2 one is what helps: L2 tracks more misses than L1), as split_rows's do.
 // `row_bytes`: the weight's bytes a row. Past a tensor's end, prefetches do not fault.
 static inline void fetch_ahead(const void* p, int64_t row_bytes) {
 #if defined(P2P_AVX2)
@@ -644,6 +656,27 @@ static void row_int8_i16(const QuantX& qx, int64_t m0, const int8_t* w, const fl
 }
 #endif
 
+// int8 the way int4 is multiplied: `vpdpbusd` takes unsigned bytes against X's signed ones,
+// so the split layout stores each int8 value plus 128, and W = (stored - 128) * scale: the
+// offset's share of a group is -128 * scale * the group's sum of X's int16 values (qsum),
+// which cancels it exactly. Its values are ordered as int4's nibbles are: a quad of four
+// 32-value blocks (128 values, 128 bytes) as values 0-15 of each block, then 16-31 of each,
+// so a quad's two 64-byte loads are what an int4 quad's low and high nibbles hold; a last
+// part quad of k blocks holds its k * 16 first halves, then their second halves. Two
+// `vpdpbusd` a row of X per 64 weights, where widening to int16 took two instructions and
+// two `vpdpwssd`. Rows of a whole number of blocks (in % 32 == 0), in groups of a power
+// of two or one group a row (split_rows's windows).
+//
+// where value i of a row of `in` goes in the split layout
+static inline int64_t split8_at(int64_t i, int64_t in) {
+  const int64_t quad = i / 128 * 128, r = i % 128, half = std::min<int64_t>(128, in - quad) / 2;
+  return quad + (r % 32) / 16 * half + r / 32 * 16 + r % 16;
+}
+#if defined(P2P_INT8_SPLIT)
+static void int8_split(const float* X, const uint8_t* W, const float* S, float* Y, int64_t M, int64_t in,
+                       int64_t out, int64_t G);  // below, beside int4's split_gemv
+#endif
+
 // X [M, in] times an int8 W [out, in] with scales S [out, G] into Y [M, out]
 static void int8_rows(const float* X, const int8_t* W, const float* S, float* Y, int64_t M, int64_t in,
                       int64_t out, int64_t G) {
@@ -669,15 +702,65 @@ static void int8_rows(const float* X, const int8_t* W, const float* S, float* Y,
   });
 }
 
-// x [M, in] fp32, w [out, in] int8, scales [out, groups] fp32 -> [M, out] fp32:
-// Y[m, o] = sum_i X[m, i] * W[o, i] * scales[o, i / (in / groups)]
-torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "w: [out, in] int8");
-  check_x(x, w.size(1));
+// Whether this build multiplies int8 weights in the split layout (pack_int8's).
+bool int8_split_layout() {
+#if defined(P2P_INT8_SPLIT)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether an int8 weight of `in` values a row in G groups can take the split layout.
+static bool splits(int64_t in, int64_t G) {
+  const int64_t gs = in / G;
+  return int8_split_layout() && in % 32 == 0 && (G == 1 || (gs & (gs - 1)) == 0);
+}
+
+// An int8 weight [out, in] (int8, or uint8 in the split layout) with its scales [out, G]:
+// true for the split layout
+static bool check_int8(const torch::Tensor& w, const torch::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte),
+              "w: [out, in] int8, or uint8 in the split layout");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.scalar_type() == at::kFloat &&
-              scales.is_contiguous() && w.size(1) % scales.size(1) == 0, "scales: [out, groups] fp32");
+              scales.is_contiguous() && scales.size(1) >= 1 && w.size(1) % scales.size(1) == 0,
+              "scales: [out, groups] fp32");
+  const bool split = w.scalar_type() == at::kByte;
+  TORCH_CHECK(!split || splits(w.size(1), scales.size(1)), "this build or shape has no split int8 layout");
+  return split;
+}
+
+// The int8 weight q [out, in] in the split layout, for rows whose groups `splits` allows.
+torch::Tensor pack_int8(torch::Tensor q, int64_t G) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "q: [out, in] int8");
+  const int64_t in = q.size(1), out = q.size(0);
+  TORCH_CHECK(G >= 1 && in % G == 0 && splits(in, G), "no split int8 layout for ", in, " values in ", G, " groups");
+  auto p = torch::empty({out, in}, q.options().dtype(at::kByte));
+  const int8_t* Q = q.data_ptr<int8_t>();
+  uint8_t* P = p.data_ptr<uint8_t>();
+  std::vector<int64_t> at(in);
+  for (int64_t i = 0; i < in; ++i) at[i] = split8_at(i, in);
+  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+      for (int64_t i = 0; i < in; ++i) P[o * in + at[i]] = static_cast<uint8_t>(Q[o * in + i] + 128);
+  });
+  return p;
+}
+
+// x [M, in] fp32, w [out, in] int8 (or uint8 in the split layout), scales [out, groups]
+// fp32 -> [M, out] fp32: Y[m, o] = sum_i X[m, i] * W[o, i] * scales[o, i / (in / groups)]
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+  const bool split = check_int8(w, scales);
+  check_x(x, w.size(1));
   const int64_t M = x.size(0), in = w.size(1), out = w.size(0), G = scales.size(1);
   auto y = torch::empty({M, out}, x.options());
+#if defined(P2P_INT8_SPLIT)
+  if (split) {
+    int8_split(x.data_ptr<float>(), w.data_ptr<uint8_t>(), scales.data_ptr<float>(), y.data_ptr<float>(), M, in,
+               out, G);
+    return y;
+  }
+#endif
   int8_rows(x.data_ptr<float>(), w.data_ptr<int8_t>(), scales.data_ptr<float>(), y.data_ptr<float>(), M, in, out, G);
   return y;
 }
@@ -685,21 +768,21 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scales) 
 // The fp32 weight [out, in] an int8 one computes with, q * scale of its group: for a
 // prefill chunk's GEMM (as dequantize_int4)
 torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "w: [out, in] int8");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.scalar_type() == at::kFloat &&
-              scales.is_contiguous() && w.size(1) % scales.size(1) == 0, "scales: [out, groups] fp32");
+  const bool split = check_int8(w, scales);
   const int64_t in = w.size(1), out = w.size(0), G = scales.size(1), gs = in / G;
   auto d = torch::empty({out, in}, scales.options());
-  const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scales.data_ptr<float>();
   float* D = d.data_ptr<float>();
+  const uint8_t* U = split ? w.data_ptr<uint8_t>() : nullptr;
+  const int8_t* Q = split ? nullptr : w.data_ptr<int8_t>();
+  std::vector<int64_t> at;
+  if (split)
+    for (int64_t i = 0; i < in; ++i) at.push_back(split8_at(i, in));
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
-      for (int64_t g = 0; g < G; ++g) {
-        const float sc = S[o * G + g];
-        const int8_t* q = W + o * in + g * gs;
-        float* r = D + o * in + g * gs;
-        for (int64_t i = 0; i < gs; ++i) r[i] = static_cast<float>(q[i]) * sc;
+      for (int64_t i = 0; i < in; ++i) {
+        const float q = split ? static_cast<float>(U[o * in + at[i]]) - 128.f : static_cast<float>(Q[o * in + i]);
+        D[o * in + i] = q * S[o * G + i / gs];
       }
   });
   return d;
@@ -840,41 +923,48 @@ static void row_int4_i16(const QuantX& qx, int64_t m0, const uint8_t* w, const S
 #endif
 
 #if defined(P2P_INT4_SPLIT)
-// where the O weight rows o.. of an int4 weight keep their values, scales and minima; the
-// first pass over them (X's first rows) fetches the scales and minima ahead (prefetch_row)
+// where the O weight rows o.. of an int4 weight (or int8 in its split layout, which has no
+// minima: N null) keep their values, scales and minima; the first pass over them (X's first
+// rows) fetches the scales and minima ahead (prefetch_row)
 template <int O, class S>
 struct SplitRows {
   const uint8_t* w[O];
   const S *s[O], *mn[O];
-  SplitRows(const uint8_t* W, const S* Sc, const S* N, int64_t in, int64_t G, int64_t o, bool first) {
-    for (int r = 0; r < O; ++r) w[r] = W + (o + r) * (in / 2), s[r] = Sc + (o + r) * G, mn[r] = N + (o + r) * G;
+  SplitRows(const uint8_t* W, const S* Sc, const S* N, int64_t row_bytes, int64_t G, int64_t o, bool first) {
+    for (int r = 0; r < O; ++r)
+      w[r] = W + (o + r) * row_bytes, s[r] = Sc + (o + r) * G, mn[r] = N ? N + (o + r) * G : nullptr;
     if (first)
-      for (int r = 0; r < O; ++r) prefetch_row(Sc, o + r, G), prefetch_row(N, o + r, G);
+      for (int r = 0; r < O; ++r) {
+        prefetch_row(Sc, o + r, G);
+        if (N) prefetch_row(N, o + r, G);
+      }
   }
 };
 #endif
 
+
 #if defined(P2P_INT4_SPLIT) && defined(P2P_AVX512)
-// O rows o.. of an int4 weight against rows m0.. of a QuantX in its split layout, a quad
-// of four blocks (128 values, 64 bytes) at a time: the bytes' low nibbles are values 0-15
-// of each block and their high nibbles 16-31, as QuantX splits X, so each row of X takes
-// four `vpdpbusd` (hi and lo of X, against both nibble halves) per weight row, its loads
-// shared by the O weight rows. Lane l of a quad's int32 sums holds values of block l / 4,
-// so its group within a window of 16 groups (whose scales are multiplied at once, as in
-// over_pairs, and whose minima times X's group sums join the accumulators there) is
-// (128 k + 32 (l / 4)) >> log2(gs) for the window's quad k: gs is a power of two here.
+// O rows o.. of an int4 weight (or an int8 one in its split layout: Int8) against rows
+// m0.. of a QuantX in its split layout, a quad of four blocks (128 values) at a time: the
+// bytes' low nibbles are values 0-15 of each block and their high nibbles 16-31 (int8: its
+// quad's first and second 64 bytes), as QuantX splits X, so each row of X takes four
+// `vpdpbusd` (hi and lo of X, against both halves) per weight row, its loads shared by the
+// O weight rows. Lane l of a quad's int32 sums holds values of block l / 4, so its group
+// within a window of 16 groups (whose scales are multiplied at once, as in over_pairs, and
+// whose minima times X's group sums join the accumulators there) is (128 k + 32 (l / 4))
+// >> log2(gs) for the window's quad k: gs is a power of two here, or the whole row (G 1).
 // A last part quad is loaded masked; X's padding is zeros.
-template <int M, int O, class S>
-static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
-                                   int64_t out, int64_t o) {
-  const int64_t in = qx.in, G = qx.G;
-  const int shift = __builtin_ctzll(gs);
+template <int M, int O, class S, bool Int8 = false>
+static inline void split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
+                              int64_t out, int64_t o) {
+  const int64_t in = qx.in, G = qx.G, row_bytes = Int8 ? in : in / 2;
+  const int shift = G == 1 ? 31 : __builtin_ctzll(gs);
   // reading O rows a quad at a time hops between them, which the hardware prefetcher does
   // not follow as it does one row's stream: each quad fetches its place two passes on into
   // L1, and its place in the next block of 16 rows into L2. The first alone kept only as
   // many lines in flight as L1 tracks misses, too few to cover memory's latency at the
   // loop's pace; L2 tracks more, and a line it holds reaches L1 in time.
-  const int64_t ahead = 2 * O * (in / 2), far = 16 * (in / 2);
+  const int64_t ahead = 2 * O * row_bytes, far = 16 * row_bytes;
   const int8_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = qx.split_row(m0 + m);
   const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
@@ -891,28 +981,51 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows
     __m512 c[O][M];
     for (int m = 0; m < M; ++m) {
       const __m512 sx = load16_ps(qx.scale.data() + (m0 + m) * G + g, n);
-      const __m512 sum = load16_ps(qx.gsum.data() + (m0 + m) * G + g, n);
-      for (int r = 0; r < O; ++r) {
-        c[r][m] = _mm512_mul_ps(load16_ps(rows.s[r] + g, n), sx);
-        a[r][m] = _mm512_fmadd_ps(load16_ps(rows.mn[r] + g, n), sum, a[r][m]);
+      if constexpr (Int8) {  // the offset's share: -128 * scale * qsum
+        const __m512 sum = _mm512_mul_ps(load16_ps(qx.qsum.data() + (m0 + m) * G + g, n), _mm512_set1_ps(-128.f));
+        for (int r = 0; r < O; ++r) {
+          const __m512 sw = load16_ps(rows.s[r] + g, n);
+          c[r][m] = _mm512_mul_ps(sw, sx), a[r][m] = _mm512_fmadd_ps(sw, sum, a[r][m]);
+        }
+      } else {
+        const __m512 sum = load16_ps(qx.gsum.data() + (m0 + m) * G + g, n);
+        for (int r = 0; r < O; ++r) {
+          c[r][m] = _mm512_mul_ps(load16_ps(rows.s[r] + g, n), sx);
+          a[r][m] = _mm512_fmadd_ps(load16_ps(rows.mn[r] + g, n), sum, a[r][m]);
+        }
       }
     }
     const int64_t k1 = (std::min((g + 16) * gs, in) + 127) / 128;
     __m512i at = first;
     for (int64_t k = g * gs / 128; k < k1; ++k, at = _mm512_add_epi32(at, _mm512_set1_epi32(128))) {
-      const int64_t nb = (in - k * 128) / 2;
-      __m512i lo[O], hi[O];
+      __m512i lo[O], hi[O];  // values 0-15 of each block, and 16-31
       for (int r = 0; r < O; ++r) {
-        const __m512i b = nb >= 64 ? _mm512_loadu_si512(rows.w[r] + k * 64)
-                                   : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, rows.w[r] + k * 64);
-        lo[r] = _mm512_and_si512(b, low);
+        if constexpr (Int8) {
+          const uint8_t* p = rows.w[r] + k * 128;
+          const int64_t half = std::min<int64_t>(128, in - k * 128) / 2;
+          if (half == 64) {
+            lo[r] = _mm512_loadu_si512(p), hi[r] = _mm512_loadu_si512(p + 64);
+            _mm_prefetch(reinterpret_cast<const char*>(p + 64 + ahead), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(p + 64 + far), _MM_HINT_T1);
+          } else {
+            const __mmask64 part = (1ULL << half) - 1;
+            lo[r] = _mm512_maskz_loadu_epi8(part, p), hi[r] = _mm512_maskz_loadu_epi8(part, p + half);
+          }
+          _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + far), _MM_HINT_T1);
+        } else {
+          const int64_t nb = (in - k * 128) / 2;
+          const __m512i b = nb >= 64 ? _mm512_loadu_si512(rows.w[r] + k * 64)
+                                     : _mm512_maskz_loadu_epi8((1ULL << nb) - 1, rows.w[r] + k * 64);
+          lo[r] = _mm512_and_si512(b, low);
 #if defined(__GFNI__)  // one instruction for the shift and the mask: the loop is bound by instructions
-        hi[r] = _mm512_gf2p8affine_epi64_epi8(b, high_nibble, 0);
+          hi[r] = _mm512_gf2p8affine_epi64_epi8(b, high_nibble, 0);
 #else
-        hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
 #endif
-        _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + ahead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + far), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(rows.w[r] + k * 64 + far), _MM_HINT_T1);
+        }
       }
       const __m512i pick = _mm512_srli_epi32(at, shift);
       for (int m = 0; m < M; ++m) {
@@ -932,16 +1045,18 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows
     for (int m = 0; m < M; ++m) Y[(m0 + m) * out + o + r] = _mm512_reduce_add_ps(a[r][m]);
 }
 #elif defined(P2P_INT4_SPLIT)
-// AVX2's int4_split_rows: half a quad (two blocks, 32 bytes) at a time. `vpmaddubsw`
+// AVX2's split_rows, for int4 only (an int8 value plus 128 times a byte of X, twice, can
+// pass `vpmaddubsw`'s int16 saturation): half a quad (two blocks, 32 bytes) at a time. `vpmaddubsw`
 // multiplies its 32 nibbles by 32 bytes of X and adds pairs into int16: a nibble's two
 // products with hi and with lo of X, each at most 2 * 15 * 128 in a pair, sum within
 // int16; `vpmaddwd` by 256 and by 1 joins hi's and lo's into int32, lanes 0-3 holding the
 // first block's values and 4-7 the second's. Windows of 8 groups, as 16 on AVX-512; a
 // row's last window is its last 8 groups, overlapping the one before, so that its scales
 // are whole vectors too (AVX2 has no 16-bit masked load), and the minima join once a row.
-template <int M, int O, class S>
-static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
-                                   int64_t out, int64_t o) {
+template <int M, int O, class S, bool Int8 = false>
+static inline void split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S>& rows, float* Y, int64_t gs,
+                              int64_t out, int64_t o) {
+  static_assert(!Int8, "int8's split layout is AVX-512 VNNI's");
   const int64_t in = qx.in, G = qx.G;
   const int shift = __builtin_ctzll(gs);
   const int64_t ahead = 2 * O * (in / 2);  // as on AVX-512: rows hop, so each fetches its place two passes on
@@ -994,11 +1109,12 @@ static inline void int4_split_rows(const QuantX& qx, int64_t m0, const SplitRows
 #endif
 
 #if defined(P2P_INT4_SPLIT)
-// X [M, in] times an int4 W [out, in / 2] into Y [M, out] through int4_split_rows: 16
-// weight rows at a time against every tile of X's rows (so they stay in L1 while X passes),
-// several weight rows a pass where few rows of X leave registers free
-template <class S>
-static void int4_split(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
+// X [M, in] times an int4 W [out, in / 2] (or an int8 one in its split layout [out, in]:
+// Int8, N null) into Y [M, out] through split_rows: 16 weight rows at a time against every
+// tile of X's rows (so they stay in L1 while X passes), several weight rows a pass where
+// few rows of X leave registers free
+template <class S, bool Int8 = false>
+static void split_gemv(const float* X, const uint8_t* W, const S* Sc, const S* N, float* Y, int64_t M, int64_t in,
                        int64_t out, int64_t G) {
 #if defined(P2P_AVX512)
   constexpr int tile = 8, block = 16;
@@ -1017,13 +1133,22 @@ static void int4_split(const float* X, const uint8_t* W, const S* Sc, const S* N
 #else
           constexpr int O = R == 1 ? 4 : 1;
 #endif
+          const int64_t row_bytes = Int8 ? in : in / 2;
           int64_t o = o0;
           for (; o + O <= o1; o += O)
-            int4_split_rows<R, O>(qx, m, SplitRows<O, S>(W, Sc, N, in, G, o, m == 0), Y, gs, out, o);
-          for (; o < o1; ++o) int4_split_rows<R, 1>(qx, m, SplitRows<1, S>(W, Sc, N, in, G, o, m == 0), Y, gs, out, o);
+            split_rows<R, O, S, Int8>(qx, m, SplitRows<O, S>(W, Sc, N, row_bytes, G, o, m == 0), Y, gs, out, o);
+          for (; o < o1; ++o)
+            split_rows<R, 1, S, Int8>(qx, m, SplitRows<1, S>(W, Sc, N, row_bytes, G, o, m == 0), Y, gs, out, o);
         });
     }
   });
+}
+#endif
+
+#if defined(P2P_INT8_SPLIT)
+static void int8_split(const float* X, const uint8_t* W, const float* S, float* Y, int64_t M, int64_t in,
+                       int64_t out, int64_t G) {
+  split_gemv<float, true>(X, W, S, nullptr, Y, M, in, out, G);
 }
 #endif
 
@@ -1041,7 +1166,7 @@ static void int4_rows(const float* X, const uint8_t* W, const S* Sc, const S* N,
   constexpr int tile = 4;
 #endif
 #if defined(P2P_INT4_SPLIT)
-  if ((gs & (gs - 1)) == 0) return int4_split(X, W, Sc, N, Y, M, in, out, G);
+  if ((gs & (gs - 1)) == 0) return split_gemv(X, W, Sc, N, Y, M, in, out, G);
 #endif
 #if defined(P2P_I16)
   const QuantX qx(X, M, in, G);

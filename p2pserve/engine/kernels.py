@@ -176,8 +176,25 @@ def linear_operand(w: torch.Tensor, scales: torch.Tensor | None = None, mins: to
     return module().Linear(w, scales, mins)
 
 
+def int8_split_layout(in_features: int, groups: int) -> bool:
+    """Whether an int8 weight of ``in_features`` inputs in ``groups`` groups is multiplied
+    here in ``gemv.cpp``'s split layout (``pack_int8``): AVX-512 VNNI's, for rows of whole
+    32-value blocks in groups of a power of two or one group a row."""
+    group = in_features // groups
+    # a build of an earlier revision (bench/kernels_ab.py's) may not have the layout at all
+    has_layout = available() and getattr(module(), "int8_split_layout", lambda: False)()
+    return has_layout and in_features % 32 == 0 and (groups == 1 or group & (group - 1) == 0)
+
+
+def pack_int8(q: torch.Tensor, groups: int) -> torch.Tensor:
+    """int8 ``q`` [out, in] in ``groups`` groups a row as ``gemv_int8`` multiplies it fastest
+    (``int8_split_layout``): uint8, each value plus 128, in int4's order within 128 values."""
+    return module().pack_int8(q.contiguous(), groups)
+
+
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The fp32 weight [out, in] of an int8 one, ``q`` times its group's scale (as ``gemv_int8``)."""
+    """The fp32 weight [out, in] of an int8 one (in either layout), ``q`` times its group's
+    scale (as ``gemv_int8``)."""
     return module().dequantize_int8(q, scales)
 
 

@@ -41,16 +41,19 @@ INT4_BLOCK = 32
 
 class Int8Weight(nn.Module):
     """``[out, in]`` int8 values and a scale per output row, or per group of input columns
-    (a GGUF's Q8_0 blocks, kept as stored): ``W = q * scale``."""
+    (a GGUF's Q8_0 blocks, kept as stored): ``W = q * scale``. On a CPU whose kernels take
+    it (``kernels.int8_split_layout``: AVX-512 VNNI), ``q`` is kept in their split layout
+    (uint8, ``kernels.pack_int8``), which only they and ``dequantize`` read."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int | None = None):
         """``scales`` [out] (one per row: bf16-rounded by ``quantize_int8``, so torch's kernel,
         which takes bf16, multiplies by the same weight), or [out, in / group] for groups."""
         super().__init__()
         self.group = group
-        self.register_buffer("q", q.contiguous())
         # [out, groups] fp32, what kernels.gemv_int8 takes
         self.register_buffer("scales", scales.float().reshape(q.shape[0], -1).contiguous())
+        self.for_kernel = q.is_cpu and kernels.int8_split_layout(q.shape[1], self.scales.shape[1])
+        self.register_buffer("q", kernels.pack_int8(q, self.scales.shape[1]) if self.for_kernel else q.contiguous())
 
     @property
     def shape(self) -> torch.Size:
@@ -71,6 +74,8 @@ class Int8Weight(nn.Module):
             if x.numel() >= kernels.GEMM_ROWS * x.shape[-1]:
                 return dense_linear(x, self.dequantize())
             return kernels.gemv_int8(x, self.q, self.scales)
+        if self.for_kernel:  # the split layout, for activations the kernels do not take
+            return F.linear(x, self.dequantize().to(x.dtype))
         if x.is_cpu and not self.grouped:
             flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scales[:, 0].to(KERNEL_DTYPE))
