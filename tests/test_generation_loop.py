@@ -4,11 +4,12 @@ p2pserve.engine.generate.GenerationLoop, and it alone decides chunks and when to
 from __future__ import annotations
 
 import pytest
+import torch
 import trio
 
 from p2pserve.engine import generate
 from p2pserve.engine.build import load_stage
-from p2pserve.engine.generate import GenerationLoop, Step
+from p2pserve.engine.generate import GenerationLoop, Step, first_max
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.engine.weights import open_weights
 from p2pserve.errors import ConfigError
@@ -114,3 +115,13 @@ async def test_the_swarm_stage_0_answers_through_the_generation_loop(tiny, monke
     sent = [t for _, frames in stream.writes for f in frames for t in f.get("tokens", [])]
     assert len(_Spy.made) == 1 and _Spy.made[0].tokens == sent
     assert sent == hf_greedy(hf_model(tiny), PROMPT, 5)[0]
+
+
+def test_first_max_is_torch_argmax_on_ties_nans_and_views():
+    """The greedy pick's argmax: the first of tied maxima, NaN as the largest, any strides,
+    and off the fp32 CPU path torch's own."""
+    x = torch.tensor([1.0, 3.0, 2.0, 3.0])
+    cases = [x, torch.tensor([1.0, float("nan"), 5.0, float("nan")]), torch.randn(8, 6)[:, 2],
+             torch.full((49152,), -1.0), torch.randn(49152), x.double(), x.bfloat16()]
+    for case in cases:
+        assert first_max(case) == int(torch.argmax(case)), case

@@ -98,12 +98,21 @@ def _generator(seed: int | None, position: int) -> torch.Generator:
     return g
 
 
+def first_max(x: torch.Tensor) -> int:
+    """The index of x's largest value, the first where several tie (NaN counts as largest),
+    as ``torch.argmax`` gives it. On a CPU fp32 vector, numpy's: torch's CPU argmax is not
+    vectorised, and over a vocabulary it took about 2% of a small model's decode step."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return int(x.numpy().argmax())
+    return int(torch.argmax(x))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, position: int, history=()) -> int:
     """Next token for one sequence. logits: [vocab] float32; position: index of the new token;
     history: the tokens generated so far (for the penalties)."""
     logits = penalized(logits, params, history)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return first_max(logits)
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -119,7 +128,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int, history=
     # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, and the noise
     # depends only on (seed, position).
     noise = torch.empty_like(probs).exponential_(generator=_generator(params.seed, position))
-    return int(torch.argmax(probs / noise))
+    return first_max(probs / noise)
 
 
 def penalized(logits: torch.Tensor, params: SamplingParams, history) -> torch.Tensor:
