@@ -773,16 +773,28 @@ torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
   auto d = torch::empty({out, in}, scales.options());
   const float* S = scales.data_ptr<float>();
   float* D = d.data_ptr<float>();
-  const uint8_t* U = split ? w.data_ptr<uint8_t>() : nullptr;
-  const int8_t* Q = split ? nullptr : w.data_ptr<int8_t>();
-  std::vector<int64_t> at;
-  if (split)
-    for (int64_t i = 0; i < in; ++i) at.push_back(split8_at(i, in));
+  if (split) {  // a block's 32 values are two runs of 16 (split8_at), its group's scale one
+    const uint8_t* U = w.data_ptr<uint8_t>();
+    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o)
+        for (int64_t i = 0; i < in; i += 32) {
+          const float sc = S[o * G + i / gs];
+          const uint8_t *first = U + o * in + split8_at(i, in), *second = U + o * in + split8_at(i + 16, in);
+          float* r = D + o * in + i;
+          for (int j = 0; j < 16; ++j)
+            r[j] = (static_cast<float>(first[j]) - 128.f) * sc, r[16 + j] = (static_cast<float>(second[j]) - 128.f) * sc;
+        }
+    });
+    return d;
+  }
+  const int8_t* W = w.data_ptr<int8_t>();
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
-      for (int64_t i = 0; i < in; ++i) {
-        const float q = split ? static_cast<float>(U[o * in + at[i]]) - 128.f : static_cast<float>(Q[o * in + i]);
-        D[o * in + i] = q * S[o * G + i / gs];
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = S[o * G + g];
+        const int8_t* q = W + o * in + g * gs;
+        float* r = D + o * in + g * gs;
+        for (int64_t i = 0; i < gs; ++i) r[i] = static_cast<float>(q[i]) * sc;
       }
   });
   return d;
