@@ -773,20 +773,29 @@ torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
   auto d = torch::empty({out, in}, scales.options());
   const float* S = scales.data_ptr<float>();
   float* D = d.data_ptr<float>();
+#if defined(P2P_INT8_SPLIT)
   if (split) {  // a block's 32 values are two runs of 16 (split8_at), its group's scale one
     const uint8_t* U = w.data_ptr<uint8_t>();
+    const __m512 offset = _mm512_set1_ps(128.f);
     at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o)
-        for (int64_t i = 0; i < in; i += 32) {
-          const float sc = S[o * G + i / gs];
-          const uint8_t *first = U + o * in + split8_at(i, in), *second = U + o * in + split8_at(i + 16, in);
-          float* r = D + o * in + i;
-          for (int j = 0; j < 16; ++j)
-            r[j] = (static_cast<float>(first[j]) - 128.f) * sc, r[16 + j] = (static_cast<float>(second[j]) - 128.f) * sc;
+        for (int64_t quad = 0; quad < in; quad += 128) {
+          const int64_t half = std::min<int64_t>(128, in - quad) / 2;
+          const uint8_t* p = U + o * in + quad;
+          for (int64_t k = 0; k < half / 16; ++k) {
+            const __m512 sc = _mm512_set1_ps(S[o * G + (quad + 32 * k) / gs]);
+            float* r = D + o * in + quad + 32 * k;
+            for (const int64_t at : {16 * k, half + 16 * k}) {
+              const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load16(p + at)));
+              _mm512_storeu_ps(r, _mm512_mul_ps(_mm512_sub_ps(v, offset), sc));
+              r += 16;
+            }
+          }
         }
     });
     return d;
   }
+#endif
   const int8_t* W = w.data_ptr<int8_t>();
   at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
