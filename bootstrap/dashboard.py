@@ -41,6 +41,7 @@ def swarm_view(st: dict) -> dict:
         "gaps": gaps([tuple(w["layers"]) for w in workers], n_layers),
         "missing": st.get("missing", ""),
         "stats": st.get("stats", {}),
+        "spot_checks": st.get("spot_checks"),  # None where the head runs none
         "banned": st.get("banned", {}),
     }
 

@@ -45,24 +45,17 @@ PROBE_PROMPTS = (
 )
 
 
-def precision(record: WorkerRecord) -> tuple[str, str]:
-    """What ``record``'s worker computes its layers in: its weights' dtype and its KV cache's
-    ("" where a worker older than --kv-dtype names none)."""
-    entry = record.devices[0] if record.devices and isinstance(record.devices[0], dict) else {}
-    return str(entry.get("dtype", "")), str(entry.get("kv_dtype", ""))
-
-
 def alike(records: list[WorkerRecord], chain: list[WorkerRecord]) -> list[WorkerRecord]:
     """The workers of ``records`` that compute each of their layers in the precision
     ``chain`` computes it in: any chain of them answers greedily as ``chain`` does."""
-    per_layer = {layer: precision(r) for r in chain for layer in range(r.start, r.end)}
+    per_layer = {layer: r.precision for r in chain for layer in range(r.start, r.end)}
 
     def computes_as_chain(r: WorkerRecord) -> bool:
         # a record's range is not bounded by the model where it arrives: one wider than the
         # chain cannot match, and is not walked layer by layer
         if r.end - r.start > len(per_layer):
             return False
-        mine = precision(r)
+        mine = r.precision
         return all(per_layer.get(layer) == mine for layer in range(r.start, r.end))
 
     return [r for r in records if computes_as_chain(r)]
@@ -125,7 +118,7 @@ class Admission:
                 return
             reference = self.registry.best_chain(exclude=new, records=alike(self.registry.routable(), chain))
             if reference is None:
-                runs = sorted({"/".join(precision(r)) for r in newcomers})
+                runs = sorted({"/".join(r.precision) for r in newcomers})
                 for r in newcomers:
                     self._admit(r, f"not checked: it runs {', '.join(runs)} (dtype/KV cache), and no admitted "
                                    f"chain computes its layers in the same precision to compare with")
@@ -199,7 +192,7 @@ class SpotChecks:
         self._nursery = None
         self._running = 0
         self.stats = {"checked": 0, "agreed": 0, "caught": 0, "corrected": 0, "unresolved": 0,
-                      "no_other_chain": 0, "witness_failed": 0}
+                      "no_other_chain": 0, "no_alike_chain": 0, "witness_failed": 0}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -216,7 +209,10 @@ class SpotChecks:
         checked = [r for r in routable if r.peer_id in served]
         other = self.registry.best_chain(avoid=served, records=alike(routable, checked))
         if other is None or {r.peer_id for r in other} == served:
-            self.stats["no_other_chain"] += 1
+            # none at all, or only chains of another precision, which cannot check this one
+            unlike = self.registry.best_chain(avoid=served, records=routable)
+            alone = unlike is None or {r.peer_id for r in unlike} == served
+            self.stats["no_other_chain" if alone else "no_alike_chain"] += 1
             return None
         witness = _Witness(frozenset(r.peer_id for r in other), checked)
         sub = dataclasses.replace(params, max_new_tokens=min(SPOT_TOKENS, params.max_new_tokens), logprobs=None)

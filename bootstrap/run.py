@@ -55,7 +55,8 @@ async def serve(listen, model_path, explicit: Plan | None, policy, home, verbose
                 http_bind=None, task_status=None, *, stream_interval: float = STREAM_INTERVAL,
                 api_keys: tuple[str, ...] = (), rate_limit: int | None = None,
                 swarm_key: str | None = None, allowed_peers: frozenset[str] | None = None,
-                admission_probe: bool = True, spot_check: float = 0.0, join_peers: tuple[str, ...] = ()):
+                worker_dtypes: frozenset[str] | None = None, admission_probe: bool = True,
+                spot_check: float = 0.0, join_peers: tuple[str, ...] = ()):
     quiet_libp2p_logs(verbose)
     source = open_weights(model_path)
     config = source.config
@@ -73,7 +74,8 @@ async def serve(listen, model_path, explicit: Plan | None, policy, home, verbose
                 running_dht(host, server=True, bootstrap_peers=join_peers) as dht:
             node = Bootstrap(host, config, tokenizer, [plan],
                              policy="least-loaded" if policy == "latency" else "round-robin",
-                             stream_interval=stream_interval, allowed_peers=allowed_peers)
+                             stream_interval=stream_interval, allowed_peers=allowed_peers,
+                             worker_dtypes=worker_dtypes)
             node.planning = Planning(config, node.registry, explicit=explicit, fallback=plan)
             (node.head_cert, node.certified_by), node.certify_heads = head_cert, swarm_key is not None
             if node.certified_by:

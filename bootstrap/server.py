@@ -52,10 +52,12 @@ MAX_OTHER_HEADS = 8  # heads a head names to its workers (relays for those behin
 
 class Bootstrap:
     def __init__(self, host, config: ModelConfig, tokenizer, plans: list[Plan], *, policy: str = "round-robin",
-                 stream_interval: float = STREAM_INTERVAL, allowed_peers: frozenset[str] | None = None):
+                 stream_interval: float = STREAM_INTERVAL, allowed_peers: frozenset[str] | None = None,
+                 worker_dtypes: frozenset[str] | None = None):
         self.host = host
         self.key_pair = KeyPair(host.get_private_key(), host.get_public_key())  # signs session tickets
         self.allowed_peers = allowed_peers  # --allow-peers: the only peer ids admitted as workers
+        self.worker_dtypes = worker_dtypes  # --worker-dtype: the only weights' dtypes workers may run
         self._announcers: dict[str, object] = {}  # peer id -> its open announce stream
         self.head_cert: bytes | None = None  # from the head this one joined through, if any
         self.certified_by: str | None = None  # that head
@@ -143,6 +145,12 @@ class Bootstrap:
         if record.end > self.config.n_layers:
             return ("bad_request", f"layers {record.start}-{record.end} are outside {self.config.name}'s "
                                    f"{self.config.n_layers} layers")
+        dtype = record.precision[0]
+        if self.worker_dtypes is not None and dtype not in self.worker_dtypes:
+            # what a worker runs is its own claim: the operator's pin keeps honest ones to the
+            # precisions the swarm's checks compare, and a liar is a liar about any dtype
+            return ("forbidden", f"this swarm's head takes workers running {', '.join(sorted(self.worker_dtypes))} "
+                                 f"(its --worker-dtype), not {dtype or 'an unnamed dtype'}")
         return None
 
     async def handle_announce(self, stream) -> None:

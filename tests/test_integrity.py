@@ -6,10 +6,11 @@ Without processes: the head's side only, its chains' answers stood in for."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 
-from p2pserve.bootstrap.integrity import Admission, SpotChecks, alike, precision
+from p2pserve.bootstrap.integrity import Admission, SpotChecks, alike
 from p2pserve.bootstrap.registry import Registry
 from p2pserve.engine.generate import SamplingParams
 from p2pserve.net.records import WorkerRecord
@@ -58,8 +59,8 @@ class Head:
 
 
 def test_a_records_precision_is_its_weights_and_its_kv_caches_dtype():
-    assert precision(rec("a", 0, N, "int4", "fp16")) == ("int4", "fp16")
-    assert precision(rec("a", 0, N, "fp32", None)) == ("fp32", "")  # a worker older than --kv-dtype
+    assert rec("a", 0, N, "int4", "fp16").precision == ("int4", "fp16")
+    assert rec("a", 0, N, "fp32", None).precision == ("fp32", "")  # a worker older than --kv-dtype
 
 
 def test_alike_keeps_the_workers_that_compute_each_layer_as_the_chain_does():
@@ -83,7 +84,11 @@ def test_a_spot_checks_witness_is_a_chain_alike_the_served_one_or_none():
     checks._nursery = Nursery()
     # only an int4 chain besides the served fp32 one: it could not tell a lie from a near tie
     assert checks.witness(frozenset({"a"}), [1, 2, 3], GREEDY) is None
-    assert checks.stats["no_other_chain"] == 1 and not started
+    assert checks.stats["no_alike_chain"] == 1 and checks.stats["no_other_chain"] == 0 and not started
+    lone = SpotChecks(Head(registry(*served, admitted={"a"})), rate=1.0)  # no other chain at all
+    lone._nursery = Nursery()
+    assert lone.witness(frozenset({"a"}), [1, 2, 3], GREEDY) is None
+    assert lone.stats["no_other_chain"] == 1 and lone.stats["no_alike_chain"] == 0 and not started
     # an fp32 chain of two workers joins: it is the witness, not the faster-looking int4 one
     reg.update(rec("c", 0, 15))
     reg.update(rec("d", 15, N))
@@ -124,3 +129,20 @@ def test_a_record_wider_than_the_model_is_not_alike_and_not_walked():
     t0 = time.monotonic()
     assert alike([rec("x", 0, 10**12)], chain) == []  # a hostile range: refused at once
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_head_pinned_to_dtypes_refuses_workers_of_any_other():
+    """``bootstrap --worker-dtype``: a record whose weights run another dtype is refused
+    where records arrive (its announce stream and the DHT alike: ``record_problem``), by name."""
+    from types import SimpleNamespace
+
+    from p2pserve.bootstrap.server import Bootstrap
+
+    config = SimpleNamespace(name="m", n_layers=N, fingerprint=lambda: "f")
+    pinned = SimpleNamespace(config=config, worker_dtypes=frozenset({"fp32", "bf16"}))
+    assert Bootstrap.record_problem(pinned, rec("a", 0, N, "bf16")) is None
+    code, message = Bootstrap.record_problem(pinned, rec("b", 0, N, "int4"))
+    assert code == "forbidden" and "bf16, fp32" in message and "not int4" in message
+    code, message = Bootstrap.record_problem(pinned, dataclasses.replace(rec("c", 0, N), devices=[]))
+    assert code == "forbidden" and "unnamed" in message  # a record that names no dtype
+    assert Bootstrap.record_problem(SimpleNamespace(config=config, worker_dtypes=None), rec("b", 0, N, "int4")) is None

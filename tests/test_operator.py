@@ -213,6 +213,8 @@ def test_status_json_lists_workers_layers_devices_and_chains(swarm):
     assert view["chains"] == [{"peers": [by_layers[0, 15]["peer_id"], by_layers[15, 30]["peer_id"]],
                                "layers": [[0, 15], [15, 30]]}]
     assert view["gaps"] == []
+    # the head's spot checks, and why none could run: one chain, so no other to check it against
+    assert set(view["spot_checks"]) >= {"checked", "caught", "no_other_chain", "no_alike_chain"}
 
 
 def test_a_worker_says_what_it_loads_before_it_serves(swarm):

@@ -7,7 +7,14 @@ from functools import partial
 
 import click
 
-from p2pserve.cli.options import bind_text, check_bindable, config_option, plan_from_options, plan_options
+from p2pserve.cli.options import (
+    ENGINE_DTYPES,
+    bind_text,
+    check_bindable,
+    config_option,
+    plan_from_options,
+    plan_options,
+)
 from p2pserve.planner.planfile import bootstrap_settings
 from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INTERVAL
 
@@ -43,6 +50,9 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
               help="Make the swarm private: only peers holding this key file (`p2pserve keygen`) connect.")
 @click.option("--allow-peers", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A file of peer ids (one per line, # comments) admitted as workers; others are refused.")
+@click.option("--worker-dtype", "worker_dtypes", multiple=True, type=click.Choice(ENGINE_DTYPES),
+              help="Take only workers whose weights run in this dtype (repeatable; default: any). The "
+                   "result checks compare chains of one precision, so a pin keeps every worker checkable.")
 @click.option("--admission-probe/--no-admission-probe", default=True, show_default=True,
               help="Give a new worker user traffic only once its chain answers a probe as admitted workers do.")
 @click.option("--spot-check", "spot_check", type=click.FloatRange(0, 1), default=0.05, show_default=True,
@@ -52,7 +62,8 @@ from p2pserve.net.protocols import DEFAULT_PORT, MAX_STREAM_INTERVAL, STREAM_INT
 @click.option("--home", default=None, help="State directory (default $P2PSERVE_HOME or ~/.p2pserve).")
 @click.option("--verbose", is_flag=True, help="Show libp2p's own logs too.")
 def bootstrap(join_peers, listen, model_path, hetero_config, pp_partition, policy, http_bind, api_keys, api_key_file,
-              rate_limit, stream_interval, swarm_key, allow_peers, admission_probe, spot_check, home, verbose):
+              rate_limit, stream_interval, swarm_key, allow_peers, worker_dtypes, admission_probe, spot_check, home,
+              verbose):
     """Start the head peer: DHT server, worker registry, router and query endpoint."""
     import trio  # here, not at the top: `p2pserve bootstrap --help` loads none of the runtime
 
@@ -74,5 +85,6 @@ def bootstrap(join_peers, listen, model_path, hetero_config, pp_partition, polic
                      home_dir(home), verbose,
                      http_bind, stream_interval=stream_interval, api_keys=api_keys, rate_limit=rate_limit,
                      swarm_key=swarm_key and read_swarm_key(swarm_key),
-                     allowed_peers=allow_peers and read_peer_list(allow_peers), admission_probe=admission_probe,
+                     allowed_peers=allow_peers and read_peer_list(allow_peers),
+                     worker_dtypes=frozenset(worker_dtypes) or None, admission_probe=admission_probe,
                      spot_check=spot_check, join_peers=join_peers))

@@ -56,6 +56,13 @@ class WorkerRecord:
     # round-trip seconds to the peers it pinged (node/pings.py), at most MAX_RTTS of them
     rtts: dict = field(default_factory=dict)
 
+    @property
+    def precision(self) -> tuple[str, str]:
+        """What the worker computes its layers in, as it says: its weights' dtype and its KV
+        cache's ("" where a worker older than --kv-dtype names none)."""
+        entry = self.devices[0] if self.devices and isinstance(self.devices[0], dict) else {}
+        return str(entry.get("dtype", "")), str(entry.get("kv_dtype", ""))
+
 
 _FIELD_TYPES = {
     "peer_id": str,
