@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import trio
@@ -15,7 +16,7 @@ from p2pserve import __version__
 from p2pserve.net.host import connect, parse_peer
 from p2pserve.net.protocols import ANNOUNCE, HEARTBEAT
 from p2pserve.net.records import EPOCH, RECORD_TTL, WorkerRecord, announce, provide_worker, sign_record
-from p2pserve.net.wire import reset_stream, write_frame
+from p2pserve.net.wire import WireError, read_frame, reset_stream, write_frame
 from p2pserve.node.pings import Pings
 
 log = logging.getLogger("p2pserve.worker")
@@ -56,10 +57,31 @@ async def announce_forever(host, key_pair, bootstrap_peer, record_fn, dht=None, 
         await _heartbeat(host, key_pair, bootstrap_peer, with_rtts)
 
 
+class _Refusals:
+    """What a head last said when it refused this worker's records: each reason is logged
+    once, where the operator looks, not once a heartbeat or a redial."""
+
+    def __init__(self):
+        self.last: tuple[str, str] | None = None
+
+    def heard(self, head: ID, msg: dict) -> None:
+        reason = (str(msg.get("code", "")), str(msg.get("message", "")))
+        if reason != self.last:
+            self.last = reason
+            code, message = (_printable(text, 300) for text in reason)
+            log.warning("head %s refused this worker's record (%s): %s", head, code, message)
+
+
+def _printable(text: str, limit: int) -> str:
+    """A peer's text as one log line: no control characters, at most ``limit`` of them."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 async def _heartbeat(host, key_pair, bootstrap_peer, record_fn) -> None:
+    refusals = _Refusals()
     while True:
         try:
-            await _beat(host, key_pair, await connect(host, bootstrap_peer, timeout=10), record_fn)
+            await _beat(host, key_pair, await connect(host, bootstrap_peer, timeout=10), record_fn, refusals)
         except Exception as e:  # the bootstrap is gone or restarting: dial again
             log.info("announce to bootstrap failed (%s); retrying", e)
             await trio.sleep(1.0)
@@ -74,7 +96,7 @@ async def _heartbeat_other_heads(host, key_pair, bootstrap_peer, record_fn, othe
 
     async def beat(peer: ID, addr: str) -> None:
         try:
-            await _beat(host, key_pair, await connect(host, addr, timeout=10), record_fn)
+            await _beat(host, key_pair, await connect(host, addr, timeout=10), record_fn, _Refusals())
         except Exception as e:
             log.info("announce to head %s failed (%s)", peer, e)
         finally:
@@ -95,18 +117,32 @@ async def _heartbeat_other_heads(host, key_pair, bootstrap_peer, record_fn, othe
             await trio.sleep(EPOCH)
 
 
-async def _beat(host, key_pair, peer: ID, record_fn) -> None:
+async def _beat(host, key_pair, peer: ID, record_fn, refusals: _Refusals) -> None:
     """Write a freshly signed record every ``HEARTBEAT`` seconds on one ``announce`` stream to
     ``peer`` until writing fails (raised) or this is cancelled (a leaving worker: the stream
-    is reset, so the head drops it at once rather than after its missed heartbeats)."""
+    is reset, so the head drops it at once rather than after its missed heartbeats). The
+    head answers only a record it refuses (another model, layers out of range, a dtype it
+    does not take, a peer it does not admit): ``refusals`` logs why."""
     stream = await host.new_stream(peer, [ANNOUNCE])
     try:
-        while True:
-            blob = sign_record(record_fn(), key_pair)
-            await write_frame(stream, {"type": "announce", "record": blob}, timeout=10)
-            await trio.sleep(HEARTBEAT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_refusals, stream, peer, refusals)
+            while True:
+                blob = sign_record(record_fn(), key_pair)
+                await write_frame(stream, {"type": "announce", "record": blob}, timeout=10)
+                await trio.sleep(HEARTBEAT)
     finally:
         await reset_stream(stream)
+
+
+async def _read_refusals(stream, head: ID, refusals: _Refusals) -> None:
+    while True:
+        try:
+            msg = await read_frame(stream, timeout=math.inf, raise_remote=False)
+        except WireError:  # closed, reset or garbled: the writes fail next, and the worker redials
+            return
+        if msg.get("type") == "error":
+            refusals.heard(head, msg)
 
 
 async def _refresh_dht(dht, key_pair, record_fn, addrs_changed=None) -> None:

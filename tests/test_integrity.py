@@ -146,3 +146,48 @@ def test_a_head_pinned_to_dtypes_refuses_workers_of_any_other():
     code, message = Bootstrap.record_problem(pinned, dataclasses.replace(rec("c", 0, N), devices=[]))
     assert code == "forbidden" and "unnamed" in message  # a record that names no dtype
     assert Bootstrap.record_problem(SimpleNamespace(config=config, worker_dtypes=None), rec("b", 0, N, "int4")) is None
+
+
+async def test_a_refused_worker_logs_the_heads_reason_once_and_beats_on(autojump_clock, caplog):
+    """The head answers a record it refuses with an error frame on the announce stream; the
+    worker logs it once a reason (control characters replaced), not once a heartbeat."""
+    from types import SimpleNamespace
+
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pserve.net.protocols import HEARTBEAT
+    from p2pserve.net.wire import error_frame, read_frame, write_frame
+    from p2pserve.node import announce
+
+    from .test_wire import Pipe
+
+    class Duplex:
+        def __init__(self):
+            self.sent, self.answers = Pipe(), Pipe()
+
+        async def write(self, data):
+            await self.sent.write(data)
+
+        async def read(self, n):
+            return await self.answers.read(n)
+
+        async def reset(self):
+            await self.sent.reset()
+
+    stream = Duplex()
+    for message in ("not int4\x1b[31m", "not int4\x1b[31m", "not int8"):
+        await write_frame(stream.answers, error_frame("forbidden", message))
+
+    async def new_stream(peer, protocols):
+        return stream
+
+    caplog.set_level("WARNING", logger="p2pserve.worker")
+    with trio.move_on_after(5 * HEARTBEAT):
+        await announce._beat(SimpleNamespace(new_stream=new_stream), create_new_key_pair(), "head",
+                             lambda: rec("w", 0, N, "int4"), announce._Refusals())
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert said == ["head head refused this worker's record (forbidden): not int4?[31m",
+                    "head head refused this worker's record (forbidden): not int8"]
+    assert (await read_frame(stream.sent))["type"] == "announce"
+    assert stream.sent.frames_written >= 5  # it beats on: the head may take it once its operator changes the pin
