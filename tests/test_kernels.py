@@ -297,3 +297,17 @@ def test_every_instruction_set_path_computes_the_same(arch):
         w32 = torch.randn(40, 192)
         if rows <= kernels.MAX_ROWS:
             assert _relative_error(module.gemv(x, w32), x @ w32.T) < EXACT
+
+
+def test_the_fused_steps_weight_takes_the_split_layout_and_refuses_what_it_is_not():
+    """``DecodeStep``'s Linear reads a uint8 weight without minima as int8 in the split
+    layout (with its scales), and refuses one without scales or an int8 ``pack_int8`` did
+    not get."""
+    module = _split_module()
+    q, scales = quant.quantize_int8_groups(torch.randn(32, 128), 32)
+    kernels.linear_operand(module.pack_int8(q, scales.shape[1]), scales)
+    with pytest.raises(RuntimeError, match="split layout has scales"):
+        kernels.linear_operand(module.pack_int8(q, scales.shape[1]))
+    with pytest.raises(RuntimeError, match=r"q: \[out, in\] int8"):
+        module.pack_int8(q.to(torch.uint8), scales.shape[1])
+    assert not module.int8_splits(128, 0) and not module.int8_splits(128, 3)

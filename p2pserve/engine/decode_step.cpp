@@ -77,7 +77,7 @@ struct Linear {
       case F32: f32_rows(X, w.data_ptr<float>(), Y, M, in, out); break;
       case BF16: bf16_rows(X, w.data_ptr<c10::BFloat16>(), Y, M, in, out); break;
       case INT8: int8_rows(X, w.data_ptr<int8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups); break;
-      case INT8_SPLIT:
+      case INT8_SPLIT:  // only built where the layout is (check_int8)
 #if defined(P2P_INT8_SPLIT)
         int8_split(X, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), Y, M, in, out, groups);
 #endif
@@ -659,6 +659,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8", &dequantize_int8);
   m.def("pack_int8", &pack_int8);
   m.def("int8_split_layout", &int8_split_layout);
+  m.def("int8_splits", &int8_splits);
   // module_local: tests load builds for other instruction sets beside this CPU's own
   py::class_<Linear>(m, "Linear", py::module_local())
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),

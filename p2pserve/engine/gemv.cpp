@@ -711,8 +711,9 @@ bool int8_split_layout() {
 #endif
 }
 
-// Whether an int8 weight of `in` values a row in G groups can take the split layout.
-static bool splits(int64_t in, int64_t G) {
+// Whether an int8 weight of `in` values a row in G groups takes the split layout here.
+bool int8_splits(int64_t in, int64_t G) {
+  if (G < 1 || in % G != 0) return false;
   const int64_t gs = in / G;
   return int8_split_layout() && in % 32 == 0 && (G == 1 || (gs & (gs - 1)) == 0);
 }
@@ -726,15 +727,15 @@ static bool check_int8(const torch::Tensor& w, const torch::Tensor& scales) {
               scales.is_contiguous() && scales.size(1) >= 1 && w.size(1) % scales.size(1) == 0,
               "scales: [out, groups] fp32");
   const bool split = w.scalar_type() == at::kByte;
-  TORCH_CHECK(!split || splits(w.size(1), scales.size(1)), "this build or shape has no split int8 layout");
+  TORCH_CHECK(!split || int8_splits(w.size(1), scales.size(1)), "this build or shape has no split int8 layout");
   return split;
 }
 
-// The int8 weight q [out, in] in the split layout, for rows whose groups `splits` allows.
+// The int8 weight q [out, in] in the split layout, for rows whose groups `int8_splits` allows.
 torch::Tensor pack_int8(torch::Tensor q, int64_t G) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "q: [out, in] int8");
   const int64_t in = q.size(1), out = q.size(0);
-  TORCH_CHECK(G >= 1 && in % G == 0 && splits(in, G), "no split int8 layout for ", in, " values in ", G, " groups");
+  TORCH_CHECK(int8_splits(in, G), "no split int8 layout for ", in, " values in ", G, " groups");
   auto p = torch::empty({out, in}, q.options().dtype(at::kByte));
   const int8_t* Q = q.data_ptr<int8_t>();
   uint8_t* P = p.data_ptr<uint8_t>();
@@ -963,7 +964,6 @@ struct SplitRows {
 };
 #endif
 
-
 #if defined(P2P_INT4_SPLIT) && defined(P2P_AVX512)
 // O rows o.. of an int4 weight (or an int8 one in its split layout: Int8) against rows
 // m0.. of a QuantX in its split layout, a quad of four blocks (128 values) at a time: the
@@ -1020,10 +1020,10 @@ static inline void split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S
     __m512i at = first;
     for (int64_t k = g * gs / 128; k < k1; ++k, at = _mm512_add_epi32(at, _mm512_set1_epi32(128))) {
       __m512i lo[O], hi[O];  // values 0-15 of each block, and 16-31
+      const int64_t half = std::min<int64_t>(128, in - k * 128) / 2;  // int8: bytes of each
       for (int r = 0; r < O; ++r) {
         if constexpr (Int8) {
           const uint8_t* p = rows.w[r] + k * 128;
-          const int64_t half = std::min<int64_t>(128, in - k * 128) / 2;
           if (half == 64) {
             lo[r] = _mm512_loadu_si512(p), hi[r] = _mm512_loadu_si512(p + 64);
             _mm_prefetch(reinterpret_cast<const char*>(p + 64 + ahead), _MM_HINT_T0);
@@ -1067,8 +1067,8 @@ static inline void split_rows(const QuantX& qx, int64_t m0, const SplitRows<O, S
 }
 #elif defined(P2P_INT4_SPLIT)
 // AVX2's split_rows, for int4 only (an int8 value plus 128 times a byte of X, twice, can
-// pass `vpmaddubsw`'s int16 saturation): half a quad (two blocks, 32 bytes) at a time. `vpmaddubsw`
-// multiplies its 32 nibbles by 32 bytes of X and adds pairs into int16: a nibble's two
+// pass `vpmaddubsw`'s int16 saturation): half a quad (two blocks, 32 bytes) at a time.
+// `vpmaddubsw` multiplies its 32 nibbles by 32 bytes of X and adds pairs into int16: a nibble's two
 // products with hi and with lo of X, each at most 2 * 15 * 128 in a pair, sum within
 // int16; `vpmaddwd` by 256 and by 1 joins hi's and lo's into int32, lanes 0-3 holding the
 // first block's values and 4-7 the second's. Windows of 8 groups, as 16 on AVX-512; a

@@ -180,10 +180,8 @@ def int8_split_layout(in_features: int, groups: int) -> bool:
     """Whether an int8 weight of ``in_features`` inputs in ``groups`` groups is multiplied
     here in ``gemv.cpp``'s split layout (``pack_int8``): AVX-512 VNNI's, for rows of whole
     32-value blocks in groups of a power of two or one group a row."""
-    group = in_features // groups
     # a build of an earlier revision (bench/kernels_ab.py's) may not have the layout at all
-    has_layout = available() and getattr(module(), "int8_split_layout", lambda: False)()
-    return has_layout and in_features % 32 == 0 and (groups == 1 or group & (group - 1) == 0)
+    return available() and getattr(module(), "int8_splits", lambda in_features, groups: False)(in_features, groups)
 
 
 def pack_int8(q: torch.Tensor, groups: int) -> torch.Tensor:
