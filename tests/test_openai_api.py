@@ -33,14 +33,20 @@ def swarm(tmp_path_factory):
     with Swarm(root) as swarm, pytest.MonkeyPatch.context() as mp:
         mp.setenv("P2PSERVE_API_KEYS", f"{ENV_KEY}")
         http = f"127.0.0.1:{free_port()}"
+        # spot checks off: a checked answer (5% of greedy and seeded ones by default) has a
+        # witness session on stage 0 and the other stage-1 replica beside it, which the
+        # session counts and the choice of replica to kill below would take for the answer's
         swarm.start_bootstrap("--hetero-config", "1", "1", "--pp-partition", "15", "15", "--http", http,
-                              "--api-key", KEY, "--api-key-file", str(keys), "--rate-limit", str(RATE_LIMIT))
+                              "--api-key", KEY, "--api-key-file", str(keys), "--rate-limit", str(RATE_LIMIT),
+                              "--spot-check", "0")
         mp.delenv("P2PSERVE_API_KEYS")
         swarm.url = f"http://{http}"
         workers = [swarm.start_worker("--stage", stage, wait=False) for stage in ("0", "1", "1")]  # a replica
         for proc in workers:
             swarm.wait_serving(proc)
-        status(swarm, lambda st: st["chains"])
+        # both chains: the replica that joined last is admitted only once its admission probe
+        # (a session on stage 0 and on it) has answered, which must not overlap a test's answer
+        status(swarm, lambda st: len(st["chains"]) == 2)
         yield swarm
 
 
@@ -226,13 +232,15 @@ def test_a_key_past_its_rate_limit_gets_429(swarm):
     openai.OpenAI(base_url=f"{swarm.url}/v1", api_key=KEY, max_retries=0).models.list()  # others unaffected
 
 
+def beat_since(st: dict, since: float) -> bool:
+    """Has each of the three workers heartbeated after ``since`` (unix time)?"""
+    return len(st["workers"]) == 3 and all(w["expires_at"] - RECORD_TTL >= since for w in st["workers"])
+
+
 def sessions_after(swarm, since: float, timeout: float = 10.0) -> list[int]:
     """The workers' open sessions, fewest first, from the first heartbeat of each signed
     after ``since`` (unix time)."""
-    def fresh(st):
-        return len(st["workers"]) == 3 and all(w["expires_at"] - RECORD_TTL >= since for w in st["workers"])
-
-    return sorted(w["load"]["sessions"] for w in status(swarm, fresh, timeout)["workers"])
+    return sorted(w["load"]["sessions"] for w in status(swarm, lambda st: beat_since(st, since), timeout)["workers"])
 
 
 LONG = [{"role": "user", "content": "Write a long essay on the history of Rome, in many paragraphs."}]
@@ -242,8 +250,10 @@ def test_a_client_that_disconnects_stops_its_generation_within_a_second(swarm):
     body = {"model": MODEL, "temperature": 0, "max_tokens": 1500, "messages": LONG}
     headers = {"Authorization": f"Bearer {KEY}"}
     # the earlier tests' sessions closed first: under a full suite's load one may still be
-    # open, and the counts below would be off by it
-    idle = status(swarm, lambda st: len(st["workers"]) == 3
+    # open, and the counts below would be off by it. By heartbeats signed from now on: an
+    # older one may predate a session that is open now
+    since = time.time()
+    idle = status(swarm, lambda st: beat_since(st, since)
                   and not any(w["load"]["sessions"] for w in st["workers"]), 30)
     queries = idle["stats"]["queries"]
     with httpx.stream("POST", f"{swarm.url}/v1/chat/completions", json={**body, "stream": True},
