@@ -51,9 +51,14 @@ def revision_source(rev: str) -> str:
     """The kernels' translation unit as ``rev`` has it (as kernels.py joins it)."""
     def show(name: str) -> str:
         path = (ENGINE / name).relative_to(ENGINE.parent.parent)
+        if subprocess.run(["git", "cat-file", "-e", f"{rev}:{path}"], cwd=ENGINE, capture_output=True).returncode:
+            return ""  # a file the revision does not have yet
         return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ENGINE, check=True,
                               capture_output=True, text=True).stdout
-    return "\n".join(show(name) for name in kernels.SOURCE_FILES)
+    source = "\n".join(show(name) for name in kernels.SOURCE_FILES)
+    if not source.strip():
+        raise SystemExit(f"no kernel sources at {rev}")
+    return source
 
 
 @contextmanager

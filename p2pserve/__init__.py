@@ -10,7 +10,9 @@ import os as _os
 # (OMP_WAIT_POLICY=PASSIVE, no spin at all, costs a wake-up per op: 29-35 ms).
 # libgomp reads this when torch loads it, so it applies to processes that import
 # p2pserve before torch, and to every rank and worker p2pserve starts. A value the user
-# set wins.
+# set wins. It is a count of `pause`s, whose time differs ~20x between CPUs, so the decode
+# kernels no longer run on these threads but on their own, which spin for a set time and
+# sleep when a step ends (engine/team.cpp); prefill's GEMMs and other torch ops still do.
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"

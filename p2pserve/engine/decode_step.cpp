@@ -384,23 +384,15 @@ class DecodeStep {
   // x [B, hidden] entering the first layer -> leaving the last, in x's dtype; sequence b is
   // in cache slot slots[b] and holds starts[b] tokens before this one
   torch::Tensor forward(torch::Tensor input, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
-    torch::Tensor x = checked(input, slots, starts);
-    if (x.data_ptr() == input.data_ptr()) x = x.clone();  // the residual adds in place: not into the caller's
-    float* X = x.data_ptr<float>();
-    const int64_t n = x.numel();
-    for (int64_t i = 0; i < n_layers(); ++i) {
-      torch::Tensor h = attention_(i, x, slots, starts);
-      add(X, h.data_ptr<float>(), n);
-      h = mlp_(i, x);
-      add(X, h.data_ptr<float>(), n);
-    }
-    return x.to(input.scalar_type());
+    Awake awake;
+    return forward_(input, slots, starts);
   }
 
   // forward, then the final norm and the head (set_head): the logits [B, vocab] fp32
   torch::Tensor forward_logits(torch::Tensor input, std::vector<int64_t> slots, std::vector<int64_t> starts) const {
     TORCH_CHECK(head_.has_value(), "the step holds no head");
-    torch::Tensor x = forward(input.to(at::kFloat), std::move(slots), std::move(starts));
+    Awake awake;
+    torch::Tensor x = forward_(input.to(at::kFloat), slots, starts);
     const int64_t B = x.size(0);
     float* X = x.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) rms_norm(X + b * hidden_, head_norm_.data_ptr<float>(), head_eps_, X + b * hidden_, hidden_);
@@ -408,6 +400,7 @@ class DecodeStep {
     head_->apply(X, B, y.data_ptr<float>());
     return y;
   }
+
 
   // Layer i's two halves, each returning what its residual adds (fp32), for a TP rank, which
   // sums each over its group between them
@@ -429,6 +422,29 @@ class DecodeStep {
   torch::Tensor head_norm_;
   float head_eps_ = 0.f;
   std::optional<Linear> head_;
+
+  // The team's threads spin from a step's start, rather than sleep through the first
+  // loop's wake-up, and sleep from its end: the cores are another stage's until the next
+  // step (team.cpp)
+  struct Awake {
+    Awake() { team::wake(); }
+    ~Awake() { team::park(); }
+  };
+
+  torch::Tensor forward_(const torch::Tensor& input, const std::vector<int64_t>& slots,
+                         const std::vector<int64_t>& starts) const {
+    torch::Tensor x = checked(input, slots, starts);
+    if (x.data_ptr() == input.data_ptr()) x = x.clone();  // the residual adds in place: not into the caller's
+    float* X = x.data_ptr<float>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n_layers(); ++i) {
+      torch::Tensor h = attention_(i, x, slots, starts);
+      add(X, h.data_ptr<float>(), n);
+      h = mlp_(i, x);
+      add(X, h.data_ptr<float>(), n);
+    }
+    return x.to(input.scalar_type());
+  }
 
   torch::Tensor checked(const torch::Tensor& x, const std::vector<int64_t>& slots,
                         const std::vector<int64_t>& starts) const {
@@ -533,7 +549,7 @@ class DecodeStep {
     for (int64_t b = 0; b < B; ++b) chunks[b] = (starts[b] + CHUNK) / CHUNK, first[b + 1] = first[b] + n_q_ * chunks[b];
     const int64_t n_heads = first[B];
     std::vector<float> tops(n_heads), sums(n_heads), outs(n_heads * d);
-    at::parallel_for(0, n_heads / group, 1, [&](int64_t u0, int64_t u1) {
+    team::parallel_for(0, n_heads / group, 1, [&](int64_t u0, int64_t u1) {
       std::vector<float> p;
       int64_t b = std::upper_bound(first.begin(), first.end(), u0 * group) - first.begin() - 1;
       for (int64_t t = u0 * group; t < u1 * group; t += group) {  // the item's first (chunk, head)

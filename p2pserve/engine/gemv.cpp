@@ -1,13 +1,13 @@
 // The CPU decode GEMVs of p2pserve/engine/kernels.py (compiled on first use by torch's
 // cpp_extension with -march=native, together with decode_step.cpp, which uses the pointer
-// level `*_rows` functions and binds everything to Python).
+// level `*_rows` functions and binds everything to Python). Their loops run on team.cpp's
+// threads.
 //
 // Which instructions a loop uses is decided by what the compiler may emit for the CPU it
 // is built on: AVX-512, else AVX2 + FMA, else plain C++ the compiler vectorises as it can.
 // kernels.py builds one copy per CPU (its cache name includes the CPU's flags), so the
 // choice is made on, and for, the machine that runs it.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <string>
@@ -222,7 +222,7 @@ static void check_x(const torch::Tensor& x, int64_t in) {
 // weights from memory once too. `fn(m, n, o)` computes output row o for X's rows m..m+n.
 template <class RowFn>
 static void over_rows(int64_t M, int64_t out, int64_t tile, RowFn fn) {
-  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+  team::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
       for (int64_t m = 0; m < M; m += tile) fn(m, std::min(tile, M - m), o);
   });
@@ -369,7 +369,7 @@ static void f32_rows(const float* X, const float* W, float* Y, int64_t M, int64_
     const float* x = X + m0 * in;
     float* y = Y + m0 * out;
     const int64_t n = std::min<int64_t>(4, M - m0);
-    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    team::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
       with_rows<4>(n, [&](auto R) { rows<R>(x, W, y, in, out, b, e); });
     });
   }
@@ -741,7 +741,7 @@ torch::Tensor pack_int8(torch::Tensor q, int64_t G) {
   uint8_t* P = p.data_ptr<uint8_t>();
   std::vector<int64_t> at(in);
   for (int64_t i = 0; i < in; ++i) at[i] = split8_at(i, in);
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+  team::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
       for (int64_t i = 0; i < in; ++i) P[o * in + at[i]] = static_cast<uint8_t>(Q[o * in + i] + 128);
   });
@@ -778,7 +778,7 @@ torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
   if (split) {  // a block's 32 values are two runs of 16 (split8_at), its group's scale one
     const uint8_t* U = w.data_ptr<uint8_t>();
     const __m512 offset = _mm512_set1_ps(128.f);
-    at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+    team::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o)
         for (int64_t quad = 0; quad < in; quad += 128) {
           const int64_t half = std::min<int64_t>(128, in - quad) / 2;
@@ -798,7 +798,7 @@ torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scales) {
   }
 #endif
   const int8_t* W = w.data_ptr<int8_t>();
-  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+  team::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o)
       for (int64_t g = 0; g < G; ++g) {
         const float sc = S[o * G + g];
@@ -1144,7 +1144,7 @@ static void split_gemv(const float* X, const uint8_t* W, const S* Sc, const S* N
 #endif
   const int64_t gs = in / G;
   const QuantX qx(X, M, in, G, true);
-  at::parallel_for(0, out, block, [&](int64_t b, int64_t e) {
+  team::parallel_for(0, out, block, [&](int64_t b, int64_t e) {
     for (int64_t o0 = b; o0 < e; o0 += block) {
       const int64_t o1 = std::min(e, o0 + block);
       for (int64_t m = 0; m < M; m += tile)
@@ -1247,7 +1247,7 @@ template <class S>
 static void dequantize_int4_rows(const uint8_t* W, const S* Sc, const S* N, float* D, int64_t in, int64_t out,
                                  int64_t G) {
   const int64_t gs = in / G;
-  at::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
+  team::parallel_for(0, out, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       const uint8_t* w = W + o * (in / 2);
       float* d = D + o * in;

@@ -135,7 +135,10 @@ class Link:
         self.seq = 0
         if raw is not None:  # the receiver's count of messages copied out, then the slots
             self._read = raw[:_ALIGN].numpy().view(np.int64)
-            self._slots = raw[_ALIGN:].view(SLOTS, SLOT_BYTES)
+            # copied with numpy's one thread: torch's copy_ of a logits row is a parallel
+            # region, which wakes torch's OpenMP threads and leaves them spinning
+            # (GOMP_SPINCOUNT) on the cores the stage that computes next needs
+            self._slots = raw[_ALIGN:].numpy().reshape(SLOTS, SLOT_BYTES)
 
     def send(self, t: torch.Tensor) -> None:
         data = t.contiguous().view(-1).view(torch.uint8)
@@ -149,7 +152,7 @@ class Link:
             deadline = deadline or time.monotonic() + WAIT_TIMEOUT
             if time.monotonic() > deadline:
                 raise P2PServeError(f"rank {self.peer} did not take a hand-off within {WAIT_TIMEOUT:.0f} s")
-        self._slots[self.seq % SLOTS, : data.numel()].copy_(data)
+        self._slots[self.seq % SLOTS, : data.numel()] = data.numpy()
         try:
             os.write(self._fifo, b"\0")
         except BrokenPipeError:
@@ -164,7 +167,7 @@ class Link:
         if os.read(self._fifo, 1) != b"\0":
             raise P2PServeError(f"rank {self.peer} closed its link: it exited")
         self.seq += 1
-        data.copy_(self._slots[self.seq % SLOTS, : data.numel()])
+        data.numpy()[:] = self._slots[self.seq % SLOTS, : data.numel()]
         self._read[0] = self.seq
 
     def close(self) -> None:
