@@ -13,9 +13,10 @@
 // core free; a step's start wakes it (`wake`) while the first layer's norm runs.
 //
 // The loop's range is cut into one chunk a thread (at least `grain`, a multiple of it),
-// claimed first come first served: a thread that wakes late finds its chunk done by the
-// others. Each output element is computed by one thread, so which thread takes which chunk
-// never changes a result.
+// claimed first come first served, and the caller returns when every chunk is done: a
+// thread that wakes late (or was descheduled) finds its chunk done by the others, and
+// nobody waits for it. Each output element is computed by one thread, so which thread
+// takes which chunk never changes a result.
 #include <ATen/Parallel.h>
 #include <pthread.h>
 #include <algorithm>
@@ -72,21 +73,23 @@ class Team {
   bool try_lock() { return calls_.try_lock(); }
   void unlock() { calls_.unlock(); }
 
-  // fn(b, e) over [begin, end) in chunks of `chunk`, on this thread and every worker; the
-  // caller holds the lock (try_lock)
+  // fn(b, e) over [begin, end) in chunks of `chunk` (at most 65535 of them), on this thread
+  // and whichever workers come; the caller holds the lock (try_lock)
   template <class Fn>
   void run(int64_t begin, int64_t end, int64_t chunk, const Fn& fn) {
     call_ = [](const void* f, int64_t b, int64_t e) { (*static_cast<const Fn*>(f))(b, e); };
     fn_ = &fn;
-    end_ = end, chunk_ = chunk;
-    next_.store(begin, std::memory_order_relaxed);
-    pending_.store(workers_, std::memory_order_relaxed);
+    begin_ = begin, end_ = end, chunk_ = chunk;
+    const uint64_t chunks = (end - begin + chunk - 1) / chunk;
+    done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     failed_.store(false, std::memory_order_relaxed);
+    claims_.store((((claims_.load(std::memory_order_relaxed) >> 32) + 1) << 32) | chunks << 16,
+                  std::memory_order_release);
     publish(WORK);
     work();
     // the others finish within microseconds unless one was descheduled: then yield to it
-    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    auto done = [&] { return done_.load(std::memory_order_acquire) == chunks; };
     if (!spin(done))
       while (!done()) std::this_thread::yield();
     if (error_) std::rethrow_exception(error_);
@@ -115,13 +118,15 @@ class Team {
   std::condition_variable woken_;
   std::atomic<int> sleepers_{0};
 
-  // the loop being run: written by its caller before publish, read by the workers after it,
-  // and not written again before every worker is done with it (pending_)
+  // The loop being run: written by its caller before it publishes claims_, read by a thread
+  // only once it claimed a chunk, and not written again before every chunk is done. A
+  // thread that comes late (woken, or descheduled) finds every chunk claimed, or another
+  // loop's claims_, and touches nothing: the caller never waits for it.
   void (*call_)(const void*, int64_t, int64_t) = nullptr;
   const void* fn_ = nullptr;
-  int64_t end_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  int64_t begin_ = 0, end_ = 0, chunk_ = 1;
+  std::atomic<uint64_t> claims_{0};  // the loop's count, its chunks, the next chunk: 32, 16, 16 bits
+  std::atomic<uint64_t> done_{0};    // chunks finished
   std::atomic<bool> failed_{false};
   std::exception_ptr error_;
 
@@ -133,14 +138,21 @@ class Team {
     }
   }
 
+  // Runs chunks of the loop being run while any is unclaimed
   void work() {
     in_loop = true;
-    for (int64_t b; (b = next_.fetch_add(chunk_, std::memory_order_relaxed)) < end_;) {
+    for (uint64_t c = claims_.load(std::memory_order_acquire);;) {
+      const uint64_t next = c & 0xffff, chunks = (c >> 16) & 0xffff;
+      if (next >= chunks) break;
+      if (!claims_.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;  // c reloaded
+      const int64_t b = begin_ + static_cast<int64_t>(next) * chunk_;
       try {
         call_(fn_, b, std::min(end_, b + chunk_));
       } catch (...) {
         if (!failed_.exchange(true)) error_ = std::current_exception();
       }
+      done_.fetch_add(1, std::memory_order_release);
+      c = claims_.load(std::memory_order_acquire);
     }
     in_loop = false;
   }
@@ -159,7 +171,6 @@ class Team {
       switch (seen & 3) {
         case WORK:
           work();
-          pending_.fetch_sub(1, std::memory_order_release);
           break;
         case STOP:
           return;
