@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,37 @@ def test_a_process_between_steps_spins_no_core(checkpoint, threads):
     before = time.process_time()
     time.sleep(0.3)
     assert time.process_time() - before < 0.03
+
+
+def team_threads() -> list[str]:
+    """This process's team threads (team.cpp names them), by task id."""
+    tasks = Path("/proc/self/task")
+    return [t.name for t in tasks.iterdir() if (t / "comm").read_text().strip() == "p2pserve team"]
+
+
+def cpu_ns(tid: str) -> int:
+    """Nanoseconds thread ``tid`` of this process has run on a CPU (the scheduler's count)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="reads threads' CPU time from Linux's /proc")
+def test_a_decode_steps_end_puts_its_threads_to_sleep_at_once(tmp_path, threads):
+    """Parked as the step returns, not spinning on (team.cpp's SPIN) through the time
+    another stage of the machine computes in."""
+    threads(2)
+    # steps of about a millisecond: a worker woken at a step's start is up before it ends
+    source = open_weights(make_tiny_llama(tmp_path, hidden=512, intermediate=2048, vocab=1000))
+    stage = load_stage(source, 0, source.config.n_layers, quant="int4")
+    stage.allocate(1, 64)
+    with torch.inference_mode():
+        stage(Batch((0,), (0,), len(PROMPT)), torch.tensor([PROMPT]))
+        tids = team_threads()
+        assert tids
+        spun = 0
+        for pos in range(len(PROMPT), len(PROMPT) + 20):
+            stage(Batch((0,), (pos,), 1), torch.tensor([[7]]))
+            before = sum(cpu_ns(t) for t in tids)
+            time.sleep(0.002)  # longer than SPIN, which a thread left awake would spin through
+            spun += sum(cpu_ns(t) for t in tids) - before
+    assert spun < 20 * 50_000  # < 50 us a step: one look at the state, then sleep

@@ -401,7 +401,6 @@ class DecodeStep {
     return y;
   }
 
-
   // Layer i's two halves, each returning what its residual adds (fp32), for a TP rank, which
   // sums each over its group between them
   torch::Tensor attention(int64_t i, torch::Tensor x, std::vector<int64_t> slots, std::vector<int64_t> starts) const {

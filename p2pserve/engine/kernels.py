@@ -59,7 +59,8 @@ GEMM_ROWS = 32
 # the dense weights ``gemv`` and ``DecodeStep`` take: activations are fp32 inside either
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)
 
-# one translation unit: the threads their loops run on, the GEMVs, then the fused decode step and the bindings, which use them
+# one translation unit: the threads the loops run on, the GEMVs, then the fused decode step
+# and the bindings, which use them
 SOURCE_FILES = ("team.cpp", "gemv.cpp", "decode_step.cpp")
 _SOURCE = "\n".join((Path(__file__).parent / name).read_text() for name in SOURCE_FILES)
 

@@ -132,7 +132,9 @@ class Team {
 
   void publish(Kind kind) {
     state_.store(((state_.load(std::memory_order_relaxed) >> 2) + 1) << 2 | kind, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    // a sleeping worker is parked already: waking it to park would cost a wake-up and, for
+    // a moment, a core
+    if (kind != PARK && sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(sleep_);
       woken_.notify_all();
     }
@@ -158,6 +160,9 @@ class Team {
   }
 
   void serve() {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "p2pserve team");  // as top, perf and gdb show it
+#endif
     uint64_t seen = PARK;  // state_'s first value: a loop may be published before this thread runs
     for (;;) {
       auto changed = [&] { return state_.load(std::memory_order_seq_cst) != seen; };
@@ -205,7 +210,7 @@ static Team* team_for(int threads) {
   return t;
 }
 
-// A team to run a loop of `n` elements of at least `grain` each on, locked, or nullptr to
+// The team to run a loop of `n` elements of at least `grain` each on, locked, or nullptr to
 // run it on this thread: one thread, too few elements, a nested loop, or a loop of another
 // caller running
 static Team* lease(int64_t n, int64_t grain) {
@@ -216,30 +221,33 @@ static Team* lease(int64_t n, int64_t grain) {
   return t->try_lock() ? t : nullptr;
 }
 
+// A leased team, unlocked when it goes
+struct Lease {
+  Team* team;
+  ~Lease() {
+    if (team != nullptr) team->unlock();
+  }
+};
+
 template <class Fn>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  Team* t = lease(n, grain);
+  const Lease held{lease(n, grain)};
+  Team* t = held.team;
   if (t == nullptr) return fn(begin, end);
   const int64_t share = (n + t->size() - 1) / t->size();
-  const int64_t chunk = (share + grain - 1) / grain * grain;
-  try {
-    t->run(begin, end, chunk, fn);
-  } catch (...) {
-    t->unlock();
-    throw;
-  }
-  t->unlock();
+  t->run(begin, end, (share + grain - 1) / grain * grain, fn);
 }
 
 // At a decode step's start: the workers spin for its first loop rather than sleep through
 // the time a wake-up takes. At its end: they sleep at once, leaving the cores to whatever
 // runs next (another stage, the sampler).
 static void wake() {
-  if (at::get_num_threads() < 2 || in_loop) return;
-  Team* t = team_for(at::get_num_threads());
+  const int threads = at::get_num_threads();
+  if (threads < 2 || in_loop) return;
+  Team* t = team_for(threads);
   if (t->try_lock()) t->wake(), t->unlock();
 }
 static void park() {
